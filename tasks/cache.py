@@ -1,0 +1,155 @@
+"""The shared base-image cache: `<cache_dir>/<key>` plus a `<key>.json` record beside it.
+
+`fetch_to_cache` downloads an image once however many workers ask for it at once: the entry
+is looked up, then produced under the lease lock `cache:<key>`, verified (checksum, format
+inspection, qemu-img info with the format pinned), optionally converted to raw, and renamed into
+place. The key is a hash of the image id, never a name the caller controls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+from tasks import qemu_img
+from tasks.convert import cache_mode_for
+from tasks.download import SourcePolicy, download, redact
+from tasks.errors import ChecksumMismatch, ImageRefused
+from tasks.inspection import inspect_image
+from tasks.models import CachedImage, ImageSource, WireModel
+from tasks.ports import LockFactory, Progress, no_progress
+from tasks.publish import Staged, publish_once, sidecar_path
+from tasks.runner import Limits, Runner
+
+log = structlog.get_logger(__name__)
+
+CONVERTED = ".converted"
+
+
+def cache_key(image_id: str) -> str:
+    """The cache file name for an image: sha1 of its id, as Nova names `_base` files."""
+    return hashlib.sha1(image_id.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+class CacheRecord(WireModel):
+    """What is known about a cache entry, written beside it as `<key>.json`."""
+
+    image: CachedImage
+    source: str
+    source_format: str
+    source_bytes: int
+    fence: int
+    fetched_at: datetime
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """The cache directory and how entries are named in it."""
+
+    root: Path
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def lookup(self, key: str) -> CacheRecord | None:
+        """The record of a complete entry, or None when there is no usable entry."""
+        entry = self.entry(key)
+        try:
+            text = sidecar_path(entry).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        if not entry.is_file():
+            return None
+        try:
+            return CacheRecord.model_validate_json(text)
+        except ValidationError:
+            log.warning("cache_record_unreadable", key=key)
+            return None
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How fetch_to_cache treats an image: what it may download, and whether to make it raw."""
+
+    policy: SourcePolicy
+    limits: Limits
+    force_raw: bool = True
+
+
+def fetch_to_cache(
+    source: ImageSource,
+    *,
+    cache: ImageCache,
+    options: FetchOptions,
+    runner: Runner,
+    locks: LockFactory,
+    progress: Progress = no_progress,
+) -> CachedImage:
+    """Make sure the image is in the cache and return its entry."""
+    key = cache_key(source.image_id)
+    entry = cache.entry(key)
+
+    def find() -> CachedImage | None:
+        record = cache.lookup(key)
+        if record is None:
+            return None
+        _check_cached_checksum(record, source)
+        return record.image
+
+    def stage(part: Path) -> Staged[CachedImage]:
+        log.info("image_download_started", source=redact(source.url))
+        fetched = download(source.url, part, options.policy, progress)
+        if source.checksum is not None and source.checksum != f"sha256:{fetched.sha256}":
+            raise ChecksumMismatch(
+                f"image {source.image_id} from {redact(source.url)} has sha256:{fetched.sha256}, "
+                f"the request expected {source.checksum}"
+            )
+        inspected = inspect_image(part, source.declared_format)
+        info = qemu_img.info(runner, part, inspected.format, options.limits)
+        if info.backing_filename or info.data_file:
+            raise ImageRefused("qemu-img reports a backing or data file the inspector did not see")
+        published, fmt = part, inspected.format
+        if options.force_raw and fmt != "raw":
+            published = entry.with_name(entry.name + CONVERTED)
+            qemu_img.convert(
+                runner, part, published, source_format=fmt, target_format="raw",
+                cache_mode=cache_mode_for(cache.root),
+            )
+            part.unlink()
+            fmt = "raw"
+        image = CachedImage(
+            key=key, image_id=source.image_id, path=str(entry), format=fmt,
+            virtual_size=info.virtual_size, source_sha256=fetched.sha256,
+        )
+        record = CacheRecord(
+            image=image, source=redact(source.url), source_format=inspected.format,
+            source_bytes=fetched.size, fence=lease.fence, fetched_at=datetime.now(UTC),
+        )
+        log.info("image_fetched", bytes=fetched.size, format=inspected.format, cached_format=fmt)
+        return Staged(file=published, result=image, sidecar=record.model_dump_json(indent=1))
+
+    lease = locks(f"cache:{key}")
+    return publish_once(entry, find=find, lease=lease, stage=stage, extra_temporaries=(CONVERTED,))
+
+
+def _check_cached_checksum(record: CacheRecord, source: ImageSource) -> None:
+    if source.checksum is not None and source.checksum != f"sha256:{record.image.source_sha256}":
+        raise ChecksumMismatch(
+            f"image {source.image_id} is cached with sha256:{record.image.source_sha256}, "
+            f"the request expected {source.checksum}"
+        )
+
+
+def read_records(cache: ImageCache) -> list[CacheRecord]:
+    """Every readable record in the cache, for listing."""
+    records = []
+    for sidecar in sorted(cache.root.glob("*.json")):
+        record = cache.lookup(sidecar.name.removesuffix(".json"))
+        if record is not None:
+            records.append(record)
+    return records

@@ -1,0 +1,39 @@
+"""Canvases: plain functions that build the chain of step signatures for an operation.
+
+Steps are named, not imported, so building a canvas needs no task module. Each step's task id
+is fixed here, the last one being the id the caller holds, so the entry task can record the
+plan in the journal before it replaces itself with the chain.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from celery import Signature, chain, signature
+
+from tasks.models import PrepareRequest
+
+DEFAULT_QUEUE = "imgprep"
+
+
+def host_queue(host: str) -> str:
+    """The queue a host's workers consume besides the default one."""
+    return f"imgprep.host.{host}"
+
+
+def prepare_disk_steps(request: PrepareRequest, *, host: str) -> list[Signature]:
+    """fetch_to_cache on any worker, then the instance disk on the host that will hold it."""
+    payload = request.model_dump(mode="json")
+    return [
+        signature("imgprep.fetch_to_cache", args=(payload,), immutable=True, queue=DEFAULT_QUEUE),
+        signature("imgprep.create_overlay", args=(payload,), queue=host_queue(host)),
+    ]
+
+
+def with_ids(steps: Sequence[Signature], final_id: str) -> chain:
+    """Chain `steps`, the last one under `final_id` and the others under new ids."""
+    for step in steps[:-1]:
+        step.set(task_id=str(uuid.uuid4()))
+    steps[-1].set(task_id=final_id)
+    return chain(*steps)

@@ -1,0 +1,110 @@
+"""The error taxonomy: one root, two behaviours.
+
+Tasks retry `TransientError` with backoff and jitter; every other error fails the step at
+once. Each error takes one argument, its message, so that it survives Celery's JSON
+serialization (`exc_type`, `exc_module`, `exc_message`) and is rebuilt as the same class by a
+Python client; a client in another language reads `exc_type` and the message.
+"""
+
+from __future__ import annotations
+
+
+class ImgprepError(Exception):
+    """Root of every error this project raises."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TransientError(ImgprepError):
+    """Worth retrying: network, broker, a busy lock, no free device."""
+
+
+class PermanentError(ImgprepError):
+    """Retrying cannot help: a refused image, a checksum mismatch, a size too small."""
+
+
+# --- transient -------------------------------------------------------------------------------
+
+
+class SourceUnavailable(TransientError):
+    """The image source did not answer, timed out, or answered 5xx/429."""
+
+
+class CoordinationUnavailable(TransientError):
+    """Redis (locks, journals, device records) could not be reached."""
+
+
+class LockBusy(TransientError):
+    """Another holder kept the lock past this step's wait."""
+
+
+class LockLost(TransientError):
+    """This holder's lease expired or was taken over; it must not publish."""
+
+
+class NoFreeDevice(TransientError):
+    """No loop device or export could be allocated within the wait."""
+
+
+class CommandTimedOut(TransientError):
+    """An external command ran past its wall-clock timeout."""
+
+
+# --- permanent -------------------------------------------------------------------------------
+
+
+class InvalidRequest(PermanentError):
+    """The request does not validate: a field is missing, malformed or out of range."""
+
+
+class SourceNotAllowed(PermanentError):
+    """The image URL uses a scheme or a file path outside the configured allow-list."""
+
+
+class SourceNotFound(PermanentError):
+    """The image source answered that the image does not exist or may not be read (4xx)."""
+
+
+class SourceRefused(PermanentError):
+    """The image source refused the download: another 4xx, a TLS failure, too many redirects."""
+
+
+class ChecksumMismatch(PermanentError):
+    """The downloaded bytes do not have the checksum the request named."""
+
+
+class ImageTooLarge(PermanentError):
+    """The download exceeds the configured maximum image size."""
+
+
+class ImageRefused(PermanentError):
+    """Image inspection refused the image: unsafe, malformed or not the declared format."""
+
+
+class DiskTooSmall(PermanentError):
+    """The base image's virtual size exceeds the requested disk size."""
+
+
+class DiskConflict(PermanentError):
+    """An instance disk already exists at the target path with other properties."""
+
+
+class DiskFull(PermanentError):
+    """A filesystem ran out of space while writing an image."""
+
+
+class CommandFailed(PermanentError):
+    """An external command exited with an error."""
+
+
+class DeviceError(PermanentError):
+    """Mapping, mounting or partition handling failed for a reason retrying cannot fix."""
+
+
+class InjectionRefused(PermanentError):
+    """A file to inject would land outside the guest filesystem or is not allowed."""

@@ -1,0 +1,105 @@
+"""Wire models: what crosses a task boundary, as JSON (`model_dump(mode="json")`).
+
+These are the API control planes program against (see schemas/ and README "Wire contract").
+Change them only by adding optional fields, or by a new `api_version`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+API_VERSION = 1
+
+# A name that is safe as one path component: no "/", cannot be "." or "..", no leading dot.
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+# Image ids are hashed into cache keys, so any printable text is safe; control characters are not.
+ImageId = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Checksum = Annotated[
+    str, StringConstraints(to_lower=True, pattern=r"^sha256:[0-9a-f]{64}$")
+]
+DeclaredFormat = Literal["auto", "raw", "qcow2", "vmdk"]
+DiskFormat = Literal["raw", "qcow2"]
+Backend = Literal["qcow2", "raw"]
+
+
+class WireModel(BaseModel):
+    """Frozen, strict about unknown fields: a typo in a request is an error, not a default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageSource(WireModel):
+    """Where an image comes from and what the caller promises about it."""
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    image_id: ImageId
+    checksum: Checksum | None = None
+    declared_format: DeclaredFormat = "auto"
+
+    @field_validator("url")
+    @classmethod
+    def _has_scheme(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if not parts.scheme or not (parts.netloc or parts.path):
+            raise ValueError("must be an absolute URL such as https://host/image.qcow2")
+        return url
+
+
+class DiskSpec(WireModel):
+    """The instance disk to create."""
+
+    instance_id: Name
+    disk_name: Name = "disk"
+    size_bytes: int = Field(gt=0, le=64 * 2**40)
+    backend: Backend = "qcow2"
+
+
+class PrepareRequest(WireModel):
+    """imgprep.prepare_disk: fetch the image into the cache and create the instance disk."""
+
+    api_version: Literal[1] = API_VERSION
+    image: ImageSource
+    disk: DiskSpec
+    host: Name | None = Field(
+        default=None,
+        description="Host whose queue runs the host-local steps; default: the worker that "
+        "receives the request.",
+    )
+
+
+class CachedImage(WireModel):
+    """An image published in the shared cache: `<cache_dir>/<key>`."""
+
+    kind: Literal["cached_image"] = "cached_image"
+    key: str
+    image_id: str
+    path: str
+    format: str
+    virtual_size: int
+    source_sha256: str
+
+
+class InstanceDisk(WireModel):
+    """A disk created for an instance: `<instances_dir>/<instance_id>/<disk_name>`."""
+
+    kind: Literal["instance_disk"] = "instance_disk"
+    host: str
+    instance_id: str
+    disk_name: str
+    path: str
+    format: DiskFormat
+    virtual_size: int
+    backing_file: str | None = None
+    backing_format: str | None = None
+
+
+class PreparedDisk(WireModel):
+    """The result of imgprep.prepare_disk: the instance disk and the cached base it came from."""
+
+    kind: Literal["prepared_disk"] = "prepared_disk"
+    api_version: Literal[1] = API_VERSION
+    disk: InstanceDisk
+    base: CachedImage

@@ -1,0 +1,123 @@
+"""qemu-img: one function per operation, argument lists built here and nowhere else.
+
+`info` always pins the format (`-f`), shares the image (`--force-share`), prints JSON and runs
+under process limits, because the header it parses comes from an untrusted image service.
+Callers inspect the bytes (tasks.inspection) before any of these touch a downloaded file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.errors import CommandFailed, ImageRefused
+from tasks.runner import CommandError, CommandResult, Limits, Runner
+
+QEMU_IMG = "qemu-img"
+
+
+class ImageInfo(BaseModel):
+    """The fields of `qemu-img info --output=json` that imgprep reads."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    filename: str
+    format: str
+    virtual_size: int = Field(alias="virtual-size", ge=0)
+    actual_size: int | None = Field(default=None, alias="actual-size")
+    cluster_size: int | None = Field(default=None, alias="cluster-size")
+    backing_filename: str | None = Field(default=None, alias="backing-filename")
+    full_backing_filename: str | None = Field(default=None, alias="full-backing-filename")
+    backing_format: str | None = Field(default=None, alias="backing-filename-format")
+    dirty: bool = Field(default=False, alias="dirty-flag")
+    format_specific: dict[str, object] | None = Field(default=None, alias="format-specific")
+
+    @property
+    def data_file(self) -> str | None:
+        """The external data file of a qcow2, if its header names one."""
+        data = (self.format_specific or {}).get("data")
+        if isinstance(data, dict):
+            value = data.get("data-file")
+            return str(value) if value else None
+        return None
+
+
+def info(runner: Runner, path: Path, fmt: str, limits: Limits) -> ImageInfo:
+    """`qemu-img info` of one image, format pinned, under limits, parsed into ImageInfo."""
+    argv = [QEMU_IMG, "info", "-f", fmt, "--force-share", "--output=json", str(path)]
+    try:
+        result = runner.run(argv, limits=limits, timeout=120)
+    except CommandError as error:
+        raise _refusal_or_failure(error, path) from None
+    try:
+        return ImageInfo.model_validate(json.loads(result.stdout))
+    except (ValueError, ValidationError) as error:
+        raise ImageRefused(f"qemu-img info printed no usable JSON for {path.name}: {error}") from None
+
+
+def create_overlay(
+    runner: Runner, path: Path, *, backing: Path, backing_format: str, size: int
+) -> None:
+    """Create a qcow2 with `backing` as its backing file and `size` bytes of virtual size."""
+    runner.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(path), str(size)]
+    )
+
+
+def create(runner: Runner, path: Path, *, fmt: str, size: int) -> None:
+    """Create an empty image of `size` bytes."""
+    runner.run([QEMU_IMG, "create", "-q", "-f", fmt, str(path), str(size)])
+
+
+def resize(runner: Runner, path: Path, *, fmt: str, size: int) -> None:
+    """Grow an image to `size` bytes; the format is always pinned (CVE-2026-24708)."""
+    runner.run([QEMU_IMG, "resize", "-q", "-f", fmt, str(path), str(size)])
+
+
+PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def convert(
+    runner: Runner,
+    source: Path,
+    target: Path,
+    *,
+    source_format: str,
+    target_format: str,
+    cache_mode: str,
+    compress: bool = False,
+    sparse: bool = True,
+    on_progress: Callable[[float], None] | None = None,
+) -> CommandResult:
+    """`qemu-img convert` with the source format pinned and the target cache mode given."""
+    argv = [QEMU_IMG, "convert", "-f", source_format, "-O", target_format, "-t", cache_mode]
+    if compress:
+        argv.append("-c")
+    if not sparse:
+        argv += ["-S", "0"]
+    if on_progress is not None:
+        return runner.stream(
+            [*argv, "-p", str(source), str(target)],
+            on_line=lambda line: _report_progress(line, on_progress),
+        )
+    return runner.run([*argv, str(source), str(target)])
+
+
+def _report_progress(line: str, on_progress: Callable[[float], None]) -> None:
+    match = PROGRESS.search(line)
+    if match:
+        on_progress(float(match.group(1)))
+
+
+def _refusal_or_failure(error: CommandError, path: Path) -> CommandFailed:
+    result = error.result
+    if result is not None and result.killed_by is not None:
+        return ImageRefused(
+            f"qemu-img info on {path.name} was killed by {result.killed_by} under its CPU and "
+            "memory limits; the image is refused as a possible resource bomb"
+        )
+    return ImageRefused(f"qemu-img cannot read {path.name}: {error}")

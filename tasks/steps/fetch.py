@@ -1,0 +1,30 @@
+"""imgprep.fetch_to_cache: the image into the shared cache, downloaded once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from tasks.cache import cache_key, fetch_to_cache
+from tasks.models import PrepareRequest
+from worker.app import app
+from worker.progress import TaskProgress
+from worker.runtime import runtime
+from worker.taskbase import StepTask, parse
+
+
+@app.task(name="imgprep.fetch_to_cache", base=StepTask, bind=True)
+def fetch(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
+    source = parse(PrepareRequest, request).image
+    structlog.contextvars.bind_contextvars(image_key=cache_key(source.image_id))
+    current = runtime()
+    cached = fetch_to_cache(
+        source,
+        cache=current.cache,
+        options=current.fetch_options,
+        runner=current.runner,
+        locks=current.locks,
+        progress=TaskProgress(self, "fetch_to_cache"),
+    )
+    return cached.model_dump(mode="json")

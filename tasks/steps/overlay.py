@@ -1,0 +1,31 @@
+"""imgprep.create_overlay: the instance disk as a qcow2 overlay on the cached base."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from tasks.models import CachedImage, PreparedDisk, PrepareRequest
+from tasks.overlay import create_overlay
+from worker.app import app
+from worker.runtime import runtime
+from worker.taskbase import StepTask, parse
+
+
+@app.task(name="imgprep.create_overlay", base=StepTask, bind=True)
+def overlay(self: StepTask, fetched: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    base = parse(CachedImage, fetched, "cached image")
+    spec = parse(PrepareRequest, request).disk
+    structlog.contextvars.bind_contextvars(image_key=base.key)
+    current = runtime()
+    disk = create_overlay(
+        base,
+        spec,
+        instances_dir=current.settings.instances_dir,
+        host=current.settings.host_id,
+        runner=current.runner,
+        locks=current.locks,
+        limits=current.qemu_limits,
+    )
+    return PreparedDisk(disk=disk, base=base).model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""The runtime: Celery app, settings, logging, Redis locks, CLI and client."""

@@ -1,0 +1,108 @@
+"""The Celery application: JSON only, late acks, events on, Redis visibility timeout from settings.
+
+`app` is configured lazily from `get_settings()` the first time its configuration is read, so
+importing this module reads no settings; `create_app(settings)` makes an app for other settings
+(tests, a client of another cluster).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+
+from tasks.canvases import DEFAULT_QUEUE
+from worker.logs import configure_logging
+from worker.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+TASK_MODULES = (
+    "tasks.steps.fetch",
+    "tasks.steps.overlay",
+    "tasks.operations",
+    "worker.health",
+)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from imgprep settings."""
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    return {
+        "broker_url": settings.broker,
+        "result_backend": settings.results,
+        # JSON only: a pickle payload from the broker would be code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A step acknowledges only when done; a killed pool process sends it back at once.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_deduplicate_successful_tasks": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Steps end before the Redis transport would deliver their message again.
+        "task_time_limit": settings.step_time_limit,
+        "task_soft_time_limit": settings.step_time_limit - 30,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        # Flower and `imgprep status` see every step, its arguments and its worker.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_extended": True,
+        "result_expires": settings.result_expires,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+class _LazyConfig(Mapping[str, Any]):
+    """Celery configuration computed from settings on first read."""
+
+    def __init__(self, load: Callable[[], Settings]) -> None:
+        self._load = load
+
+    @functools.cached_property
+    def _data(self) -> dict[str, Any]:
+        return celery_config(self._load())
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for `settings` (default: the process-wide settings, read lazily)."""
+    celery_app = Celery("imgprep", include=list(TASK_MODULES), set_as_current=settings is None)
+    celery_app.config_from_object(_LazyConfig(lambda: settings or get_settings()))
+    return celery_app
+
+
+app = create_app()
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: str | None = None, **_: Any) -> None:
+    settings = get_settings()
+    configure_logging(level=loglevel or settings.log_level, log_format=settings.log_format)
+
+
+# Importing the signal handlers registers them for workers of this app.
+from worker import signals as _signals  # noqa: E402, F401

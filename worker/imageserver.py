@@ -1,0 +1,137 @@
+"""A local HTTP server for images, used by the demo, the tests and the benchmarks.
+
+It serves the files of one directory, counts the GET requests of each path, and can be told to
+fail the next requests of a path with a status, or to serve slowly, so that retry and crash
+behaviour can be driven for real.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import unquote, urlsplit
+
+CHUNK = 256 * 2**10
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients that hang up (a killed worker, a closed keep-alive) are not errors here."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+class ImageServer:
+    """Serve `root` on 127.0.0.1; `url(name)` is the address of a file in it."""
+
+    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._gets: Counter[str] = Counter()
+        self._failures: defaultdict[str, deque[int]] = defaultdict(deque)
+        self.bytes_per_second: int | None = None
+        self._httpd = _QuietServer((host, port), self._handler())
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="image-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def gets(self, name: str) -> int:
+        """How many GET requests reached `name` (failed ones included)."""
+        with self._lock:
+            return self._gets[name]
+
+    def fail_next(self, name: str, status: int, times: int = 1) -> None:
+        """Answer the next `times` GETs of `name` with `status` and no body."""
+        with self._lock:
+            self._failures[name].extend([status] * times)
+
+    def start(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> ImageServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _next_failure(self, name: str) -> int | None:
+        with self._lock:
+            self._gets[name] += 1
+            queue = self._failures.get(name)
+            return queue.popleft() if queue else None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+                return
+
+            def do_GET(self) -> None:
+                name = unquote(urlsplit(self.path).path).lstrip("/")
+                status = server._next_failure(name)
+                if status is not None:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                path = (server.root / name).resolve()
+                if not path.is_relative_to(server.root.resolve()) or not path.is_file():
+                    self.send_error(HTTPStatus.NOT_FOUND)
+                    return
+                with open(path, "rb") as source:
+                    size = os.fstat(source.fileno()).st_size
+                    self.send_response(HTTPStatus.OK)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(size))
+                    self.end_headers()
+                    try:
+                        self._send_body(source, size)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+
+            def _send_body(self, source: object, size: int) -> None:
+                rate = server.bytes_per_second
+                if rate is None:
+                    self.wfile.flush()
+                    self.connection.sendfile(source)  # type: ignore[arg-type]
+                    return
+                sent = 0
+                started = time.monotonic()
+                while sent < size:
+                    chunk = source.read(min(CHUNK, rate))  # type: ignore[attr-defined]
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    sent += len(chunk)
+                    ahead = sent / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+
+        return Handler

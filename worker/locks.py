@@ -1,0 +1,237 @@
+"""Redis lease locks: SET NX PX with a random token, owner-only release and extension in Lua,
+background renewal, a fence check before publishing, and waiters woken by the release itself.
+
+Waiting is not polling. A releasing holder pushes one element on `<lock>:released`; a waiter
+blocks on that list with BLPOP for at most the lock's remaining lease, so it wakes within a
+Redis round-trip of a release, and within one lease period of a holder that died without
+releasing (its key expires). This is the signal-list technique of python-redis-lock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from types import TracebackType
+
+import redis
+import structlog
+from redis.exceptions import RedisError
+
+from tasks.errors import CoordinationUnavailable, LockBusy, LockLost
+
+log = structlog.get_logger(__name__)
+
+LOCK_PREFIX = "imgprep:lock:"
+FENCE_KEY = "imgprep:fence"
+
+# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] lease ms.
+# Returns {fence, 0} when acquired, {0, pttl} when held by someone else.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {redis.call('INCR', KEYS[2]), 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS[1] lock, KEYS[2] signal list; ARGV[1] token, ARGV[2] signal expiry ms.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[2])
+  redis.call('RPUSH', KEYS[2], 1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
+
+
+def holder_identity() -> str:
+    """host:pid, the human-readable part of a lock token."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseLock:
+    """A lease lock on one resource name; use as a context manager or acquire/release."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        lease: float,
+        renew_every: float,
+        wait: float,
+    ) -> None:
+        if renew_every >= lease:
+            raise ValueError("renew_every must be shorter than the lease")
+        self.client = client
+        self.name = name
+        self.key = LOCK_PREFIX + name
+        self.signal_key = self.key + ":released"
+        self.lease_ms = max(1, int(lease * 1000))
+        self.renew_every = renew_every
+        self.wait = wait
+        self.token = f"{holder_identity()}:{uuid.uuid4().hex}"
+        self._fence: int | None = None
+        self._lost = threading.Event()
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._acquire_script = client.register_script(_ACQUIRE)
+        self._release_script = client.register_script(_RELEASE)
+        self._extend_script = client.register_script(_EXTEND)
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    @property
+    def fence(self) -> int:
+        if self._fence is None:
+            raise LockLost(f"lock {self.name} is not held")
+        return self._fence
+
+    @property
+    def lost(self) -> bool:
+        """True once renewal found the lease gone (expired, or taken over)."""
+        return self._lost.is_set()
+
+    def acquire(self, wait: float | None = None) -> int:
+        """Take the lock, waiting up to `wait` seconds; return the fencing token."""
+        budget = self.wait if wait is None else wait
+        started = time.monotonic()
+        deadline = started + budget
+        while True:
+            fence, pttl = self._redis(
+                self._acquire_script, keys=[self.key, FENCE_KEY], args=[self.token, self.lease_ms]
+            )
+            if fence:
+                self._fence = int(fence)
+                self._lost.clear()
+                self._start_renewing()
+                log.debug("lock_acquired", lock=self.name, fence=self._fence,
+                          waited_seconds=round(time.monotonic() - started, 4))
+                return self._fence
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockBusy(
+                    f"lock {self.name} is still held by another worker after {budget:.0f} s; "
+                    "the step will retry"
+                )
+            # pttl -2: released between SET and PTTL, try again at once; -1: no expiry (never
+            # set by us), wait a lease at most.
+            expires_in = pttl / 1000 if pttl > 0 else (self.lease_ms / 1000 if pttl == -1 else 0)
+            block = max(_SHORTEST_BLOCK, min(remaining, expires_in))
+            if pttl != -2:
+                self._redis(self.client.blpop, [self.signal_key], timeout=block)
+
+    def release(self) -> bool:
+        """Release if still the owner and wake one waiter; False when the lease was already lost."""
+        self._stop_renewal_thread()
+        if self._fence is None:
+            return False
+        self._fence = None
+        released = bool(
+            self._redis(
+                self._release_script, keys=[self.key, self.signal_key], args=[self.token, self.lease_ms]
+            )
+        )
+        if not released:
+            log.warning("lock_release_found_lease_lost", lock=self.name)
+        return released
+
+    def ensure_held(self) -> None:
+        """The fence before a commit: atomically check ownership and extend the lease."""
+        if self._fence is None or self._lost.is_set():
+            raise LockLost(f"lock {self.name} was lost before the result could be published")
+        if not self._redis(self._extend_script, keys=[self.key], args=[self.token, self.lease_ms]):
+            self._lost.set()
+            raise LockLost(
+                f"lock {self.name} was taken over by another worker; this worker's result is "
+                "discarded"
+            )
+
+    def __enter__(self) -> LeaseLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.release()
+        except CoordinationUnavailable:
+            # The lease expires on its own; the original error, if any, matters more.
+            if exc is None:
+                raise
+            log.warning("lock_release_failed", lock=self.name)
+
+    # -- renewal -------------------------------------------------------------------------------
+
+    def _start_renewing(self) -> None:
+        self._stop_renewing.clear()
+        self._renewer = threading.Thread(
+            target=self._renew_until_stopped, name=f"renew-{self.name}", daemon=True
+        )
+        self._renewer.start()
+
+    def _stop_renewal_thread(self) -> None:
+        self._stop_renewing.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join()
+        self._renewer = None
+
+    def _renew_until_stopped(self) -> None:
+        last_renewed = time.monotonic()
+        while not self._stop_renewing.wait(self.renew_every):
+            try:
+                extended = self._extend_script(keys=[self.key], args=[self.token, self.lease_ms])
+            except RedisError as error:
+                if time.monotonic() - last_renewed > self.lease_ms / 1000:
+                    log.warning("lock_lease_lapsed", lock=self.name, error=str(error))
+                    self._lost.set()
+                    return
+                log.info("lock_renewal_retrying", lock=self.name, error=str(error))
+                continue
+            if not extended:
+                log.warning("lock_lease_lost", lock=self.name)
+                self._lost.set()
+                return
+            last_renewed = time.monotonic()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _redis(self, call, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return call(*args, **kwargs)
+        except RedisError as error:
+            raise CoordinationUnavailable(f"Redis unavailable for lock {self.name}: {error}") from None
+
+
+class LockFactory:
+    """Makes LeaseLocks with the configured lease, renewal and wait."""
+
+    def __init__(self, client: redis.Redis, *, lease: float, renew_every: float, wait: float) -> None:
+        self.client = client
+        self.lease = lease
+        self.renew_every = renew_every
+        self.wait = wait
+
+    def __call__(self, name: str) -> LeaseLock:
+        return LeaseLock(
+            self.client, name, lease=self.lease, renew_every=self.renew_every, wait=self.wait
+        )

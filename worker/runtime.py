@@ -1,0 +1,74 @@
+"""The collaborators a worker process hands to domain code, built once per process.
+
+Built lazily, after the prefork pool forks, so every pool process has its own Redis
+connections. Tasks call `runtime()`; domain functions receive the pieces they need.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import redis
+
+from tasks.cache import FetchOptions, ImageCache
+from tasks.runner import Limits, Runner
+from worker.locks import LockFactory
+from worker.settings import Settings, get_settings
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    locks: LockFactory
+    runner: Runner
+
+    @property
+    def cache(self) -> ImageCache:
+        return ImageCache(self.settings.cache_dir)
+
+    @property
+    def qemu_limits(self) -> Limits:
+        return Limits(
+            cpu_seconds=self.settings.qemu.info_cpu_seconds,
+            address_space_bytes=self.settings.qemu.info_address_space_bytes,
+        )
+
+    @property
+    def fetch_options(self) -> FetchOptions:
+        return FetchOptions(
+            policy=self.settings.fetch, limits=self.qemu_limits, force_raw=self.settings.fetch.force_raw
+        )
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client for coordination: no read timeout (BLPOP waits on purpose), quick connects."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=15,
+        decode_responses=False,
+    )
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    client = redis_client(settings.coordination)
+    return Runtime(
+        settings=settings,
+        redis=client,
+        locks=LockFactory(
+            client,
+            lease=settings.lock.lease_seconds,
+            renew_every=settings.lock.renew_seconds,
+            wait=settings.lock.wait_seconds,
+        ),
+        runner=Runner(default_timeout=settings.qemu.command_timeout_seconds),
+    )
+
+
+@functools.cache
+def runtime() -> Runtime:
+    """This process's runtime, from the process-wide settings."""
+    return build_runtime(get_settings())

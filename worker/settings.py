@@ -1,0 +1,211 @@
+"""Typed settings: code defaults, then config/imgprep.toml, then IMGPREP_* environment variables.
+
+Settings are loaded once at the edge (CLI, Celery app) with `get_settings()` and passed down;
+domain code receives the group it needs, never this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RedisDsn,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "IMGPREP_"
+NESTED_DELIMITER = "__"
+CONFIG_ENV = "IMGPREP_CONFIG"
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "imgprep.toml"
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LockSettings(_Group):
+    """Redis lease locks that guard cache entries and instance disks."""
+
+    lease_seconds: PositiveSeconds = 30.0
+    renew_seconds: PositiveSeconds = 10.0
+    wait_seconds: PositiveSeconds = 900.0
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> LockSettings:
+        if self.renew_seconds * 2 > self.lease_seconds:
+            raise ValueError("renew_seconds must be at most half of lease_seconds")
+        return self
+
+
+class FetchSettings(_Group):
+    """Where images may come from and how they are downloaded."""
+
+    allowed_schemes: tuple[Literal["http", "https", "file"], ...] = ("http", "https")
+    file_roots: tuple[Path, ...] = ()
+    connect_timeout_seconds: PositiveSeconds = 10.0
+    read_timeout_seconds: PositiveSeconds = 60.0
+    max_image_bytes: int = Field(default=256 * 2**30, gt=0)
+    force_raw: bool = True
+
+    @field_validator("file_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: tuple[Path, ...]) -> tuple[Path, ...]:
+        for root in roots:
+            if not root.is_absolute():
+                raise ValueError(f"file root {root} must be an absolute path")
+        return roots
+
+
+class QemuSettings(_Group):
+    """Limits for qemu-img, which parses untrusted image headers."""
+
+    info_cpu_seconds: int = Field(default=30, gt=0)
+    info_address_space_bytes: int = Field(default=2 * 2**30, gt=0)
+    command_timeout_seconds: PositiveSeconds = 1800.0
+
+
+class RetrySettings(_Group):
+    """Backoff for transient errors: delay = min(max, base * 2**retries), with full jitter."""
+
+    max_retries: int = Field(default=8, ge=0)
+    backoff_seconds: PositiveSeconds = 1.0
+    backoff_max_seconds: PositiveSeconds = 120.0
+
+
+class Settings(BaseSettings):
+    """Every setting imgprep reads. Environment names are IMGPREP_<NAME>, groups IMGPREP_<GROUP>__<NAME>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    redis_url: RedisDsn = RedisDsn("redis://localhost:6379/0")
+    broker_url: RedisDsn | None = None
+    result_backend: RedisDsn | None = None
+    cache_dir: Path = Path("/var/lib/imgprep/cache")
+    instances_dir: Path = Path("/var/lib/imgprep/instances")
+    state_dir: Path = Path("/var/lib/imgprep/state")
+    host_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    visibility_timeout: int = Field(default=3600, gt=0)
+    step_time_limit: int = Field(default=3000, gt=0)
+    result_expires: int = Field(default=86400, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    lock: LockSettings = LockSettings()
+    fetch: FetchSettings = FetchSettings()
+    qemu: QemuSettings = QemuSettings()
+    retry: RetrySettings = RetrySettings()
+
+    @field_validator("cache_dir", "instances_dir", "state_dir")
+    @classmethod
+    def _absolute_dir(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError(f"{path} must be an absolute path")
+        return path
+
+    @model_validator(mode="after")
+    def _steps_end_before_redelivery(self) -> Settings:
+        # The Redis transport re-delivers an unacknowledged message after the visibility
+        # timeout even while its task still runs: a step must be killed before that.
+        if self.step_time_limit + 60 > self.visibility_timeout:
+            raise ValueError(
+                "step_time_limit must be at least 60 s below visibility_timeout, "
+                "or a long step would be delivered twice"
+            )
+        return self
+
+    @property
+    def broker(self) -> str:
+        return str(self.broker_url or self.redis_url)
+
+    @property
+    def results(self) -> str:
+        return str(self.result_backend or self.redis_url)
+
+    @property
+    def coordination(self) -> str:
+        """Redis for locks, step journals and device records."""
+        return str(self.redis_url)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
+        return (init_settings, env_settings, toml)
+
+
+def config_file() -> Path | None:
+    """The TOML file of defaults: $IMGPREP_CONFIG, else the checkout's config/imgprep.toml."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    return REPO_CONFIG if REPO_CONFIG.is_file() else None
+
+
+class InvalidSettingError(SystemExit):
+    """Raised (as a clean exit) when a setting does not validate."""
+
+
+def env_name(location: tuple[Any, ...]) -> str:
+    """The environment variable that sets the field at `location` of a validation error."""
+    parts = [str(part) for part in location if not isinstance(part, int)]
+    if not parts:
+        return ENV_PREFIX.rstrip("_")
+    return ENV_PREFIX + NESTED_DELIMITER.join(parts).upper()
+
+
+def describe(error: ValidationError) -> str:
+    """One line naming the first invalid setting and why it was refused."""
+    first = error.errors()[0]
+    return f"invalid setting {env_name(first['loc'])}: {first['msg']}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings; an invalid one exits with one line that names it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise InvalidSettingError(f"imgprep: {describe(error)}") from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, loaded once."""
+    return load_settings()
+
+
+def ensure_directories(settings: Settings) -> None:
+    """Create the cache, instances and state directories a worker writes to."""
+    for path in (settings.cache_dir, settings.instances_dir, settings.state_dir):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"imgprep: cannot create {path}: {error.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None

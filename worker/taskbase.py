@@ -1,0 +1,89 @@
+"""The base of every imgprep task: retry by error class, one summary log line per step,
+requests parsed into models with typed errors.
+
+Transient errors retry with exponential backoff and equal jitter up to `retry.max_retries`;
+when retries run out the original error is raised, so the final failure names its class and a
+message a person can act on. Everything else fails at once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, TypeVar
+
+import structlog
+from celery import Task
+from celery.exceptions import Ignore, Retry
+from pydantic import BaseModel, ValidationError
+
+from tasks.errors import InvalidRequest, TransientError
+from worker.settings import RetrySettings, get_settings
+
+log = structlog.get_logger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def backoff_delay(retries: int, policy: RetrySettings) -> float:
+    """Seconds before retry number `retries + 1`: half fixed, half random (equal jitter)."""
+    ceiling = min(policy.backoff_max_seconds, policy.backoff_seconds * 2**retries)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
+
+
+def describe_validation(error: ValidationError, what: str = "request") -> str:
+    """`invalid request: disk.size_bytes: Input should be greater than 0; ...`"""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in item['loc']) or what}: {item['msg']}" for item in error.errors()
+    )
+    return f"invalid {what}: {problems}"
+
+
+def parse(model: type[M], data: object, what: str = "request") -> M:
+    """Validate wire data into `model`; an invalid payload is a permanent InvalidRequest."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation(error, what)) from None
+
+
+class StepTask(Task):  # type: ignore[misc]
+    """Base class: acks late, retries TransientError with backoff, logs one line per step."""
+
+    abstract = True
+    journaled = True
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            result = super().__call__(*args, **kwargs)
+        except TransientError as error:
+            if self.request.called_directly:
+                raise
+            policy = get_settings().retry
+            if self.request.retries >= policy.max_retries:
+                log.error("step_failed", error_class=type(error).__name__, error=str(error),
+                          retries=self.request.retries, seconds=_since(started))
+                raise
+            delay = backoff_delay(self.request.retries, policy)
+            log.warning("step_retrying", error_class=type(error).__name__, error=str(error),
+                        retry=self.request.retries + 1, countdown=round(delay, 2))
+            raise self.retry(exc=error, countdown=delay, max_retries=policy.max_retries) from None
+        except Exception as error:
+            if not _is_control_flow(error):
+                log.error("step_failed", error_class=type(error).__name__, error=str(error),
+                          seconds=_since(started))
+            raise
+        log.info("step_succeeded", seconds=_since(started))
+        return result
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 4)
+
+
+def _is_control_flow(error: BaseException) -> bool:
+    return isinstance(error, Ignore | Retry)
