@@ -117,18 +117,30 @@ def fetch_to_cache(
         if options.force_raw and fmt != "raw":
             published = entry.with_name(entry.name + CONVERTED)
             qemu_img.convert(
-                runner, part, published, source_format=fmt, target_format="raw",
+                runner,
+                part,
+                published,
+                source_format=fmt,
+                target_format="raw",
                 cache_mode=cache_mode_for(cache.root),
             )
             part.unlink()
             fmt = "raw"
         image = CachedImage(
-            key=key, image_id=source.image_id, path=str(entry), format=fmt,
-            virtual_size=info.virtual_size, source_sha256=fetched.sha256,
+            key=key,
+            image_id=source.image_id,
+            path=str(entry),
+            format=fmt,
+            virtual_size=info.virtual_size,
+            source_sha256=fetched.sha256,
         )
         record = CacheRecord(
-            image=image, source=redact(source.url), source_format=inspected.format,
-            source_bytes=fetched.size, fence=lease.fence, fetched_at=datetime.now(UTC),
+            image=image,
+            source=redact(source.url),
+            source_format=inspected.format,
+            source_bytes=fetched.size,
+            fence=lease.fence,
+            fetched_at=datetime.now(UTC),
         )
         log.info("image_fetched", bytes=fetched.size, format=inspected.format, cached_format=fmt)
         return Staged(file=published, result=image, sidecar=record.model_dump_json(indent=1))

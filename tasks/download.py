@@ -7,10 +7,11 @@ that refused (4xx), a disallowed URL, a size past the limit and a full disk are 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -80,7 +81,9 @@ def check_source(url: str, policy: SourcePolicy) -> None:
         raise SourceNotAllowed(f"URL scheme {scheme!r} is not allowed (allowed: {allowed})")
 
 
-def download(url: str, dest: Path, policy: SourcePolicy, progress: Progress = no_progress) -> Downloaded:
+def download(
+    url: str, dest: Path, policy: SourcePolicy, progress: Progress = no_progress
+) -> Downloaded:
     """Stream `url` into a new file `dest`; the caller removes `dest` on any error."""
     check_source(url, policy)
     scheme = urlsplit(url).scheme.lower()
@@ -104,22 +107,24 @@ class _FileSource:
 
     def __enter__(self) -> tuple[IO[bytes], int]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SourceNotFound(f"{self.path} does not exist") from None
         except OSError as error:
             raise SourceNotFound(f"{self.path} cannot be read: {error.strerror}") from None
+        try:
+            # Check the file actually opened, not the name: a link swapped in after a check
+            # cannot lead outside the roots.
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if not any(real.is_relative_to(root.resolve()) for root in self.policy.file_roots):
+                raise SourceNotAllowed(f"{self.path} is outside the allowed file roots")
+            stat = os.fstat(fd)
+            if not S_ISREG(stat.st_mode):
+                raise SourceNotAllowed(f"{self.path} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
         handle = os.fdopen(fd, "rb", buffering=0)
-        # Check the file actually opened, not the name: a link swapped in after a check
-        # cannot lead outside the roots.
-        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        if not any(real.is_relative_to(root.resolve()) for root in self.policy.file_roots):
-            handle.close()
-            raise SourceNotAllowed(f"{self.path} is outside the allowed file roots")
-        stat = os.fstat(fd)
-        if not S_ISREG(stat.st_mode):
-            handle.close()
-            raise SourceNotAllowed(f"{self.path} is not a regular file")
         self.handle = handle
         return handle, stat.st_size
 
@@ -142,10 +147,12 @@ def _file_chunks(source: IO[bytes]) -> Iterator[bytes]:
 
 def _pool(policy: SourcePolicy) -> urllib3.PoolManager:
     return urllib3.PoolManager(
-        retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
-                              raise_on_redirect=True),
-        timeout=urllib3.Timeout(connect=policy.connect_timeout_seconds,
-                                read=policy.read_timeout_seconds),
+        retries=urllib3.Retry(
+            total=None, connect=0, read=0, status=0, other=0, redirect=5, raise_on_redirect=True
+        ),
+        timeout=urllib3.Timeout(
+            connect=policy.connect_timeout_seconds, read=policy.read_timeout_seconds
+        ),
     )
 
 
@@ -153,7 +160,10 @@ def _download_http(url: str, dest: Path, policy: SourcePolicy, progress: Progres
     shown = redact(url)
     try:
         response = _pool(policy).request(
-            "GET", url, preload_content=False, decode_content=False,
+            "GET",
+            url,
+            preload_content=False,
+            decode_content=False,
             headers={"Accept-Encoding": "identity", "User-Agent": "imgprep"},
         )
     except SSLError as error:
@@ -170,11 +180,15 @@ def _download_http(url: str, dest: Path, policy: SourcePolicy, progress: Progres
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
         try:
-            result = _stream(response.stream(CHUNK, decode_content=False), total, dest, policy, progress)
+            result = _stream(
+                response.stream(CHUNK, decode_content=False), total, dest, policy, progress
+            )
         except HTTPError as error:
             raise SourceUnavailable(f"download of {shown} broke off: {error}") from None
         if total is not None and result.size != total:
-            raise SourceUnavailable(f"download of {shown} ended after {result.size} of {total} bytes")
+            raise SourceUnavailable(
+                f"download of {shown} ended after {result.size} of {total} bytes"
+            )
         return result
     finally:
         response.release_conn()
@@ -187,7 +201,9 @@ def _check_redirects(response: urllib3.BaseHTTPResponse, policy: SourcePolicy, s
         if hop.redirect_location:
             scheme = urlsplit(hop.redirect_location).scheme.lower()
             if scheme and scheme not in policy.allowed_schemes:
-                raise SourceNotAllowed(f"{shown} redirected to a {scheme} URL, which is not allowed")
+                raise SourceNotAllowed(
+                    f"{shown} redirected to a {scheme} URL, which is not allowed"
+                )
 
 
 def _check_status(status: int, shown: str) -> None:
@@ -223,8 +239,9 @@ def _stream(
             _write_sparse(fd, chunk, offset, dest, total)
             offset += len(chunk)
             progress(offset, total)
-        _guard_space(lambda: os.ftruncate(fd, offset), dest, total or offset)
-        _guard_space(lambda: os.fsync(fd), dest, total or offset)
+        with _space_guard(dest, total or offset):
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
     finally:
         os.close(fd)
     return Downloaded(size=offset, sha256=digest.hexdigest())
@@ -244,7 +261,8 @@ def _write_sparse(fd: int, chunk: bytes, offset: int, dest: Path, total: int | N
         end = min(end, size)
         if end > start:
             data = memoryview(chunk)[start:end]
-            _guard_space(lambda: _pwrite_all(fd, data, offset + start), dest, total)
+            with _space_guard(dest, total):
+                _pwrite_all(fd, data, offset + start)
         start = end
 
 
@@ -255,9 +273,11 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
         position += written
 
 
-def _guard_space(write: Callable[[], object], dest: Path, needed: int | None) -> None:
+@contextlib.contextmanager
+def _space_guard(dest: Path, needed: int | None) -> Iterator[None]:
+    """Turn a full filesystem (ENOSPC, EDQUOT) into the permanent DiskFull error."""
     try:
-        write()
+        yield
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise disk_full(dest, needed) from None

@@ -50,11 +50,15 @@ def inspect_image(path: Path, declared: str = "auto") -> Inspection:
             + (f" ({name})" if name != detected else "")
         )
     if detected not in SUPPORTED:
-        raise ImageRefused(f"image format {detected} is not supported (supported: raw, qcow2, vmdk)")
+        raise ImageRefused(
+            f"image format {detected} is not supported (supported: raw, qcow2, vmdk)"
+        )
     try:
         inspector.safety_check()
     except format_inspector.SafetyCheckFailed as error:
-        raise ImageRefused(f"the {detected} image failed its safety checks: {_reasons(error)}") from None
+        raise ImageRefused(
+            f"the {detected} image failed its safety checks: {_reasons(error)}"
+        ) from None
     except format_inspector.ImageFormatError as error:
         raise ImageRefused(f"the {detected} image cannot be checked: {error}") from None
     virtual_size = 0 if detected == "raw" else int(inspector.virtual_size)

@@ -6,19 +6,44 @@ Change them only by adding optional fields, or by a new `api_version`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
-API_VERSION = 1
+API_VERSION: Literal[1] = 1
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _path_component(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it becomes one path component)"
+        )
+    return value
+
 
 # A name that is safe as one path component: no "/", cannot be "." or "..", no leading dot.
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Name = Annotated[str, AfterValidator(_path_component)]
 # Image ids are hashed into cache keys, so any printable text is safe; control characters are not.
-ImageId = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ImageId = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 Checksum = Annotated[
-    str, StringConstraints(to_lower=True, pattern=r"^sha256:[0-9a-f]{64}$")
+    str,
+    BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
+    StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$"),
 ]
 DeclaredFormat = Literal["auto", "raw", "qcow2", "vmdk"]
 DiskFormat = Literal["raw", "qcow2"]

@@ -34,7 +34,9 @@ def plan(task: Task, canvas: Any) -> None:
     journal().plan(
         root_id,
         [
-            PlannedStep(name=step.task, task_id=step.options["task_id"], queue=step.options.get("queue"))
+            PlannedStep(
+                name=step.task, task_id=step.options["task_id"], queue=step.options.get("queue")
+            )
             for step in canvas.tasks
         ],
     )

@@ -50,8 +50,14 @@ def create_overlay(
     verify_base_size(base, spec)
     path = instance_dir(instances_dir, spec.instance_id, create=True) / spec.disk_name
     wanted = InstanceDisk(
-        host=host, instance_id=spec.instance_id, disk_name=spec.disk_name, path=str(path), format="qcow2",
-        virtual_size=spec.size_bytes, backing_file=base.path, backing_format=base.format,
+        host=host,
+        instance_id=spec.instance_id,
+        disk_name=spec.disk_name,
+        path=str(path),
+        format="qcow2",
+        virtual_size=spec.size_bytes,
+        backing_file=base.path,
+        backing_format=base.format,
     )
 
     def find() -> InstanceDisk | None:

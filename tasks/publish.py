@@ -71,7 +71,9 @@ def publish_once(
         temps = temporaries(target, extra_temporaries)
         removed = remove_files(temps)
         if removed:
-            log.info("stale_temporaries_removed", target=target.name, files=[p.name for p in removed])
+            log.info(
+                "stale_temporaries_removed", target=target.name, files=[p.name for p in removed]
+            )
         try:
             staged = stage(part_path(target))
             lease.ensure_held()

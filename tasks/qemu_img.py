@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import CommandFailed, ImageRefused
+from tasks.errors import ImageRefused
 from tasks.runner import CommandError, CommandResult, Limits, Runner
 
 QEMU_IMG = "qemu-img"
@@ -56,7 +56,9 @@ def info(runner: Runner, path: Path, fmt: str, limits: Limits) -> ImageInfo:
     try:
         return ImageInfo.model_validate(json.loads(result.stdout))
     except (ValueError, ValidationError) as error:
-        raise ImageRefused(f"qemu-img info printed no usable JSON for {path.name}: {error}") from None
+        raise ImageRefused(
+            f"qemu-img info printed no usable JSON for {path.name}: {error}"
+        ) from None
 
 
 def create_overlay(
@@ -64,7 +66,19 @@ def create_overlay(
 ) -> None:
     """Create a qcow2 with `backing` as its backing file and `size` bytes of virtual size."""
     runner.run(
-        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(path), str(size)]
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            backing_format,
+            "-b",
+            str(backing),
+            str(path),
+            str(size),
+        ]
     )
 
 
@@ -113,7 +127,7 @@ def _report_progress(line: str, on_progress: Callable[[float], None]) -> None:
         on_progress(float(match.group(1)))
 
 
-def _refusal_or_failure(error: CommandError, path: Path) -> CommandFailed:
+def _refusal_or_failure(error: CommandError, path: Path) -> ImageRefused:
     result = error.result
     if result is not None and result.killed_by is not None:
         return ImageRefused(

@@ -23,7 +23,11 @@ log = structlog.get_logger(__name__)
 
 # Untrusted images are parsed by these tools: a fixed, predictable locale keeps their messages
 # stable for the parsers below, and nothing from the worker's environment steers them.
-BASE_ENV = {"LC_ALL": "C", "LANG": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+BASE_ENV = {
+    "LC_ALL": "C",
+    "LANG": "C",
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+}
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,9 @@ class Runner:
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            log.warning("command_timed_out", argv=list(argv), timeout=timeout or self.default_timeout)
+            log.warning(
+                "command_timed_out", argv=list(argv), timeout=timeout or self.default_timeout
+            )
             raise CommandTimedOut(
                 f"{argv[0]} did not finish within {timeout or self.default_timeout:.0f} s"
             ) from None
@@ -111,7 +117,12 @@ class Runner:
             stderr=completed.stderr,
             seconds=time.monotonic() - started,
         )
-        log.debug("command_ran", argv=list(argv), returncode=result.returncode, seconds=round(result.seconds, 4))
+        log.debug(
+            "command_ran",
+            argv=list(argv),
+            returncode=result.returncode,
+            seconds=round(result.seconds, 4),
+        )
         if check and result.returncode != 0:
             raise CommandError(describe_failure(result), result)
         return result
@@ -135,16 +146,17 @@ class Runner:
             stderr=subprocess.PIPE,
             env=dict(self.env),
         ) as process:
-            assert process.stdout is not None and process.stderr is not None
+            stdout, stderr = process.stdout, process.stderr
+            assert stdout is not None and stderr is not None
             errors: list[bytes] = []
-            drain = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)  # type: ignore[union-attr]
+            drain = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
             drain.start()
             timer = threading.Timer(budget, process.kill)
             timer.start()
             output: list[str] = []
             try:
                 pending = b""
-                while chunk := process.stdout.read1(4096):
+                while chunk := os.read(stdout.fileno(), 4096):
                     pending += chunk
                     *lines, pending = re.split(rb"[\r\n]", pending)
                     for raw in lines:
@@ -180,4 +192,8 @@ def describe_failure(result: CommandResult) -> str:
     how = f"was killed by {result.killed_by}" if result.killed_by else f"exited {result.returncode}"
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else "no error output"
-    return f"{result.argv[0]} {result.argv[1] if len(result.argv) > 1 else ''} {how}: {last}".replace("  ", " ")
+    return (
+        f"{result.argv[0]} {result.argv[1] if len(result.argv) > 1 else ''} {how}: {last}".replace(
+            "  ", " "
+        )
+    )

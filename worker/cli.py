@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from tasks.canvases import DEFAULT_QUEUE, host_queue
 from tasks.errors import ImgprepError
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from tasks.models import PrepareRequest
 from worker.logs import configure_logging
 from worker.settings import ensure_directories, get_settings
 from worker.sizes import human, parse_size
@@ -21,7 +20,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType[int]):
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -34,6 +33,7 @@ class SizeType(click.ParamType):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="imgprep")
 def main() -> None:
     """imgprep: prepare virtual-machine disks with a fleet of Celery workers."""
     # Commands print for people; their logs are warnings and errors only. `worker` logs at
@@ -63,7 +63,9 @@ def worker(celery_args: tuple[str, ...]) -> None:
 @click.argument("image_url")
 @click.option("--image-id", required=True, help="Image id; the cache key is a hash of it.")
 @click.option("--instance", "instance_id", required=True, help="Instance id (a path-safe name).")
-@click.option("--size", "size_bytes", required=True, type=SizeType(), help="Disk size: 10G, 512M, bytes.")
+@click.option(
+    "--size", "size_bytes", required=True, type=SizeType(), help="Disk size: 10G, 512M, bytes."
+)
 @click.option("--disk-name", default="disk", show_default=True)
 @click.option("--checksum", default=None, help="sha256:HEX of the image as served.")
 @click.option("--host", default=None, help="Host whose queue runs the host-local steps.")
@@ -71,16 +73,25 @@ def worker(celery_args: tuple[str, ...]) -> None:
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def prepare(
-    image_url: str, image_id: str, instance_id: str, size_bytes: int, disk_name: str,
-    checksum: str | None, host: str | None, wait: bool, timeout: float, as_json: bool,
+    *,
+    image_url: str,
+    image_id: str,
+    instance_id: str,
+    size_bytes: int,
+    disk_name: str,
+    checksum: str | None,
+    host: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     """Fetch IMAGE_URL into the cache and create an instance disk on it."""
     request = _request_or_exit(
-        lambda: PrepareRequest(
-            image=ImageSource(url=image_url, image_id=image_id, checksum=checksum),
-            disk=DiskSpec(instance_id=instance_id, disk_name=disk_name, size_bytes=size_bytes),
-            host=host,
-        )
+        {
+            "image": {"url": image_url, "image_id": image_id, "checksum": checksum},
+            "disk": {"instance_id": instance_id, "disk_name": disk_name, "size_bytes": size_bytes},
+            "host": host,
+        }
     )
     from worker.client import Client
 
@@ -100,7 +111,9 @@ def prepare(
     else:
         disk, base = prepared.disk, prepared.base
         click.echo(f"disk  {disk.path} ({disk.format}, {human(disk.virtual_size)})")
-        click.echo(f"base  {base.path} ({base.format}, {human(base.virtual_size)}, image {base.image_id})")
+        click.echo(
+            f"base  {base.path} ({base.format}, {human(base.virtual_size)}, image {base.image_id})"
+        )
         click.echo(f"task  {result.id}")
 
 
@@ -137,7 +150,9 @@ def render_status(view: OperationStatus) -> str:
             extra.append(f"{step.progress['percent']}%")
         if step.error:
             extra.append(step.error)
-        lines.append(f"{branch} {step.name:<16} {step.state:<8} {seconds}  {'; '.join(extra)}".rstrip())
+        lines.append(
+            f"{branch} {step.name:<16} {step.state:<8} {seconds}  {'; '.join(extra)}".rstrip()
+        )
     if not view.steps and view.state == "PENDING":
         lines.append("  (no such operation, or not started yet)")
     return "\n".join(lines)
@@ -152,13 +167,13 @@ def demo(keep_worker: bool) -> None:
     sys.exit(run_demo(keep_worker=keep_worker))
 
 
-def _request_or_exit(build: Callable[[], PrepareRequest]) -> PrepareRequest:
+def _request_or_exit(payload: dict[str, Any]) -> PrepareRequest:
     from pydantic import ValidationError
 
     from worker.taskbase import describe_validation
 
     try:
-        return build()
+        return PrepareRequest.model_validate(payload)
     except ValidationError as error:
         click.echo(f"imgprep: {describe_validation(error)}", err=True)
         sys.exit(EXIT_USAGE)
@@ -166,7 +181,11 @@ def _request_or_exit(build: Callable[[], PrepareRequest]) -> PrepareRequest:
 
 def _fail(message: str, as_json: bool, task_id: str, error: BaseException) -> None:
     if as_json:
-        click.echo(json.dumps({"task_id": task_id, "error_type": type(error).__name__, "error": str(error)}))
+        click.echo(
+            json.dumps(
+                {"task_id": task_id, "error_type": type(error).__name__, "error": str(error)}
+            )
+        )
     click.echo(f"imgprep: {message}", err=True)
     sys.exit(EXIT_FAILED)
 

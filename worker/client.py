@@ -20,8 +20,10 @@ class Client:
 
     def __init__(self, celery_app: Celery | None = None) -> None:
         if celery_app is None:
-            from worker.app import app as celery_app
-        self.app = celery_app
+            from worker.app import app
+
+            celery_app = app
+        self.app: Celery = celery_app
 
     def prepare_disk(self, request: PrepareRequest) -> AsyncResult:
         """Enqueue imgprep.prepare_disk; the result's id is the operation's id."""

@@ -41,7 +41,9 @@ def build_image(directory: Path) -> tuple[Path, str]:
     directory.mkdir(parents=True, exist_ok=True)
     raw = directory / "demo.raw"
     image = directory / "demo.qcow2"
-    partitioned_disk(raw, [Partition(size_mib=48, files={"/etc/motd": MOTD, "/etc/hostname": b"demo\n"})])
+    partitioned_disk(
+        raw, [Partition(size_mib=48, files={"/etc/motd": MOTD, "/etc/hostname": b"demo\n"})]
+    )
     image.unlink(missing_ok=True)
     Runner().run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)])
     raw.unlink()
@@ -62,15 +64,23 @@ def run_demo(*, keep_worker: bool = False) -> int:
     ensure_directories(settings)
     click.echo("imgprep demo")
     if not redis_answers(settings):
-        say("redis", f"{settings.coordination} does not answer: start redis-server or set IMGPREP_REDIS_URL")
+        say(
+            "redis",
+            f"{settings.coordination} does not answer: start redis-server or set IMGPREP_REDIS_URL",
+        )
         return 1
     say("redis", f"{settings.coordination} answers")
 
     t0 = time.monotonic()
     image, digest = build_image(settings.state_dir / "demo")
-    info = qemu_img.info(Runner(), image, "qcow2", Limits(cpu_seconds=30, address_space_bytes=2 * 2**30))
-    say("image", f"{image.name}: qcow2, {human(info.virtual_size)} virtual, {human(image.stat().st_size)} "
-        f"file, sha256 {digest[:16]}…, built in {time.monotonic() - t0:.2f} s")
+    info = qemu_img.info(
+        Runner(), image, "qcow2", Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
+    )
+    say(
+        "image",
+        f"{image.name}: qcow2, {human(info.virtual_size)} virtual, {human(image.stat().st_size)} "
+        f"file, sha256 {digest[:16]}…, built in {time.monotonic() - t0:.2f} s",
+    )
 
     from worker.app import app
 
@@ -80,9 +90,14 @@ def run_demo(*, keep_worker: bool = False) -> int:
         say("serving", server.url(image.name))
         try:
             t0 = time.monotonic()
-            worker = start_worker(nodename=nodename, log_path=settings.state_dir / "demo" / "worker.log")
+            worker = start_worker(
+                nodename=nodename, log_path=settings.state_dir / "demo" / "worker.log"
+            )
             worker.wait_ready(app, timeout=60)
-            say("worker", f"{nodename} ready in {time.monotonic() - t0:.2f} s (log: {worker.log_path})")
+            say(
+                "worker",
+                f"{nodename} ready in {time.monotonic() - t0:.2f} s (log: {worker.log_path})",
+            )
             ok = _prepare_two(server, image, digest)
             say("downloads", f"{server.gets(image.name)} GET of the image for 2 requests")
         finally:
@@ -103,11 +118,15 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
     client = Client(app)
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     source = ImageSource(
-        url=server.url(image.name), image_id=f"demo-{digest[:16]}", checksum=f"sha256:{digest}",
+        url=server.url(image.name),
+        image_id=f"demo-{digest[:16]}",
+        checksum=f"sha256:{digest}",
         declared_format="qcow2",
     )
     requests = [
-        PrepareRequest(image=source, disk=DiskSpec(instance_id=f"demo-{stamp}-{n}", size_bytes=DISK_SIZE))
+        PrepareRequest(
+            image=source, disk=DiskSpec(instance_id=f"demo-{stamp}-{n}", size_bytes=DISK_SIZE)
+        )
         for n in (1, 2)
     ]
     t0 = time.monotonic()
@@ -116,7 +135,7 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
 
     def wait(result: object) -> PreparedDisk | ImgprepError:
         try:
-            return client.wait_prepared(result, timeout=300)  # type: ignore[arg-type]
+            return client.wait_prepared(result, timeout=300)
         except ImgprepError as error:
             return error
 
@@ -130,11 +149,21 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
         tree = render_status(read_status(app, journal(), result.id))
         click.echo("\n".join(" " * 14 + line for line in tree.splitlines()))
         if isinstance(outcome, PreparedDisk):
-            say("disk", f"{outcome.disk.path} ({outcome.disk.format}, {human(outcome.disk.virtual_size)})")
-            say("backing", f"{outcome.base.path} ({outcome.base.format}, {human(outcome.base.virtual_size)})")
+            say(
+                "disk",
+                f"{outcome.disk.path} ({outcome.disk.format}, {human(outcome.disk.virtual_size)})",
+            )
+            say(
+                "backing",
+                f"{outcome.base.path} ({outcome.base.format}, {human(outcome.base.virtual_size)})",
+            )
         else:
             ok = False
             say("failed", f"{type(outcome).__name__}: {outcome}")
     click.echo("")
-    say("prepared", f"{sum(isinstance(o, PreparedDisk) for o in outcomes)} of {len(outcomes)} disks in {elapsed:.2f} s")
+    say(
+        "prepared",
+        f"{sum(isinstance(o, PreparedDisk) for o in outcomes)} of {len(outcomes)} disks "
+        f"in {elapsed:.2f} s",
+    )
     return ok

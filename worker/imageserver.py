@@ -42,7 +42,9 @@ class ImageServer:
         self._failures: defaultdict[str, deque[int]] = defaultdict(deque)
         self.bytes_per_second: int | None = None
         self._httpd = _QuietServer((host, port), self._handler())
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="image-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="image-server", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -74,7 +76,10 @@ class ImageServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -90,7 +95,7 @@ class ImageServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+            def log_message(self, format: str, *args: object) -> None:
                 return
 
             def do_GET(self) -> None:
@@ -120,7 +125,7 @@ class ImageServer:
                 rate = server.bytes_per_second
                 if rate is None:
                     self.wfile.flush()
-                    self.connection.sendfile(source)  # type: ignore[arg-type]
+                    self.connection.sendfile(source)
                     return
                 sent = 0
                 started = time.monotonic()

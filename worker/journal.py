@@ -76,16 +76,23 @@ class Journal:
     def started(self, root_id: str, task_id: str, name: str, worker: str) -> None:
         previous = self._record(root_id, task_id)
         record = StepRecord(
-            task_id=task_id, name=name, state="STARTED", worker=worker,
+            task_id=task_id,
+            name=name,
+            state="STARTED",
+            worker=worker,
             started_at=previous.started_at if previous and previous.started_at else time.time(),
             attempts=(previous.attempts if previous else 0) + 1,
         )
         self._write(root_id, task_id, record.model_dump_json())
 
-    def finished(self, root_id: str, task_id: str, name: str, state: StepState, error: str | None = None) -> None:
+    def finished(
+        self, root_id: str, task_id: str, name: str, state: StepState, error: str | None = None
+    ) -> None:
         previous = self._record(root_id, task_id)
         record = StepRecord(
-            task_id=task_id, name=name, state=state,
+            task_id=task_id,
+            name=name,
+            state=state,
             worker=previous.worker if previous else None,
             started_at=previous.started_at if previous else None,
             finished_at=time.time() if state in ("SUCCESS", "FAILURE") else None,
@@ -98,7 +105,7 @@ class Journal:
         raw = self.client.hgetall(self.key(root_id))
         if not raw:
             return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         plan_text = fields.pop(PLAN_FIELD, "[]")
         plan = [PlannedStep.model_validate(item) for item in _json_list(plan_text)]
         records = {tid: StepRecord.model_validate_json(text) for tid, text in fields.items()}
@@ -124,3 +131,7 @@ class Journal:
 def _json_list(text: str) -> list[object]:
     value = json.loads(text)
     return value if isinstance(value, list) else []
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

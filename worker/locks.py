@@ -1,7 +1,7 @@
 """Redis lease locks: SET NX PX with a random token, owner-only release and extension in Lua,
 background renewal, a fence check before publishing, and waiters woken by the release itself.
 
-Waiting is not polling. A releasing holder pushes one element on `<lock>:released`; a waiter
+Waiting is not polling. A releasing holder pushes one element on `imgprep:wake:<name>`; a waiter
 blocks on that list with BLPOP for at most the lock's remaining lease, so it wakes within a
 Redis round-trip of a release, and within one lease period of a holder that died without
 releasing (its key expires). This is the signal-list technique of python-redis-lock.
@@ -14,7 +14,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import redis
 import structlog
@@ -25,6 +27,7 @@ from tasks.errors import CoordinationUnavailable, LockBusy, LockLost
 log = structlog.get_logger(__name__)
 
 LOCK_PREFIX = "imgprep:lock:"
+WAKE_PREFIX = "imgprep:wake:"  # one-element lists that wake a waiter; they expire with the lease
 FENCE_KEY = "imgprep:fence"
 
 # KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] lease ms.
@@ -81,7 +84,7 @@ class LeaseLock:
         self.client = client
         self.name = name
         self.key = LOCK_PREFIX + name
-        self.signal_key = self.key + ":released"
+        self.signal_key = WAKE_PREFIX + name
         self.lease_ms = max(1, int(lease * 1000))
         self.renew_every = renew_every
         self.wait = wait
@@ -120,8 +123,12 @@ class LeaseLock:
                 self._fence = int(fence)
                 self._lost.clear()
                 self._start_renewing()
-                log.debug("lock_acquired", lock=self.name, fence=self._fence,
-                          waited_seconds=round(time.monotonic() - started, 4))
+                log.debug(
+                    "lock_acquired",
+                    lock=self.name,
+                    fence=self._fence,
+                    waited_seconds=round(time.monotonic() - started, 4),
+                )
                 return self._fence
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -144,7 +151,9 @@ class LeaseLock:
         self._fence = None
         released = bool(
             self._redis(
-                self._release_script, keys=[self.key, self.signal_key], args=[self.token, self.lease_ms]
+                self._release_script,
+                keys=[self.key, self.signal_key],
+                args=[self.token, self.lease_ms],
             )
         )
         if not released:
@@ -215,17 +224,21 @@ class LeaseLock:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def _redis(self, call, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _redis(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return call(*args, **kwargs)
         except RedisError as error:
-            raise CoordinationUnavailable(f"Redis unavailable for lock {self.name}: {error}") from None
+            raise CoordinationUnavailable(
+                f"Redis unavailable for lock {self.name}: {error}"
+            ) from None
 
 
 class LockFactory:
     """Makes LeaseLocks with the configured lease, renewal and wait."""
 
-    def __init__(self, client: redis.Redis, *, lease: float, renew_every: float, wait: float) -> None:
+    def __init__(
+        self, client: redis.Redis, *, lease: float, renew_every: float, wait: float
+    ) -> None:
         self.client = client
         self.lease = lease
         self.renew_every = renew_every

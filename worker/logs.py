@@ -29,9 +29,7 @@ def configure_logging(
     """Route structlog and stdlib logging to stderr through one formatter."""
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Processor = (
-        structlog.dev.ConsoleRenderer()
-        if use_console
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     )
     final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if not use_console:

@@ -50,17 +50,17 @@ class WorkerProcess:
             replies = celery_app.control.ping(destination=[self.nodename], timeout=0.5)
             if any(self.nodename in reply for reply in replies):
                 return
-        raise TimeoutError(f"worker {self.nodename} not ready after {timeout:.0f} s; see {self.log_path}")
+        raise TimeoutError(
+            f"worker {self.nodename} not ready after {timeout:.0f} s; see {self.log_path}"
+        )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM); the whole process group is killed if it lingers."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
     def kill(self) -> None:
@@ -81,12 +81,19 @@ def start_worker(
 ) -> WorkerProcess:
     """Start `imgprep worker` as a separate process in its own session."""
     argv = [
-        sys.executable, "-m", "worker.cli", "worker",
-        "--hostname", nodename, "--concurrency", str(concurrency), *extra_args,
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "worker",
+        "--hostname",
+        nodename,
+        "--concurrency",
+        str(concurrency),
+        *extra_args,
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        process = subprocess.Popen(
             argv,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -38,7 +38,9 @@ class Runtime:
     @property
     def fetch_options(self) -> FetchOptions:
         return FetchOptions(
-            policy=self.settings.fetch, limits=self.qemu_limits, force_raw=self.settings.fetch.force_raw
+            policy=self.settings.fetch,
+            limits=self.qemu_limits,
+            force_raw=self.settings.fetch.force_raw,
         )
 
 

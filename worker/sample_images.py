@@ -34,7 +34,9 @@ class Partition:
     logical: bool = False  # MBR only: inside an extended partition
 
 
-def ext4_image(path: Path, size_mib: int, files: Mapping[str, bytes], runner: Runner | None = None) -> None:
+def ext4_image(
+    path: Path, size_mib: int, files: Mapping[str, bytes], runner: Runner | None = None
+) -> None:
     """An ext4 filesystem of `size_mib` MiB at `path` holding `files` (guest path → content)."""
     run = runner or Runner()
     with tempfile.TemporaryDirectory(prefix="imgprep-fs-") as staging:
@@ -50,16 +52,27 @@ def ext4_image(path: Path, size_mib: int, files: Mapping[str, bytes], runner: Ru
             handle.truncate(size_mib * 2**20)
         runner_env = dict(run.env, E2FSPROGS_FAKE_TIME=FIXED_TIME)
         fixed = Runner(default_timeout=run.default_timeout, env=runner_env)
-        fixed.run([
-            "mkfs.ext4", "-q", "-F", "-U", FIXED_UUID,
-            "-E", f"hash_seed={FIXED_UUID},root_owner=0:0",
-            "-d", str(root), str(path),
-        ])
+        fixed.run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-U",
+                FIXED_UUID,
+                "-E",
+                f"hash_seed={FIXED_UUID},root_owner=0:0",
+                "-d",
+                str(root),
+                str(path),
+            ]
+        )
         # mkfs copies each source inode's change time, which cannot be set on the host: fix it
         # inside the image instead.
         inodes = ["/", *("/" + str(p.relative_to(root)) for p in root.rglob("*"))]
         script = "".join(
-            f"sif {inode} {field} {FIXED_TIME}\n" for inode in inodes for field in ("ctime", "crtime")
+            f"sif {inode} {field} {FIXED_TIME}\n"
+            for inode in inodes
+            for field in ("ctime", "crtime")
         )
         fixed.run(["debugfs", "-w", "-f", "-", str(path)], stdin=script)
 
@@ -85,7 +98,9 @@ def partitioned_disk(
     script = _sfdisk_script(partitions, label)
     run.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(path)], stdin=script)
     layout = _read_layout(path, run)
-    data_partitions = [p for p in layout if p[2] not in ("5", "f", "85")]  # skip the extended container
+    data_partitions = [
+        p for p in layout if p[2] not in ("5", "f", "85")
+    ]  # skip the extended container
     placed = []
     in_table_order = [p for p in partitions if not p.logical] + [p for p in partitions if p.logical]
     for spec, (start, size, _type) in zip(in_table_order, data_partitions, strict=True):

@@ -91,7 +91,7 @@ class RetrySettings(_Group):
 
 
 class Settings(BaseSettings):
-    """Every setting imgprep reads. Environment names are IMGPREP_<NAME>, groups IMGPREP_<GROUP>__<NAME>."""
+    """Every setting imgprep reads: IMGPREP_<NAME>, and IMGPREP_<GROUP>__<NAME> for groups."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Path("/var/lib/imgprep/cache")
     instances_dir: Path = Path("/var/lib/imgprep/instances")
     state_dir: Path = Path("/var/lib/imgprep/state")
-    host_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    host_id: str = Field(
+        default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+    )
     visibility_timeout: int = Field(default=3600, gt=0)
     step_time_limit: int = Field(default=3000, gt=0)
     result_expires: int = Field(default=86400, gt=0)

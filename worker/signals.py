@@ -16,6 +16,7 @@ from worker.runtime import runtime
 
 log = structlog.get_logger(__name__)
 
+
 def journal() -> Journal:
     current = runtime()
     return Journal(current.redis, current.settings.result_expires)
@@ -38,8 +39,13 @@ def _task_started(task_id: str, task: Task, **_: Any) -> None:
 @signals.task_failure.connect
 def _task_failed(sender: Task, task_id: str, exception: BaseException, **_: Any) -> None:
     if getattr(sender, "journaled", False):
-        journal().finished(_root_id(sender), task_id, sender.name, "FAILURE",
-                           f"{type(exception).__name__}: {exception}")
+        journal().finished(
+            _root_id(sender),
+            task_id,
+            sender.name,
+            "FAILURE",
+            f"{type(exception).__name__}: {exception}",
+        )
 
 
 @signals.task_postrun.connect

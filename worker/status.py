@@ -62,7 +62,11 @@ def read_status(app: Celery, journal: Journal, task_id: str) -> OperationStatus:
             record = view.records.get(planned.task_id)
             step_result = app.AsyncResult(planned.task_id)
             step_state = step_result.state
-            progress = step_result.info if step_state == "PROGRESS" and isinstance(step_result.info, dict) else None
+            progress = (
+                step_result.info
+                if step_state == "PROGRESS" and isinstance(step_result.info, dict)
+                else None
+            )
             if record is None and step_state == "FAILURE":
                 step_state = "SKIPPED"
             steps.append(

@@ -28,7 +28,7 @@ M = TypeVar("M", bound=BaseModel)
 def backoff_delay(retries: int, policy: RetrySettings) -> float:
     """Seconds before retry number `retries + 1`: half fixed, half random (equal jitter)."""
     ceiling = min(policy.backoff_max_seconds, policy.backoff_seconds * 2**retries)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 - jitter, not crypto
 
 
 def describe_validation(error: ValidationError, what: str = "request") -> str:
@@ -65,17 +65,31 @@ class StepTask(Task):  # type: ignore[misc]
                 raise
             policy = get_settings().retry
             if self.request.retries >= policy.max_retries:
-                log.error("step_failed", error_class=type(error).__name__, error=str(error),
-                          retries=self.request.retries, seconds=_since(started))
+                log.error(
+                    "step_failed",
+                    error_class=type(error).__name__,
+                    error=str(error),
+                    retries=self.request.retries,
+                    seconds=_since(started),
+                )
                 raise
             delay = backoff_delay(self.request.retries, policy)
-            log.warning("step_retrying", error_class=type(error).__name__, error=str(error),
-                        retry=self.request.retries + 1, countdown=round(delay, 2))
+            log.warning(
+                "step_retrying",
+                error_class=type(error).__name__,
+                error=str(error),
+                retry=self.request.retries + 1,
+                countdown=round(delay, 2),
+            )
             raise self.retry(exc=error, countdown=delay, max_retries=policy.max_retries) from None
         except Exception as error:
             if not _is_control_flow(error):
-                log.error("step_failed", error_class=type(error).__name__, error=str(error),
-                          seconds=_since(started))
+                log.error(
+                    "step_failed",
+                    error_class=type(error).__name__,
+                    error=str(error),
+                    seconds=_since(started),
+                )
             raise
         log.info("step_succeeded", seconds=_since(started))
         return result

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Install everything imgprep needs on a fresh Debian 12 machine, as root, from this checkout:
+# the Debian packages (qemu-img, qemu-storage-daemon, redis-server, sfdisk, fuse2fs, ...), a
+# virtualenv in .venv with imgprep and its test tools, and a running redis-server.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3 python3-venv python3-pip   # the runtime
+  qemu-utils                         # qemu-img
+  qemu-system-common                 # qemu-storage-daemon (FUSE exports of qcow2 overlays)
+  redis-server redis-tools           # broker, results and locks
+  fdisk                              # sfdisk: partition tables of test and demo images
+  e2fsprogs fuse2fs fuse3            # mkfs.ext4 -d, userspace ext4 mounts
+  util-linux mount                   # losetup, mount, blkid, prlimit
+  curl ca-certificates               # benchmarks' baseline, https sources
+)
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "scripts/install.sh: run as root (apt-get, loop devices and mounts need it)" >&2
+  exit 1
+fi
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "== apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "== python3 -m venv .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.imgprep-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  echo "== pip install -e .[dev]"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+# A redis-server for the demo and for operators trying imgprep on one machine. The tests start
+# their own on a free port. Production runs it with AOF (appendonly yes): without it, a restart
+# loses queued and unacknowledged messages.
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "== starting redis-server (appendonly yes)"
+  mkdir -p /var/lib/imgprep/redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --appendonly yes \
+    --dir /var/lib/imgprep/redis --logfile /var/lib/imgprep/redis/redis.log
+  for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli ping >/dev/null
+fi
+echo "== ready: $(.venv/bin/imgprep --version 2>/dev/null || echo imgprep) · $(qemu-img --version | head -1) · redis $(redis-cli info server | sed -n 's/^redis_version://p' | tr -d '\r')"

@@ -1,0 +1,43 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.runner import Runner
+
+
+def need_root() -> None:
+    """Skip, with the reason, a test that needs root on a machine that does not give it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mounts); run the suite as root")
+
+
+def need_tools(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"missing tools {missing}: run scripts/install.sh")
+
+
+@pytest.fixture
+def runner() -> Runner:
+    return Runner(default_timeout=120)
+
+
+@pytest.fixture
+def random_bytes() -> bytes:
+    return os.urandom(256 * 1024)
+
+
+def write_raw_image(path: Path, *, size: int, data: bytes) -> Path:
+    """A sparse raw image of `size` bytes with `data` at its start and at its middle."""
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        handle.write(data)
+        handle.seek(size // 2)
+        handle.write(data)
+    return path

@@ -1,0 +1,172 @@
+"""Real parts for integration tests: a redis-server of our own, real `imgprep worker`
+processes, a local HTTP image server, real directories for cache, instances and state.
+
+The session's redis-server and two workers are shared; tests use their own image ids and
+instance ids, and each ends by checking that the machine is clean. Tests that kill workers or
+restart Redis start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.support.machine import leftovers
+from tests.support.redis_server import RedisServer, free_port
+from worker.app import create_app
+from worker.client import Client
+from worker.imageserver import ImageServer
+from worker.journal import Journal
+from worker.processes import WorkerProcess, start_worker
+from worker.settings import Settings
+
+
+@dataclass
+class Cluster:
+    """The real parts a test talks to."""
+
+    redis_server: RedisServer
+    env: dict[str, str]
+    settings: Settings
+    app: Celery
+    workers: list[WorkerProcess]
+    root: Path
+
+    @property
+    def client(self) -> Client:
+        return Client(self.app)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self.redis_server.client()
+
+    @property
+    def journal(self) -> Journal:
+        return Journal(self.redis, 3600)
+
+    def leftovers(self) -> dict[str, list[object]]:
+        return leftovers(
+            client=self.redis,
+            cache_dir=self.settings.cache_dir,
+            instances_dir=self.settings.instances_dir,
+            state_dir=self.settings.state_dir,
+        )
+
+    def assert_clean(self) -> None:
+        found = {kind: items for kind, items in self.leftovers().items() if items}
+        assert not found, f"left behind: {found}"
+
+    def start_worker(
+        self,
+        name: str,
+        *,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> WorkerProcess:
+        nodename = f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        worker = start_worker(
+            nodename=nodename,
+            log_path=self.root / "logs" / f"{nodename}.log",
+            env={**self.env, **(env or {})},
+            concurrency=concurrency,
+            extra_args=extra_args,
+        )
+        worker.wait_ready(self.app, timeout=60)
+        return worker
+
+
+def cluster_env(root: Path, redis_url: str) -> dict[str, str]:
+    """The environment of every process in a test cluster."""
+    return {
+        **os.environ,
+        "IMGPREP_CONFIG": str(Path(__file__).resolve().parents[2] / "config" / "imgprep.toml"),
+        "IMGPREP_REDIS_URL": redis_url,
+        "IMGPREP_CACHE_DIR": str(root / "cache"),
+        "IMGPREP_INSTANCES_DIR": str(root / "instances"),
+        "IMGPREP_STATE_DIR": str(root / "state"),
+        "IMGPREP_LOG_FORMAT": "json",
+        "IMGPREP_FETCH__ALLOWED_SCHEMES": '["http", "https", "file"]',
+        "IMGPREP_FETCH__FILE_ROOTS": f'["{root / "sources"}"]',
+        "IMGPREP_FETCH__READ_TIMEOUT_SECONDS": "10",
+        "IMGPREP_RETRY__BACKOFF_SECONDS": "0.2",
+        "IMGPREP_RETRY__BACKOFF_MAX_SECONDS": "1",
+        "IMGPREP_RETRY__MAX_RETRIES": "4",
+        "IMGPREP_LOCK__LEASE_SECONDS": "6",
+        "IMGPREP_LOCK__RENEW_SECONDS": "2",
+    }
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    """The settings a process with `env` would load."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("imgprep")
+    for sub in ("cache", "instances", "state", "sources", "served", "logs"):
+        (root / sub).mkdir()
+    return root
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_root: Path) -> Iterator[RedisServer]:
+    server = RedisServer(session_root / "redis", free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(session_root: Path, redis_server: RedisServer) -> Iterator[Cluster]:
+    """Two real worker processes (concurrency 2 each) on the session's Redis."""
+    env = cluster_env(session_root, redis_server.url)
+    settings = settings_from(env)
+    app = create_app(settings)
+    result = Cluster(
+        redis_server=redis_server,
+        env=env,
+        settings=settings,
+        app=app,
+        workers=[],
+        root=session_root,
+    )
+    try:
+        result.workers.extend([result.start_worker("alpha"), result.start_worker("beta")])
+        yield result
+    finally:
+        for worker in result.workers:
+            worker.stop()
+
+
+@pytest.fixture(scope="session")
+def image_server(session_root: Path) -> Iterator[ImageServer]:
+    with ImageServer(session_root / "served") as server:
+        yield server
+
+
+@pytest.fixture
+def clean_cluster(cluster: Cluster, image_server: ImageServer) -> Iterator[Cluster]:
+    """The session cluster, checked for leftovers after the test."""
+    image_server.bytes_per_second = None
+    yield cluster
+    cluster.assert_clean()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
