@@ -8,6 +8,8 @@ importing this module reads no settings; `create_app(settings)` makes an app for
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -20,12 +22,18 @@ from worker.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
 
-TASK_MODULES = (
-    "tasks.steps.fetch",
-    "tasks.steps.overlay",
-    "tasks.operations",
-    "worker.health",
-)
+TASK_PACKAGES = ("tasks.steps", "tasks.operations")
+
+
+def task_modules() -> list[str]:
+    """Every module that defines tasks: each step and each operation has its own module."""
+    modules = ["worker.health"]
+    for package_name in TASK_PACKAGES:
+        package = importlib.import_module(package_name)
+        modules += [
+            f"{package_name}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+        ]
+    return modules
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -90,7 +98,7 @@ class _LazyConfig(Mapping[str, Any]):
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for `settings` (default: the process-wide settings, read lazily)."""
-    celery_app = Celery("imgprep", include=list(TASK_MODULES), set_as_current=settings is None)
+    celery_app = Celery("imgprep", include=task_modules(), set_as_current=settings is None)
     celery_app.config_from_object(_LazyConfig(lambda: settings or get_settings()))
     return celery_app
 

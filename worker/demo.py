@@ -110,7 +110,7 @@ def run_demo(*, keep_worker: bool = False) -> int:
 
 def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
     from worker.app import app
-    from worker.cli import render_status
+    from worker.cli.status import render_status
     from worker.client import Client
     from worker.signals import journal
     from worker.status import read_status

@@ -1,0 +1,5 @@
+"""Entry tasks: the operations a control plane calls, one message and one JSON argument each.
+
+One module per operation (`imgprep.<operation>`); each validates its request, builds its canvas
+(tasks.canvases) and replaces itself with it, so the caller's task id ends on the final result.
+"""

@@ -1,0 +1,95 @@
+"""`imgprep prepare`: enqueue imgprep.prepare_disk, optionally wait for the disk."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from tasks.errors import ImgprepError
+from tasks.models import PrepareRequest
+from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main
+from worker.sizes import human
+
+
+@main.command()
+@click.argument("image_url")
+@click.option("--image-id", required=True, help="Image id; the cache key is a hash of it.")
+@click.option("--instance", "instance_id", required=True, help="Instance id (a path-safe name).")
+@click.option(
+    "--size", "size_bytes", required=True, type=SizeType(), help="Disk size: 10G, 512M, bytes."
+)
+@click.option("--disk-name", default="disk", show_default=True)
+@click.option("--checksum", default=None, help="sha256:HEX of the image as served.")
+@click.option("--host", default=None, help="Host whose queue runs the host-local steps.")
+@click.option("--wait/--no-wait", default=False, help="Block until the disk is ready.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def prepare(
+    *,
+    image_url: str,
+    image_id: str,
+    instance_id: str,
+    size_bytes: int,
+    disk_name: str,
+    checksum: str | None,
+    host: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Fetch IMAGE_URL into the cache and create an instance disk on it."""
+    request = _request_or_exit(
+        {
+            "image": {"url": image_url, "image_id": image_id, "checksum": checksum},
+            "disk": {"instance_id": instance_id, "disk_name": disk_name, "size_bytes": size_bytes},
+            "host": host,
+        }
+    )
+    from worker.client import Client
+
+    client = Client()
+    result = client.prepare_disk(request)
+    if not wait:
+        click.echo(json.dumps({"task_id": result.id}) if as_json else result.id)
+        return
+    try:
+        prepared = client.wait_prepared(result, timeout=timeout)
+    except ImgprepError as error:
+        _fail(f"prepare failed: {type(error).__name__}: {error}", as_json, result.id, error)
+    except Exception as error:  # a timeout, a lost broker: the operation's state is unknown
+        _fail(f"prepare did not finish: {type(error).__name__}: {error}", as_json, result.id, error)
+    if as_json:
+        click.echo(json.dumps({"task_id": result.id, **prepared.model_dump(mode="json")}, indent=2))
+    else:
+        disk, base = prepared.disk, prepared.base
+        click.echo(f"disk  {disk.path} ({disk.format}, {human(disk.virtual_size)})")
+        click.echo(
+            f"base  {base.path} ({base.format}, {human(base.virtual_size)}, image {base.image_id})"
+        )
+        click.echo(f"task  {result.id}")
+
+
+def _request_or_exit(payload: dict[str, Any]) -> PrepareRequest:
+    from pydantic import ValidationError
+
+    from worker.taskbase import describe_validation
+
+    try:
+        return PrepareRequest.model_validate(payload)
+    except ValidationError as error:
+        click.echo(f"imgprep: {describe_validation(error)}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _fail(message: str, as_json: bool, task_id: str, error: BaseException) -> None:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"task_id": task_id, "error_type": type(error).__name__, "error": str(error)}
+            )
+        )
+    click.echo(f"imgprep: {message}", err=True)
+    sys.exit(EXIT_FAILED)
