@@ -123,6 +123,7 @@ def fetch_to_cache(
                 source_format=fmt,
                 target_format="raw",
                 cache_mode=cache_mode_for(cache.root),
+                needed=info.virtual_size,
             )
             part.unlink()
             fmt = "raw"

@@ -7,8 +7,6 @@ that refused (4xx), a disallowed URL, a size past the limit and a full disk are 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -23,7 +21,6 @@ import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, SSLError
 
 from tasks.errors import (
-    DiskFull,
     ImageTooLarge,
     SourceNotAllowed,
     SourceNotFound,
@@ -31,6 +28,7 @@ from tasks.errors import (
     SourceUnavailable,
 )
 from tasks.ports import Progress, no_progress
+from tasks.space import space_guard
 
 log = structlog.get_logger(__name__)
 
@@ -239,7 +237,7 @@ def _stream(
             _write_sparse(fd, chunk, offset, dest, total)
             offset += len(chunk)
             progress(offset, total)
-        with _space_guard(dest, total or offset):
+        with space_guard(dest, total or offset):
             os.ftruncate(fd, offset)
             os.fsync(fd)
     finally:
@@ -261,7 +259,7 @@ def _write_sparse(fd: int, chunk: bytes, offset: int, dest: Path, total: int | N
         end = min(end, size)
         if end > start:
             data = memoryview(chunk)[start:end]
-            with _space_guard(dest, total):
+            with space_guard(dest, total):
                 _pwrite_all(fd, data, offset + start)
         start = end
 
@@ -271,36 +269,3 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
         written = os.pwrite(fd, data, position)
         data = data[written:]
         position += written
-
-
-@contextlib.contextmanager
-def _space_guard(dest: Path, needed: int | None) -> Iterator[None]:
-    """Turn a full filesystem (ENOSPC, EDQUOT) into the permanent DiskFull error."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(dest, needed) from None
-        raise
-
-
-def disk_full(path: Path, needed: int | None) -> DiskFull:
-    """The DiskFull error for a write under `path`: which filesystem, how much it had."""
-    mount = mount_point(path.parent)
-    stat = os.statvfs(path.parent)
-    free = stat.f_bavail * stat.f_frsize
-    size = stat.f_blocks * stat.f_frsize
-    wanted = f"{needed} bytes were needed" if needed else "the size was not known in advance"
-    return DiskFull(
-        f"no space left on the filesystem at {mount} ({size} bytes, {free} free) while writing "
-        f"{path.name}: {wanted}; the partial file was removed"
-    )
-
-
-def mount_point(path: Path) -> Path:
-    """The mount point of the filesystem that holds `path`."""
-    path = path.resolve()
-    device = path.stat().st_dev
-    while path != path.parent and path.parent.stat().st_dev == device:
-        path = path.parent
-    return path

@@ -102,6 +102,10 @@ class CommandFailed(PermanentError):
     """An external command exited with an error."""
 
 
+class StepTimedOut(PermanentError):
+    """A step ran past its time limit (IMGPREP_STEP_TIME_LIMIT) and was stopped."""
+
+
 class DeviceError(PermanentError):
     """Mapping, mounting or partition handling failed for a reason retrying cannot fix."""
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.errors import ImageRefused
 from tasks.runner import CommandError, CommandResult, Limits, Runner
+from tasks.space import disk_full, out_of_space
 
 QEMU_IMG = "qemu-img"
 
@@ -105,20 +106,29 @@ def convert(
     cache_mode: str,
     compress: bool = False,
     sparse: bool = True,
+    needed: int | None = None,
     on_progress: Callable[[float], None] | None = None,
 ) -> CommandResult:
-    """`qemu-img convert` with the source format pinned and the target cache mode given."""
+    """`qemu-img convert` with the source format pinned and the target cache mode given.
+
+    A full target filesystem is DiskFull (`needed`: the bytes the caller expected to write).
+    """
     argv = [QEMU_IMG, "convert", "-f", source_format, "-O", target_format, "-t", cache_mode]
     if compress:
         argv.append("-c")
     if not sparse:
         argv += ["-S", "0"]
-    if on_progress is not None:
-        return runner.stream(
-            [*argv, "-p", str(source), str(target)],
-            on_line=lambda line: _report_progress(line, on_progress),
-        )
-    return runner.run([*argv, str(source), str(target)])
+    try:
+        if on_progress is not None:
+            return runner.stream(
+                [*argv, "-p", str(source), str(target)],
+                on_line=lambda line: _report_progress(line, on_progress),
+            )
+        return runner.run([*argv, str(source), str(target)])
+    except CommandError as error:
+        if error.result is not None and out_of_space(error.result.stderr):
+            raise disk_full(target, needed) from None
+        raise
 
 
 def _report_progress(line: str, on_progress: Callable[[float], None]) -> None:

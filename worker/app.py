@@ -38,7 +38,13 @@ def task_modules() -> list[str]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from imgprep settings."""
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # How often a worker looks for messages whose worker died (unacknowledged for longer
+        # than the visibility timeout) and puts them back: a twentieth of the timeout.
+        "unacked_restore_interval": min(60, max(1, settings.visibility_timeout // 20)),
+        "unacked_restore_throttle": 1,
+    }
     return {
         "broker_url": settings.broker,
         "result_backend": settings.results,
@@ -52,13 +58,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_deduplicate_successful_tasks": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # On a lost broker connection, running steps carry on: with the Redis transport their
+        # acknowledgement still lands after reconnecting (unacked messages are kept in Redis by
+        # delivery tag), and a message restored meanwhile only runs an idempotent step twice.
+        # Cancelling them instead would leave their messages waiting a whole visibility timeout.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Steps end before the Redis transport would deliver their message again.
         "task_time_limit": settings.step_time_limit,
-        "task_soft_time_limit": settings.step_time_limit - 30,
+        "task_soft_time_limit": settings.soft_time_limit,
         "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "result_backend_always_retry": True,

@@ -20,6 +20,10 @@ log = structlog.get_logger(__name__)
 
 JOURNAL_PREFIX = "imgprep:journal:"
 PLAN_FIELD = "plan"
+# Counters kept beside each step's record, incremented atomically (HINCRBY): concurrent runs of
+# the same step (a re-delivered message) are each counted.
+ATTEMPTS = "#attempts"
+FINISHES = "#finishes"
 
 StepState = Literal["PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE"]
 
@@ -41,7 +45,8 @@ class StepRecord(BaseModel):
     worker: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    attempts: int = 0
+    attempts: int = 0  # times the step started (retries and re-deliveries included)
+    finishes: int = 0  # times it ended in SUCCESS or FAILURE
     error: str | None = None
 
     @property
@@ -81,25 +86,24 @@ class Journal:
             state="STARTED",
             worker=worker,
             started_at=previous.started_at if previous and previous.started_at else time.time(),
-            attempts=(previous.attempts if previous else 0) + 1,
         )
-        self._write(root_id, task_id, record.model_dump_json())
+        self._write(root_id, task_id, record.model_dump_json(), count=ATTEMPTS)
 
     def finished(
         self, root_id: str, task_id: str, name: str, state: StepState, error: str | None = None
     ) -> None:
         previous = self._record(root_id, task_id)
+        final = state in ("SUCCESS", "FAILURE")
         record = StepRecord(
             task_id=task_id,
             name=name,
             state=state,
             worker=previous.worker if previous else None,
             started_at=previous.started_at if previous else None,
-            finished_at=time.time() if state in ("SUCCESS", "FAILURE") else None,
-            attempts=previous.attempts if previous else 0,
+            finished_at=time.time() if final else None,
             error=error,
         )
-        self._write(root_id, task_id, record.model_dump_json())
+        self._write(root_id, task_id, record.model_dump_json(), count=FINISHES if final else None)
 
     def read(self, root_id: str) -> CanvasView | None:
         raw = self.client.hgetall(self.key(root_id))
@@ -108,7 +112,17 @@ class Journal:
         fields = {_text(k): _text(v) for k, v in raw.items()}
         plan_text = fields.pop(PLAN_FIELD, "[]")
         plan = [PlannedStep.model_validate(item) for item in _json_list(plan_text)]
-        records = {tid: StepRecord.model_validate_json(text) for tid, text in fields.items()}
+        counts = {name: int(value) for name, value in fields.items() if "#" in name}
+        records = {
+            tid: StepRecord.model_validate_json(text).model_copy(
+                update={
+                    "attempts": counts.get(tid + ATTEMPTS, 0),
+                    "finishes": counts.get(tid + FINISHES, 0),
+                }
+            )
+            for tid, text in fields.items()
+            if "#" not in tid
+        }
         return CanvasView(root_id=root_id, plan=plan, records=records)
 
     def _record(self, root_id: str, task_id: str) -> StepRecord | None:
@@ -118,10 +132,12 @@ class Journal:
             return None
         return StepRecord.model_validate_json(raw) if raw else None
 
-    def _write(self, root_id: str, field: str, value: str) -> None:
+    def _write(self, root_id: str, field: str, value: str, count: str | None = None) -> None:
         try:
             pipe = self.client.pipeline()
             pipe.hset(self.key(root_id), field, value)
+            if count is not None:
+                pipe.hincrby(self.key(root_id), field + count, 1)
             pipe.expire(self.key(root_id), self.ttl)
             pipe.execute()
         except RedisError as error:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import time
 
+import structlog
 from celery import Task
+from redis.exceptions import RedisError
+
+log = structlog.get_logger(__name__)
 
 PROGRESS = "PROGRESS"
 
@@ -32,7 +36,10 @@ class TaskProgress:
         if self.task.request.called_directly or not self.task.request.id:
             return
         percent = round(100.0 * done / total, 1) if total else None
-        self.task.update_state(
-            state=PROGRESS,
-            meta={"step": self.step, "done": done, "total": total, "percent": percent},
-        )
+        try:
+            self.task.update_state(
+                state=PROGRESS,
+                meta={"step": self.step, "done": done, "total": total, "percent": percent},
+            )
+        except RedisError as error:  # progress is best effort; the step goes on without it
+            log.info("progress_not_stored", step=self.step, error=str(error))

@@ -129,13 +129,24 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _steps_end_before_redelivery(self) -> Settings:
         # The Redis transport re-delivers an unacknowledged message after the visibility
-        # timeout even while its task still runs: a step must be killed before that.
-        if self.step_time_limit + 60 > self.visibility_timeout:
+        # timeout even while its task still runs. A message is unacknowledged while a retry
+        # waits out its countdown (up to backoff_max_seconds) and while its step runs (killed
+        # at step_time_limit): both together must end before the visibility timeout.
+        longest = self.step_time_limit + self.retry.backoff_max_seconds
+        if longest >= self.visibility_timeout:
             raise ValueError(
-                "step_time_limit must be at least 60 s below visibility_timeout, "
-                "or a long step would be delivered twice"
+                f"visibility_timeout ({self.visibility_timeout} s) must exceed step_time_limit "
+                f"plus retry.backoff_max_seconds ({longest:.0f} s), or a long step would be "
+                "delivered twice"
             )
+        if self.lock.wait_seconds >= self.step_time_limit:
+            raise ValueError("lock.wait_seconds must be shorter than step_time_limit")
         return self
+
+    @property
+    def soft_time_limit(self) -> float:
+        """When a step is told to stop (SoftTimeLimitExceeded) and clean up before the kill."""
+        return max(self.step_time_limit - 30, self.step_time_limit * 0.9)
 
     @property
     def broker(self) -> str:

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import structlog
 from celery import Task
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
-from tasks.errors import InvalidRequest, TransientError
+from tasks.errors import InvalidRequest, StepTimedOut, TransientError
 from worker.settings import RetrySettings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -53,13 +53,32 @@ class StepTask(Task):  # type: ignore[misc]
     abstract = True
     journaled = True
     acks_late = True
-    reject_on_worker_lost = True
     typing = True
+    # A pool process killed mid-step (OOM, SIGKILL) sends the step back at once, as a retry:
+    # counted against the retry budget, so a step that kills its process every time (a poison
+    # image) ends as a failure instead of circling forever.
+    reject_on_worker_lost = True
+    retry_on_worker_lost = True
+    default_retry_delay = 1
+
+    @property
+    def max_retries(self) -> int:
+        return get_settings().retry.max_retries
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         try:
             result = super().__call__(*args, **kwargs)
+        except SoftTimeLimitExceeded:
+            limit = get_settings().step_time_limit
+            error = StepTimedOut(
+                f"{self.name} ran past its time limit ({limit} s) and was stopped; a step this "
+                "long needs a larger IMGPREP_STEP_TIME_LIMIT (and IMGPREP_VISIBILITY_TIMEOUT)"
+            )
+            log.error(
+                "step_failed", error_class="StepTimedOut", error=str(error), seconds=_since(started)
+            )
+            raise error from None
         except TransientError as error:
             if self.request.called_directly:
                 raise

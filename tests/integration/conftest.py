@@ -64,6 +64,12 @@ class Cluster:
         found = {kind: items for kind, items in self.leftovers().items() if items}
         assert not found, f"left behind: {found}"
 
+    def add_worker(self, name: str, **options: object) -> WorkerProcess:
+        """Start a worker and keep it in `workers`, so the cluster stops it."""
+        worker = self.start_worker(name, **options)  # type: ignore[arg-type]
+        self.workers.append(worker)
+        return worker
+
     def start_worker(
         self,
         name: str,
@@ -132,26 +138,65 @@ def redis_server(session_root: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def cluster(session_root: Path, redis_server: RedisServer) -> Iterator[Cluster]:
-    """Two real worker processes (concurrency 2 each) on the session's Redis."""
-    env = cluster_env(session_root, redis_server.url)
+def make_cluster(
+    root: Path, redis_server: RedisServer, overrides: dict[str, str] | None = None
+) -> Cluster:
+    """A cluster description (no workers yet) whose processes share `root` and `redis_server`."""
+    for sub in ("cache", "instances", "state", "sources", "logs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    env = {**cluster_env(root, redis_server.url), **(overrides or {})}
     settings = settings_from(env)
-    app = create_app(settings)
-    result = Cluster(
+    return Cluster(
         redis_server=redis_server,
         env=env,
         settings=settings,
-        app=app,
+        app=create_app(settings),
         workers=[],
-        root=session_root,
+        root=root,
     )
+
+
+@pytest.fixture(scope="session")
+def cluster(session_root: Path, redis_server: RedisServer) -> Iterator[Cluster]:
+    """Two real worker processes (concurrency 2 each) on the session's Redis."""
+    result = make_cluster(session_root, redis_server)
     try:
         result.workers.extend([result.start_worker("alpha"), result.start_worker("beta")])
         yield result
     finally:
         for worker in result.workers:
             worker.stop()
+
+
+class ClusterFactory:
+    """Private clusters for tests that kill workers, restart Redis or fill disks: each has its own
+    redis-server, directories and workers, all stopped by the pids we started."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.clusters: list[Cluster] = []
+
+    def __call__(self, name: str, overrides: dict[str, str] | None = None) -> Cluster:
+        root = self.root / unique(name)
+        server = RedisServer(root / "redis", free_port()).start()
+        made = make_cluster(root, server, overrides)
+        self.clusters.append(made)
+        return made
+
+    def stop_all(self) -> None:
+        for made in self.clusters:
+            for worker in made.workers:
+                worker.stop(timeout=10)
+            made.redis_server.stop()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
+    factory = ClusterFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
 
 
 @pytest.fixture(scope="session")

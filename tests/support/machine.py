@@ -50,7 +50,8 @@ def loop_devices_backed_by(root: Path) -> list[str]:
 
 
 def mounts_under(root: Path) -> list[str]:
-    prefix = str(root.resolve())
+    """Mount points strictly below `root` (a root that is itself a mount is the test's own)."""
+    prefix = str(root.resolve()) + "/"
     found = []
     for line in Path("/proc/mounts").read_text().splitlines():
         fields = line.split()
