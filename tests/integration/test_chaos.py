@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,7 +158,6 @@ def test_kills_lose_nothing(cluster_factory: ClusterFactory, image_server: Image
     cluster.add_worker("alpha")
     cluster.add_worker("beta")
     tally = Tally()
-    random.seed(ROUNDS)
     try:
         for number in range(1, ROUNDS + 1):
             chaos_round(cluster, image_server, tally, number)
