@@ -7,7 +7,6 @@ that refused (4xx), a disallowed URL, a size past the limit and a full disk are 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,14 +26,12 @@ from tasks.errors import (
     SourceRefused,
     SourceUnavailable,
 )
+from tasks.image_writer import ImageWriter, read_ahead
 from tasks.ports import Progress, no_progress
-from tasks.space import space_guard
 
 log = structlog.get_logger(__name__)
 
 CHUNK = 4 * 2**20
-BLOCK = 64 * 2**10  # the unit of hole detection
-_ZEROS = bytes(BLOCK)
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _GONE_STATUS = frozenset({404, 410})
 
@@ -224,48 +221,13 @@ def _stream(
         raise ImageTooLarge(
             f"the image is {total} bytes, more than the allowed {policy.max_image_bytes}"
         )
-    digest = hashlib.sha256()
-    offset = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        for chunk in chunks:
-            digest.update(chunk)
-            if offset + len(chunk) > policy.max_image_bytes:
+    with ImageWriter(dest, total) as writer:
+        for chunk in read_ahead(chunks):
+            if writer.size + len(chunk) > policy.max_image_bytes:
                 raise ImageTooLarge(
                     f"the image is larger than the allowed {policy.max_image_bytes} bytes"
                 )
-            _write_sparse(fd, chunk, offset, dest, total)
-            offset += len(chunk)
-            progress(offset, total)
-        with space_guard(dest, total or offset):
-            os.ftruncate(fd, offset)
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return Downloaded(size=offset, sha256=digest.hexdigest())
-
-
-def _write_sparse(fd: int, chunk: bytes, offset: int, dest: Path, total: int | None) -> None:
-    """Write the non-zero runs of `chunk` at `offset`; runs of zero blocks stay holes."""
-    size = len(chunk)
-    start = 0
-    while start < size:
-        # skip zero blocks
-        while start < size and chunk.startswith(_ZEROS[: min(BLOCK, size - start)], start):
-            start += BLOCK
-        end = start
-        while end < size and not chunk.startswith(_ZEROS[: min(BLOCK, size - end)], end):
-            end += BLOCK
-        end = min(end, size)
-        if end > start:
-            data = memoryview(chunk)[start:end]
-            with space_guard(dest, total):
-                _pwrite_all(fd, data, offset + start)
-        start = end
-
-
-def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, position)
-        data = data[written:]
-        position += written
+            writer.write(chunk)
+            progress(writer.size, total)
+        sha256 = writer.finish()
+        return Downloaded(size=writer.size, sha256=sha256)

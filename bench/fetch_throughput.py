@@ -1,0 +1,112 @@
+"""Fetch throughput: a 1 GiB image from a local HTTP server into the cache (fetch_to_cache with
+its real lease lock, checksum, inspection and fsync) against `curl -o` of the same file to the
+same filesystem. Target: ours ≥ 0.9 of curl's throughput.
+
+    .venv/bin/python -m bench.fetch_throughput [--size-mib 1024] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from bench.report import Figure, median, report
+from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
+from tasks.models import ImageSource
+from tasks.runner import Limits, Runner
+from tests.support.redis_server import RedisServer, free_port
+from worker.imageserver import ImageServer
+from worker.locks import LockFactory
+from worker.logs import configure_logging
+from worker.settings import FetchSettings
+
+MiB = 2**20
+
+
+def make_image(path: Path, size: int) -> str:
+    """`size` bytes of incompressible data (no holes to skip): the hardest case for hashing."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        for _ in range(size // (4 * MiB)):
+            block = os.urandom(4 * MiB)
+            digest.update(block)
+            handle.write(block)
+    return digest.hexdigest()
+
+
+def run(size_mib: int, repeat: int) -> Figure:
+    size = size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="imgprep-bench-", dir="/var/tmp") as work:
+        root = Path(work)
+        (root / "served").mkdir()
+        (root / "cache").mkdir()
+        digest = make_image(root / "served" / "image.raw", size)
+        server = RedisServer(root / "redis", free_port(), appendonly=False).start()
+        try:
+            client = redis.Redis(host="127.0.0.1", port=server.port)
+            locks = LockFactory(client, lease=30, renew_every=10, wait=60)
+            options = FetchOptions(
+                policy=FetchSettings(), limits=Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
+            )
+            ours, curl = [], []
+            with ImageServer(root / "served") as http:
+                url = http.url("image.raw")
+                for attempt in range(repeat):
+                    target = root / "cache" / "curl.raw"
+                    started = time.perf_counter()
+                    subprocess.run(["curl", "-sS", "-o", str(target), url], check=True)
+                    curl.append(time.perf_counter() - started)
+                    target.unlink()
+
+                    source = ImageSource(
+                        url=url, image_id=f"bench-{attempt}", checksum=f"sha256:{digest}"
+                    )
+                    started = time.perf_counter()
+                    cached = fetch_to_cache(
+                        source,
+                        cache=ImageCache(root / "cache"),
+                        options=options,
+                        runner=Runner(),
+                        locks=locks,
+                    )
+                    ours.append(time.perf_counter() - started)
+                    Path(cached.path).unlink()
+        finally:
+            server.stop()
+    ours_rate = size / MiB / median(ours)
+    curl_rate = size / MiB / median(curl)
+    ratio = ours_rate / curl_rate
+    return Figure(
+        name="fetch_throughput",
+        ours=ours_rate,
+        baseline=curl_rate,
+        unit="MiB/s",
+        target="ours/curl >= 0.9",
+        met=ratio >= 0.9,
+        notes={
+            "image": f"{size_mib} MiB of random data",
+            "ours seconds": [round(s, 3) for s in ours],
+            "curl seconds": [round(s, 3) for s in curl],
+            "ours includes": "sha256 check, format inspection, qemu-img info, fsync, lease lock",
+        },
+    )
+
+
+def main() -> None:
+    configure_logging("WARNING")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    report(run(args.size_mib, args.repeat))
+
+
+if __name__ == "__main__":
+    main()
