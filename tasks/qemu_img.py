@@ -84,7 +84,7 @@ def resize(runner: Runner, path: Path, *, fmt: str, size: int) -> None:
 
 
 OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|Could not allocate|[Oo]ut of memory")
-LOCKED = re.compile(r'Failed to get ".*" lock')
+LOCKED = re.compile(r"Failed to get .*lock|Is another process using the image")
 PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
