@@ -28,6 +28,7 @@ def can_fallocate(directory: Path, runner: Runner) -> bool:
     if device not in _SUPPORTED:
         probe = directory / f".imgprep-fallocate-{uuid.uuid4().hex}"
         try:
+            probe.touch(mode=0o600, exist_ok=False)  # fallocate -n opens, never creates
             result = runner.run(["fallocate", "-n", "-l", "1", str(probe)], check=False)
             _SUPPORTED[device] = result.returncode == 0
         finally:
