@@ -153,7 +153,10 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
     assert path.stat().st_size == 32 * MiB and path.read_bytes()[:4] != b"QFI\xfb"
     qemu_compare(base, "qcow2", path, "raw")
     assert_clean(
-        client=redis_server.client(), cache_dir=tmp_path, instances_dir=instances, state_dir=tmp_path
+        client=redis_server.client(),
+        cache_dir=tmp_path,
+        instances_dir=instances,
+        state_dir=tmp_path,
     )
 
 

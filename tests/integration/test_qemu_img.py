@@ -109,17 +109,19 @@ def small_tmpfs(root: Path, size: str) -> Iterator[Path]:
 def test_convert_into_a_full_filesystem_is_disk_full(runner: Runner, tmp_path: Path) -> None:
     # Given 8 MiB of data and a filesystem of 2 MiB
     source = write_raw_image(tmp_path / "src.raw", size=8 * MiB, data=b"\xaa" * (4 * MiB))
-    with small_tmpfs(tmp_path, "2M") as full:
-        # When qemu-img converts into it
-        with pytest.raises(DiskFull, match="no space left on the filesystem"):
-            qemu_img.convert(
-                runner,
-                source,
-                full / "out.qcow2",
-                source_format="raw",
-                target_format="qcow2",
-                cache_mode="writeback",
-            )
+    # When qemu-img converts into it, it is DiskFull
+    with (
+        small_tmpfs(tmp_path, "2M") as full,
+        pytest.raises(DiskFull, match="no space left on the filesystem"),
+    ):
+        qemu_img.convert(
+            runner,
+            source,
+            full / "out.qcow2",
+            source_format="raw",
+            target_format="qcow2",
+            cache_mode="writeback",
+        )
 
 
 def test_convert_of_an_image_held_by_a_running_guest_is_image_in_use(
