@@ -119,3 +119,42 @@ def test_inspect_accepts_a_safe_image_as_what_it_is(
         "verdict": "safe",
         "reason": None,
     }
+
+
+def test_resource_bomb_is_refused_by_a_worker_under_tight_limits(
+    clean_cluster: Cluster, image_server: ImageServer
+) -> None:
+    # Given a qcow2 whose 32 MiB L1 table qemu-img must allocate to open it, and a worker whose
+    # qemu-img info runs under a 96 MiB address space (consuming a queue of its own)
+    name = unique("bomb") + ".qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+         str(image_server.root / name), "128G"],
+        check=True,
+    )  # fmt: skip
+    queue = unique("imgprep.limits")
+    worker = clean_cluster.start_worker(
+        "limits",
+        env={"IMGPREP_QEMU__INFO_ADDRESS_SPACE_BYTES": str(96 * MiB)},
+        extra_args=("-Q", queue),
+    )
+    image_id = unique("img")
+    request = PrepareRequest(
+        image=ImageSource(url=image_server.url(name), image_id=image_id),
+        disk=DiskSpec(instance_id=unique("vm"), size_bytes=128 * 2**30),
+    )
+    try:
+        # When that worker runs the fetch step for it
+        result = clean_cluster.app.send_task(
+            "imgprep.fetch_to_cache", args=[request.model_dump(mode="json")], queue=queue
+        )
+        with pytest.raises(ImageRefused) as refused:
+            result.get(timeout=60)
+    finally:
+        worker.stop()
+
+    # Then the image is refused as a resource bomb, once, and nothing is cached
+    assert "under its limits (30 s CPU, 96 MiB address space)" in str(refused.value)
+    assert "possible resource bomb" in str(refused.value)
+    assert image_server.gets(name) == 1
+    assert not list(clean_cluster.settings.cache_dir.glob(f"{cache_key(image_id)}*"))
