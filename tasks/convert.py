@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import os
 import uuid
@@ -37,16 +36,18 @@ log = structlog.get_logger(__name__)
 CacheMode = Literal["none", "writeback"]
 
 
-@functools.cache
 def supports_direct_io(directory: Path) -> bool:
-    """Whether files in `directory` can be opened with O_DIRECT (probed once per directory)."""
+    """Whether files in `directory` can be opened with O_DIRECT.
+
+    Probed at every call: three system calls next to a qemu-img convert, and no stale answer
+    when another filesystem is mounted on the directory (or reuses its device number)."""
     probe = directory / f".imgprep-directio-{uuid.uuid4().hex}"
     try:
         fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
     except OSError as error:
         if error.errno == errno.EINVAL:
             with contextlib.suppress(FileNotFoundError):
-                probe.unlink()
+                probe.unlink()  # some filesystems create the file before refusing O_DIRECT
             return False
         raise
     try:

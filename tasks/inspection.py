@@ -14,7 +14,6 @@ Every refusal is an ImageRefused whose message is the reason, written for a pers
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,6 @@ MAGICS: tuple[tuple[str, int, bytes], ...] = (
     ("vdi", 64, b"\x7f\x10\xda\xbe"),
 )
 
-# The inspector logs each failed check as a warning; imgprep reports the reason in its error.
-logging.getLogger(format_inspector.__name__).setLevel(logging.CRITICAL)
-
 
 @dataclass(frozen=True)
 class Inspection:
@@ -75,7 +71,7 @@ def inspect_image(path: Path, declared: str = "auto") -> Inspection:
                 f"it was declared {declared} but its bytes are not a {declared} image "
                 "(no known image header: raw data)"
             )
-        raise ImageRefused(f"it was declared {declared} but its bytes are a {detected} image")
+        raise ImageRefused(f"it was declared {declared} but its bytes are in {detected} format")
     if detected not in SUPPORTED:
         raise ImageRefused(
             f"its format {detected} is not supported (supported: {', '.join(SUPPORTED)})"

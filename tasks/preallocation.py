@@ -46,5 +46,11 @@ def preallocate(path: Path, size: int, runner: Runner) -> bool:
     try:
         runner.run(["fallocate", "-n", "-l", str(size), str(path)])
     except CommandError as error:
-        raise DiskFull(f"cannot reserve {size} bytes for {path.name}: {error}") from None
+        stderr = error.result.stderr if error.result is not None else ""
+        if "No space left on device" in stderr:
+            raise DiskFull(f"cannot reserve {size} bytes for {path.name}: {error}") from None
+        # another filesystem now (a remount): learn it, and leave the disk sparse
+        _SUPPORTED[os.stat(path.parent).st_dev] = False
+        log.warning("preallocation_failed", path=str(path), error=str(error))
+        return False
     return True

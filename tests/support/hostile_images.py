@@ -127,7 +127,7 @@ HOSTILE = (
         vmdk_descriptor_relative_extent,
     ),
     Hostile(
-        "qcow2-declared-raw", "raw", "declared raw but its bytes are a qcow2 image", qcow2_image
+        "qcow2-declared-raw", "raw", "declared raw but its bytes are in qcow2 format", qcow2_image
     ),
     Hostile(
         "truncated-header",
