@@ -92,13 +92,13 @@ def create_overlay(
             runner, part, backing=Path(base.path), backing_format=base.format, size=spec.size_bytes
         )
         reserved = preallocate_space and preallocate(part, spec.size_bytes, runner)
-        diskinfo.record_format(path.parent, path.name, "qcow2", locks(lock(spec)))
+        diskinfo.record_format(path.parent, path.name, "qcow2", locks(disk_info_lock(spec)))
         log.info("overlay_created", path=str(path), size=spec.size_bytes, preallocated=reserved)
         return Staged(file=part, result=wanted)
 
     return publish_once(path, find=find, lease=locks(disk_lock_name(spec)), stage=stage)
 
 
-def lock(spec: DiskSpec) -> str:
+def disk_info_lock(spec: DiskSpec) -> str:
     """The lease that guards the disk.info of the instance of `spec`."""
     return diskinfo.lock_name(spec.instance_id)

@@ -49,8 +49,9 @@ class ImageInfo(BaseModel):
 def info(runner: Runner, path: Path, fmt: str, limits: Limits) -> ImageInfo:
     """`qemu-img info` of one image, format pinned, under limits, parsed into ImageInfo.
 
-    Any failure is an ImageRefused: the header comes from an untrusted source, and a qemu-img
-    killed or starved under its limits is an image that asked for too much.
+    A failure is an ImageRefused: the header comes from an untrusted source, and a qemu-img
+    killed or starved under its limits is an image that asked for too much. Only running past
+    the wall-clock timeout (slow storage) is CommandTimedOut, which may be retried.
     """
     argv = [QEMU_IMG, "info", "-f", fmt, "--force-share", "--output=json", str(path)]
     try:

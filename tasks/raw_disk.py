@@ -17,7 +17,12 @@ from tasks import diskinfo, qemu_img
 from tasks.convert import cache_mode_for
 from tasks.errors import DiskConflict
 from tasks.models import CachedImage, DiskSpec, InstanceDisk
-from tasks.overlay import check_recorded_format, disk_lock_name, lock, verify_base_size
+from tasks.overlay import (
+    check_recorded_format,
+    disk_info_lock,
+    disk_lock_name,
+    verify_base_size,
+)
 from tasks.paths import instance_dir
 from tasks.ports import LockFactory
 from tasks.preallocation import preallocate
@@ -79,7 +84,7 @@ def copy_raw_disk(
         if spec.size_bytes > base.virtual_size:
             qemu_img.resize(runner, part, fmt="raw", size=spec.size_bytes)
         reserved = preallocate_space and preallocate(part, spec.size_bytes, runner)
-        diskinfo.record_format(path.parent, path.name, "raw", locks(lock(spec)))
+        diskinfo.record_format(path.parent, path.name, "raw", locks(disk_info_lock(spec)))
         log.info(
             "raw_disk_created",
             path=str(path),
