@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from tasks import qemu_img
 from tasks.convert import cache_mode_for
 from tasks.download import SourcePolicy, download, redact
-from tasks.errors import ChecksumMismatch, ImageRefused
-from tasks.inspection import inspect_image
+from tasks.errors import ChecksumMismatch, ImageRefused, ImageTooLarge
+from tasks.inspection import Inspection, inspect_image, verify_info
 from tasks.models import CachedImage, ImageSource, WireModel
 from tasks.ports import LockFactory, Progress, no_progress
 from tasks.publish import Staged, publish_once, sidecar_path
@@ -109,10 +109,7 @@ def fetch_to_cache(
                 f"image {source.image_id} from {redact(source.url)} has sha256:{fetched.sha256}, "
                 f"the request expected {source.checksum}"
             )
-        inspected = inspect_image(part, source.declared_format)
-        info = qemu_img.info(runner, part, inspected.format, options.limits)
-        if info.backing_filename or info.data_file:
-            raise ImageRefused("qemu-img reports a backing or data file the inspector did not see")
+        inspected, info = _inspect(part, source, options, runner)
         published, fmt = part, inspected.format
         if options.force_raw and fmt != "raw":
             published = entry.with_name(entry.name + CONVERTED)
@@ -124,9 +121,13 @@ def fetch_to_cache(
                 target_format="raw",
                 cache_mode=cache_mode_for(cache.root),
                 needed=info.virtual_size,
+                on_progress=lambda percent: progress(
+                    int(info.virtual_size * percent / 100), info.virtual_size
+                ),
             )
             part.unlink()
             fmt = "raw"
+            log.info("image_converted", source_format=inspected.format, format=fmt)
         image = CachedImage(
             key=key,
             image_id=source.image_id,
@@ -148,6 +149,27 @@ def fetch_to_cache(
 
     lease = locks(f"cache:{key}")
     return publish_once(entry, find=find, lease=lease, stage=stage, extra_temporaries=(CONVERTED,))
+
+
+def _inspect(
+    part: Path, source: ImageSource, options: FetchOptions, runner: Runner
+) -> tuple[Inspection, qemu_img.ImageInfo]:
+    """Inspect the downloaded bytes, then ask qemu-img with the format pinned, under limits."""
+    try:
+        inspected = inspect_image(part, source.declared_format)
+        info = qemu_img.info(runner, part, inspected.format, options.limits)
+        verify_info(info, inspected)
+    except ImageRefused as error:
+        log.warning("image_refused", reason=str(error), declared=source.declared_format)
+        raise ImageRefused(
+            f"image {source.image_id} from {redact(source.url)} is refused: {error}"
+        ) from None
+    if info.virtual_size > options.policy.max_image_bytes:
+        raise ImageTooLarge(
+            f"image {source.image_id} has a virtual size of {info.virtual_size} bytes, over the "
+            f"limit of {options.policy.max_image_bytes} bytes (fetch.max_image_bytes)"
+        )
+    return inspected, info
 
 
 def _check_cached_checksum(record: CacheRecord, source: ImageSource) -> None:

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from celery import Signature, chain, signature
 
 from tasks.models import PrepareRequest
+from tasks.snapshot_models import SnapshotRequest
+
+# The step that creates an instance disk, by backend (Nova's images_type).
+DISK_STEPS = {"qcow2": "imgprep.create_overlay", "raw": "imgprep.copy_raw_disk"}
 
 DEFAULT_QUEUE = "imgprep"
 
@@ -23,11 +27,21 @@ def host_queue(host: str) -> str:
 
 
 def prepare_disk_steps(request: PrepareRequest, *, host: str) -> list[Signature]:
-    """fetch_to_cache on any worker, then the instance disk on the host that will hold it."""
+    """fetch_to_cache on any worker, then the instance disk (an overlay or a raw copy, by
+    backend) on the host that will hold it."""
     payload = request.model_dump(mode="json")
     return [
         signature("imgprep.fetch_to_cache", args=(payload,), immutable=True, queue=DEFAULT_QUEUE),
-        signature("imgprep.create_overlay", args=(payload,), queue=host_queue(host)),
+        signature(DISK_STEPS[request.disk.backend], args=(payload,), queue=host_queue(host)),
+    ]
+
+
+def snapshot_steps(request: SnapshotRequest, *, host: str) -> list[Signature]:
+    """On the host that holds the disk: plan the conversion from its format record, convert."""
+    payload = request.model_dump(mode="json")
+    return [
+        signature("imgprep.snapshot_source", args=(payload,), queue=host_queue(host)),
+        signature("imgprep.convert", queue=host_queue(host)),
     ]
 
 

@@ -90,8 +90,16 @@ class DiskTooSmall(PermanentError):
     """The base image's virtual size exceeds the requested disk size."""
 
 
+class DiskNotFound(PermanentError):
+    """The instance disk an operation names does not exist, or imgprep has no record of it."""
+
+
 class DiskConflict(PermanentError):
     """An instance disk already exists at the target path with other properties."""
+
+
+class ImageInUse(PermanentError):
+    """Another process (a running guest) holds the image's write lock."""
 
 
 class DiskFull(PermanentError):

@@ -36,6 +36,16 @@ def _path_component(value: str) -> str:
 
 # A name that is safe as one path component: no "/", cannot be "." or "..", no leading dot.
 Name = Annotated[str, AfterValidator(_path_component)]
+
+
+def _disk_name(value: str) -> str:
+    # Beside each disk live its format record (disk.info) and its temporaries (<name>.part).
+    if value == "disk.info" or value.endswith(".part"):
+        raise ValueError("'disk.info' and names ending in '.part' are reserved")
+    return value
+
+
+DiskName = Annotated[Name, AfterValidator(_disk_name)]
 # Image ids are hashed into cache keys, so any printable text is safe; control characters are not.
 ImageId = Annotated[
     str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -77,7 +87,7 @@ class DiskSpec(WireModel):
     """The instance disk to create."""
 
     instance_id: Name
-    disk_name: Name = "disk"
+    disk_name: DiskName = "disk"
     size_bytes: int = Field(gt=0, le=64 * 2**40)
     backend: Backend = "qcow2"
 

@@ -4,6 +4,7 @@ The overlay is created at `<instances_dir>/<instance_id>/<disk_name>` with the b
 file and the requested virtual size, under the lease `disk:<instance_id>/<disk_name>`. A base
 larger than the requested size is refused (Nova's FlavorDiskTooSmall). An overlay that is
 already there with the same backing file and size is the answer; one with another is a conflict.
+Its format is recorded in disk.info before it appears under its name.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import structlog
 
-from tasks import qemu_img
+from tasks import diskinfo, qemu_img
 from tasks.errors import DiskConflict, DiskTooSmall
-from tasks.models import CachedImage, DiskSpec, InstanceDisk
+from tasks.models import CachedImage, DiskFormat, DiskSpec, InstanceDisk
 from tasks.paths import instance_dir
 from tasks.ports import LockFactory
+from tasks.preallocation import preallocate
 from tasks.publish import Staged, publish_once
 from tasks.runner import Limits, Runner
 
@@ -36,6 +38,17 @@ def disk_lock_name(spec: DiskSpec) -> str:
     return f"disk:{spec.instance_id}/{spec.disk_name}"
 
 
+def check_recorded_format(path: Path, wanted: DiskFormat) -> None:
+    """Refuse an existing disk whose recorded format is not `wanted`, or that has no record."""
+    recorded = diskinfo.read_format(path.parent, path.name)
+    if recorded != wanted:
+        what = f"a {recorded} disk" if recorded else "a disk without a format record"
+        raise DiskConflict(
+            f"{path} already exists as {what}; the request wants a {wanted} disk. "
+            "Delete the disk first to recreate it"
+        )
+
+
 def create_overlay(
     base: CachedImage,
     spec: DiskSpec,
@@ -45,6 +58,7 @@ def create_overlay(
     runner: Runner,
     locks: LockFactory,
     limits: Limits,
+    preallocate_space: bool = False,
 ) -> InstanceDisk:
     """Make sure the qcow2 overlay of `spec` on `base` exists and return it."""
     verify_base_size(base, spec)
@@ -63,6 +77,7 @@ def create_overlay(
     def find() -> InstanceDisk | None:
         if not path.exists():
             return None
+        check_recorded_format(path, "qcow2")
         existing = qemu_img.info(runner, path, "qcow2", limits)
         if existing.backing_filename != base.path or existing.virtual_size != spec.size_bytes:
             raise DiskConflict(
@@ -76,7 +91,14 @@ def create_overlay(
         qemu_img.create_overlay(
             runner, part, backing=Path(base.path), backing_format=base.format, size=spec.size_bytes
         )
-        log.info("overlay_created", path=str(path), size=spec.size_bytes)
+        reserved = preallocate_space and preallocate(part, spec.size_bytes, runner)
+        diskinfo.record_format(path.parent, path.name, "qcow2", locks(disk_info_lock(spec)))
+        log.info("overlay_created", path=str(path), size=spec.size_bytes, preallocated=reserved)
         return Staged(file=part, result=wanted)
 
     return publish_once(path, find=find, lease=locks(disk_lock_name(spec)), stage=stage)
+
+
+def disk_info_lock(spec: DiskSpec) -> str:
+    """The lease that guards the disk.info of the instance of `spec`."""
+    return diskinfo.lock_name(spec.instance_id)

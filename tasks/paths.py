@@ -36,3 +36,36 @@ def instance_dir(instances_dir: Path, instance_id: str, *, create: bool = False)
 def inside(root: Path, path: Path) -> bool:
     """Whether `path`, resolved, is `root` or below it."""
     return path.resolve().is_relative_to(root.resolve())
+
+
+RESERVED_SUFFIXES = (".part", ".json")
+
+
+def path_under(root: Path, target: str, *, create_parents: bool = False) -> Path:
+    """The file `target` names under `root`: a relative path, or an absolute one inside `root`.
+
+    Each component must be a plain name (no '..', no symbolic link); parents are created when
+    asked. Names ending in .part or .json are refused: they are the temporaries and the
+    description that are written beside each artifact.
+    """
+    candidate = Path(target)
+    if candidate.is_absolute():
+        if not candidate.is_relative_to(root):
+            raise InvalidRequest(f"{target} is outside {root}")
+        candidate = candidate.relative_to(root)
+    parts = candidate.parts
+    if not parts:
+        raise InvalidRequest(f"{target!r} names no file under {root}")
+    if parts[-1].endswith(RESERVED_SUFFIXES):
+        raise InvalidRequest(f"{target!r}: names ending in .part or .json are reserved")
+    directory = root
+    for name in parts[:-1]:
+        directory = child(directory, name)
+        if create_parents:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+            raise InvalidRequest(f"{directory} is not a directory")
+    path = child(directory, parts[-1])
+    if not inside(root, path):
+        raise InvalidRequest(f"{target} resolves outside {root}")
+    return path

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import ImageRefused
+from tasks.errors import ImageInUse, ImageRefused, ImgprepError
 from tasks.runner import CommandError, CommandResult, Limits, Runner
 from tasks.space import disk_full, out_of_space
 
@@ -48,12 +48,17 @@ class ImageInfo(BaseModel):
 
 
 def info(runner: Runner, path: Path, fmt: str, limits: Limits) -> ImageInfo:
-    """`qemu-img info` of one image, format pinned, under limits, parsed into ImageInfo."""
+    """`qemu-img info` of one image, format pinned, under limits, parsed into ImageInfo.
+
+    A failure is an ImageRefused: the header comes from an untrusted source, and a qemu-img
+    killed or starved under its limits is an image that asked for too much. Only running past
+    the wall-clock timeout (slow storage) is CommandTimedOut, which may be retried.
+    """
     argv = [QEMU_IMG, "info", "-f", fmt, "--force-share", "--output=json", str(path)]
     try:
         result = runner.run(argv, limits=limits, timeout=120)
     except CommandError as error:
-        raise _refusal_or_failure(error, path) from None
+        raise _info_refusal(error, path, limits) from None
     try:
         return ImageInfo.model_validate(json.loads(result.stdout))
     except (ValueError, ValidationError) as error:
@@ -66,33 +71,22 @@ def create_overlay(
     runner: Runner, path: Path, *, backing: Path, backing_format: str, size: int
 ) -> None:
     """Create a qcow2 with `backing` as its backing file and `size` bytes of virtual size."""
-    runner.run(
-        [
-            QEMU_IMG,
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            backing_format,
-            "-b",
-            str(backing),
-            str(path),
-            str(size),
-        ]
-    )
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing)]
+    _run(runner, [*argv, str(path), str(size)], path)
 
 
 def create(runner: Runner, path: Path, *, fmt: str, size: int) -> None:
     """Create an empty image of `size` bytes."""
-    runner.run([QEMU_IMG, "create", "-q", "-f", fmt, str(path), str(size)])
+    _run(runner, [QEMU_IMG, "create", "-q", "-f", fmt, str(path), str(size)], path)
 
 
 def resize(runner: Runner, path: Path, *, fmt: str, size: int) -> None:
     """Grow an image to `size` bytes; the format is always pinned (CVE-2026-24708)."""
-    runner.run([QEMU_IMG, "resize", "-q", "-f", fmt, str(path), str(size)])
+    _run(runner, [QEMU_IMG, "resize", "-q", "-f", fmt, str(path), str(size)], path)
 
 
+OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|Could not allocate|[Oo]ut of memory")
+LOCKED = re.compile(r"Failed to get .*lock|Is another process using the image")
 PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -126,9 +120,7 @@ def convert(
             )
         return runner.run([*argv, str(source), str(target)])
     except CommandError as error:
-        if error.result is not None and out_of_space(error.result.stderr):
-            raise disk_full(target, needed) from None
-        raise
+        raise _failure(error, target, needed) from None
 
 
 def _report_progress(line: str, on_progress: Callable[[float], None]) -> None:
@@ -137,11 +129,33 @@ def _report_progress(line: str, on_progress: Callable[[float], None]) -> None:
         on_progress(float(match.group(1)))
 
 
-def _refusal_or_failure(error: CommandError, path: Path) -> ImageRefused:
+def _run(runner: Runner, argv: list[str], target: Path) -> CommandResult:
+    try:
+        return runner.run(argv)
+    except CommandError as error:
+        raise _failure(error, target) from None
+
+
+def _info_refusal(error: CommandError, path: Path, limits: Limits) -> ImageRefused:
     result = error.result
     if result is not None and result.killed_by is not None:
         return ImageRefused(
-            f"qemu-img info on {path.name} was killed by {result.killed_by} under its CPU and "
-            "memory limits; the image is refused as a possible resource bomb"
+            f"qemu-img info on {path.name} was killed by {result.killed_by} under its limits "
+            f"({limits.describe()}); the image is refused as a possible resource bomb"
+        )
+    if result is not None and OUT_OF_MEMORY.search(result.stderr):
+        return ImageRefused(
+            f"qemu-img info on {path.name} ran out of memory under its limits "
+            f"({limits.describe()}); the image is refused as a possible resource bomb: {error}"
         )
     return ImageRefused(f"qemu-img cannot read {path.name}: {error}")
+
+
+def _failure(error: CommandError, target: Path, needed: int | None = None) -> ImgprepError:
+    """A failed qemu-img write mapped to its error class."""
+    stderr = error.result.stderr if error.result is not None else ""
+    if out_of_space(stderr):
+        return disk_full(target, needed)
+    if LOCKED.search(stderr):
+        return ImageInUse(f"{error}; a running guest holds the image, stop it first")
+    return error

@@ -45,6 +45,15 @@ class Limits:
             args.append(f"--as={self.address_space_bytes}")
         return ["prlimit", *args, "--"] if args else []
 
+    def describe(self) -> str:
+        """`30 s CPU, 2048 MiB address space`, for messages."""
+        parts = []
+        if self.cpu_seconds is not None:
+            parts.append(f"{self.cpu_seconds} s CPU")
+        if self.address_space_bytes is not None:
+            parts.append(f"{self.address_space_bytes // 2**20} MiB address space")
+        return ", ".join(parts) or "no limits"
+
 
 @dataclass(frozen=True)
 class CommandResult:

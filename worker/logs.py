@@ -57,3 +57,6 @@ def configure_logging(
     root.setLevel(level.upper() if isinstance(level, str) else level)
     for noisy in ("urllib3", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # oslo's format inspector logs every failed safety check; imgprep's ImageRefused carries the
+    # reason and the step logs image_refused, so its own lines would only repeat it.
+    logging.getLogger("oslo_utils.imageutils.format_inspector").setLevel(logging.CRITICAL)

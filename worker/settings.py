@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Path("/var/lib/imgprep/cache")
     instances_dir: Path = Path("/var/lib/imgprep/instances")
     state_dir: Path = Path("/var/lib/imgprep/state")
+    snapshots_dir: Path = Path("/var/lib/imgprep/snapshots")
+    preallocate_images: Literal["none", "space"] = "none"
     host_id: str = Field(
         default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
     )
@@ -119,7 +121,7 @@ class Settings(BaseSettings):
     qemu: QemuSettings = QemuSettings()
     retry: RetrySettings = RetrySettings()
 
-    @field_validator("cache_dir", "instances_dir", "state_dir")
+    @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod
     def _absolute_dir(cls, path: Path) -> Path:
         if not path.is_absolute():
@@ -215,8 +217,13 @@ def get_settings() -> Settings:
 
 
 def ensure_directories(settings: Settings) -> None:
-    """Create the cache, instances and state directories a worker writes to."""
-    for path in (settings.cache_dir, settings.instances_dir, settings.state_dir):
+    """Create the cache, instances, state and snapshots directories a worker writes to."""
+    for path in (
+        settings.cache_dir,
+        settings.instances_dir,
+        settings.state_dir,
+        settings.snapshots_dir,
+    ):
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:

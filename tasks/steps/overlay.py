@@ -27,5 +27,6 @@ def overlay(self: StepTask, fetched: dict[str, Any], request: dict[str, Any]) ->
         runner=current.runner,
         locks=current.locks,
         limits=current.qemu_limits,
+        preallocate_space=current.settings.preallocate_images == "space",
     )
     return PreparedDisk(disk=disk, base=base).model_dump(mode="json")

@@ -99,6 +99,7 @@ def cluster_env(root: Path, redis_url: str) -> dict[str, str]:
         "IMGPREP_CACHE_DIR": str(root / "cache"),
         "IMGPREP_INSTANCES_DIR": str(root / "instances"),
         "IMGPREP_STATE_DIR": str(root / "state"),
+        "IMGPREP_SNAPSHOTS_DIR": str(root / "snapshots"),
         "IMGPREP_LOG_FORMAT": "json",
         "IMGPREP_FETCH__ALLOWED_SCHEMES": '["http", "https", "file"]',
         "IMGPREP_FETCH__FILE_ROOTS": f'["{root / "sources"}"]',
@@ -126,7 +127,7 @@ def settings_from(env: dict[str, str]) -> Settings:
 @pytest.fixture(scope="session")
 def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("imgprep")
-    for sub in ("cache", "instances", "state", "sources", "served", "logs"):
+    for sub in ("cache", "instances", "state", "snapshots", "sources", "served", "logs"):
         (root / sub).mkdir()
     return root
 

@@ -15,7 +15,9 @@ from tasks.errors import ChecksumMismatch, DiskTooSmall, InvalidRequest
 from tasks.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
+from tests.support.waiting import wait_for
 from worker.imageserver import ImageServer
+from worker.journal import StepRecord
 
 MiB = 2**20
 
@@ -160,11 +162,15 @@ def test_base_larger_than_disk_is_refused_without_retry(
     with pytest.raises(DiskTooSmall, match="larger than the requested disk"):
         clean_cluster.client.wait_prepared(result, timeout=60)
 
-    # Then the overlay step ran once, failed, and left no disk
-    view = clean_cluster.journal.read(result.id)
-    assert view is not None
-    overlay = view.records[result.id]
-    assert overlay.state == "FAILURE" and overlay.attempts == 1
+    # Then the overlay step ran once, failed (the journal records it just after the result is
+    # stored), and left no disk
+    def failed_record() -> StepRecord | None:
+        view = clean_cluster.journal.read(result.id)
+        record = view.records.get(result.id) if view else None
+        return record if record is not None and record.state == "FAILURE" else None
+
+    overlay = wait_for(failed_record, timeout=10, what="the journal's failure record")
+    assert overlay.attempts == 1 and overlay.finishes == 1
     assert "DiskTooSmall" in (overlay.error or "")
     assert not (clean_cluster.settings.instances_dir / request.disk.instance_id / "disk").exists()
 

@@ -24,6 +24,21 @@ from worker.sizes import human
 @click.option("--disk-name", default="disk", show_default=True)
 @click.option("--checksum", default=None, help="sha256:HEX of the image as served.")
 @click.option("--host", default=None, help="Host whose queue runs the host-local steps.")
+@click.option(
+    "--backend",
+    type=click.Choice(["qcow2", "raw"]),
+    default="qcow2",
+    show_default=True,
+    help="Instance disk: a qcow2 overlay on the cached base, or a sparse raw copy of it.",
+)
+@click.option(
+    "--format",
+    "declared_format",
+    type=click.Choice(["auto", "raw", "qcow2", "vmdk"]),
+    default="auto",
+    show_default=True,
+    help="The image's format as the image service declares it; refused if the bytes differ.",
+)
 @click.option("--wait/--no-wait", default=False, help="Block until the disk is ready.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -36,6 +51,8 @@ def prepare(
     disk_name: str,
     checksum: str | None,
     host: str | None,
+    backend: str,
+    declared_format: str,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -43,8 +60,18 @@ def prepare(
     """Fetch IMAGE_URL into the cache and create an instance disk on it."""
     request = _request_or_exit(
         {
-            "image": {"url": image_url, "image_id": image_id, "checksum": checksum},
-            "disk": {"instance_id": instance_id, "disk_name": disk_name, "size_bytes": size_bytes},
+            "image": {
+                "url": image_url,
+                "image_id": image_id,
+                "checksum": checksum,
+                "declared_format": declared_format,
+            },
+            "disk": {
+                "instance_id": instance_id,
+                "disk_name": disk_name,
+                "size_bytes": size_bytes,
+                "backend": backend,
+            },
             "host": host,
         }
     )

@@ -1,0 +1,29 @@
+"""imgprep.snapshot: extract an instance disk to a standalone image (Nova's cold snapshot).
+
+`imgprep.snapshot(request)` validates a SnapshotRequest, builds its canvas (on the disk's
+host: read the disk's recorded format and plan the conversion, then convert) and replaces
+itself with it; waiting on the caller's id yields the ConvertedImage, or the failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.canvases import snapshot_steps, with_ids
+from tasks.snapshot_models import SnapshotRequest
+from worker.app import app
+from worker.entry import EntryTask, plan
+from worker.settings import get_settings
+from worker.taskbase import parse
+
+
+@app.task(name="imgprep.snapshot", base=EntryTask, bind=True)
+def snapshot(self: EntryTask, request: dict[str, Any]) -> Any:
+    """Extract an instance disk to an image under the snapshots directory; result:
+    ConvertedImage."""
+    parsed = parse(SnapshotRequest, request)
+    canvas = with_ids(
+        snapshot_steps(parsed, host=parsed.host or get_settings().host_id), self.request.id
+    )
+    plan(self, canvas)
+    return self.replace(canvas)

@@ -1,0 +1,97 @@
+"""Instance disks as raw files (Nova's `images_type = raw`, `Raw.create_image`).
+
+The cached base is copied to `<instances_dir>/<instance_id>/<disk_name>` keeping its holes
+(`cp --sparse=always`, or `qemu-img convert` when the base is not raw), then grown to the
+requested size with `qemu-img resize -f raw` (the format is pinned: a guest-written header must
+never steer it), and optionally preallocated. Same lease, same publish shape and same format
+record as the qcow2 overlay; a raw disk has no backing file, so it outlives its cache entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+
+from tasks import diskinfo, qemu_img
+from tasks.convert import cache_mode_for
+from tasks.errors import DiskConflict
+from tasks.models import CachedImage, DiskSpec, InstanceDisk
+from tasks.overlay import (
+    check_recorded_format,
+    disk_info_lock,
+    disk_lock_name,
+    verify_base_size,
+)
+from tasks.paths import instance_dir
+from tasks.ports import LockFactory
+from tasks.preallocation import preallocate
+from tasks.publish import Staged, publish_once
+from tasks.runner import Limits, Runner
+from tasks.sparse import allocated_bytes, sparse_copy
+
+log = structlog.get_logger(__name__)
+
+
+def copy_raw_disk(
+    base: CachedImage,
+    spec: DiskSpec,
+    *,
+    instances_dir: Path,
+    host: str,
+    runner: Runner,
+    locks: LockFactory,
+    limits: Limits,
+    preallocate_space: bool = False,
+) -> InstanceDisk:
+    """Make sure the raw disk of `spec`, a copy of `base` grown to its size, exists."""
+    verify_base_size(base, spec)
+    path = instance_dir(instances_dir, spec.instance_id, create=True) / spec.disk_name
+    wanted = InstanceDisk(
+        host=host,
+        instance_id=spec.instance_id,
+        disk_name=spec.disk_name,
+        path=str(path),
+        format="raw",
+        virtual_size=spec.size_bytes,
+    )
+
+    def find() -> InstanceDisk | None:
+        if not path.exists():
+            return None
+        check_recorded_format(path, "raw")
+        existing = qemu_img.info(runner, path, "raw", limits)
+        if existing.virtual_size != spec.size_bytes:
+            raise DiskConflict(
+                f"{path} already exists with {existing.virtual_size} bytes; the request wants "
+                f"{spec.size_bytes} bytes. Delete the disk first to recreate it"
+            )
+        return wanted
+
+    def stage(part: Path) -> Staged[InstanceDisk]:
+        source = Path(base.path)
+        if base.format == "raw":
+            sparse_copy(runner, source, part)
+        else:
+            qemu_img.convert(
+                runner,
+                source,
+                part,
+                source_format=base.format,
+                target_format="raw",
+                cache_mode=cache_mode_for(part.parent),
+            )
+        if spec.size_bytes > base.virtual_size:
+            qemu_img.resize(runner, part, fmt="raw", size=spec.size_bytes)
+        reserved = preallocate_space and preallocate(part, spec.size_bytes, runner)
+        diskinfo.record_format(path.parent, path.name, "raw", locks(disk_info_lock(spec)))
+        log.info(
+            "raw_disk_created",
+            path=str(path),
+            size=spec.size_bytes,
+            allocated=allocated_bytes(part),
+            preallocated=reserved,
+        )
+        return Staged(file=part, result=wanted)
+
+    return publish_once(path, find=find, lease=locks(disk_lock_name(spec)), stage=stage)

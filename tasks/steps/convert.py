@@ -1,0 +1,27 @@
+"""imgprep.convert: one qemu-img convert, with progress as the task's PROGRESS state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.convert import convert_image
+from tasks.snapshot_models import ConvertJob
+from worker.app import app
+from worker.progress import TaskProgress
+from worker.runtime import runtime
+from worker.taskbase import StepTask, parse
+
+
+@app.task(name="imgprep.convert", base=StepTask, bind=True)
+def convert(self: StepTask, job: dict[str, Any]) -> dict[str, Any]:
+    settings = runtime().settings
+    converted = convert_image(
+        parse(ConvertJob, job, "convert job"),
+        source_roots=(settings.instances_dir, settings.cache_dir, settings.snapshots_dir),
+        target_roots=(settings.snapshots_dir, settings.instances_dir),
+        runner=runtime().runner,
+        locks=runtime().locks,
+        limits=runtime().qemu_limits,
+        progress=TaskProgress(self, "convert"),
+    )
+    return converted.model_dump(mode="json")

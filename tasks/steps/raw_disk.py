@@ -1,0 +1,32 @@
+"""imgprep.copy_raw_disk: the instance disk as a sparse raw copy of the cached base."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from tasks.models import CachedImage, PreparedDisk, PrepareRequest
+from tasks.raw_disk import copy_raw_disk
+from worker.app import app
+from worker.runtime import runtime
+from worker.taskbase import StepTask, parse
+
+
+@app.task(name="imgprep.copy_raw_disk", base=StepTask, bind=True)
+def raw_disk(self: StepTask, fetched: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    base = parse(CachedImage, fetched, "cached image")
+    spec = parse(PrepareRequest, request).disk
+    structlog.contextvars.bind_contextvars(image_key=base.key)
+    current = runtime()
+    disk = copy_raw_disk(
+        base,
+        spec,
+        instances_dir=current.settings.instances_dir,
+        host=current.settings.host_id,
+        runner=current.runner,
+        locks=current.locks,
+        limits=current.qemu_limits,
+        preallocate_space=current.settings.preallocate_images == "space",
+    )
+    return PreparedDisk(disk=disk, base=base).model_dump(mode="json")
