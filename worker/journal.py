@@ -20,10 +20,12 @@ log = structlog.get_logger(__name__)
 
 JOURNAL_PREFIX = "imgprep:journal:"
 PLAN_FIELD = "plan"
-# Counters kept beside each step's record, incremented atomically (HINCRBY): concurrent runs of
-# the same step (a re-delivered message) are each counted.
-ATTEMPTS = "#attempts"
-FINISHES = "#finishes"
+# Each step's attributes are fields `<task id>#<attribute>` of the journal hash, so that every
+# event is one round trip with no read before it; counters are incremented atomically (HINCRBY),
+# so concurrent runs of the same step (a re-delivered message) are each counted.
+SEPARATOR = "#"
+ATTEMPTS = "attempts"
+FINISHES = "finishes"
 
 StepState = Literal["PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE"]
 
@@ -76,34 +78,25 @@ class Journal:
 
     def plan(self, root_id: str, steps: list[PlannedStep]) -> None:
         body = "[" + ",".join(step.model_dump_json() for step in steps) + "]"
-        self._write(root_id, PLAN_FIELD, body)
+        self._write_plan(root_id, body)
 
     def started(self, root_id: str, task_id: str, name: str, worker: str) -> None:
-        previous = self._record(root_id, task_id)
-        record = StepRecord(
-            task_id=task_id,
-            name=name,
-            state="STARTED",
-            worker=worker,
-            started_at=previous.started_at if previous and previous.started_at else time.time(),
+        self._write(
+            root_id,
+            task_id,
+            {"name": name, "state": "STARTED", "worker": worker, "error": ""},
+            first={"started_at": repr(time.time())},
+            count=ATTEMPTS,
         )
-        self._write(root_id, task_id, record.model_dump_json(), count=ATTEMPTS)
 
     def finished(
         self, root_id: str, task_id: str, name: str, state: StepState, error: str | None = None
     ) -> None:
-        previous = self._record(root_id, task_id)
         final = state in ("SUCCESS", "FAILURE")
-        record = StepRecord(
-            task_id=task_id,
-            name=name,
-            state=state,
-            worker=previous.worker if previous else None,
-            started_at=previous.started_at if previous else None,
-            finished_at=time.time() if final else None,
-            error=error,
-        )
-        self._write(root_id, task_id, record.model_dump_json(), count=FINISHES if final else None)
+        fields = {"name": name, "state": state, "error": error or ""}
+        if final:
+            fields["finished_at"] = repr(time.time())
+        self._write(root_id, task_id, fields, count=FINISHES if final else None)
 
     def read(self, root_id: str) -> CanvasView | None:
         raw = self.client.hgetall(self.key(root_id))
@@ -112,36 +105,61 @@ class Journal:
         fields = {_text(k): _text(v) for k, v in raw.items()}
         plan_text = fields.pop(PLAN_FIELD, "[]")
         plan = [PlannedStep.model_validate(item) for item in _json_list(plan_text)]
-        counts = {name: int(value) for name, value in fields.items() if "#" in name}
-        records = {
-            tid: StepRecord.model_validate_json(text).model_copy(
-                update={
-                    "attempts": counts.get(tid + ATTEMPTS, 0),
-                    "finishes": counts.get(tid + FINISHES, 0),
-                }
-            )
-            for tid, text in fields.items()
-            if "#" not in tid
-        }
+        by_task: dict[str, dict[str, str]] = {}
+        for name, value in fields.items():
+            task_id, _, attribute = name.partition(SEPARATOR)
+            by_task.setdefault(task_id, {})[attribute] = value
+        records = {task_id: _record(task_id, values) for task_id, values in by_task.items()}
         return CanvasView(root_id=root_id, plan=plan, records=records)
 
-    def _record(self, root_id: str, task_id: str) -> StepRecord | None:
-        try:
-            raw = self.client.hget(self.key(root_id), task_id)
-        except RedisError:
-            return None
-        return StepRecord.model_validate_json(raw) if raw else None
-
-    def _write(self, root_id: str, field: str, value: str, count: str | None = None) -> None:
+    def _write(
+        self,
+        root_id: str,
+        task_id: str,
+        values: dict[str, str],
+        *,
+        first: dict[str, str] | None = None,
+        count: str | None = None,
+    ) -> None:
+        """One round trip: set `values`, set `first` only if unset, increment `count`."""
+        key = self.key(root_id)
         try:
             pipe = self.client.pipeline()
-            pipe.hset(self.key(root_id), field, value)
+            pipe.hset(key, mapping={task_id + SEPARATOR + k: v for k, v in values.items()})
+            for attribute, value in (first or {}).items():
+                pipe.hsetnx(key, task_id + SEPARATOR + attribute, value)
             if count is not None:
-                pipe.hincrby(self.key(root_id), field + count, 1)
+                pipe.hincrby(key, task_id + SEPARATOR + count, 1)
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+        except RedisError as error:
+            log.warning("journal_write_failed", root_id=root_id, error=str(error))
+
+    def _write_plan(self, root_id: str, body: str) -> None:
+        try:
+            pipe = self.client.pipeline()
+            pipe.hset(self.key(root_id), PLAN_FIELD, body)
             pipe.expire(self.key(root_id), self.ttl)
             pipe.execute()
         except RedisError as error:
             log.warning("journal_write_failed", root_id=root_id, error=str(error))
+
+
+def _record(task_id: str, values: dict[str, str]) -> StepRecord:
+    def number(attribute: str) -> float | None:
+        return float(values[attribute]) if values.get(attribute) else None
+
+    return StepRecord(
+        task_id=task_id,
+        name=values.get("name", ""),
+        state=values.get("state", "PENDING"),
+        worker=values.get("worker") or None,
+        started_at=number("started_at"),
+        finished_at=number("finished_at"),
+        attempts=int(values.get(ATTEMPTS, 0)),
+        finishes=int(values.get(FINISHES, 0)),
+        error=values.get("error") or None,
+    )
 
 
 def _json_list(text: str) -> list[object]:
