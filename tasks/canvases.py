@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from celery import Signature, chain, signature
 
-from tasks.models import PrepareRequest
+from tasks.models import DeleteDiskRequest, PrepareRequest
 
 DEFAULT_QUEUE = "imgprep"
 
@@ -37,3 +37,9 @@ def with_ids(steps: Sequence[Signature], final_id: str) -> chain:
         step.set(task_id=str(uuid.uuid4()))
     steps[-1].set(task_id=final_id)
     return chain(*steps)
+
+
+def delete_disk_steps(request: DeleteDiskRequest, *, host: str) -> list[Signature]:
+    """The disk is removed on the host that holds it."""
+    payload = request.model_dump(mode="json")
+    return [signature("imgprep.remove_disk", args=(payload,), queue=host_queue(host))]

@@ -18,6 +18,7 @@ from celery import Celery, signals
 
 from tasks.canvases import DEFAULT_QUEUE
 from worker.logs import configure_logging
+from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -73,6 +74,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
+        "beat_schedule": beat_schedule(settings),
     }
 
 
