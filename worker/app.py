@@ -115,4 +115,5 @@ def _setup_logging(loglevel: str | None = None, **_: Any) -> None:
 
 
 # Importing the signal handlers registers them for workers of this app.
+from worker import metrics as _metrics  # noqa: E402, F401
 from worker import signals as _signals  # noqa: E402, F401

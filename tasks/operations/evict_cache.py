@@ -13,6 +13,7 @@ from tasks.cache_manager import AgingPolicy, CacheManager
 from tasks.models import EvictCacheRequest
 from worker.app import app
 from worker.entry import EntryTask
+from worker.metrics import evicted
 from worker.runtime import runtime
 from worker.taskbase import parse
 
@@ -41,7 +42,11 @@ def evict_cache(self: EntryTask, request: dict[str, Any] | None = None) -> dict[
         runner=current.runner,
         limits=current.qemu_limits,
     )
-    return manager.run(policy, dry_run=parsed.dry_run).model_dump(mode="json")
+    report = manager.run(policy, dry_run=parsed.dry_run)
+    if not report.dry_run:
+        for item in report.evicted:
+            evicted(item.reason, item.size_on_disk)
+    return report.model_dump(mode="json")
 
 
 def _first(override: Any, configured: Any) -> Any:

@@ -11,6 +11,7 @@ from tasks.cache import cache_key, fetch_to_cache
 from tasks.models import PrepareRequest
 from tasks.references import fetch_pinned, pending_holder
 from worker.app import app
+from worker.metrics import FetchMeter
 from worker.progress import TaskProgress
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse
@@ -21,6 +22,7 @@ def fetch(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     source = parse(PrepareRequest, request).image
     structlog.contextvars.bind_contextvars(image_key=cache_key(source.image_id))
     current = runtime()
+    meter = FetchMeter(TaskProgress(self, "fetch_to_cache"))
     cached = fetch_pinned(
         lambda: fetch_to_cache(
             source,
@@ -28,10 +30,11 @@ def fetch(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
             options=current.fetch_options,
             runner=current.runner,
             locks=current.locks,
-            progress=TaskProgress(self, "fetch_to_cache"),
+            progress=meter,
         ),
         pending_holder(self.request.root_id or self.request.id),
         locks=current.locks,
         references=current.references,
     )
+    meter.count_request()
     return cached.model_dump(mode="json")
