@@ -40,4 +40,4 @@ def main() -> None:
 
 
 # Commands register themselves on `main` when their module is imported.
-from worker.cli import beat, cache, demo, flower, prepare, run, status  # noqa: E402, F401
+from worker.cli import beat, cache, demo, flower, prepare, run, schemas, status  # noqa: E402, F401
