@@ -21,8 +21,10 @@ DISK = 1024 * MiB
 
 def prepares_per_second(made: Stack, url: str, image_id: str, count: int) -> float:
     requests = [
-        PrepareRequest(image=ImageSource(url=url, image_id=image_id),
-                       disk=DiskSpec(instance_id=f"vm-{uuid.uuid4().hex[:12]}", size_bytes=DISK))
+        PrepareRequest(
+            image=ImageSource(url=url, image_id=image_id),
+            disk=DiskSpec(instance_id=f"vm-{uuid.uuid4().hex[:12]}", size_bytes=DISK),
+        )
         for _ in range(count)
     ]
     started = time.perf_counter()
@@ -51,8 +53,12 @@ def run(count: int, concurrency: int) -> Figure:
         write_image(made.server.root / "base.raw", size=64 * MiB, data_bytes=8 * MiB)
         url, image_id = made.server.url("base.raw"), "bench-base"
         warm = made.client.wait_prepared(
-            made.client.prepare_disk(PrepareRequest(image=ImageSource(url=url, image_id=image_id),
-                                                    disk=DiskSpec(instance_id="warm", size_bytes=DISK))),
+            made.client.prepare_disk(
+                PrepareRequest(
+                    image=ImageSource(url=url, image_id=image_id),
+                    disk=DiskSpec(instance_id="warm", size_bytes=DISK),
+                )
+            ),
             timeout=120,
         )
         ours, bare = [], []
@@ -62,12 +68,20 @@ def run(count: int, concurrency: int) -> Figure:
     best_ours, best_bare = max(ours), max(bare)
     ratio = best_ours / best_bare
     return Figure(
-        name="cache_hit_prepare", ours=best_ours, baseline=best_bare, unit="prepares/s",
-        target="ours/bare >= 0.7", met=ratio >= 0.7,
-        notes={"count": count, "worker": f"1 worker, concurrency {concurrency}",
-               "ours runs/s": [round(x, 1) for x in ours], "bare runs/s": [round(x, 1) for x in bare],
-               "ours includes": "entry task, fetch_to_cache (cache hit), create_overlay under its "
-                                "lease, disk.info record, rename, fsync, result"},
+        name="cache_hit_prepare",
+        ours=best_ours,
+        baseline=best_bare,
+        unit="prepares/s",
+        target="ours/bare >= 0.7",
+        met=ratio >= 0.7,
+        notes={
+            "count": count,
+            "worker": f"1 worker, concurrency {concurrency}",
+            "ours runs/s": [round(x, 1) for x in ours],
+            "bare runs/s": [round(x, 1) for x in bare],
+            "ours includes": "entry task, fetch_to_cache (cache hit), create_overlay under its "
+            "lease, disk.info record, rename, fsync, result",
+        },
     )
 
 

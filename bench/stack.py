@@ -53,7 +53,9 @@ class Stack:
 
 
 @contextmanager
-def stack(*, workers: int = 1, concurrency: int = 2, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+def stack(
+    *, workers: int = 1, concurrency: int = 2, extra_env: dict[str, str] | None = None
+) -> Iterator[Stack]:
     """Start a stack; everything it started is stopped when the block ends."""
     with tempfile.TemporaryDirectory(prefix="imgprep-bench-", dir="/var/tmp") as work:
         root = Path(work)
@@ -77,8 +79,14 @@ def stack(*, workers: int = 1, concurrency: int = 2, extra_env: dict[str, str] |
             state_dir=root / "state",
         )
         server = ImageServer(root / "served").start()
-        made = Stack(root=root, redis_server=redis_server, settings=settings, env=env,
-                     app=create_app(settings), server=server)
+        made = Stack(
+            root=root,
+            redis_server=redis_server,
+            settings=settings,
+            env=env,
+            app=create_app(settings),
+            server=server,
+        )
         try:
             for _ in range(workers):
                 made.add_worker(concurrency)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from celery import Signature, chain, signature
 
-from tasks.models import PrepareRequest
+from tasks.models import DeleteDiskRequest, PrepareRequest
 from tasks.snapshot_models import SnapshotRequest
 
 # The step that creates an instance disk, by backend (Nova's images_type).
@@ -51,3 +51,9 @@ def with_ids(steps: Sequence[Signature], final_id: str) -> chain:
         step.set(task_id=str(uuid.uuid4()))
     steps[-1].set(task_id=final_id)
     return chain(*steps)
+
+
+def delete_disk_steps(request: DeleteDiskRequest, *, host: str) -> list[Signature]:
+    """The disk is removed on the host that holds it."""
+    payload = request.model_dump(mode="json")
+    return [signature("imgprep.remove_disk", args=(payload,), queue=host_queue(host))]

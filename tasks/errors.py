@@ -120,3 +120,7 @@ class DeviceError(PermanentError):
 
 class InjectionRefused(PermanentError):
     """A file to inject would land outside the guest filesystem or is not allowed."""
+
+
+class BaseImageMissing(PermanentError):
+    """The cached base an instance disk needs is no longer in the cache (removed meanwhile)."""

@@ -138,3 +138,68 @@ class PreparedDisk(WireModel):
     api_version: Literal[1] = API_VERSION
     disk: InstanceDisk
     base: CachedImage
+
+
+class DeleteDiskRequest(WireModel):
+    """imgprep.delete_disk: remove an instance disk and drop its reference to its base image."""
+
+    api_version: Literal[1] = API_VERSION
+    instance_id: Name
+    disk_name: Name = "disk"
+    host: Name | None = Field(
+        default=None,
+        description="Host that holds the disk; default: the worker that receives the request.",
+    )
+
+
+class DeletedDisk(WireModel):
+    """The result of imgprep.delete_disk; deleting a disk that is not there is not an error."""
+
+    kind: Literal["deleted_disk"] = "deleted_disk"
+    api_version: Literal[1] = API_VERSION
+    host: str
+    instance_id: str
+    disk_name: str
+    path: str
+    existed: bool
+    released_bases: list[str] = Field(
+        default=[], description="Cache keys this disk no longer holds in use."
+    )
+
+
+class EvictCacheRequest(WireModel):
+    """imgprep.evict_cache: age out unused base images (what Celery beat runs periodically).
+
+    Unset fields take the worker's settings (image_cache.*)."""
+
+    api_version: Literal[1] = API_VERSION
+    dry_run: bool = False
+    remove_unused_original_minimum_age_seconds: float | None = Field(default=None, ge=0)
+    max_bytes: int | None = Field(default=None, ge=0, description="0: no size cap")
+
+
+class CacheEviction(WireModel):
+    """One cache entry the cache manager removed, or would remove in a dry run."""
+
+    key: str
+    image_id: str | None
+    size_on_disk: int
+    last_used: float
+    reason: Literal["unused", "over_size_cap", "orphaned"]
+
+
+class CacheEvictionReport(WireModel):
+    """The result of imgprep.evict_cache."""
+
+    kind: Literal["cache_eviction_report"] = "cache_eviction_report"
+    api_version: Literal[1] = API_VERSION
+    host: str
+    dry_run: bool
+    evicted: list[CacheEviction]
+    kept_in_use: list[str] = Field(description="Keys of entries some instance disk still uses.")
+    skipped_busy: list[str] = Field(description="Keys whose lock was held (being fetched).")
+    dropped_references: list[str] = Field(
+        default=[], description="Stale references removed: '<key> <holder>'."
+    )
+    bytes_before: int
+    bytes_after: int

@@ -47,3 +47,22 @@ class Progress(Protocol):
 
 def no_progress(done: int, total: int | None) -> None:
     """A progress sink that ignores reports."""
+
+
+class References(Protocol):
+    """Which holders use each cached base, across every host: instance disks whose backing file
+    it is, and pins of canvases between fetching the base and creating the disk."""
+
+    def add(self, key: str, holder: str) -> None:
+        """Record that `holder` uses the base `key` (idempotent)."""
+        ...
+
+    def discard(self, key: str, holder: str) -> None: ...
+
+    def holders(self, key: str) -> dict[str, float]:
+        """Each holder of `key` and when (epoch seconds) it was recorded."""
+        ...
+
+    def forget(self, holder: str) -> list[str]:
+        """Drop `holder` from every base; the keys it held."""
+        ...

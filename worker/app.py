@@ -18,6 +18,7 @@ from celery import Celery, signals
 
 from tasks.canvases import DEFAULT_QUEUE
 from worker.logs import configure_logging
+from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -81,6 +82,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
+        "beat_schedule": beat_schedule(settings),
     }
 
 
@@ -121,4 +123,5 @@ def _setup_logging(loglevel: str | None = None, **_: Any) -> None:
 
 
 # Importing the signal handlers registers them for workers of this app.
+from worker import metrics as _metrics  # noqa: E402, F401
 from worker import signals as _signals  # noqa: E402, F401

@@ -13,6 +13,7 @@ from celery.result import AsyncResult
 
 from tasks.canvases import DEFAULT_QUEUE
 from tasks.models import PreparedDisk, PrepareRequest
+from tasks.redaction import message_reprs
 
 
 class Client:
@@ -30,7 +31,10 @@ class Client:
         return self.send("imgprep.prepare_disk", request.model_dump(mode="json"))
 
     def send(self, task_name: str, payload: dict[str, Any]) -> AsyncResult:
-        return self.app.send_task(task_name, args=[payload], queue=DEFAULT_QUEUE)
+        # argsrepr: what Flower and logs show of the request, URLs without their secrets
+        return self.app.send_task(
+            task_name, args=[payload], queue=DEFAULT_QUEUE, **message_reprs([payload], None)
+        )
 
     def result(self, task_id: str) -> AsyncResult:
         return self.app.AsyncResult(task_id)

@@ -7,10 +7,11 @@ from typing import Any
 from celery import Task
 
 from worker.journal import PlannedStep
+from worker.redacting import RedactedArguments
 from worker.signals import journal
 
 
-class EntryTask(Task):  # type: ignore[misc]
+class EntryTask(RedactedArguments):
     """An operation's entry point: builds a canvas, never retried itself."""
 
     abstract = True

@@ -23,6 +23,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from tasks.errors import CoordinationUnavailable, LockBusy, LockLost
+from worker.metrics import lock_waited
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +121,7 @@ class LeaseLock:
                 self._acquire_script, keys=[self.key, FENCE_KEY], args=[self.token, self.lease_ms]
             )
             if fence:
+                lock_waited(self.name, time.monotonic() - started, acquired=True)
                 self._fence = int(fence)
                 self._lost.clear()
                 self._start_renewing()
@@ -132,6 +134,7 @@ class LeaseLock:
                 return self._fence
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                lock_waited(self.name, time.monotonic() - started, acquired=False)
                 raise LockBusy(
                     f"lock {self.name} is still held by another worker after {budget:.0f} s; "
                     "the step will retry"

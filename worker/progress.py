@@ -3,19 +3,27 @@
 The meta is `{"step": ..., "done": bytes, "total": bytes or null, "percent": float or null}`,
 stored in the result backend under the step's task id, where `imgprep status`, the CLI's
 progress bars and the tests read it.
+
+Flower knows only task events, not the result backend, so each report is also sent as a custom
+task event `task-progress`. celery.events.state turns an unknown `task-<name>` event into the
+state `<NAME>` (PROGRESS, ordered after STARTED and before SUCCESS) and copies the event's fields
+onto the task; the meta travels in the `result` field, the one Flower's pages and HTTP API show,
+as JSON — as in the result backend, where a PROGRESS state's result is its meta.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import structlog
 from celery import Task
 from redis.exceptions import RedisError
 
-log = structlog.get_logger(__name__)
-
 PROGRESS = "PROGRESS"
+PROGRESS_EVENT = "task-progress"
+
+log = structlog.get_logger(__name__)
 
 
 class TaskProgress:
@@ -36,10 +44,17 @@ class TaskProgress:
         if self.task.request.called_directly or not self.task.request.id:
             return
         percent = round(100.0 * done / total, 1) if total else None
+        meta = {"step": self.step, "done": done, "total": total, "percent": percent}
         try:
-            self.task.update_state(
-                state=PROGRESS,
-                meta={"step": self.step, "done": done, "total": total, "percent": percent},
-            )
+            self.task.update_state(state=PROGRESS, meta=meta)
         except RedisError as error:  # progress is best effort; the step goes on without it
             log.info("progress_not_stored", step=self.step, error=str(error))
+        self._send_event(meta)
+
+    def _send_event(self, meta: dict[str, object]) -> None:
+        if not self.task.app.conf.worker_send_task_events:
+            return
+        try:
+            self.task.send_event(PROGRESS_EVENT, retry=False, result=json.dumps(meta), **meta)
+        except Exception as error:  # monitoring must never fail the step
+            log.warning("progress_event_failed", error=str(error))

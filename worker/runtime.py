@@ -14,6 +14,7 @@ import redis
 from tasks.cache import FetchOptions, ImageCache
 from tasks.runner import Limits, Runner
 from worker.locks import LockFactory
+from worker.references import RedisReferences
 from worker.settings import Settings, get_settings
 
 
@@ -27,6 +28,20 @@ class Runtime:
     @property
     def cache(self) -> ImageCache:
         return ImageCache(self.settings.cache_dir)
+
+    @property
+    def references(self) -> RedisReferences:
+        return RedisReferences(self.redis)
+
+    @property
+    def locks_now(self) -> LockFactory:
+        """Locks that do not wait: for work that skips a busy resource (the cache manager)."""
+        return LockFactory(
+            self.redis,
+            lease=self.settings.lock.lease_seconds,
+            renew_every=self.settings.lock.renew_seconds,
+            wait=0.0,
+        )
 
     @property
     def qemu_limits(self) -> Limits:

@@ -90,6 +90,23 @@ class RetrySettings(_Group):
     backoff_max_seconds: PositiveSeconds = 120.0
 
 
+class ImageCacheSettings(_Group):
+    """The cache manager: which unused base images it removes, and how often it runs."""
+
+    remove_unused_original_minimum_age_seconds: float = Field(default=86400.0, ge=0)
+    max_bytes: int = Field(default=0, ge=0)  # 0: no size cap
+    min_idle_seconds: float = Field(default=600.0, ge=0)
+    manager_interval_seconds: PositiveSeconds = 2400.0
+
+
+class MetricsSettings(_Group):
+    """The Prometheus endpoint each worker serves."""
+
+    enabled: bool = True
+    address: str = "0.0.0.0"  # noqa: S104 - scraped from other hosts by design
+    port: int = Field(default=9808, ge=1, le=65535)
+
+
 class Settings(BaseSettings):
     """Every setting imgprep reads: IMGPREP_<NAME>, and IMGPREP_<GROUP>__<NAME> for groups."""
 
@@ -120,6 +137,8 @@ class Settings(BaseSettings):
     fetch: FetchSettings = FetchSettings()
     qemu: QemuSettings = QemuSettings()
     retry: RetrySettings = RetrySettings()
+    image_cache: ImageCacheSettings = ImageCacheSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod

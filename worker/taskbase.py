@@ -13,11 +13,11 @@ import time
 from typing import Any, TypeVar
 
 import structlog
-from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
 from tasks.errors import InvalidRequest, StepTimedOut, TransientError
+from worker.redacting import RedactedArguments
 from worker.settings import RetrySettings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -47,7 +47,7 @@ def parse(model: type[M], data: object, what: str = "request") -> M:
         raise InvalidRequest(describe_validation(error, what)) from None
 
 
-class StepTask(Task):  # type: ignore[misc]
+class StepTask(RedactedArguments):
     """Base class: acks late, retries TransientError with backoff, logs one line per step."""
 
     abstract = True

@@ -1,4 +1,5 @@
-"""imgprep.fetch_to_cache: the image into the shared cache, downloaded once."""
+"""imgprep.fetch_to_cache: the image into the shared cache, downloaded once, and pinned for the
+canvas until its disk references it (tasks.references)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import structlog
 
 from tasks.cache import cache_key, fetch_to_cache
 from tasks.models import PrepareRequest
+from tasks.references import fetch_pinned, pending_holder
 from worker.app import app
+from worker.metrics import FetchMeter
 from worker.progress import TaskProgress
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse
@@ -19,12 +22,19 @@ def fetch(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     source = parse(PrepareRequest, request).image
     structlog.contextvars.bind_contextvars(image_key=cache_key(source.image_id))
     current = runtime()
-    cached = fetch_to_cache(
-        source,
-        cache=current.cache,
-        options=current.fetch_options,
-        runner=current.runner,
+    meter = FetchMeter(TaskProgress(self, "fetch_to_cache"))
+    cached = fetch_pinned(
+        lambda: fetch_to_cache(
+            source,
+            cache=current.cache,
+            options=current.fetch_options,
+            runner=current.runner,
+            locks=current.locks,
+            progress=meter,
+        ),
+        pending_holder(self.request.root_id or self.request.id),
         locks=current.locks,
-        progress=TaskProgress(self, "fetch_to_cache"),
+        references=current.references,
     )
+    meter.count_request()
     return cached.model_dump(mode="json")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from tasks.models import CachedImage, PreparedDisk, PrepareRequest
 from tasks.raw_disk import copy_raw_disk
+from tasks.references import base_in_use, pending_holder
 from worker.app import app
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse
@@ -19,14 +21,26 @@ def raw_disk(self: StepTask, fetched: dict[str, Any], request: dict[str, Any]) -
     spec = parse(PrepareRequest, request).disk
     structlog.contextvars.bind_contextvars(image_key=base.key)
     current = runtime()
-    disk = copy_raw_disk(
+    # A raw disk does not reference its base once copied: the canvas's pin protects the base
+    # from the cache manager while it is copied, and goes with the copy.
+    pin = pending_holder(self.request.root_id or self.request.id)
+    with base_in_use(
         base,
-        spec,
-        instances_dir=current.settings.instances_dir,
-        host=current.settings.host_id,
-        runner=current.runner,
+        holder=pin,
+        disk_path=Path(current.settings.instances_dir, spec.instance_id, spec.disk_name),
+        pin=pin,
         locks=current.locks,
-        limits=current.qemu_limits,
-        preallocate_space=current.settings.preallocate_images == "space",
-    )
+        references=current.references,
+        final_attempt=self.request.retries >= current.settings.retry.max_retries,
+    ):
+        disk = copy_raw_disk(
+            base,
+            spec,
+            instances_dir=current.settings.instances_dir,
+            host=current.settings.host_id,
+            runner=current.runner,
+            locks=current.locks,
+            limits=current.qemu_limits,
+            preallocate_space=current.settings.preallocate_images == "space",
+        )
     return PreparedDisk(disk=disk, base=base).model_dump(mode="json")

@@ -109,6 +109,8 @@ def cluster_env(root: Path, redis_url: str) -> dict[str, str]:
         "IMGPREP_RETRY__MAX_RETRIES": "4",
         "IMGPREP_LOCK__LEASE_SECONDS": "6",
         "IMGPREP_LOCK__RENEW_SECONDS": "2",
+        # Several workers share this machine: tests that scrape metrics give a worker a port.
+        "IMGPREP_METRICS__ENABLED": "false",
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tasks.sparse import allocated_bytes
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.support.machine import assert_clean
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from worker.imageserver import ImageServer
 from worker.locks import LockFactory
 
@@ -109,8 +110,16 @@ def test_another_backend_for_an_existing_disk_is_a_conflict(
 
 
 @pytest.fixture
-def locks(redis_server: RedisServer) -> LockFactory:
-    return LockFactory(redis_server.client(), lease=10.0, renew_every=2.0, wait=30.0)
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: its leftovers are this test's alone."""
+    server = RedisServer(tmp_path / "redis", free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def locks(own_redis: RedisServer) -> LockFactory:
+    return LockFactory(own_redis.client(), lease=10.0, renew_every=2.0, wait=30.0)
 
 
 def cached(path: Path, fmt: str, virtual_size: int) -> CachedImage:
@@ -125,7 +134,7 @@ def cached(path: Path, fmt: str, virtual_size: int) -> CachedImage:
 
 
 def test_raw_disk_from_a_qcow2_base_is_converted(
-    tmp_path: Path, runner: Runner, locks: LockFactory, redis_server: RedisServer
+    tmp_path: Path, runner: Runner, locks: LockFactory, own_redis: RedisServer
 ) -> None:
     # Given a qcow2 base in a cache kept as downloaded (force_raw off)
     source = write_raw_image(tmp_path / "src.raw", size=8 * MiB, data=b"\x11" * 65536)
@@ -151,7 +160,7 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
     assert path.stat().st_size == 32 * MiB and path.read_bytes()[:4] != b"QFI\xfb"
     qemu_compare(base, "qcow2", path, "raw")
     assert_clean(
-        client=redis_server.client(),
+        client=own_redis.client(),
         cache_dir=tmp_path,
         instances_dir=instances,
         state_dir=tmp_path,

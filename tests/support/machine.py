@@ -7,10 +7,14 @@ cache, no loop device, mount, FUSE export or storage daemon of ours.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
 import redis
+
+from tasks.references import parse_disk_holder
+from worker.references import REFS_PREFIX
 
 TEMP_SUFFIXES = (".part", ".converted")
 
@@ -20,12 +24,31 @@ def lock_keys(client: redis.Redis) -> list[str]:
 
 
 def keys_without_expiry(client: redis.Redis) -> list[str]:
-    """imgprep keys that would stay forever; only the fencing counter is meant to."""
+    """imgprep keys that would stay forever; only the fencing counter and the references to
+    cached bases (which live as long as their disks) are meant to."""
     return sorted(
         key.decode()
         for key in client.scan_iter(match="imgprep:*")
-        if key != b"imgprep:fence" and client.ttl(key) == -1
+        if key != b"imgprep:fence"
+        and not key.startswith(REFS_PREFIX.encode())
+        and client.ttl(key) == -1
     )
+
+
+def dangling_references(client: redis.Redis, instances_dir: Path) -> list[str]:
+    """References no finished canvas should leave: pins of canvases (they end with the canvas)
+    and references of this machine's disks that do not exist."""
+    host = socket.gethostname()
+    found = []
+    for key in client.scan_iter(match=REFS_PREFIX + "*"):
+        for raw in client.hkeys(key):
+            holder = raw.decode()
+            parsed = parse_disk_holder(holder)
+            if parsed is None or (
+                parsed[0] == host and not (instances_dir / parsed[1] / parsed[2]).exists()
+            ):
+                found.append(f"{key.decode()} {holder}")
+    return sorted(found)
 
 
 def temp_files(directory: Path) -> list[Path]:
@@ -92,6 +115,7 @@ def leftovers(
     return {
         "lock keys": list(lock_keys(client)),
         "keys without expiry": list(keys_without_expiry(client)),
+        "dangling references": dangling_references(client, instances_dir),
         "temporary files": [str(p) for root in roots for p in temp_files(root)],
         "loop devices": [d for root in roots for d in loop_devices_backed_by(root)],
         "mounts": [m for root in roots for m in mounts_under(root)],

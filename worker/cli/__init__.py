@@ -40,4 +40,15 @@ def main() -> None:
 
 
 # Commands register themselves on `main` when their module is imported.
-from worker.cli import demo, inspect, prepare, run, snapshot, status  # noqa: E402, F401
+from worker.cli import (  # noqa: E402, F401
+    beat,
+    cache,
+    demo,
+    flower,
+    inspect,
+    prepare,
+    run,
+    schemas,
+    snapshot,
+    status,
+)

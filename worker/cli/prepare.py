@@ -11,6 +11,7 @@ import click
 from tasks.errors import ImgprepError
 from tasks.models import PrepareRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main
+from worker.cli.watch import follow
 from worker.sizes import human
 
 
@@ -82,6 +83,7 @@ def prepare(
     if not wait:
         click.echo(json.dumps({"task_id": result.id}) if as_json else result.id)
         return
+    follow(result.id, as_json=as_json, timeout=timeout)
     try:
         prepared = client.wait_prepared(result, timeout=timeout)
     except ImgprepError as error:

@@ -19,6 +19,9 @@ def worker(celery_args: tuple[str, ...]) -> None:
     """
     settings = get_settings()
     ensure_directories(settings)
+    from worker.metrics_dir import use_metrics_dir
+
+    use_metrics_dir(settings)  # before prometheus_client is imported: multiprocess mode
     from worker.app import app
 
     argv = ["worker", "--loglevel", settings.log_level, *celery_args]

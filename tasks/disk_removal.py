@@ -1,0 +1,60 @@
+"""Deleting an instance disk (Nova's `_cleanup` of instance files), and its reference to its base.
+
+Under the disk's lock `disk:<instance>/<disk>` (the one its creation takes), the disk and any
+temporary of it are removed and the directory synced, and its format record goes from
+disk.info; the instance directory goes when empty.
+Then every reference the disk held is dropped, so the cache manager may age its base out.
+Deleting a disk that is not there succeeds: a re-delivered request finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import structlog
+
+from tasks import diskinfo
+from tasks.models import DeletedDisk, DiskSpec
+from tasks.overlay import disk_info_lock, disk_lock_name
+from tasks.paths import child, instance_dir
+from tasks.ports import LockFactory, References
+from tasks.publish import fsync_directory, remove_files, temporaries
+from tasks.references import disk_holder
+
+log = structlog.get_logger(__name__)
+
+
+def delete_disk(
+    instance_id: str,
+    disk_name: str,
+    *,
+    instances_dir: Path,
+    host: str,
+    locks: LockFactory,
+    references: References,
+) -> DeletedDisk:
+    """Make sure the disk is gone and unreferenced; report whether it was there."""
+    directory = instance_dir(instances_dir, instance_id)
+    path = child(directory, disk_name)
+    # the same lock name as the disk's creation; the size plays no part in it
+    spec = DiskSpec.model_construct(instance_id=instance_id, disk_name=disk_name, size_bytes=0)
+    with locks(disk_lock_name(spec)):
+        existed = path.exists()
+        removed = remove_files([path, *temporaries(path)])
+        if removed:
+            fsync_directory(directory)
+        diskinfo.forget_format(directory, disk_name, locks(disk_info_lock(spec)))
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # only when empty: other disks of the instance stay
+    released = references.forget(disk_holder(host, instance_id, disk_name))
+    log.info("disk_deleted", path=str(path), existed=existed, released_bases=released)
+    return DeletedDisk(
+        host=host,
+        instance_id=instance_id,
+        disk_name=disk_name,
+        path=str(path),
+        existed=existed,
+        released_bases=released,
+    )

@@ -1,0 +1,27 @@
+"""imgprep.delete_disk: remove an instance disk on its host and drop its reference to its base.
+
+Validates the request and replaces itself with the one-step canvas on the host's queue; the
+step carries the caller's task id, so waiting on it yields the DeletedDisk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.canvases import delete_disk_steps, with_ids
+from tasks.models import DeleteDiskRequest
+from worker.app import app
+from worker.entry import EntryTask, plan
+from worker.settings import get_settings
+from worker.taskbase import parse
+
+
+@app.task(name="imgprep.delete_disk", base=EntryTask, bind=True)
+def delete_disk(self: EntryTask, request: dict[str, Any]) -> Any:
+    """Remove the instance disk and its reference; result: DeletedDisk."""
+    parsed = parse(DeleteDiskRequest, request)
+    canvas = with_ids(
+        delete_disk_steps(parsed, host=parsed.host or get_settings().host_id), self.request.id
+    )
+    plan(self, canvas)
+    return self.replace(canvas)

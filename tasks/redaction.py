@@ -1,0 +1,46 @@
+"""What monitors may show of a task's arguments: JSON, with every URL stripped of secrets.
+
+Image URLs may carry user info or a signed query string. Flower, `celery events` and Celery's own
+log lines show a task's `argsrepr`/`kwargsrepr` message fields, and Celery fills them with a
+Python repr of the real arguments unless the sender sets them. Every imgprep message sets them
+from `message_reprs`: the arguments as JSON, URLs redacted (tasks.download.redact).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from tasks.download import redact
+
+
+def looks_like_url(text: str) -> bool:
+    if "://" not in text:
+        return False
+    parts = urlsplit(text)
+    return bool(parts.scheme) and bool(parts.netloc or parts.path)
+
+
+def redacted(value: Any) -> Any:
+    """`value` with every string that is a URL replaced by its redacted form."""
+    if isinstance(value, str):
+        return redact(value) if looks_like_url(value) else value
+    if isinstance(value, Mapping):
+        return {str(key): redacted(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redacted(item) for item in value]
+    return value
+
+
+def shown(value: Any) -> str:
+    """Redacted compact JSON; what cannot be JSON is shown as its type name."""
+    return json.dumps(
+        redacted(value), separators=(", ", ": "), default=lambda v: f"<{type(v).__name__}>"
+    )
+
+
+def message_reprs(args: Iterable[Any] | None, kwargs: Mapping[str, Any] | None) -> dict[str, str]:
+    """The `argsrepr` and `kwargsrepr` options of a task message carrying `args` and `kwargs`."""
+    return {"argsrepr": shown(list(args or ())), "kwargsrepr": shown(dict(kwargs or {}))}

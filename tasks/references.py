@@ -1,0 +1,124 @@
+"""Who uses a cached base: the references the cache manager checks before removing one.
+
+A base is in use while any instance disk on any host has it as backing file (Nova's image cache
+manager asks every instance on the host; here every host records its disks in one place). Each
+reference is added under the entry's lock `cache:<key>`, the lock the cache manager deletes
+under, after checking the entry is still there, so an entry is either referenced or already gone:
+
+* the fetch step pins the base for its canvas (`pending/<root task id>`) as soon as it has it,
+  so nothing removes it before the disk is created on whichever host;
+* the disk step adds the disk (`<host>/<instance>/<disk>`) before creating it and drops the pin;
+* deleting the disk drops its reference.
+
+References left by a canvas that died half-way are dropped by the cache manager once stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import structlog
+
+from tasks.errors import BaseImageMissing, TransientError
+from tasks.models import CachedImage
+from tasks.ports import LockFactory, References
+from tasks.publish import sidecar_path
+
+log = structlog.get_logger(__name__)
+
+PENDING = "pending/"
+FETCH_ATTEMPTS = 3
+
+
+def disk_holder(host: str, instance_id: str, disk_name: str) -> str:
+    return f"{host}/{instance_id}/{disk_name}"
+
+
+def pending_holder(root_id: str) -> str:
+    """The pin a canvas holds on its base between fetching it and creating its disk."""
+    return PENDING + root_id
+
+
+def parse_disk_holder(holder: str) -> tuple[str, str, str] | None:
+    """(host, instance id, disk name) of a disk holder; None for a pin."""
+    parts = holder.split("/")
+    if holder.startswith(PENDING) or len(parts) != 3:
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+def entry_present(base: CachedImage) -> bool:
+    path = Path(base.path)
+    return path.is_file() and sidecar_path(path).is_file()
+
+
+def touch(path: Path) -> None:
+    """Mark a cache entry used now (its mtime is its last use, as Nova's cache manager reads)."""
+    try:
+        os.utime(path)
+    except OSError as error:
+        log.warning("cache_entry_touch_failed", path=str(path), error=error.strerror)
+
+
+def claim(base: CachedImage, holder: str, *, locks: LockFactory, references: References) -> bool:
+    """Reference `base` for `holder` unless it was removed; False when it is gone."""
+    with locks(f"cache:{base.key}"):
+        if not entry_present(base):
+            return False
+        references.add(base.key, holder)
+        touch(Path(base.path))
+        return True
+
+
+def fetch_pinned(
+    fetch: Callable[[], CachedImage],
+    holder: str,
+    *,
+    locks: LockFactory,
+    references: References,
+) -> CachedImage:
+    """Fetch a base and pin it for `holder`; fetch again if it was removed in between."""
+    for _ in range(FETCH_ATTEMPTS):
+        base = fetch()
+        if claim(base, holder, locks=locks, references=references):
+            return base
+        log.warning("cache_entry_removed_before_pinned", key=base.key)
+    raise BaseImageMissing(
+        f"image cache entry was removed {FETCH_ATTEMPTS} times right after it was fetched; "
+        "is the cache size cap smaller than the images in use?"
+    )
+
+
+@contextlib.contextmanager
+def base_in_use(
+    base: CachedImage,
+    *,
+    holder: str,
+    disk_path: Path,
+    pin: str | None,
+    locks: LockFactory,
+    references: References,
+    final_attempt: bool = True,
+) -> Iterator[None]:
+    """Reference `base` for the disk created inside the block, then drop the canvas's pin.
+
+    On failure the disk's reference goes when no disk was made; the pin goes unless the step
+    will be retried (it keeps the base for the retry)."""
+    if not claim(base, holder, locks=locks, references=references):
+        raise BaseImageMissing(
+            f"base image {base.image_id} ({base.key}) is no longer in the cache; "
+            "send the request again to fetch it"
+        )
+    try:
+        yield
+    except BaseException as error:
+        if not disk_path.exists():
+            references.discard(base.key, holder)
+        if pin is not None and (final_attempt or not isinstance(error, TransientError)):
+            references.discard(base.key, pin)
+        raise
+    if pin is not None:
+        references.discard(base.key, pin)

@@ -1,0 +1,183 @@
+"""The cache manager's decisions, fast: which entries go, and which stale references are
+dropped. Real files in a temporary cache, references in fakeredis; no qemu-img is needed since
+no instance disk exists here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from tasks.cache import ImageCache
+from tasks.cache_entries import EntryState, read_entries
+from tasks.cache_manager import AgingPolicy, CacheManager, choose_evictions
+from tasks.models import CachedImage
+from tasks.references import disk_holder, pending_holder
+from tasks.runner import Limits, Runner
+from worker.locks import LockFactory
+from worker.references import RedisReferences
+
+NOW = 1_000_000_000.0
+HOUR = 3600.0
+
+
+def entry(key: str, *, idle: float, size: int = 100, holders: int = 0) -> EntryState:
+    return EntryState(
+        key=key,
+        path=Path("/cache") / key,
+        record=None,
+        size_on_disk=size,
+        last_used=NOW - idle,
+        holders={f"h{i}": NOW for i in range(holders)},
+    )
+
+
+def never_local(_: EntryState) -> bool:
+    return False
+
+
+def test_unused_entries_past_the_minimum_age_go_and_used_ones_never() -> None:
+    entries = [
+        entry("old", idle=48 * HOUR),
+        entry("young", idle=HOUR),
+        entry("used", idle=99 * HOUR, holders=1),
+    ]
+    chosen = choose_evictions(
+        entries, AgingPolicy(minimum_age_seconds=24 * HOUR), now=NOW, in_use=never_local
+    )
+    assert [(e.key, reason) for e, reason in chosen] == [("old", "orphaned")]
+
+
+def test_local_disk_keeps_an_entry_without_references() -> None:
+    entries = [entry("backing", idle=48 * HOUR)]
+    chosen = choose_evictions(
+        entries, AgingPolicy(minimum_age_seconds=0), now=NOW, in_use=lambda e: True
+    )
+    assert chosen == []
+
+
+def test_size_cap_takes_least_recently_used_unused_entries_idle_long_enough() -> None:
+    entries = [
+        entry("a", idle=5 * HOUR, size=100, holders=1),  # in use: never
+        entry("b", idle=3 * HOUR, size=100),
+        entry("c", idle=2 * HOUR, size=100),
+        entry("d", idle=60, size=100),  # used a minute ago: below min_idle
+    ]
+    policy = AgingPolicy(minimum_age_seconds=24 * HOUR, max_bytes=150, min_idle_seconds=600)
+    chosen = choose_evictions(entries, policy, now=NOW, in_use=never_local)
+    # b then c go; the cache is still over the cap, but a is in use and d too recent
+    assert [(e.key, reason) for e, reason in chosen] == [
+        ("b", "over_size_cap"),
+        ("c", "over_size_cap"),
+    ]
+
+
+def test_no_cap_means_no_size_evictions() -> None:
+    entries = [entry("b", idle=3 * HOUR, size=10**12)]
+    assert choose_evictions(entries, AgingPolicy(), now=NOW, in_use=never_local) == []
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> CacheManager:
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "instances").mkdir()
+    return CacheManager(
+        cache=ImageCache(tmp_path / "cache"),
+        references=RedisReferences(client),
+        locks=LockFactory(client, lease=5, renew_every=1, wait=0),
+        instances_dir=tmp_path / "instances",
+        host="here",
+        runner=Runner(default_timeout=30),
+        limits=Limits(cpu_seconds=10, address_space_bytes=2**30),
+        clock=lambda: NOW,
+    )
+
+
+def cached(manager: CacheManager, key: str, *, idle: float) -> CachedImage:
+    path = manager.cache.entry(key)
+    path.write_bytes(b"x" * 4096)
+    image = CachedImage(
+        key=key,
+        image_id=f"id-{key}",
+        path=str(path),
+        format="raw",
+        virtual_size=4096,
+        source_sha256="0" * 64,
+    )
+    from datetime import UTC, datetime
+
+    from tasks.cache import CacheRecord
+
+    record = CacheRecord(
+        image=image,
+        source="http://x/y",
+        source_format="raw",
+        source_bytes=4096,
+        fence=1,
+        fetched_at=datetime.now(UTC),
+    )
+    path.with_name(key + ".json").write_text(record.model_dump_json())
+    os.utime(path, (NOW - idle, NOW - idle))
+    return image
+
+
+def test_stale_pins_and_references_of_gone_local_disks_are_dropped(manager: CacheManager) -> None:
+    # Given an entry held by a stale pin, a stale reference of a local disk that is gone, a fresh
+    # pin, and another host's stale reference
+    cached(manager, "k1", idle=48 * HOUR)
+    refs = manager.references
+    for holder in (
+        pending_holder("old-canvas"),
+        disk_holder("here", "vm-gone", "disk"),
+        disk_holder("there", "vm-remote", "disk"),
+    ):
+        refs.add("k1", holder)
+    client = refs.client  # type: ignore[attr-defined]
+    for holder in list(refs.holders("k1")):
+        client.hset("imgprep:refs:k1", holder, repr(NOW - 48 * HOUR))
+    refs.add("k1", pending_holder("running-canvas"))
+    client.hset("imgprep:refs:k1", pending_holder("running-canvas"), repr(NOW - 60))
+
+    # When the cache manager runs
+    report = manager.run(AgingPolicy(minimum_age_seconds=0, stale_reference_seconds=HOUR))
+
+    # Then the stale pin and the gone local disk's reference were dropped; the entry stays,
+    # held by the running canvas and by the other host (whose disks this host cannot see)
+    assert sorted(report.dropped_references) == sorted(
+        [f"k1 {pending_holder('old-canvas')}", f"k1 {disk_holder('here', 'vm-gone', 'disk')}"]
+    )
+    assert sorted(refs.holders("k1")) == sorted(
+        [pending_holder("running-canvas"), disk_holder("there", "vm-remote", "disk")]
+    )
+    assert report.kept_in_use == ["k1"] and report.evicted == []
+    assert manager.cache.entry("k1").is_file()
+
+
+def test_a_busy_entry_is_skipped_and_an_unused_one_removed_record_first(
+    manager: CacheManager,
+) -> None:
+    # Given two aged unused entries, one of them locked (being fetched again)
+    cached(manager, "busy", idle=48 * HOUR)
+    cached(manager, "idle", idle=48 * HOUR)
+    holder = manager.locks("cache:busy")
+    holder.acquire()
+    try:
+        report = manager.run(AgingPolicy(minimum_age_seconds=HOUR))
+    finally:
+        holder.release()
+    # Then the locked one is reported busy and kept; the other is gone with its record
+    assert report.skipped_busy == ["busy"]
+    assert [e.key for e in report.evicted] == ["idle"]
+    assert not manager.cache.entry("idle").exists()
+    assert not manager.cache.entry("idle").with_name("idle.json").exists()
+    assert [e.key for e in read_entries(manager.cache, manager.references)] == ["busy"]
+
+
+def test_dry_run_removes_nothing(manager: CacheManager) -> None:
+    cached(manager, "old", idle=48 * HOUR)
+    report = manager.run(AgingPolicy(minimum_age_seconds=HOUR), dry_run=True)
+    assert [e.key for e in report.evicted] == ["old"] and report.dry_run
+    assert manager.cache.entry("old").is_file()

@@ -1,0 +1,67 @@
+"""References to cached bases in Redis: one hash per cache entry, holder → when recorded.
+
+`imgprep:refs:<key>` has no expiry on purpose: a reference lives as long as its disk. The cache
+manager drops references that went stale (their disk or canvas is gone).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from tasks.errors import CoordinationUnavailable
+
+REFS_PREFIX = "imgprep:refs:"
+
+
+class RedisReferences:
+    """A `tasks.ports.References` in Redis."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def key(self, cache_key: str) -> str:
+        return REFS_PREFIX + cache_key
+
+    def add(self, key: str, holder: str) -> None:
+        self._call(self.client.hset, self.key(key), holder, repr(time.time()))
+
+    def discard(self, key: str, holder: str) -> None:
+        self._call(self.client.hdel, self.key(key), holder)
+
+    def holders(self, key: str) -> dict[str, float]:
+        raw = self._call(self.client.hgetall, self.key(key))
+        return {_text(name): float(_text(value)) for name, value in raw.items()}
+
+    def forget(self, holder: str) -> list[str]:
+        released = []
+        for redis_key in self._keys():
+            if self._call(self.client.hdel, redis_key, holder):
+                released.append(_text(redis_key).removeprefix(REFS_PREFIX))
+        return sorted(released)
+
+    def counts(self) -> dict[str, int]:
+        """Number of holders of every referenced key."""
+        counts = {}
+        for redis_key in self._keys():
+            counts[_text(redis_key).removeprefix(REFS_PREFIX)] = int(
+                self._call(self.client.hlen, redis_key)
+            )
+        return counts
+
+    def _keys(self) -> list[bytes | str]:
+        return list(self._call(lambda: list(self.client.scan_iter(REFS_PREFIX + "*", count=500))))
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except RedisError as error:
+            raise CoordinationUnavailable(f"Redis unavailable for references: {error}") from None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
