@@ -1,6 +1,6 @@
 """Deleting an instance disk (Nova's `_cleanup` of instance files), and its reference to its base.
 
-Under the disk's lock `disk:<instance>/<disk>` (the one its creation takes), the disk and any
+Under the instance's lease `disk:<instance>` (the one its disks' creation takes), the disk and any
 temporary of it are removed and the directory synced, and its format record goes from
 disk.info; the instance directory goes when empty.
 Then every reference the disk held is dropped, so the cache manager may age its base out.
@@ -17,7 +17,7 @@ import structlog
 
 from tasks import diskinfo
 from tasks.models import DeletedDisk, DiskSpec
-from tasks.overlay import disk_info_lock, disk_lock_name
+from tasks.overlay import disk_lock_name
 from tasks.paths import child, instance_dir
 from tasks.ports import LockFactory, References
 from tasks.publish import fsync_directory, remove_files, temporaries
@@ -40,12 +40,12 @@ def delete_disk(
     path = child(directory, disk_name)
     # the same lock name as the disk's creation; the size plays no part in it
     spec = DiskSpec.model_construct(instance_id=instance_id, disk_name=disk_name, size_bytes=0)
-    with locks(disk_lock_name(spec)):
+    with locks(disk_lock_name(spec)) as lease:
         existed = path.exists()
         removed = remove_files([path, *temporaries(path)])
         if removed:
             fsync_directory(directory)
-        diskinfo.forget_format(directory, disk_name, locks(disk_info_lock(spec)))
+        diskinfo.forget_format(directory, disk_name, lease)
         with contextlib.suppress(OSError):
             os.rmdir(directory)  # only when empty: other disks of the instance stay
     released = references.forget(disk_holder(host, instance_id, disk_name))

@@ -3,8 +3,9 @@
 When a disk is created its format is recorded in `<instances_dir>/<instance_id>/disk.info`, a
 JSON object of disk name → format. Later steps read the record and pin that format (`-f`)
 instead of probing the file: a guest can write a qcow2 header into a raw disk, and a probe
-would then follow whatever backing file the guest named. The file is rewritten atomically under
-the lease `disk-info:<instance_id>`, since the disks of one instance may be created at once.
+would then follow whatever backing file the guest named. The file is rewritten atomically by
+holders of the instance's lease `disk:<instance_id>` (`instance_lease`), the lease under which
+the instance's disks are created and deleted, so one lease covers a disk and its record.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def disk_info_path(directory: Path) -> Path:
     return directory / DISK_INFO
 
 
-def lock_name(instance_id: str) -> str:
-    return f"disk-info:{instance_id}"
+def instance_lease(instance_id: str) -> str:
+    """The lease that guards the disks of one instance and their disk.info."""
+    return f"disk:{instance_id}"
 
 
 def read_formats(directory: Path) -> dict[str, DiskFormat]:
@@ -71,39 +73,37 @@ def require_format(directory: Path, disk_name: str) -> DiskFormat:
     return recorded
 
 
-def record_format(directory: Path, disk_name: str, fmt: DiskFormat, lease: Lease) -> None:
-    """Record that `disk_name` is `fmt`. A record of another format is a conflict while its disk
-    exists; the record of a disk that is gone (a crash before its rename) is replaced."""
-    with lease:
-        formats = read_formats(directory)
-        existing = formats.get(disk_name)
-        if existing == fmt:
-            return
-        if existing is not None and (directory / disk_name).exists():
-            raise DiskConflict(
-                f"{directory / disk_name} is recorded as a {existing} disk; the request wants "
-                f"{fmt}. Delete the disk first to recreate it"
-            )
-        formats[disk_name] = fmt
-        lease.ensure_held()
-        _write(directory, formats)
+def record_format(directory: Path, disk_name: str, fmt: DiskFormat, held: Lease) -> None:
+    """Record that `disk_name` is `fmt`, by the holder of the instance's lease (`held`).
+
+    A record of another format is a conflict while its disk exists; the record of a disk that
+    is gone (a crash before its rename) is replaced. The directory is not synced here: the
+    caller renames the disk into the same directory next and syncs both at once.
+    """
+    formats = read_formats(directory)
+    existing = formats.get(disk_name)
+    if existing == fmt:
+        return
+    if existing is not None and (directory / disk_name).exists():
+        raise DiskConflict(
+            f"{directory / disk_name} is recorded as a {existing} disk; the request wants "
+            f"{fmt}. Delete the disk first to recreate it"
+        )
+    formats[disk_name] = fmt
+    held.ensure_held()
+    write_atomically(disk_info_path(directory), json.dumps(formats, sort_keys=True) + "\n")
     log.info("disk_format_recorded", disk=disk_name, format=fmt)
 
 
-def forget_format(directory: Path, disk_name: str, lease: Lease) -> None:
-    """Remove the record of a deleted disk (the last one removes disk.info)."""
-    with lease:
-        formats = read_formats(directory)
-        if formats.pop(disk_name, None) is None:
-            return
-        lease.ensure_held()
-        if formats:
-            _write(directory, formats)
-        else:
-            disk_info_path(directory).unlink(missing_ok=True)
-            fsync_directory(directory)
-
-
-def _write(directory: Path, formats: dict[str, DiskFormat]) -> None:
-    write_atomically(disk_info_path(directory), json.dumps(formats, sort_keys=True) + "\n")
+def forget_format(directory: Path, disk_name: str, held: Lease) -> None:
+    """Remove the record of a deleted disk (the last one removes disk.info), by the holder of
+    the instance's lease; the directory is synced."""
+    formats = read_formats(directory)
+    if formats.pop(disk_name, None) is None:
+        return
+    held.ensure_held()
+    if formats:
+        write_atomically(disk_info_path(directory), json.dumps(formats, sort_keys=True) + "\n")
+    else:
+        disk_info_path(directory).unlink(missing_ok=True)
     fsync_directory(directory)

@@ -35,7 +35,8 @@ def verify_base_size(base: CachedImage, spec: DiskSpec) -> None:
 
 
 def disk_lock_name(spec: DiskSpec) -> str:
-    return f"disk:{spec.instance_id}/{spec.disk_name}"
+    """The lease under which a disk is created or deleted: its instance's (it covers disk.info)."""
+    return diskinfo.instance_lease(spec.instance_id)
 
 
 def check_recorded_format(path: Path, wanted: DiskFormat) -> None:
@@ -92,13 +93,9 @@ def create_overlay(
             runner, part, backing=Path(base.path), backing_format=base.format, size=spec.size_bytes
         )
         reserved = preallocate_space and preallocate(part, spec.size_bytes, runner)
-        diskinfo.record_format(path.parent, path.name, "qcow2", locks(disk_info_lock(spec)))
+        diskinfo.record_format(path.parent, path.name, "qcow2", lease)
         log.info("overlay_created", path=str(path), size=spec.size_bytes, preallocated=reserved)
         return Staged(file=part, result=wanted)
 
-    return publish_once(path, find=find, lease=locks(disk_lock_name(spec)), stage=stage)
-
-
-def disk_info_lock(spec: DiskSpec) -> str:
-    """The lease that guards the disk.info of the instance of `spec`."""
-    return diskinfo.lock_name(spec.instance_id)
+    lease = locks(disk_lock_name(spec))
+    return publish_once(path, find=find, lease=lease, stage=stage)

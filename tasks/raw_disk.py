@@ -19,7 +19,6 @@ from tasks.errors import DiskConflict
 from tasks.models import CachedImage, DiskSpec, InstanceDisk
 from tasks.overlay import (
     check_recorded_format,
-    disk_info_lock,
     disk_lock_name,
     verify_base_size,
 )
@@ -84,7 +83,7 @@ def copy_raw_disk(
         if spec.size_bytes > base.virtual_size:
             qemu_img.resize(runner, part, fmt="raw", size=spec.size_bytes)
         reserved = preallocate_space and preallocate(part, spec.size_bytes, runner)
-        diskinfo.record_format(path.parent, path.name, "raw", locks(disk_info_lock(spec)))
+        diskinfo.record_format(path.parent, path.name, "raw", lease)
         log.info(
             "raw_disk_created",
             path=str(path),
@@ -94,4 +93,5 @@ def copy_raw_disk(
         )
         return Staged(file=part, result=wanted)
 
-    return publish_once(path, find=find, lease=locks(disk_lock_name(spec)), stage=stage)
+    lease = locks(disk_lock_name(spec))
+    return publish_once(path, find=find, lease=lease, stage=stage)

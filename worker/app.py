@@ -75,7 +75,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Flower and `imgprep status` see every step, its arguments and its worker.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        # STARTED comes from the journal and task events: not one more result write per step
+        "task_track_started": False,
         "result_extended": True,
         "result_expires": settings.result_expires,
         "task_default_queue": DEFAULT_QUEUE,

@@ -69,6 +69,8 @@ def read_status(app: Celery, journal: Journal, task_id: str) -> OperationStatus:
             )
             if record is None and step_state == "FAILURE":
                 step_state = "SKIPPED"
+            elif record is not None and step_state == "PENDING":
+                step_state = record.state  # running, or retrying: the journal knows first
             steps.append(
                 StepStatus(
                     name=planned.name.removeprefix("imgprep."),

@@ -245,3 +245,28 @@ def test_sources_outside_file_roots_are_refused(clean_cluster: Cluster, tmp_path
     )
     with pytest.raises(SourceNotAllowed, match="outside the allowed file roots"):
         clean_cluster.client.wait_prepared(clean_cluster.client.prepare_disk(request), timeout=60)
+
+
+def test_a_linked_callback_still_runs_after_the_canvas(
+    clean_cluster: Cluster, image_server: ImageServer
+) -> None:
+    from celery import signature
+
+    # Given a Python caller that links a callback to its prepare_disk message
+    name, _ = serve_raw(image_server)
+    request = request_for(image_server, name, image_id=unique("img"), instance=unique("vm"))
+    callback = signature("imgprep.ping", immutable=True, queue="imgprep")
+    callback_id = callback.freeze().id
+
+    # When the operation runs (Task.replace carries the link over to the canvas's last step)
+    result = clean_cluster.app.send_task(
+        "imgprep.prepare_disk",
+        args=[request.model_dump(mode="json")],
+        queue="imgprep",
+        link=callback,
+    )
+    prepared = clean_cluster.client.wait_prepared(result, timeout=60)
+
+    # Then the caller gets the disk, and its callback ran after the last step
+    assert prepared.disk.instance_id == request.disk.instance_id
+    assert clean_cluster.app.AsyncResult(callback_id).get(timeout=30)["pid"] > 0

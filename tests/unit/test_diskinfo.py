@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import fakeredis
@@ -10,19 +11,23 @@ import pytest
 
 from tasks import diskinfo
 from tasks.errors import DiskConflict, DiskNotFound
-from worker.locks import LockFactory
+from worker.locks import LeaseLock, LockFactory
 
 
 @pytest.fixture
-def locks() -> LockFactory:
+def lease() -> Iterator[LeaseLock]:
+    """The instance's lease, held: record_format and forget_format run under it."""
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    return LockFactory(client, lease=5.0, renew_every=1.0, wait=5.0)
+    with LockFactory(client, lease=5.0, renew_every=1.0, wait=5.0)(
+        diskinfo.instance_lease("vm")
+    ) as held:
+        yield held
 
 
-def test_record_then_read(tmp_path: Path, locks: LockFactory) -> None:
+def test_record_then_read(tmp_path: Path, lease: LeaseLock) -> None:
     # Given two disks of one instance recorded with their formats
-    diskinfo.record_format(tmp_path, "disk", "qcow2", locks("disk-info:vm"))
-    diskinfo.record_format(tmp_path, "swap", "raw", locks("disk-info:vm"))
+    diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
+    diskinfo.record_format(tmp_path, "swap", "raw", lease)
     # Then each reads back, and the file is one JSON object
     assert diskinfo.read_format(tmp_path, "disk") == "qcow2"
     assert diskinfo.read_format(tmp_path, "swap") == "raw"
@@ -31,55 +36,53 @@ def test_record_then_read(tmp_path: Path, locks: LockFactory) -> None:
     assert not list(tmp_path.glob("*.part"))
 
 
-def test_recording_the_same_format_again_is_a_no_op(tmp_path: Path, locks: LockFactory) -> None:
-    diskinfo.record_format(tmp_path, "disk", "raw", locks("disk-info:vm"))
+def test_recording_the_same_format_again_is_a_no_op(tmp_path: Path, lease: LeaseLock) -> None:
+    diskinfo.record_format(tmp_path, "disk", "raw", lease)
     (tmp_path / "disk").write_bytes(b"")
-    diskinfo.record_format(tmp_path, "disk", "raw", locks("disk-info:vm"))
+    diskinfo.record_format(tmp_path, "disk", "raw", lease)
     assert diskinfo.read_formats(tmp_path) == {"disk": "raw"}
 
 
 def test_another_format_for_an_existing_disk_is_a_conflict(
-    tmp_path: Path, locks: LockFactory
+    tmp_path: Path, lease: LeaseLock
 ) -> None:
     # Given a raw disk that exists with its record
-    diskinfo.record_format(tmp_path, "disk", "raw", locks("disk-info:vm"))
+    diskinfo.record_format(tmp_path, "disk", "raw", lease)
     (tmp_path / "disk").write_bytes(b"")
     # When something wants to record it as qcow2 (a guest-written header, a probe)
     with pytest.raises(DiskConflict, match="is recorded as a raw disk; the request wants qcow2"):
-        diskinfo.record_format(tmp_path, "disk", "qcow2", locks("disk-info:vm"))
+        diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
     # Then the record is unchanged
     assert diskinfo.read_format(tmp_path, "disk") == "raw"
 
 
-def test_record_of_a_disk_that_never_appeared_is_replaced(
-    tmp_path: Path, locks: LockFactory
-) -> None:
+def test_record_of_a_disk_that_never_appeared_is_replaced(tmp_path: Path, lease: LeaseLock) -> None:
     # Given a record written before a crash that left no disk
-    diskinfo.record_format(tmp_path, "disk", "qcow2", locks("disk-info:vm"))
+    diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
     # When the disk is created again with another backend
-    diskinfo.record_format(tmp_path, "disk", "raw", locks("disk-info:vm"))
+    diskinfo.record_format(tmp_path, "disk", "raw", lease)
     # Then the new format is recorded
     assert diskinfo.read_format(tmp_path, "disk") == "raw"
 
 
-def test_require_format_needs_the_disk_and_its_record(tmp_path: Path, locks: LockFactory) -> None:
+def test_require_format_needs_the_disk_and_its_record(tmp_path: Path, lease: LeaseLock) -> None:
     with pytest.raises(DiskNotFound, match="there is no disk"):
         diskinfo.require_format(tmp_path, "disk")
     (tmp_path / "disk").write_bytes(b"")
     with pytest.raises(DiskNotFound, match="has no format record"):
         diskinfo.require_format(tmp_path, "disk")
-    diskinfo.record_format(tmp_path, "disk", "qcow2", locks("disk-info:vm"))
+    diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
     assert diskinfo.require_format(tmp_path, "disk") == "qcow2"
 
 
 def test_forget_removes_the_record_and_the_file_with_the_last(
-    tmp_path: Path, locks: LockFactory
+    tmp_path: Path, lease: LeaseLock
 ) -> None:
-    diskinfo.record_format(tmp_path, "disk", "qcow2", locks("disk-info:vm"))
-    diskinfo.record_format(tmp_path, "swap", "raw", locks("disk-info:vm"))
-    diskinfo.forget_format(tmp_path, "disk", locks("disk-info:vm"))
+    diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
+    diskinfo.record_format(tmp_path, "swap", "raw", lease)
+    diskinfo.forget_format(tmp_path, "disk", lease)
     assert diskinfo.read_formats(tmp_path) == {"swap": "raw"}
-    diskinfo.forget_format(tmp_path, "swap", locks("disk-info:vm"))
+    diskinfo.forget_format(tmp_path, "swap", lease)
     assert not (tmp_path / "disk.info").exists()
 
 
