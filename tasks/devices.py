@@ -30,6 +30,7 @@ from tasks.errors import DeviceError, NoFreeDevice
 from tasks.guest import Claim, DeviceContext, WorkArea
 from tasks.ledger import LoopDevice, StorageDaemon
 from tasks.models import InstanceDisk
+from tasks.runner import CommandError
 from tasks.tools import daemons, losetup, storage_daemon
 from tasks.tools import mount as mounts
 
@@ -99,14 +100,20 @@ class StorageDaemonView:
         claim.note(StorageDaemon(export=str(export), pidfile=str(area.pidfile)))
         export.touch(mode=0o600, exist_ok=True)
         started = time.monotonic()
-        storage_daemon.start(
-            ctx.runner,
-            Path(disk.path),
-            backing=Path(disk.backing_file) if disk.backing_file else None,
-            backing_format=disk.backing_format,
-            export=export,
-            pidfile=area.pidfile,
-        )
+        try:
+            storage_daemon.start(
+                ctx.runner,
+                Path(disk.path),
+                backing=Path(disk.backing_file) if disk.backing_file else None,
+                backing_format=disk.backing_format,
+                export=export,
+                pidfile=area.pidfile,
+            )
+        except CommandError as error:  # e.g. a running VM holds the overlay's write lock
+            raise DeviceError(
+                f"cannot export {disk.instance_id}/{disk.disk_name} with qemu-storage-daemon: "
+                f"{error}"
+            ) from None
         log.info(
             "storage_daemon_started",
             export=str(export),

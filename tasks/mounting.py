@@ -131,6 +131,10 @@ def _ensure_mounted(mapped: MappedDisk, target: Path, claim: Claim, ctx: DeviceC
             )
     except CommandError as error:
         raise FilesystemRefused(f"cannot mount {mapped.filesystem} on {where}: {error}") from None
+    if not mounts.is_mounted(target):
+        raise FilesystemRefused(
+            f"{mapped.method} reported success but nothing is mounted at {target} for {where}"
+        )
     log.info("guest_mounted", method=mapped.method, filesystem=mapped.filesystem, where=where)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import signal
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tasks.errors import DiskFull, FilesystemRefused, PartitionNotFound
+from tasks.errors import DeviceError, DiskFull, FilesystemRefused, PartitionNotFound
 from tasks.models import (
     DiskSpec,
     FileInjection,
@@ -19,6 +21,7 @@ from tasks.models import (
     PreparedDisk,
     PrepareRequest,
 )
+from tasks.tools import daemons
 from tests.integration.conftest import Cluster, unique
 from tests.integration.devices import (
     MOTD,
@@ -319,4 +322,47 @@ def test_full_guest_filesystem_fails_at_inject_and_leaves_nothing(
     for directory in ("/", "/etc"):
         assert not [n for n in list_guest_dir(overlay, "qcow2", 0, directory) if "imgprep" in n]
     assert fsck_clean(overlay, "qcow2", 0)
+    assert_released(clean_cluster, request.disk.instance_id)
+
+
+def test_a_disk_in_use_by_another_process_is_refused_and_leaves_nothing(
+    clean_cluster: Cluster, image_server: ImageServer, tmp_path: Path
+) -> None:
+    # Given an instance disk that another process (as a running VM would) holds open for writing
+    name, _ = serve_guest(image_server, "mbr")
+    request = injecting(image_server, name, [MOTD])
+    plain = request.model_copy(update={"inject": ()})
+    prepared = clean_cluster.client.wait_prepared(
+        clean_cluster.client.prepare_disk(plain), timeout=120
+    )
+    holder_export, pidfile = tmp_path / "holder.raw", tmp_path / "holder.pid"
+    holder_export.touch()
+    subprocess.run(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f'{{"driver":"file","filename":"{prepared.disk.path}","node-name":"f"}}',
+            "--blockdev",
+            '{"driver":"qcow2","file":"f","node-name":"d"}',
+            "--export",
+            f'{{"type":"fuse","id":"e","node-name":"d","mountpoint":"{holder_export}",'
+            '"writable":true}',
+            "--daemonize",
+            "--pidfile",
+            str(pidfile),
+        ],
+        check=True,
+    )
+    holder = int(pidfile.read_text())
+    try:
+        # When files are to be injected into it
+        with pytest.raises(DeviceError, match="another process using the image"):
+            clean_cluster.client.wait_prepared(
+                clean_cluster.client.prepare_disk(request), timeout=120
+            )
+    finally:
+        os.kill(holder, signal.SIGTERM)
+        daemons.wait_gone([holder], 30)
+
+    # Then imgprep's own storage daemon, export and record are gone
     assert_released(clean_cluster, request.disk.instance_id)
