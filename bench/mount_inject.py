@@ -179,6 +179,8 @@ class Bench:
                 locks=self.locks,
                 policy=policy,
                 state_dir=self.settings.state_dir,
+                instances_dir=self.settings.instances_dir,
+                cache_dir=self.settings.cache_dir,
                 host="bench",
                 owner=uuid.uuid4().hex,
                 worker="bench",

@@ -16,6 +16,7 @@ before it creates it, and reuses what an earlier attempt of the same operation l
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -56,6 +57,12 @@ class HostCapabilities:
         )
 
 
+@functools.cache
+def host_capabilities() -> HostCapabilities:
+    """This host's capabilities, probed once per process."""
+    return HostCapabilities.probe()
+
+
 # -- disk views ------------------------------------------------------------------------------------
 
 
@@ -65,6 +72,10 @@ class DiskView(Protocol):
     name: str
 
     def supports(self, disk_format: str, host: HostCapabilities) -> bool: ...
+
+    def path(self, disk: InstanceDisk, area: WorkArea) -> Path:
+        """Where this strategy exposes `disk`: later steps check the view they are handed."""
+        ...
 
     def attach(
         self, disk: InstanceDisk, area: WorkArea, claim: Claim, ctx: DeviceContext
@@ -79,6 +90,9 @@ class FileView:
     def supports(self, disk_format: str, host: HostCapabilities) -> bool:
         return disk_format == "raw"
 
+    def path(self, disk: InstanceDisk, area: WorkArea) -> Path:
+        return Path(disk.path)
+
     def attach(self, disk: InstanceDisk, area: WorkArea, claim: Claim, ctx: DeviceContext) -> Path:
         return Path(disk.path)
 
@@ -90,6 +104,9 @@ class StorageDaemonView:
 
     def supports(self, disk_format: str, host: HostCapabilities) -> bool:
         return disk_format == "qcow2" and host.fuse and host.storage_daemon
+
+    def path(self, disk: InstanceDisk, area: WorkArea) -> Path:
+        return area.export
 
     def attach(self, disk: InstanceDisk, area: WorkArea, claim: Claim, ctx: DeviceContext) -> Path:
         export = area.export
@@ -194,7 +211,7 @@ def allocate(attempt: Callable[[], str], wait_seconds: float, pause: float = 2.0
             left = deadline - time.monotonic()
             if left <= 0:
                 raise
-            log.info("device_allocation_waiting", seconds_left=round(left, 1))
+            log.info("device_allocation_retried", seconds_left=round(left, 1))
             time.sleep(min(pause, left))
 
 

@@ -7,14 +7,15 @@ the whole story; all of them are JSON on the wire like every other step result.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from tasks.errors import DeviceError
+from tasks.errors import DeviceError, InvalidRequest
 from tasks.ledger import DeviceRecord, Resource, ResourceLedger
 from tasks.models import InjectedFile, InstanceDisk, PreparedDisk, WireModel
-from tasks.paths import child
+from tasks.paths import child, inside
 from tasks.ports import LockFactory
 from tasks.runner import Runner
 
@@ -73,6 +74,23 @@ def disk_key(disk: InstanceDisk) -> str:
     return f"{disk.instance_id}/{disk.disk_name}"
 
 
+def check_disk(disk: InstanceDisk, ctx: DeviceContext) -> None:
+    """Refuse a disk that is not where imgprep puts instance disks, or is not a plain file, or
+    whose backing file is outside the cache: step inputs travel through the broker, and these
+    paths are handed to tools that run as root."""
+    expected = child(child(ctx.instances_dir, disk.instance_id), disk.disk_name)
+    if Path(disk.path) != expected:
+        raise InvalidRequest(f"disk path {disk.path} is not the instance disk path {expected}")
+    try:
+        mode = expected.lstat().st_mode
+    except FileNotFoundError:
+        raise DeviceError(f"the instance disk {expected} does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidRequest(f"{expected} is not a regular file")
+    if disk.backing_file is not None and not inside(ctx.cache_dir, Path(disk.backing_file)):
+        raise InvalidRequest(f"backing file {disk.backing_file} is outside the image cache")
+
+
 @dataclass(frozen=True)
 class DeviceContext:
     """The collaborators and identity every device step works with."""
@@ -82,6 +100,8 @@ class DeviceContext:
     locks: LockFactory
     policy: MountPolicy
     state_dir: Path
+    instances_dir: Path
+    cache_dir: Path
     host: str
     owner: str  # the operation: the caller's task id
     worker: str  # this worker's node name

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from tasks.errors import DeviceError, DiskFull, InjectionRefused
+from tasks.errors import DeviceError, DiskFull, InjectionRefused, InvalidRequest
 from tasks.guest import Claim, DeviceContext, InjectedDisk, MountedDisk, disk_key
 from tasks.models import FileInjection, InjectedFile
 from tasks.tools import mount as mounts
@@ -198,7 +198,9 @@ def inject_files(
 ) -> InjectedDisk:
     """Write `files` into the mounted guest filesystem."""
     key = disk_key(mounted.mapped.prepared.disk)
-    target = Path(mounted.mount_dir)
+    target = ctx.work_area(key).mount_dir
+    if Path(mounted.mount_dir) != target:
+        raise InvalidRequest(f"mount directory {mounted.mount_dir} is not {target}")
     with ctx.locks(ctx.lock_name(key)):
         Claim.resume(ctx, key)
         if not mounts.is_mounted(target):

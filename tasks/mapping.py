@@ -10,25 +10,31 @@ there. Host capabilities are probed once per process.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import structlog
 
-from tasks.devices import HostCapabilities, choose_partition_device, choose_view
+from tasks.devices import (
+    HostCapabilities,
+    choose_partition_device,
+    choose_view,
+    host_capabilities,
+)
 from tasks.errors import PartitionTableInvalid
-from tasks.guest import Claim, DeviceContext, GuestPartition, MappedDisk, disk_key
+from tasks.guest import (
+    Claim,
+    DeviceContext,
+    GuestPartition,
+    MappedDisk,
+    check_disk,
+    disk_key,
+)
 from tasks.ledger import WorkDir
 from tasks.models import PreparedDisk
 from tasks.mounting import detect_filesystem, mount_method
 from tasks.partitions import PartitionChoice, choose, read_table
 
 log = structlog.get_logger(__name__)
-
-
-@functools.cache
-def host_capabilities() -> HostCapabilities:
-    return HostCapabilities.probe()
 
 
 def map_partitions(
@@ -40,6 +46,7 @@ def map_partitions(
     """Claim the disk and find the guest filesystem to mount."""
     host = host or host_capabilities()
     disk = prepared.disk
+    check_disk(disk, ctx)
     key = disk_key(disk)
     with ctx.locks(ctx.lock_name(key)):
         claim = Claim.take(ctx, key)

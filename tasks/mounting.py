@@ -20,8 +20,8 @@ from pathlib import Path
 
 import structlog
 
-from tasks.devices import is_live_mount
-from tasks.errors import FilesystemRefused
+from tasks.devices import choose_view, host_capabilities, is_live_mount
+from tasks.errors import FilesystemRefused, InvalidRequest
 from tasks.guest import (
     Claim,
     DeviceContext,
@@ -29,9 +29,11 @@ from tasks.guest import (
     MountedDisk,
     MountMethod,
     MountPolicy,
+    WorkArea,
+    check_disk,
     disk_key,
 )
-from tasks.ledger import Mount
+from tasks.ledger import LoopDevice, Mount
 from tasks.runner import CommandError, Runner
 from tasks.tools import fuse2fs
 from tasks.tools import mount as mounts
@@ -103,11 +105,27 @@ def check_ext_fits(view: Path, *, offset: int, size: int, where: str) -> None:
 def mount_guest(mapped: MappedDisk, ctx: DeviceContext) -> MountedDisk:
     """Mount the mapped guest filesystem on the disk's private mount directory."""
     disk = disk_key(mapped.prepared.disk)
+    check_disk(mapped.prepared.disk, ctx)
     with ctx.locks(ctx.lock_name(disk)):
         claim = Claim.resume(ctx, disk)
-        target = ctx.work_area(disk).mount_dir
-        _ensure_mounted(mapped, target, claim, ctx)
-    return MountedDisk(mapped=mapped, mount_dir=str(target))
+        area = ctx.work_area(disk)
+        _check_mapped(mapped, area, claim)
+        _ensure_mounted(mapped, area.mount_dir, claim, ctx)
+    return MountedDisk(mapped=mapped, mount_dir=str(area.mount_dir))
+
+
+def _check_mapped(mapped: MappedDisk, area: WorkArea, claim: Claim) -> None:
+    """The view and device handed over by map_partitions are the ones this disk's strategy
+    and record name, not paths from elsewhere."""
+    disk = mapped.prepared.disk
+    view = choose_view(disk.format, host_capabilities()).path(disk, area)
+    if Path(mapped.view) != view:
+        raise InvalidRequest(f"mapped view {mapped.view} is not {view}")
+    if mapped.device is not None and not any(
+        isinstance(r, LoopDevice) and r.device == mapped.device and r.backing == str(view)
+        for r in claim.record.resources
+    ):
+        raise InvalidRequest(f"device {mapped.device} is not recorded for {disk_key(disk)}")
 
 
 def _ensure_mounted(mapped: MappedDisk, target: Path, claim: Claim, ctx: DeviceContext) -> None:

@@ -33,6 +33,8 @@ def build_context(current: Runtime, *, owner: str, worker: str) -> DeviceContext
         locks=current.locks,
         policy=settings.mount,
         state_dir=settings.state_dir,
+        instances_dir=settings.instances_dir,
+        cache_dir=settings.cache_dir,
         host=settings.host_id,
         owner=owner,
         worker=worker,

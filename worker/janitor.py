@@ -70,7 +70,7 @@ def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
                     resources=[r.kind for r in record.resources],
                 )
         except LockBusy:
-            log.info("orphan_skipped_busy", disk=record.disk)
+            log.info("orphan_skipped", disk=record.disk, reason="its lock is held")
         except ImgprepError as error:
             log.error("orphan_release_failed", disk=record.disk, error=str(error))
     return released

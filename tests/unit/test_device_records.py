@@ -12,10 +12,32 @@ import fakeredis
 import pytest
 
 from tasks.devices import allocate
-from tasks.errors import DiskBusy, FilesystemRefused, NoFreeDevice, SourceUnavailable
-from tasks.guest import Claim, DeviceContext
+from tasks.errors import (
+    DiskBusy,
+    FilesystemRefused,
+    InvalidRequest,
+    NoFreeDevice,
+    SourceUnavailable,
+)
+from tasks.guest import (
+    Claim,
+    DeviceContext,
+    GuestPartition,
+    MappedDisk,
+    MountedDisk,
+    check_disk,
+)
+from tasks.inject import inject_files
 from tasks.ledger import DeviceRecord, LoopDevice, Mount, StorageDaemon, WorkDir
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from tasks.models import (
+    CachedImage,
+    DiskSpec,
+    FileInjection,
+    ImageSource,
+    InstanceDisk,
+    PreparedDisk,
+    PrepareRequest,
+)
 from tasks.mounting import check_ext_fits, mount_method
 from tasks.runner import Runner
 from tasks.teardown import teardown
@@ -44,6 +66,8 @@ def context(client: fakeredis.FakeRedis, state_dir: Path, owner: str = "op-a") -
         locks=LockFactory(client, lease=5, renew_every=1, wait=1),
         policy=MountSettings(stop_timeout_seconds=2),
         state_dir=state_dir,
+        instances_dir=state_dir / "instances",
+        cache_dir=state_dir / "cache",
         host="host-1",
         owner=owner,
         worker="w1@h",
@@ -223,3 +247,58 @@ def test_janitor_takes_records_of_workers_that_do_not_answer() -> None:
         DeviceRecord(disk="b/disk", owner="o2", worker="dead@h"),
     ]
     assert [r.disk for r in orphans(records, {"alive@h"})] == ["b/disk"]
+
+
+def instance_disk(path: Path, backing: str | None = None) -> InstanceDisk:
+    return InstanceDisk(
+        host="host-1",
+        instance_id="vm",
+        disk_name="disk",
+        path=str(path),
+        format="qcow2" if backing else "raw",
+        virtual_size=1,
+        backing_file=backing,
+        backing_format="raw" if backing else None,
+    )
+
+
+def test_step_inputs_naming_paths_outside_the_roots_are_refused(
+    client: fakeredis.FakeRedis, tmp_path: Path
+) -> None:
+    # Given the instance disk where imgprep would have put it
+    ctx = context(client, tmp_path)
+    disk_path = ctx.instances_dir / "vm" / "disk"
+    disk_path.parent.mkdir(parents=True)
+    disk_path.write_bytes(b"\0" * 512)
+    check_disk(instance_disk(disk_path), ctx)
+
+    # Then a message naming another file, a backing file outside the cache, or a link
+    with pytest.raises(InvalidRequest, match="is not the instance disk path"):
+        check_disk(instance_disk(Path("/etc/passwd")), ctx)
+    with pytest.raises(InvalidRequest, match="outside the image cache"):
+        check_disk(instance_disk(disk_path, backing="/etc/shadow"), ctx)
+    disk_path.unlink()
+    disk_path.symlink_to("/etc/passwd")
+    with pytest.raises(InvalidRequest, match="symbolic link"):
+        check_disk(instance_disk(disk_path), ctx)
+
+
+def test_injection_writes_only_into_the_disk_s_own_mount_directory(
+    client: fakeredis.FakeRedis, tmp_path: Path
+) -> None:
+    ctx = context(client, tmp_path)
+    disk = instance_disk(ctx.instances_dir / "vm" / "disk")
+    base = CachedImage(
+        key="k", image_id="i", path="/c", format="raw", virtual_size=1, source_sha256=""
+    )
+    mapped = MappedDisk(
+        prepared=PreparedDisk(disk=disk, base=base),
+        view=disk.path,
+        partition=GuestPartition(table="none", number=None, offset=0, size=1),
+        filesystem="ext4",
+        method="fuse2fs",
+    )
+    crafted = MountedDisk(mapped=mapped, mount_dir=str(tmp_path / "host-etc"))
+    with pytest.raises(InvalidRequest, match="is not"):
+        inject_files(crafted, [FileInjection(path="/x", content="x")], ctx)
+    assert not (tmp_path / "host-etc").exists()
