@@ -15,6 +15,7 @@ APT_PACKAGES=(
   e2fsprogs fuse2fs fuse3            # mkfs.ext4 -d, userspace ext4 mounts
   util-linux mount                   # losetup, mount, blkid, prlimit
   curl ca-certificates               # benchmarks' baseline, https sources
+  procps                             # pgrep in bench/mount_inject_baseline.sh
 )
 
 if [[ $(id -u) -ne 0 ]]; then
