@@ -16,6 +16,7 @@ APT_PACKAGES=(
   util-linux mount                   # losetup, mount, blkid, prlimit
   curl ca-certificates               # benchmarks' baseline, https sources
   chromium chromium-driver           # headless browser: the Flower end-to-end test screenshots
+  procps                             # pgrep in bench/mount_inject_baseline.sh
 )
 
 if [[ $(id -u) -ne 0 ]]; then

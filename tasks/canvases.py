@@ -26,9 +26,18 @@ def host_queue(host: str) -> str:
     return f"imgprep.host.{host}"
 
 
-def prepare_disk_steps(request: PrepareRequest, *, host: str) -> list[Signature]:
-    """fetch_to_cache on any worker, then the instance disk (an overlay or a raw copy, by
-    backend) on the host that will hold it."""
+def prepare_disk_steps(
+    request: PrepareRequest, *, host: str, operation: str | None = None
+) -> list[Signature]:
+    """fetch_to_cache on any worker, then the instance disk on the host that will hold it;
+    with files to inject, then map, mount, inject and teardown on that host too."""
+    if request.inject:
+        if operation is None:
+            raise ValueError("injection steps need the operation id that owns the disk")
+        return [
+            *prepare_disk_steps(request.model_copy(update={"inject": ()}), host=host),
+            *injection_steps(request, host=host, operation=operation),
+        ]
     payload = request.model_dump(mode="json")
     return [
         signature("imgprep.fetch_to_cache", args=(payload,), immutable=True, queue=DEFAULT_QUEUE),
@@ -43,6 +52,27 @@ def snapshot_steps(request: SnapshotRequest, *, host: str) -> list[Signature]:
         signature("imgprep.snapshot_source", args=(payload,), queue=host_queue(host)),
         signature("imgprep.convert", queue=host_queue(host)),
     ]
+
+
+def injection_steps(request: PrepareRequest, *, host: str, operation: str) -> list[Signature]:
+    """map → mount → inject → teardown on the disk's host; every one of them, should it fail for
+    good, has the disk's devices released by imgprep.release_devices on that host too."""
+    queue = host_queue(host)
+    full = request.model_dump(mode="json")
+    # Only inject_files needs the files; the other steps get the request without them.
+    slim = request.model_copy(update={"inject": ()}).model_dump(mode="json")
+    release = signature(
+        "imgprep.release_devices", args=(slim, operation), immutable=True, queue=queue
+    )
+    steps = [
+        signature("imgprep.map_partitions", args=(slim, operation), queue=queue),
+        signature("imgprep.mount_guest", args=(slim, operation), queue=queue),
+        signature("imgprep.inject_files", args=(full, operation), queue=queue),
+        signature("imgprep.teardown", args=(slim, operation), queue=queue),
+    ]
+    for step in steps:
+        step.link_error(release.clone())
+    return steps
 
 
 def with_ids(steps: Sequence[Signature], final_id: str) -> chain:

@@ -16,6 +16,8 @@ from pathlib import Path
 import structlog
 
 from tasks import diskinfo
+from tasks.errors import DiskBusy
+from tasks.ledger import ResourceLedger
 from tasks.models import DeletedDisk, DiskSpec
 from tasks.overlay import disk_lock_name
 from tasks.paths import child, instance_dir
@@ -34,10 +36,21 @@ def delete_disk(
     host: str,
     locks: LockFactory,
     references: References,
+    devices: ResourceLedger,
 ) -> DeletedDisk:
-    """Make sure the disk is gone and unreferenced; report whether it was there."""
+    """Make sure the disk is gone and unreferenced; report whether it was there.
+
+    A disk whose devices an operation holds (mapped, mounted: see tasks.ledger) is not deleted
+    under it: DiskBusy, retried until that operation's teardown has released them.
+    """
     directory = instance_dir(instances_dir, instance_id)
     path = child(directory, disk_name)
+    held = devices.get(f"{instance_id}/{disk_name}")
+    if held is not None:
+        raise DiskBusy(
+            f"{path} is in use by operation {held.owner} (devices or mounts held); "
+            "it is deleted once that operation has torn down"
+        )
     # the same lock name as the disk's creation; the size plays no part in it
     spec = DiskSpec.model_construct(instance_id=instance_id, disk_name=disk_name, size_bytes=0)
     with locks(disk_lock_name(spec)) as lease:

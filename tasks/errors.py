@@ -55,6 +55,14 @@ class CommandTimedOut(TransientError):
     """An external command ran past its wall-clock timeout."""
 
 
+class DiskBusy(TransientError):
+    """Another operation holds the devices and mounts of this instance disk."""
+
+
+class DeviceBusy(TransientError):
+    """A mount or device could not be released yet (still in use); teardown retries."""
+
+
 # --- permanent -------------------------------------------------------------------------------
 
 
@@ -116,6 +124,18 @@ class StepTimedOut(PermanentError):
 
 class DeviceError(PermanentError):
     """Mapping, mounting or partition handling failed for a reason retrying cannot fix."""
+
+
+class PartitionTableInvalid(DeviceError):
+    """The guest disk's partition table is malformed: an entry past the end, overlapping, empty."""
+
+
+class PartitionNotFound(DeviceError):
+    """The requested partition is not on the guest disk."""
+
+
+class FilesystemRefused(DeviceError):
+    """The guest filesystem is unknown, not allowed, or cannot be mounted safely on this host."""
 
 
 class InjectionRefused(PermanentError):

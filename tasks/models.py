@@ -6,6 +6,8 @@ Change them only by adding optional fields, or by a new `api_version`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -18,6 +20,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 API_VERSION: Literal[1] = 1
@@ -92,6 +95,60 @@ class DiskSpec(WireModel):
     backend: Backend = "qcow2"
 
 
+# File injection: requests travel through the broker, so what they carry stays small.
+MAX_INJECT_FILES = 64
+MAX_INJECT_BYTES = 256 * 2**10  # decoded, all files together
+MAX_PARTITION = 255
+
+
+def _guest_path(value: str) -> str:
+    parts = value.split("/")
+    if (
+        not value.startswith("/")
+        or len(value) > 4096
+        or "\x00" in value
+        or any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts[1:])
+    ):
+        raise ValueError(
+            "must be an absolute guest path such as /etc/motd: no '.', '..' or empty components"
+        )
+    return value
+
+
+def _octal_mode(value: object) -> object:
+    return int(value, 8) if isinstance(value, str) and value.isdigit() else value
+
+
+GuestPath = Annotated[str, AfterValidator(_guest_path)]
+FileMode = Annotated[int, BeforeValidator(_octal_mode), Field(ge=0, le=0o7777)]
+# none: the whole disk is a filesystem; a number; auto: the one Linux partition, else the largest.
+PartitionNumber = Annotated[int, Field(strict=True, ge=1, le=MAX_PARTITION)]
+PartitionChoice = Literal["auto", "none"] | PartitionNumber
+
+
+class FileInjection(WireModel):
+    """A file to write into the guest filesystem: its path, content and permission bits."""
+
+    path: GuestPath
+    content: Annotated[str, StringConstraints(max_length=(MAX_INJECT_BYTES * 4) // 3 + 4)]
+    encoding: Literal["text", "base64"] = "text"
+    mode: FileMode = 0o644
+
+    @model_validator(mode="after")
+    def _decodes(self) -> FileInjection:
+        self.data()
+        return self
+
+    def data(self) -> bytes:
+        """The bytes to write: the UTF-8 text, or the decoded base64."""
+        if self.encoding == "text":
+            return self.content.encode("utf-8")
+        try:
+            return base64.b64decode(self.content, validate=True)
+        except binascii.Error as error:
+            raise ValueError(f"content is not valid base64: {error}") from None
+
+
 class PrepareRequest(WireModel):
     """imgprep.prepare_disk: fetch the image into the cache and create the instance disk."""
 
@@ -103,6 +160,28 @@ class PrepareRequest(WireModel):
         description="Host whose queue runs the host-local steps; default: the worker that "
         "receives the request.",
     )
+    inject: tuple[FileInjection, ...] = Field(
+        default=(),
+        max_length=MAX_INJECT_FILES,
+        description="Files to write into the guest filesystem once the disk exists.",
+    )
+    partition: PartitionChoice = Field(
+        default="auto",
+        description="Where the guest filesystem is: none (whole disk), a partition number, or "
+        "auto (the only Linux partition, else the largest).",
+    )
+
+    @model_validator(mode="after")
+    def _injection_is_small(self) -> PrepareRequest:
+        total = sum(len(item.data()) for item in self.inject)
+        if total > MAX_INJECT_BYTES:
+            raise ValueError(
+                f"files to inject hold {total} bytes; at most {MAX_INJECT_BYTES} are accepted"
+            )
+        paths = [item.path for item in self.inject]
+        if len(set(paths)) != len(paths):
+            raise ValueError("a guest path appears twice in inject")
+        return self
 
 
 class CachedImage(WireModel):
@@ -131,6 +210,23 @@ class InstanceDisk(WireModel):
     backing_format: str | None = None
 
 
+class InjectedFile(WireModel):
+    """A file written into the guest: where, how many bytes, which mode, and their sha256."""
+
+    path: str
+    size: int
+    mode: int
+    sha256: str
+
+
+class GuestFilesystem(WireModel):
+    """The guest filesystem files were injected into, and how it was mounted."""
+
+    partition: int | None  # None: the whole disk
+    filesystem: str
+    mount: Literal["fuse2fs", "kernel"]
+
+
 class PreparedDisk(WireModel):
     """The result of imgprep.prepare_disk: the instance disk and the cached base it came from."""
 
@@ -138,6 +234,8 @@ class PreparedDisk(WireModel):
     api_version: Literal[1] = API_VERSION
     disk: InstanceDisk
     base: CachedImage
+    guest: GuestFilesystem | None = None  # set when files were injected
+    injected: tuple[InjectedFile, ...] = ()
 
 
 class DeleteDiskRequest(WireModel):

@@ -1,8 +1,10 @@
 """`imgprep demo`: the main job on one machine, end to end, with real parts.
 
 Builds a small guest disk (MBR, one ext4 partition, converted to qcow2), serves it over a
-local HTTP server, starts a worker, prepares two instance disks from it at once, prints every
-step with its duration and how many times the image was downloaded, and stops what it started.
+local HTTP server, starts a worker, prepares two instance disks from it at once, each with a
+file injected into its guest filesystem, prints every step with its duration, how many times
+the image was downloaded and the injected file read back from each disk, and stops what it
+started.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import redis
 
 from tasks import qemu_img
 from tasks.errors import ImgprepError
-from tasks.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
+from tasks.models import DiskSpec, FileInjection, ImageSource, PreparedDisk, PrepareRequest
 from tasks.runner import Limits, Runner
+from worker.guestread import read_guest_file
 from worker.imageserver import ImageServer
 from worker.processes import WorkerProcess, start_worker
 from worker.sample_images import Partition, partitioned_disk
@@ -30,6 +33,7 @@ from worker.sizes import human
 
 DISK_SIZE = 1 * 2**30
 MOTD = b"Prepared by imgprep.\n"
+INJECTED = "/etc/imgprep-demo"
 
 
 def say(label: str, text: str) -> None:
@@ -125,7 +129,9 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
     )
     requests = [
         PrepareRequest(
-            image=source, disk=DiskSpec(instance_id=f"demo-{stamp}-{n}", size_bytes=DISK_SIZE)
+            image=source,
+            disk=DiskSpec(instance_id=f"demo-{stamp}-{n}", size_bytes=DISK_SIZE),
+            inject=(FileInjection(path=INJECTED, content=f"Disk demo-{stamp}-{n}, by imgprep.\n"),),
         )
         for n in (1, 2)
     ]
@@ -157,6 +163,7 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
                 "backing",
                 f"{outcome.base.path} ({outcome.base.format}, {human(outcome.base.virtual_size)})",
             )
+            ok = _show_injected(outcome, request) and ok
         else:
             ok = False
             say("failed", f"{type(outcome).__name__}: {outcome}")
@@ -167,3 +174,31 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
         f"in {elapsed:.2f} s",
     )
     return ok
+
+
+def _show_injected(prepared: PreparedDisk, request: PrepareRequest) -> bool:
+    """Print the injected file as read back from the disk by qemu-img and debugfs."""
+    guest = prepared.guest
+    if guest is None or not prepared.injected:
+        say("injected", "nothing (the result names no injected file)")
+        return False
+    where = "whole disk" if guest.partition is None else f"partition {guest.partition}"
+    item = prepared.injected[0]
+    say(
+        "injected",
+        f"{item.path} ({item.size} bytes, mode {item.mode:04o}) into {where}, "
+        f"{guest.filesystem}, mounted by {guest.mount}",
+    )
+    found = read_guest_file(
+        Path(prepared.disk.path),
+        prepared.disk.format,
+        guest.partition,
+        item.path,
+        get_settings().state_dir / "demo",
+    )
+    expected = request.inject[0].data().decode()
+    if found is None or found.content != expected or found.mode != item.mode:
+        say("read back", f"{item.path} is missing or differs in {prepared.disk.path}")
+        return False
+    say("read back", f"{found.content.strip()!r} (mode {found.mode:04o}) from the disk itself")
+    return True

@@ -32,12 +32,19 @@ class Partition:
     files: Mapping[str, bytes] | None = None
     type: str | None = None  # sfdisk type; default Linux for the label
     logical: bool = False  # MBR only: inside an extended partition
+    links: Mapping[str, str] | None = None  # guest path → link target, as symbolic links
 
 
 def ext4_image(
-    path: Path, size_mib: int, files: Mapping[str, bytes], runner: Runner | None = None
+    path: Path,
+    size_mib: int,
+    files: Mapping[str, bytes],
+    runner: Runner | None = None,
+    *,
+    links: Mapping[str, str] | None = None,
 ) -> None:
-    """An ext4 filesystem of `size_mib` MiB at `path` holding `files` (guest path → content)."""
+    """An ext4 filesystem of `size_mib` MiB at `path` holding `files` (guest path → content)
+    and symbolic `links` (guest path → target, written as given)."""
     run = runner or Runner()
     with tempfile.TemporaryDirectory(prefix="imgprep-fs-") as staging:
         root = Path(staging)
@@ -45,6 +52,10 @@ def ext4_image(
             target = root / guest_path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
+        for guest_path, link_target in (links or {}).items():
+            link = root / guest_path.lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(link_target)
         for entry in [*root.rglob("*"), root]:
             os.utime(entry, (int(FIXED_TIME), int(FIXED_TIME)), follow_symlinks=False)
         path.unlink(missing_ok=True)
@@ -104,10 +115,10 @@ def partitioned_disk(
     placed = []
     in_table_order = [p for p in partitions if not p.logical] + [p for p in partitions if p.logical]
     for spec, (start, size, _type) in zip(in_table_order, data_partitions, strict=True):
-        if spec.files is not None:
+        if spec.files is not None or spec.links:
             with tempfile.TemporaryDirectory(prefix="imgprep-part-") as work:
                 fs = Path(work) / "fs.img"
-                ext4_image(fs, size // 2**20, spec.files, run)
+                ext4_image(fs, size // 2**20, spec.files or {}, run, links=spec.links)
                 _copy_into(fs, path, start)
         placed.append((start, size))
     return placed
@@ -119,15 +130,20 @@ def _sfdisk_script(partitions: Sequence[Partition], label: str) -> str:
     default_type = LINUX if label == "dos" else LINUX_GPT
     logical = [p for p in partitions if p.logical]
     primary = [p for p in partitions if not p.logical]
+    # Each line names its partition number ("partN :"): without it sfdisk would take the line
+    # after the extended partition for another primary one.
     for index, part in enumerate(primary):
-        lines.append(_line(part, default_type, label, index))
+        lines.append(f"part{index + 1} : " + _line(part, default_type, label, index))
     if logical:
         if label != "dos":
             raise ValueError("logical partitions exist only on MBR disks")
+        if len(primary) > 3:
+            raise ValueError("an MBR disk with logical partitions has room for 3 primary ones")
         extended = sum(p.size_mib + 1 for p in logical) * 2**20 // SECTOR
-        lines.append(f"size={extended}, type=5")
-        for index, part in enumerate(logical, start=len(primary) + 1):
-            lines.append(_line(part, default_type, label, index))
+        lines.append(f"part{len(primary) + 1} : size={extended}, type=5")
+        for number, part in enumerate(logical, start=5):
+            index = number - 4 + len(primary)
+            lines.append(f"part{number} : " + _line(part, default_type, label, index))
     return "\n".join(lines) + "\n"
 
 

@@ -82,6 +82,17 @@ class QemuSettings(_Group):
     command_timeout_seconds: PositiveSeconds = 1800.0
 
 
+class MountSettings(_Group):
+    """Mapping, mounting and file injection of guest disks (tasks.mapping, tasks.mounting)."""
+
+    allowed_filesystems: tuple[str, ...] = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
+    # never: userspace mounts only (fuse2fs); fallback: kernel mounts for filesystems without a
+    # userspace driver; always: kernel mounts for every filesystem.
+    kernel_mount: Literal["never", "fallback", "always"] = "never"
+    device_wait_seconds: PositiveSeconds = 30.0
+    stop_timeout_seconds: PositiveSeconds = 30.0
+
+
 class RetrySettings(_Group):
     """Backoff for transient errors: delay = min(max, base * 2**retries), with full jitter."""
 
@@ -139,6 +150,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     image_cache: ImageCacheSettings = ImageCacheSettings()
     metrics: MetricsSettings = MetricsSettings()
+    mount: MountSettings = MountSettings()
 
     @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod

@@ -55,3 +55,7 @@ def _task_ended(task_id: str, task: Task, state: str | None = None, **_: Any) ->
             journal().finished(_root_id(task), task_id, task.name, state)  # type: ignore[arg-type]
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+# The janitor releases devices that dead workers left on this host when a worker starts.
+from worker import janitor as _janitor  # noqa: E402, F401

@@ -83,7 +83,7 @@ class StepTask(RedactedArguments):
             if self.request.called_directly:
                 raise
             policy = get_settings().retry
-            if self.request.retries >= policy.max_retries:
+            if not self.will_retry(error):
                 log.error(
                     "step_failed",
                     error_class=type(error).__name__,
@@ -112,6 +112,14 @@ class StepTask(RedactedArguments):
             raise
         log.info("step_succeeded", seconds=_since(started))
         return result
+
+    def will_retry(self, error: BaseException) -> bool:
+        """Whether this step retries `error` (transient, retries left) instead of failing."""
+        return (
+            isinstance(error, TransientError)
+            and not self.request.called_directly
+            and self.request.retries < get_settings().retry.max_retries
+        )
 
 
 def _since(started: float) -> float:

@@ -19,10 +19,12 @@ from worker.taskbase import parse
 
 @app.task(name="imgprep.prepare_disk", base=EntryTask, bind=True)
 def prepare_disk(self: EntryTask, request: dict[str, Any]) -> Any:
-    """Fetch the image into the cache and create the instance disk; result: PreparedDisk."""
+    """Fetch the image into the cache, create the instance disk and inject the request's files
+    into it; result: PreparedDisk."""
     parsed = parse(PrepareRequest, request)
-    canvas = with_ids(
-        prepare_disk_steps(parsed, host=parsed.host or get_settings().host_id), self.request.id
+    steps = prepare_disk_steps(
+        parsed, host=parsed.host or get_settings().host_id, operation=self.request.id
     )
+    canvas = with_ids(steps, self.request.id)
     plan(self, canvas)
     return self.replace(canvas)

@@ -7,6 +7,7 @@ from typing import Any
 from tasks.disk_removal import delete_disk
 from tasks.models import DeleteDiskRequest
 from worker.app import app
+from worker.ledger import RedisLedger
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse
 
@@ -22,5 +23,6 @@ def remove_disk(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
         host=current.settings.host_id,
         locks=current.locks,
         references=current.references,
+        devices=RedisLedger(current.redis, current.settings.host_id),
     )
     return deleted.model_dump(mode="json")

@@ -146,3 +146,4 @@ def test_demo_prepares_two_disks_with_one_download(clean_cluster: Cluster) -> No
     assert "prepared    2 of 2 disks" in done.stdout
     assert "downloads   1 GET of the image for 2 requests" in done.stdout
     assert "stopped     worker" in done.stdout
+    assert done.stdout.count("from the disk itself") == 2  # the injected file, read back

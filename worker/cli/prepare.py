@@ -11,6 +11,7 @@ import click
 from tasks.errors import ImgprepError
 from tasks.models import PrepareRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main
+from worker.cli.injection import InjectionType, PartitionType
 from worker.cli.watch import follow
 from worker.sizes import human
 
@@ -43,6 +44,20 @@ from worker.sizes import human
 @click.option("--wait/--no-wait", default=False, help="Block until the disk is ready.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--inject",
+    "inject",
+    multiple=True,
+    type=InjectionType(),
+    help="Write LOCAL_FILE into the guest at GUEST_PATH (its mode too); repeatable.",
+)
+@click.option(
+    "--partition",
+    default="auto",
+    show_default=True,
+    type=PartitionType(),
+    help="Guest filesystem for --inject: a partition number, auto, or none (whole disk).",
+)
 def prepare(
     *,
     image_url: str,
@@ -57,6 +72,8 @@ def prepare(
     wait: bool,
     timeout: float,
     as_json: bool,
+    inject: tuple[dict[str, Any], ...],
+    partition: object,
 ) -> None:
     """Fetch IMAGE_URL into the cache and create an instance disk on it."""
     request = _request_or_exit(
@@ -74,6 +91,8 @@ def prepare(
                 "backend": backend,
             },
             "host": host,
+            "inject": list(inject),
+            "partition": partition,
         }
     )
     from worker.client import Client
@@ -98,6 +117,8 @@ def prepare(
         click.echo(
             f"base  {base.path} ({base.format}, {human(base.virtual_size)}, image {base.image_id})"
         )
+        for item in prepared.injected:
+            click.echo(f"file  {item.path} ({item.size} bytes, mode {item.mode:04o})")
         click.echo(f"task  {result.id}")
 
 

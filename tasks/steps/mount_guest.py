@@ -1,0 +1,22 @@
+"""imgprep.mount_guest: mount the guest filesystem on the disk's private directory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.guest import MappedDisk
+from tasks.models import PrepareRequest
+from tasks.mounting import mount_guest
+from worker.app import app
+from worker.devicesteps import device_context
+from worker.taskbase import StepTask, parse
+
+
+@app.task(name="imgprep.mount_guest", base=StepTask, bind=True)
+def mount(
+    self: StepTask, mapped: dict[str, Any], request: dict[str, Any], operation: str
+) -> dict[str, Any]:
+    disk = parse(MappedDisk, mapped, "mapped disk")
+    parsed = parse(PrepareRequest, request)
+    with device_context(self, parsed, operation) as ctx:
+        return mount_guest(disk, ctx).model_dump(mode="json")
