@@ -95,11 +95,7 @@ def fetch_to_cache(
     entry = cache.entry(key)
 
     def find() -> CachedImage | None:
-        record = cache.lookup(key)
-        if record is None:
-            return None
-        _check_cached_checksum(record, source)
-        return record.image
+        return find_cached(source, cache)
 
     def stage(part: Path) -> Staged[CachedImage]:
         log.info("image_download_started", source=redact(source.url))
@@ -170,6 +166,16 @@ def _inspect(
             f"limit of {options.policy.max_image_bytes} bytes (fetch.max_image_bytes)"
         )
     return inspected, info
+
+
+def find_cached(source: ImageSource, cache: ImageCache) -> CachedImage | None:
+    """The cache entry of `source` if it is complete (no lock: entries appear by rename);
+    ChecksumMismatch when it is cached with another checksum than the request names."""
+    record = cache.lookup(cache_key(source.image_id))
+    if record is None:
+        return None
+    _check_cached_checksum(record, source)
+    return record.image
 
 
 def _check_cached_checksum(record: CacheRecord, source: ImageSource) -> None:

@@ -38,6 +38,9 @@ from tasks.runner import Limits, Runner
 
 log = structlog.get_logger(__name__)
 
+# How long an entry stays marked as being removed if the cache manager dies while removing it.
+EVICTION_MARK_SECONDS = 60.0
+
 
 @dataclass(frozen=True)
 class AgingPolicy:
@@ -106,9 +109,17 @@ class CacheManager:
             if entry.holders or self._used_here(entry) or idle < minimum:
                 log.info("cache_entry_kept_on_recheck", key=key, holders=len(entry.holders))
                 return False
-            remove_files([sidecar_path(entry.path)])
-            remove_files([entry.path, *temporaries(entry.path, (CONVERTED,))])
-            fsync_directory(entry.path.parent)
+            # from here on a new reference fails (tasks.references.claim), or, if one came in
+            # since the check above, the entry stays
+            if not self.references.begin_eviction(key, EVICTION_MARK_SECONDS):
+                log.info("cache_entry_kept_on_recheck", key=key, holders="new")
+                return False
+            try:
+                remove_files([sidecar_path(entry.path)])
+                remove_files([entry.path, *temporaries(entry.path, (CONVERTED,))])
+                fsync_directory(entry.path.parent)
+            finally:
+                self.references.end_eviction(key)
         log.info(
             "cache_entry_removed",
             key=key,

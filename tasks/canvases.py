@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from celery import Signature, chain, signature
 
-from tasks.models import DeleteDiskRequest, PrepareRequest
+from tasks.models import CachedImage, DeleteDiskRequest, PrepareRequest
 from tasks.snapshot_models import SnapshotRequest
 
 # The step that creates an instance disk, by backend (Nova's images_type).
@@ -27,21 +27,35 @@ def host_queue(host: str) -> str:
 
 
 def prepare_disk_steps(
-    request: PrepareRequest, *, host: str, operation: str | None = None
+    request: PrepareRequest,
+    *,
+    host: str,
+    operation: str | None = None,
+    cached: CachedImage | None = None,
 ) -> list[Signature]:
     """fetch_to_cache on any worker, then the instance disk on the host that will hold it;
-    with files to inject, then map, mount, inject and teardown on that host too."""
+    with files to inject, then map, mount, inject and teardown on that host too.
+
+    `cached`: the image is already in the cache (the entry task looked, and pinned it): the
+    fetch step's postcondition holds, so the canvas starts with the disk step.
+    """
     if request.inject:
         if operation is None:
             raise ValueError("injection steps need the operation id that owns the disk")
         return [
-            *prepare_disk_steps(request.model_copy(update={"inject": ()}), host=host),
+            *prepare_disk_steps(
+                request.model_copy(update={"inject": ()}), host=host, cached=cached
+            ),
             *injection_steps(request, host=host, operation=operation),
         ]
     payload = request.model_dump(mode="json")
+    disk_step = DISK_STEPS[request.disk.backend]
+    if cached is not None:
+        base = cached.model_dump(mode="json")
+        return [signature(disk_step, args=(base, payload), queue=host_queue(host))]
     return [
         signature("imgprep.fetch_to_cache", args=(payload,), immutable=True, queue=DEFAULT_QUEUE),
-        signature(DISK_STEPS[request.disk.backend], args=(payload,), queue=host_queue(host)),
+        signature(disk_step, args=(payload,), queue=host_queue(host)),
     ]
 
 

@@ -59,6 +59,18 @@ class References(Protocol):
 
     def discard(self, key: str, holder: str) -> None: ...
 
+    def add_unless_evicting(self, key: str, holder: str) -> bool:
+        """Atomically: record `holder` unless the cache manager is removing `key` right now
+        (`begin_eviction` without `end_eviction` yet); whether it was recorded."""
+        ...
+
+    def begin_eviction(self, key: str, lease_seconds: float) -> bool:
+        """Atomically: if nothing holds `key`, mark it as being removed (for at most
+        `lease_seconds`) and return True; False when a holder appeared."""
+        ...
+
+    def end_eviction(self, key: str) -> None: ...
+
     def holders(self, key: str) -> dict[str, float]:
         """Each holder of `key` and when (epoch seconds) it was recorded."""
         ...

@@ -85,11 +85,22 @@ def publish_once(
 
 
 def commit(target: Path, staged: Staged[T]) -> None:
-    """Rename the staged file (and its sidecar first) into place and make it durable."""
+    """Make the staged file durable, rename it (and its sidecar first) into place, and make
+    the renames durable: a crash leaves the old state or the whole new file, never a part."""
     if staged.sidecar is not None:
         write_atomically(sidecar_path(target), staged.sidecar)
+    fsync_file(staged.file)
     os.replace(staged.file, target)
     fsync_directory(target.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Wait until the data of `path` is on disk (cheap when its writer already synced it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -5,7 +5,8 @@ manager asks every instance on the host; here every host records its disks in on
 reference is added under the entry's lock `cache:<key>`, the lock the cache manager deletes
 under, after checking the entry is still there, so an entry is either referenced or already gone:
 
-* the fetch step pins the base for its canvas (`pending/<root task id>`) as soon as it has it,
+* the fetch step (or, on a cache hit, the entry task) pins the base for its canvas
+  (`pending/<root task id>`) as soon as it has it,
   so nothing removes it before the disk is created on whichever host;
 * the disk step adds the disk (`<host>/<instance>/<disk>`) before creating it and drops the pin;
 * deleting the disk drops its reference.
@@ -64,7 +65,20 @@ def touch(path: Path) -> None:
 
 
 def claim(base: CachedImage, holder: str, *, locks: LockFactory, references: References) -> bool:
-    """Reference `base` for `holder` unless it was removed; False when it is gone."""
+    """Reference `base` for `holder` unless it was removed; False when it is gone.
+
+    The common case is one Redis round trip: the reference is added atomically unless the
+    cache manager has marked the entry as being removed (it marks it, under `cache:<key>`, only
+    when nothing holds it). Then the entry must still be on disk: a reference added after a
+    removal finished is taken back. While an entry is marked, the claim waits for the cache
+    manager's decision on that same lock.
+    """
+    if references.add_unless_evicting(base.key, holder):
+        if entry_present(base):
+            touch(Path(base.path))
+            return True
+        references.discard(base.key, holder)
+        return False
     with locks(f"cache:{base.key}"):
         if not entry_present(base):
             return False

@@ -1,7 +1,9 @@
-"""The base of entry tasks, and the journal plan they record before replacing themselves."""
+"""The base of entry tasks: they record their canvas's plan in the journal, then hand their
+task id over to the canvas, so the caller waits on the id it sent for the operation's result."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Task
@@ -12,7 +14,7 @@ from worker.signals import journal
 
 
 class EntryTask(RedactedArguments):
-    """An operation's entry point: builds a canvas, never retried itself."""
+    """An operation's entry point, never retried itself."""
 
     abstract = True
     acks_late = True
@@ -20,14 +22,80 @@ class EntryTask(RedactedArguments):
     typing = True
 
 
-def plan(task: Task, canvas: Any) -> None:
+class _CanvasOwnsTheResult:
+    """The app's result backend as an entry task that handed its id over sees it: its own
+    success is not stored (the canvas's last step stores the operation's result under that
+    id); everything else — failures, states — goes to the real backend."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def mark_as_done(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+class CanvasEntryTask(EntryTask):
+    """An entry task that hands its task id over to the canvas it builds (`hand_over`).
+
+    This is `Task.replace` for a plain message without its cost: replace raises Ignore, and
+    Celery then formats a traceback of every operation (a fifth of a cache-hit prepare's CPU
+    in the pool). The entry task returns instead; its success is neither stored (see
+    `_CanvasOwnsTheResult`) nor announced (`send_events = False`: the steps' events are what
+    monitors show under the id). A failure of the entry task itself (an invalid request) is
+    stored as usual and announced by `on_failure`.
+    """
+
+    abstract = True
+    send_events = False
+
+    @property
+    def backend(self) -> Any:
+        return _CanvasOwnsTheResult(self.app.backend)
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        self.send_event(
+            "task-failed", retry=False, name=self.name, exception=repr(exc), traceback=str(einfo)
+        )
+
+
+def hand_over(task: Task, canvas: Any) -> None:
+    """Send `canvas`, whose last step already carries `task`'s id, in `task`'s place.
+
+    A message that links callbacks or errbacks, or is part of a chain, group or chord, goes
+    through Celery's own `Task.replace`, which carries those over to the canvas.
+    """
+    request = task.request
+    if request.callbacks or request.errbacks or request.chain or request.chord or request.group:
+        task.replace(canvas)
+        return
+    canvas.apply_async()
+
+
+def plan(task: Task, canvas: Any, done: Sequence[str] = ()) -> None:
+    """Record the steps of `canvas` in the journal; `done` names steps the entry task itself
+    found already done (a cache hit), recorded as succeeded before the canvas's."""
     root_id = str(task.request.root_id or task.request.id)
-    journal().plan(
+    record = journal()
+    finished = [
+        PlannedStep(name=name, task_id=f"{root_id}:{name.removeprefix('imgprep.')}")
+        for name in done
+    ]
+    record.plan(
         root_id,
         [
-            PlannedStep(
-                name=step.task, task_id=step.options["task_id"], queue=step.options.get("queue")
-            )
-            for step in canvas.tasks
+            *finished,
+            *(
+                PlannedStep(
+                    name=step.task, task_id=step.options["task_id"], queue=step.options.get("queue")
+                )
+                for step in canvas.tasks
+            ),
         ],
     )
+    for step in finished:
+        record.done_inline(root_id, step.task_id, step.name, task.request.hostname or "")

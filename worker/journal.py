@@ -98,6 +98,23 @@ class Journal:
             fields["finished_at"] = repr(time.time())
         self._write(root_id, task_id, fields, count=FINISHES if final else None)
 
+    def done_inline(self, root_id: str, task_id: str, name: str, worker: str) -> None:
+        """A step that did not need to run as a task (the entry task found its result)."""
+        now = repr(time.time())
+        self._write(
+            root_id,
+            task_id,
+            {
+                "name": name,
+                "state": "SUCCESS",
+                "worker": worker,
+                "error": "",
+                "started_at": now,
+                "finished_at": now,
+            },
+            count=ATTEMPTS,
+        )
+
     def read(self, root_id: str) -> CanvasView | None:
         raw = self.client.hgetall(self.key(root_id))
         if not raw:

@@ -92,8 +92,7 @@ class LeaseLock:
         self.token = f"{holder_identity()}:{uuid.uuid4().hex}"
         self._fence: int | None = None
         self._lost = threading.Event()
-        self._stop_renewing = threading.Event()
-        self._renewer: threading.Thread | None = None
+        self._last_renewed = 0.0
         self._acquire_script = client.register_script(_ACQUIRE)
         self._release_script = client.register_script(_RELEASE)
         self._extend_script = client.register_script(_EXTEND)
@@ -148,7 +147,7 @@ class LeaseLock:
 
     def release(self) -> bool:
         """Release if still the owner and wake one waiter; False when the lease was already lost."""
-        self._stop_renewal_thread()
+        self._stop_renewing()
         if self._fence is None:
             return False
         self._fence = None
@@ -195,35 +194,32 @@ class LeaseLock:
     # -- renewal -------------------------------------------------------------------------------
 
     def _start_renewing(self) -> None:
-        self._stop_renewing.clear()
-        self._renewer = threading.Thread(
-            target=self._renew_until_stopped, name=f"renew-{self.name}", daemon=True
-        )
-        self._renewer.start()
+        self._last_renewed = time.monotonic()
+        RENEWER.add(self)
 
-    def _stop_renewal_thread(self) -> None:
-        self._stop_renewing.set()
-        if self._renewer is not None and self._renewer is not threading.current_thread():
-            self._renewer.join()
-        self._renewer = None
+    def _stop_renewing(self) -> None:
+        RENEWER.remove(self)
 
-    def _renew_until_stopped(self) -> None:
-        last_renewed = time.monotonic()
-        while not self._stop_renewing.wait(self.renew_every):
-            try:
-                extended = self._extend_script(keys=[self.key], args=[self.token, self.lease_ms])
-            except RedisError as error:
-                if time.monotonic() - last_renewed > self.lease_ms / 1000:
-                    log.warning("lock_lease_lapsed", lock=self.name, error=str(error))
-                    self._lost.set()
-                    return
-                log.info("lock_renewal_retrying", lock=self.name, error=str(error))
-                continue
-            if not extended:
+    def _renew(self) -> bool:
+        """Extend the lease once (the renewer calls this); False when renewal should stop."""
+        if self._fence is None:
+            return False
+        try:
+            extended = self._extend_script(keys=[self.key], args=[self.token, self.lease_ms])
+        except RedisError as error:
+            if time.monotonic() - self._last_renewed > self.lease_ms / 1000:
+                log.warning("lock_lease_lapsed", lock=self.name, error=str(error))
+                self._lost.set()
+                return False
+            log.info("lock_renewal_retrying", lock=self.name, error=str(error))
+            return True
+        if not extended:
+            if self._fence is not None:  # not a release that raced the renewal
                 log.warning("lock_lease_lost", lock=self.name)
                 self._lost.set()
-                return
-            last_renewed = time.monotonic()
+            return False
+        self._last_renewed = time.monotonic()
+        return True
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -234,6 +230,53 @@ class LeaseLock:
             raise CoordinationUnavailable(
                 f"Redis unavailable for lock {self.name}: {error}"
             ) from None
+
+
+class _Renewer:
+    """One thread per process renews every lease the process holds, each every
+    `renew_every` seconds. A short critical section (most of them) ends before its first
+    renewal, so taking a lock costs no thread of its own."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._due: dict[LeaseLock, float] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, lock: LeaseLock) -> None:
+        with self._wake:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._start()
+            self._due[lock] = time.monotonic() + lock.renew_every
+            self._wake.notify()
+
+    def remove(self, lock: LeaseLock) -> None:
+        with self._wake:
+            self._due.pop(lock, None)
+
+    def _start(self) -> None:
+        # after a fork the parent's thread and leases are not this process's
+        self._pid = os.getpid()
+        self._due = {}
+        self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                due = [lock for lock, at in self._due.items() if at <= now]
+                if not due:
+                    self._wake.wait(min(self._due.values()) - now if self._due else None)
+                    continue
+                for lock in due:
+                    self._due[lock] = now + lock.renew_every
+            for lock in due:
+                if not lock._renew():
+                    self.remove(lock)
+
+
+RENEWER = _Renewer()
 
 
 class LockFactory:

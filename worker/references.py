@@ -16,6 +16,25 @@ from redis.exceptions import RedisError
 from tasks.errors import CoordinationUnavailable
 
 REFS_PREFIX = "imgprep:refs:"
+EVICTING_PREFIX = "imgprep:evicting:"
+
+# KEYS[1] refs hash, KEYS[2] eviction marker; ARGV[1] holder, ARGV[2] timestamp
+_ADD_UNLESS_EVICTING = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] refs hash, KEYS[2] eviction marker; ARGV[1] marker lifetime ms
+_BEGIN_EVICTION = """
+if redis.call('HLEN', KEYS[1]) > 0 then
+  return 0
+end
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[1])
+return 1
+"""
 
 
 class RedisReferences:
@@ -23,6 +42,8 @@ class RedisReferences:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self._add_unless_evicting = client.register_script(_ADD_UNLESS_EVICTING)
+        self._begin_eviction = client.register_script(_BEGIN_EVICTION)
 
     def key(self, cache_key: str) -> str:
         return REFS_PREFIX + cache_key
@@ -32,6 +53,27 @@ class RedisReferences:
 
     def discard(self, key: str, holder: str) -> None:
         self._call(self.client.hdel, self.key(key), holder)
+
+    def add_unless_evicting(self, key: str, holder: str) -> bool:
+        return bool(
+            self._call(
+                self._add_unless_evicting,
+                keys=[self.key(key), EVICTING_PREFIX + key],
+                args=[holder, repr(time.time())],
+            )
+        )
+
+    def begin_eviction(self, key: str, lease_seconds: float) -> bool:
+        return bool(
+            self._call(
+                self._begin_eviction,
+                keys=[self.key(key), EVICTING_PREFIX + key],
+                args=[max(1, int(lease_seconds * 1000))],
+            )
+        )
+
+    def end_eviction(self, key: str) -> None:
+        self._call(self.client.delete, EVICTING_PREFIX + key)
 
     def holders(self, key: str) -> dict[str, float]:
         raw = self._call(self.client.hgetall, self.key(key))

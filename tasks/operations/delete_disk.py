@@ -1,6 +1,6 @@
 """imgprep.delete_disk: remove an instance disk on its host and drop its reference to its base.
 
-Validates the request and replaces itself with the one-step canvas on the host's queue; the
+Validates the request and hands its task id over to the one-step canvas on the host's queue; the
 step carries the caller's task id, so waiting on it yields the DeletedDisk.
 """
 
@@ -11,17 +11,17 @@ from typing import Any
 from tasks.canvases import delete_disk_steps, with_ids
 from tasks.models import DeleteDiskRequest
 from worker.app import app
-from worker.entry import EntryTask, plan
+from worker.entry import CanvasEntryTask, hand_over, plan
 from worker.settings import get_settings
 from worker.taskbase import parse
 
 
-@app.task(name="imgprep.delete_disk", base=EntryTask, bind=True)
-def delete_disk(self: EntryTask, request: dict[str, Any]) -> Any:
+@app.task(name="imgprep.delete_disk", base=CanvasEntryTask, bind=True)
+def delete_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Remove the instance disk and its reference; result: DeletedDisk."""
     parsed = parse(DeleteDiskRequest, request)
     canvas = with_ids(
         delete_disk_steps(parsed, host=parsed.host or get_settings().host_id), self.request.id
     )
     plan(self, canvas)
-    return self.replace(canvas)
+    hand_over(self, canvas)

@@ -1,8 +1,10 @@
 """imgprep.prepare_disk: fetch the image into the cache and create the instance disk.
 
-`imgprep.prepare_disk(request)` validates the request, builds its canvas and replaces itself
-with it; the canvas's last step carries the caller's task id, so waiting on that id yields the
-final result, or the failure with its error class and message.
+`imgprep.prepare_disk(request)` validates the request, builds its canvas and hands its task id
+over to it (worker.entry.hand_over): the canvas's last step carries the caller's task id, so
+waiting on that id yields the final result, or the failure with its error class and message.
+When the image is already cached, the entry task pins it itself and the canvas starts with the
+disk step.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from typing import Any
 
 from tasks.canvases import prepare_disk_steps, with_ids
 from tasks.models import PrepareRequest
+from tasks.steps.fetch import pinned_if_cached
 from worker.app import app
-from worker.entry import EntryTask, plan
+from worker.entry import CanvasEntryTask, hand_over, plan
 from worker.settings import get_settings
 from worker.taskbase import parse
 
 
-@app.task(name="imgprep.prepare_disk", base=EntryTask, bind=True)
-def prepare_disk(self: EntryTask, request: dict[str, Any]) -> Any:
+@app.task(name="imgprep.prepare_disk", base=CanvasEntryTask, bind=True)
+def prepare_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Fetch the image into the cache, create the instance disk and inject the request's files
     into it; result: PreparedDisk."""
     parsed = parse(PrepareRequest, request)
+    cached = pinned_if_cached(parsed.image, str(self.request.root_id or self.request.id))
     steps = prepare_disk_steps(
-        parsed, host=parsed.host or get_settings().host_id, operation=self.request.id
+        parsed,
+        host=parsed.host or get_settings().host_id,
+        operation=self.request.id,
+        cached=cached,
     )
     canvas = with_ids(steps, self.request.id)
-    plan(self, canvas)
-    return self.replace(canvas)
+    plan(self, canvas, done=["imgprep.fetch_to_cache"] if cached else [])
+    hand_over(self, canvas)

@@ -1,8 +1,8 @@
 """imgprep.snapshot: extract an instance disk to a standalone image (Nova's cold snapshot).
 
 `imgprep.snapshot(request)` validates a SnapshotRequest, builds its canvas (on the disk's
-host: read the disk's recorded format and plan the conversion, then convert) and replaces
-itself with it; waiting on the caller's id yields the ConvertedImage, or the failure.
+host: read the disk's recorded format and plan the conversion, then convert) and hands its
+task id over to it; waiting on the caller's id yields the ConvertedImage, or the failure.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 from tasks.canvases import snapshot_steps, with_ids
 from tasks.snapshot_models import SnapshotRequest
 from worker.app import app
-from worker.entry import EntryTask, plan
+from worker.entry import CanvasEntryTask, hand_over, plan
 from worker.settings import get_settings
 from worker.taskbase import parse
 
 
-@app.task(name="imgprep.snapshot", base=EntryTask, bind=True)
-def snapshot(self: EntryTask, request: dict[str, Any]) -> Any:
+@app.task(name="imgprep.snapshot", base=CanvasEntryTask, bind=True)
+def snapshot(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Extract an instance disk to an image under the snapshots directory; result:
     ConvertedImage."""
     parsed = parse(SnapshotRequest, request)
@@ -26,4 +26,4 @@ def snapshot(self: EntryTask, request: dict[str, Any]) -> Any:
         snapshot_steps(parsed, host=parsed.host or get_settings().host_id), self.request.id
     )
     plan(self, canvas)
-    return self.replace(canvas)
+    hand_over(self, canvas)

@@ -7,9 +7,10 @@ from typing import Any
 
 import structlog
 
-from tasks.cache import cache_key, fetch_to_cache
-from tasks.models import PrepareRequest
-from tasks.references import fetch_pinned, pending_holder
+from tasks.cache import cache_key, fetch_to_cache, find_cached
+from tasks.models import CachedImage, ImageSource, PrepareRequest
+from tasks.ports import no_progress
+from tasks.references import claim, fetch_pinned, pending_holder
 from worker.app import app
 from worker.metrics import FetchMeter
 from worker.progress import TaskProgress
@@ -38,3 +39,22 @@ def fetch(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     )
     meter.count_request()
     return cached.model_dump(mode="json")
+
+
+def pinned_if_cached(source: ImageSource, root_id: str) -> CachedImage | None:
+    """The image's cache entry, pinned for the canvas of `root_id`, when it is already cached.
+
+    The entry task asks this before it builds its canvas: a cache hit needs no fetch step (its
+    postcondition holds), which spares every cache-hit prepare a whole task. None when the
+    image must be fetched, or its entry went between the look and the pin.
+    """
+    current = runtime()
+    cached = find_cached(source, current.cache)
+    if cached is None:
+        return None
+    if not claim(
+        cached, pending_holder(root_id), locks=current.locks, references=current.references
+    ):
+        return None
+    FetchMeter(no_progress).count_request()  # a hit
+    return cached

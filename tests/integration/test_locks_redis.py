@@ -122,7 +122,7 @@ def test_fenced_publish_refuses_a_holder_whose_lease_was_taken(
     def stage_a(part: Path) -> Staged[str]:
         part.write_bytes(b"A's bytes")
         # the pause: A's lease expires and B takes the lock (driven, not slept for)
-        a._stop_renewal_thread()
+        a._stop_renewing()
         redis_server.client().delete(a.key)
         b.acquire()
         took_over.set()

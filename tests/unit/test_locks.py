@@ -66,7 +66,7 @@ def test_a_dead_holder_loses_the_lock_after_one_lease(client: fakeredis.FakeRedi
     # Given a holder that stops renewing (its process died): acquire, then stop the renewer
     dead = make(client, lease=0.4, renew=0.1)
     dead.acquire()
-    dead._stop_renewal_thread()
+    dead._stop_renewing()
     waiter = make(client, wait=3.0)
     # When another worker waits for the lock
     started = time.monotonic()
@@ -80,7 +80,7 @@ def test_holder_that_lost_its_lease_cannot_publish(client: fakeredis.FakeRedis) 
     # Given a holder whose key was taken over (lease expired while it was paused)
     paused = make(client)
     paused.acquire()
-    paused._stop_renewal_thread()
+    paused._stop_renewing()
     client.delete(paused.key)
     usurper = make(client)
     usurper.acquire()
