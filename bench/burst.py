@@ -14,6 +14,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from bench.fetch_throughput import settle
 from bench.report import Figure, median, report
 from bench.stack import MiB, Stack, stack, write_image
 from tasks.models import DiskSpec, ImageSource, PrepareRequest
@@ -38,7 +39,9 @@ def ours(made: Stack, name: str, count: int) -> tuple[float, int]:
     results = [made.client.prepare_disk(r) for r in requests]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda r: made.client.wait_prepared(r, timeout=600), results))
-    return time.perf_counter() - started, made.server.gets(name) - before
+    elapsed = time.perf_counter() - started
+    settle()
+    return elapsed, made.server.gets(name) - before
 
 
 def baseline(made: Stack, name: str, count: int) -> float:
@@ -54,6 +57,7 @@ def baseline(made: Stack, name: str, count: int) -> float:
     subprocess.run(["bash", "-c", script], check=True)
     elapsed = time.perf_counter() - started
     subprocess.run(["rm", "-rf", str(work)], check=True)
+    settle()
     return elapsed
 
 
@@ -68,7 +72,7 @@ def run(count: int, size_mib: int, data_mib: int, repeat: int) -> Figure:
             downloads.append(fetched)
     ratio = median(times) / median(bare)
     return Figure(
-        name="burst_uncached",
+        name=f"burst_uncached_{data_mib}_of_{size_mib}_mib",
         ours=median(times),
         baseline=median(bare),
         unit="s",

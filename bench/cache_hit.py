@@ -68,7 +68,7 @@ def run(count: int, concurrency: int) -> Figure:
     best_ours, best_bare = max(ours), max(bare)
     ratio = best_ours / best_bare
     return Figure(
-        name="cache_hit_prepare",
+        name=f"cache_hit_prepare_concurrency_{concurrency}",
         ours=best_ours,
         baseline=best_bare,
         unit="prepares/s",

@@ -3,16 +3,20 @@
 Three things overlap instead of following each other: the next chunk is read from the source
 (a read-ahead thread), the current chunk is hashed (a hashing thread; hashlib releases the GIL),
 and it is written. Runs of zero blocks are skipped, so a raw image lands sparse. Writeback of
-what was written is started every few dozen MiB (`posix_fadvise(DONTNEED)` queues dirty pages
-for writeback without waiting, and keeps multi-GiB images from crowding the page cache), so the
-final fsync — the image must be on disk before it is published — has little left to flush.
+what was written is started every few dozen MiB (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`
+queues dirty pages for writeback without waiting for them), so the disk writes while the network
+reads, and the final fsync — the image must be on disk before it is published — has little left
+to flush. (`posix_fadvise(DONTNEED)` would also start writeback, but it waits on pages already
+under writeback: measured here, it made a 1 GiB download twice as slow.)
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +25,25 @@ from tasks.space import space_guard
 BLOCK = 64 * 2**10  # the unit of hole detection
 WRITEBACK_EVERY = 32 * 2**20
 _ZEROS = bytes(BLOCK)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None]:
+    """sync_file_range(2) from libc: start writeback of a range without waiting for it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux: the final fsync does all the flushing
+        return lambda fd, offset, length: None
+    call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors change nothing
+
+    return start_writeback
+
+
+start_writeback = _load_sync_file_range()
 
 
 def read_ahead(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -52,9 +75,7 @@ class ImageWriter:
         self._write_sparse(chunk, self.size)
         self.size += len(chunk)
         if self.size - self._flushed_to >= WRITEBACK_EVERY:
-            os.posix_fadvise(
-                self._fd, self._flushed_to, self.size - self._flushed_to, os.POSIX_FADV_DONTNEED
-            )
+            start_writeback(self._fd, self._flushed_to, self.size - self._flushed_to)
             self._flushed_to = self.size
 
     def finish(self) -> str:
