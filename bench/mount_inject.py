@@ -32,6 +32,7 @@ from pathlib import Path
 import redis
 from celery import chain
 
+from bench.report import Figure, report
 from tasks.canvases import injection_steps, with_ids
 from tasks.guest import DeviceContext
 from tasks.inject import inject_files
@@ -226,6 +227,28 @@ def celery_runs(bench: Bench, redis_url: str, runs: int, fmt: str) -> list[float
         worker.stop()
 
 
+def record(fmt: str, method: str, rows: dict[str, list[float]]) -> None:
+    """The figure of one disk format and mount method: imgprep (through Celery where it was
+    measured, else the domain calls) against the shell script."""
+    ours_path = "celery" if "celery" in rows else "domain"
+    ours, shell = statistics.median(rows[ours_path]), statistics.median(rows["shell"])
+    report(
+        Figure(
+            name=f"mount_inject_{fmt}_{method}",
+            ours=ours,
+            baseline=shell,
+            unit="ms (median)",
+            target="ours/script <= 1.5",
+            met=ours <= 1.5 * shell,
+            notes={
+                path: f"median {statistics.median(s):.1f} ms, p90 {percentile(s, 0.9):.1f} ms"
+                for path, s in rows.items()
+            }
+            | {"ours is": ours_path},
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -253,6 +276,7 @@ def main() -> None:
                             f"{fmt:<6}{method:<9}{name:<8}{statistics.median(samples):>10.1f}"
                             f"{percentile(samples, 0.9):>9.1f}"
                         )
+                    record(fmt, method, dict(rows))
         finally:
             server.stop()
 
