@@ -65,12 +65,15 @@ def openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
 
 
 def have_openat2() -> bool:
+    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     try:
-        os.close(openat2(os.open("/", os.O_PATH | os.O_CLOEXEC), ".", os.O_PATH))
+        os.close(openat2(root, ".", os.O_PATH))
     except OSError as error:
         if error.errno in (errno.ENOSYS, errno.EPERM):
             return False
         raise
+    finally:
+        os.close(root)
     return True
 
 
