@@ -19,8 +19,8 @@ import sys
 from bench.report import RESULTS
 
 BENCHMARKS: dict[str, list[str]] = {
-    "cache_hit": ["bench.cache_hit", "--count", "300", "--concurrency", "2"],
-    "cache_hit_c4": ["bench.cache_hit", "--count", "300", "--concurrency", "4"],
+    "cache_hit": ["bench.cache_hit", "--count", "200", "--concurrency", "2"],
+    "cache_hit_c4": ["bench.cache_hit", "--count", "200", "--concurrency", "4"],
     "burst": ["bench.burst"],
     "burst_dense": ["bench.burst", "--size-mib", "512", "--data-mib", "512"],
     "lock_handoff": ["bench.lock_handoff"],

@@ -96,6 +96,6 @@ def plan(task: Task, canvas: Any, done: Sequence[str] = ()) -> None:
                 for step in canvas.tasks
             ),
         ],
+        done=finished,
+        worker=task.request.hostname or "",
     )
-    for step in finished:
-        record.done_inline(root_id, step.task_id, step.name, task.request.hostname or "")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -76,9 +77,39 @@ class Journal:
     def key(self, root_id: str) -> str:
         return JOURNAL_PREFIX + root_id
 
-    def plan(self, root_id: str, steps: list[PlannedStep]) -> None:
-        body = "[" + ",".join(step.model_dump_json() for step in steps) + "]"
-        self._write_plan(root_id, body)
+    def plan(
+        self,
+        root_id: str,
+        steps: list[PlannedStep],
+        *,
+        done: Sequence[PlannedStep] = (),
+        worker: str = "",
+    ) -> None:
+        """The canvas's steps, in order. `done`: steps of the plan the entry task found already
+        done (a cache hit), recorded as succeeded in the same round trip."""
+        fields: dict[Any, Any] = {
+            PLAN_FIELD: "[" + ",".join(step.model_dump_json() for step in steps) + "]"
+        }
+        now = repr(time.time())
+        for step in done:
+            values = {
+                "name": step.name,
+                "state": "SUCCESS",
+                "worker": worker,
+                "error": "",
+                "started_at": now,
+                "finished_at": now,
+                ATTEMPTS: "1",
+                FINISHES: "1",
+            }
+            fields.update({step.task_id + SEPARATOR + k: v for k, v in values.items()})
+        try:
+            pipe = self.client.pipeline()
+            pipe.hset(self.key(root_id), mapping=fields)
+            pipe.expire(self.key(root_id), self.ttl)
+            pipe.execute()
+        except RedisError as error:
+            log.warning("journal_write_failed", root_id=root_id, error=str(error))
 
     def started(self, root_id: str, task_id: str, name: str, worker: str) -> None:
         self._write(
@@ -97,23 +128,6 @@ class Journal:
         if final:
             fields["finished_at"] = repr(time.time())
         self._write(root_id, task_id, fields, count=FINISHES if final else None)
-
-    def done_inline(self, root_id: str, task_id: str, name: str, worker: str) -> None:
-        """A step that did not need to run as a task (the entry task found its result)."""
-        now = repr(time.time())
-        self._write(
-            root_id,
-            task_id,
-            {
-                "name": name,
-                "state": "SUCCESS",
-                "worker": worker,
-                "error": "",
-                "started_at": now,
-                "finished_at": now,
-            },
-            count=ATTEMPTS,
-        )
 
     def read(self, root_id: str) -> CanvasView | None:
         raw = self.client.hgetall(self.key(root_id))
@@ -148,15 +162,6 @@ class Journal:
             if count is not None:
                 pipe.hincrby(key, task_id + SEPARATOR + count, 1)
             pipe.expire(key, self.ttl)
-            pipe.execute()
-        except RedisError as error:
-            log.warning("journal_write_failed", root_id=root_id, error=str(error))
-
-    def _write_plan(self, root_id: str, body: str) -> None:
-        try:
-            pipe = self.client.pipeline()
-            pipe.hset(self.key(root_id), PLAN_FIELD, body)
-            pipe.expire(self.key(root_id), self.ttl)
             pipe.execute()
         except RedisError as error:
             log.warning("journal_write_failed", root_id=root_id, error=str(error))
