@@ -50,6 +50,26 @@ def check_recorded_format(path: Path, wanted: DiskFormat) -> None:
         )
 
 
+def planned_disk(
+    base: CachedImage, spec: DiskSpec, *, instances_dir: Path, host: str, fmt: DiskFormat
+) -> tuple[Path, InstanceDisk]:
+    """Where the disk of `spec` goes (its instance directory created) and what it will be;
+    refuses a disk smaller than its base."""
+    verify_base_size(base, spec)
+    path = instance_dir(instances_dir, spec.instance_id, create=True) / spec.disk_name
+    overlay = fmt == "qcow2"
+    return path, InstanceDisk(
+        host=host,
+        instance_id=spec.instance_id,
+        disk_name=spec.disk_name,
+        path=str(path),
+        format=fmt,
+        virtual_size=spec.size_bytes,
+        backing_file=base.path if overlay else None,
+        backing_format=base.format if overlay else None,
+    )
+
+
 def create_overlay(
     base: CachedImage,
     spec: DiskSpec,
@@ -62,18 +82,7 @@ def create_overlay(
     preallocate_space: bool = False,
 ) -> InstanceDisk:
     """Make sure the qcow2 overlay of `spec` on `base` exists and return it."""
-    verify_base_size(base, spec)
-    path = instance_dir(instances_dir, spec.instance_id, create=True) / spec.disk_name
-    wanted = InstanceDisk(
-        host=host,
-        instance_id=spec.instance_id,
-        disk_name=spec.disk_name,
-        path=str(path),
-        format="qcow2",
-        virtual_size=spec.size_bytes,
-        backing_file=base.path,
-        backing_format=base.format,
-    )
+    path, wanted = planned_disk(base, spec, instances_dir=instances_dir, host=host, fmt="qcow2")
 
     def find() -> InstanceDisk | None:
         if not path.exists():

@@ -17,12 +17,7 @@ from tasks import diskinfo, qemu_img
 from tasks.convert import cache_mode_for
 from tasks.errors import DiskConflict
 from tasks.models import CachedImage, DiskSpec, InstanceDisk
-from tasks.overlay import (
-    check_recorded_format,
-    disk_lock_name,
-    verify_base_size,
-)
-from tasks.paths import instance_dir
+from tasks.overlay import check_recorded_format, disk_lock_name, planned_disk
 from tasks.ports import LockFactory
 from tasks.preallocation import preallocate
 from tasks.publish import Staged, publish_once
@@ -44,16 +39,7 @@ def copy_raw_disk(
     preallocate_space: bool = False,
 ) -> InstanceDisk:
     """Make sure the raw disk of `spec`, a copy of `base` grown to its size, exists."""
-    verify_base_size(base, spec)
-    path = instance_dir(instances_dir, spec.instance_id, create=True) / spec.disk_name
-    wanted = InstanceDisk(
-        host=host,
-        instance_id=spec.instance_id,
-        disk_name=spec.disk_name,
-        path=str(path),
-        format="raw",
-        virtual_size=spec.size_bytes,
-    )
+    path, wanted = planned_disk(base, spec, instances_dir=instances_dir, host=host, fmt="raw")
 
     def find() -> InstanceDisk | None:
         if not path.exists():
