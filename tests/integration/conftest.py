@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +60,18 @@ class Cluster:
             cache_dir=self.settings.cache_dir,
             instances_dir=self.settings.instances_dir,
             state_dir=self.settings.state_dir,
+        )
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """`imgprep ARGS` run as a user would, in this cluster's environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "worker.cli", *args],
+            check=False,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=Path(__file__).resolve().parents[2],
         )
 
     def assert_clean(self) -> None:

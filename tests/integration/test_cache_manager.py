@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -131,18 +130,6 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (when, when))
 
 
-def imgprep_cli(hosts: TwoHosts, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        check=False,
-        env=hosts.cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-
-
 def test_base_used_only_by_another_hosts_disk_is_never_removed(
     clean_hosts: TwoHosts, image_server: ImageServer
 ) -> None:
@@ -162,13 +149,13 @@ def test_base_used_only_by_another_hosts_disk_is_never_removed(
     assert base.is_file() and base.with_name(base.name + ".json").is_file()
     assert clean_hosts.holders(image_id) == [f"{clean_hosts.there}/{instance}/disk"]
     # and `imgprep cache list` shows it with its reference
-    listed = imgprep_cli(clean_hosts, "cache", "list", "--json")
+    listed = clean_hosts.cluster.cli("cache", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     row = next(r for r in json.loads(listed.stdout) if r["key"] == base.name)
     assert row["image_id"] == image_id and row["references"] == 1
     assert row["format"] == "raw" and row["virtual_size"] == 4 * MiB
     assert 0 < row["size_on_disk"] <= 4 * MiB
-    text = imgprep_cli(clean_hosts, "cache", "list")
+    text = clean_hosts.cluster.cli("cache", "list")
     assert base.name in text.stdout and image_id in text.stdout
 
     # When the disk is deleted on its host

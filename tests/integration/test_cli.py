@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.conftest import write_raw_image
@@ -16,18 +14,6 @@ MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]
 
 
-def imgprep(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        check=False,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
 def test_prepare_wait_json_then_status(clean_cluster: Cluster, image_server: ImageServer) -> None:
     # Given a served image
     name = unique("cli") + ".raw"
@@ -36,8 +22,7 @@ def test_prepare_wait_json_then_status(clean_cluster: Cluster, image_server: Ima
     instance = unique("vm")
 
     # When a user prepares a disk and waits for it
-    done = imgprep(
-        clean_cluster,
+    done = clean_cluster.cli(
         "prepare",
         image_server.url(name),
         "--image-id",
@@ -61,10 +46,10 @@ def test_prepare_wait_json_then_status(clean_cluster: Cluster, image_server: Ima
     assert Path(result["base"]["path"]).is_file()
 
     # And status shows both steps done, as text and as JSON
-    text = imgprep(clean_cluster, "status", result["task_id"])
+    text = clean_cluster.cli("status", result["task_id"])
     assert text.returncode == 0
     assert "fetch_to_cache" in text.stdout and "create_overlay" in text.stdout
-    view = json.loads(imgprep(clean_cluster, "status", result["task_id"], "--json").stdout)
+    view = json.loads(clean_cluster.cli("status", result["task_id"], "--json").stdout)
     assert view["state"] == "SUCCESS"
     assert [s["name"] for s in view["steps"]] == ["fetch_to_cache", "create_overlay"]
     assert all(s["state"] == "SUCCESS" and s["seconds"] is not None for s in view["steps"])
@@ -91,8 +76,8 @@ def test_prepare_failure_exits_non_zero_with_the_reason(
     ]
 
     # When it is prepared with --wait, then with --wait --json
-    done = imgprep(clean_cluster, *args)
-    as_json = imgprep(clean_cluster, *args, "--json")
+    done = clean_cluster.cli(*args)
+    as_json = clean_cluster.cli(*args, "--json")
 
     # Then both exit 1 with the error class and its message
     assert done.returncode == 1
@@ -102,18 +87,17 @@ def test_prepare_failure_exits_non_zero_with_the_reason(
     assert failure["error_type"] == "ChecksumMismatch"
 
     # And status shows where it failed and that the next step never ran
-    view = json.loads(imgprep(clean_cluster, "status", failure["task_id"], "--json").stdout)
+    view = json.loads(clean_cluster.cli("status", failure["task_id"], "--json").stdout)
     assert view["state"] == "FAILURE" and view["error_type"] == "ChecksumMismatch"
     assert [(s["name"], s["state"]) for s in view["steps"]] == [
         ("fetch_to_cache", "FAILURE"),
         ("create_overlay", "SKIPPED"),
     ]
-    assert imgprep(clean_cluster, "status", failure["task_id"]).returncode == 1
+    assert clean_cluster.cli("status", failure["task_id"]).returncode == 1
 
 
 def test_prepare_rejects_a_bad_request_before_sending(clean_cluster: Cluster) -> None:
-    done = imgprep(
-        clean_cluster,
+    done = clean_cluster.cli(
         "prepare",
         "http://x/i",
         "--image-id",
@@ -125,8 +109,7 @@ def test_prepare_rejects_a_bad_request_before_sending(clean_cluster: Cluster) ->
     )
     assert done.returncode == 2
     assert "disk.instance_id" in done.stderr
-    done = imgprep(
-        clean_cluster,
+    done = clean_cluster.cli(
         "prepare",
         "http://x/i",
         "--image-id",
@@ -141,7 +124,7 @@ def test_prepare_rejects_a_bad_request_before_sending(clean_cluster: Cluster) ->
 
 
 def test_demo_prepares_two_disks_with_one_download(clean_cluster: Cluster) -> None:
-    done = imgprep(clean_cluster, "demo", timeout=240)
+    done = clean_cluster.cli("demo", timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "prepared    2 of 2 disks" in done.stdout
     assert "downloads   1 GET of the image for 2 requests" in done.stdout

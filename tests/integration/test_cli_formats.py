@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.conftest import write_raw_image
@@ -14,18 +12,6 @@ from worker.imageserver import ImageServer
 
 MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]
-
-
-def imgprep(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        check=False,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-    )
 
 
 def test_prepare_raw_backend_then_snapshot(
@@ -37,8 +23,7 @@ def test_prepare_raw_backend_then_snapshot(
     instance = unique("vm")
 
     # When a user prepares a raw disk from it, declaring it raw, and snapshots the disk
-    prepared = imgprep(
-        clean_cluster,
+    prepared = clean_cluster.cli(
         "prepare",
         image_server.url(name),
         "--image-id",
@@ -57,9 +42,7 @@ def test_prepare_raw_backend_then_snapshot(
     assert prepared.returncode == 0, prepared.stderr
     disk = json.loads(prepared.stdout)["disk"]
     target = f"{instance}/disk.qcow2"
-    snapshot = imgprep(
-        clean_cluster, "snapshot", instance, target, "--compress", "--wait", "--json"
-    )
+    snapshot = clean_cluster.cli("snapshot", instance, target, "--compress", "--wait", "--json")
 
     # Then the disk is raw and the snapshot is a compressed qcow2 with its digest
     assert disk["format"] == "raw" and disk["backing_file"] is None
@@ -71,7 +54,7 @@ def test_prepare_raw_backend_then_snapshot(
     assert image["virtual_size"] == 32 * MiB
 
     # And the same snapshot into a target outside the snapshots directory fails with the reason
-    outside = imgprep(clean_cluster, "snapshot", instance, "/etc/x.qcow2", "--wait")
+    outside = clean_cluster.cli("snapshot", instance, "/etc/x.qcow2", "--wait")
     assert outside.returncode == 1
     assert "InvalidRequest" in outside.stderr and "is outside" in outside.stderr
 
@@ -81,8 +64,7 @@ def test_prepare_with_a_wrong_declared_format_fails_with_the_reason(
 ) -> None:
     name = unique("cli") + ".raw"
     write_raw_image(image_server.root / name, size=4 * MiB, data=b"r" * 512)
-    done = imgprep(
-        clean_cluster,
+    done = clean_cluster.cli(
         "prepare",
         image_server.url(name),
         "--image-id",

@@ -10,7 +10,6 @@ import pytest
 
 from tests.integration.conftest import Cluster, unique
 from tests.integration.devices import assert_released, need_devices
-from tests.integration.test_cli import imgprep
 from tests.support.guests import build_guest, read_guest_file
 from worker.imageserver import ImageServer
 
@@ -34,8 +33,7 @@ def test_prepare_injects_local_files_with_their_modes(
     instance = unique("vm")
 
     # When a user prepares a disk injecting both into partition 5
-    done = imgprep(
-        clean_cluster,
+    done = clean_cluster.cli(
         "prepare",
         image_server.url(name),
         "--image-id",
@@ -71,8 +69,7 @@ def test_prepare_injects_local_files_with_their_modes(
 def test_prepare_refuses_an_unreadable_local_file_before_sending(
     clean_cluster: Cluster, tmp_path: Path
 ) -> None:
-    done = imgprep(
-        clean_cluster,
+    done = clean_cluster.cli(
         "prepare",
         "http://x/i",
         "--image-id",
@@ -86,8 +83,7 @@ def test_prepare_refuses_an_unreadable_local_file_before_sending(
     )
     assert done.returncode == 2
     assert "cannot read" in done.stderr
-    bad = imgprep(
-        clean_cluster,
+    bad = clean_cluster.cli(
         "prepare",
         "http://x/i",
         "--image-id",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,18 +22,6 @@ from worker.imageserver import ImageServer
 
 MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        check=False,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
 
 
 @pytest.mark.parametrize("hostile", HOSTILE, ids=lambda h: h.name)
@@ -84,8 +71,8 @@ def test_inspect_refuses_hostile_image_with_one_line(
     path = build(hostile, tmp_path)
 
     # When a person inspects it as declared, in text and as JSON
-    text = run_cli(clean_cluster, "inspect", str(path), "--format", hostile.declared)
-    as_json = run_cli(clean_cluster, "inspect", str(path), "--format", hostile.declared, "--json")
+    text = clean_cluster.cli("inspect", str(path), "--format", hostile.declared)
+    as_json = clean_cluster.cli("inspect", str(path), "--format", hostile.declared, "--json")
 
     # Then both exit non-zero with one line on stderr that names the reason
     assert text.returncode == 1 and text.stdout == ""
@@ -104,9 +91,9 @@ def test_inspect_accepts_a_safe_image_as_what_it_is(clean_cluster: Cluster, tmp_
     qcow2_image(path)
 
     # When it is inspected without a declaration, as qcow2, and as JSON
-    plain = run_cli(clean_cluster, "inspect", str(path))
-    declared = run_cli(clean_cluster, "inspect", str(path), "--format", "qcow2")
-    report = run_cli(clean_cluster, "inspect", str(path), "--json")
+    plain = clean_cluster.cli("inspect", str(path))
+    declared = clean_cluster.cli("inspect", str(path), "--format", "qcow2")
+    report = clean_cluster.cli("inspect", str(path), "--json")
 
     # Then it is safe, and the JSON gives its format and virtual size
     assert plain.returncode == declared.returncode == report.returncode == 0
