@@ -22,9 +22,8 @@ from tasks.cache import cache_key
 from tasks.canvases import host_queue
 from tasks.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from tests.conftest import write_raw_image
-from tests.integration.conftest import Cluster, cluster_env, settings_from, unique
+from tests.integration.conftest import Cluster, make_cluster, unique
 from tests.support.redis_server import RedisServer, free_port
-from worker.app import create_app
 from worker.imageserver import ImageServer
 from worker.references import REFS_PREFIX
 
@@ -74,19 +73,9 @@ class TwoHosts:
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
     root = tmp_path_factory.mktemp("cache-manager")
-    for sub in ("cache", "instances", "other-instances", "state", "sources", "logs"):
-        (root / sub).mkdir()
+    (root / "other-instances").mkdir()
     server = RedisServer(root / "redis", free_port()).start()
-    env = cluster_env(root, server.url)
-    settings = settings_from(env)
-    cluster = Cluster(
-        redis_server=server,
-        env=env,
-        settings=settings,
-        app=create_app(settings),
-        workers=[],
-        root=root,
-    )
+    cluster = make_cluster(root, server)
     there = f"other-{uuid.uuid4().hex[:6]}"
     try:
         cluster.workers.append(cluster.start_worker("here"))
@@ -101,7 +90,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
         )
         yield TwoHosts(
             cluster=cluster,
-            here=settings.host_id,
+            here=cluster.settings.host_id,
             there=there,
             there_instances=root / "other-instances",
         )

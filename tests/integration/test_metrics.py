@@ -14,9 +14,8 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import need_root, write_raw_image
-from tests.integration.conftest import Cluster, cluster_env, settings_from, unique
+from tests.integration.conftest import Cluster, make_cluster, unique
 from tests.support.redis_server import RedisServer, free_port
-from worker.app import create_app
 from worker.imageserver import ImageServer
 from worker.processes import WorkerProcess
 
@@ -27,24 +26,16 @@ MiB = 2**20
 def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, int]]:
     """A cluster of its own (so that only its worker's counters move) with metrics on."""
     root = tmp_path_factory.mktemp("metrics")
-    for sub in ("cache", "instances", "state", "sources", "logs"):
-        (root / sub).mkdir()
     server = RedisServer(root / "redis", free_port()).start()
     port = free_port()
-    env = {
-        **cluster_env(root, server.url),
-        "IMGPREP_METRICS__ENABLED": "true",
-        "IMGPREP_METRICS__ADDRESS": "127.0.0.1",
-        "IMGPREP_METRICS__PORT": str(port),
-    }
-    settings = settings_from(env)
-    cluster = Cluster(
-        redis_server=server,
-        env=env,
-        settings=settings,
-        app=create_app(settings),
-        workers=[],
-        root=root,
+    cluster = make_cluster(
+        root,
+        server,
+        {
+            "IMGPREP_METRICS__ENABLED": "true",
+            "IMGPREP_METRICS__ADDRESS": "127.0.0.1",
+            "IMGPREP_METRICS__PORT": str(port),
+        },
     )
     try:
         cluster.workers.append(cluster.start_worker("metered", concurrency=2))
