@@ -19,8 +19,8 @@ import redis
 
 from bench.report import Figure, median, report
 from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
+from tasks.fileops import fsync_file
 from tasks.models import ImageSource
-from tasks.publish import fsync_file
 from tasks.runner import Limits, Runner
 from tests.support.redis_server import RedisServer, free_port
 from worker.imageserver import ImageServer

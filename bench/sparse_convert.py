@@ -23,8 +23,8 @@ from bench.report import Figure, median, report
 from tasks import qemu_img
 from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
 from tasks.convert import cache_mode_for
+from tasks.fileops import fsync_file
 from tasks.models import ImageSource
-from tasks.publish import fsync_file
 from tasks.runner import Limits, Runner
 from tests.support.redis_server import RedisServer, free_port
 from worker.imageserver import ImageServer

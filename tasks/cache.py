@@ -2,13 +2,16 @@
 
 `fetch_to_cache` downloads an image once however many workers ask for it at once: the entry
 is looked up, then produced under the lease lock `cache:<key>`, verified (checksum, format
-inspection, qemu-img info with the format pinned), optionally converted to raw, and renamed into
-place. The key is a hash of the image id, never a name the caller controls.
+inspection, qemu-img info with the format pinned), optionally converted to raw, and published
+(tasks.publish: the record, then the image, each renamed into place without replacing anything).
+The key is a hash of the image id, never a name the caller controls; an entry counts only while
+its record describes the very file beside it (size and inode).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,16 +22,32 @@ from pydantic import ValidationError
 from tasks import qemu_img
 from tasks.convert import cache_mode_for
 from tasks.download import SourcePolicy, download, redact
-from tasks.errors import ChecksumMismatch, ImageRefused, ImageTooLarge
+from tasks.errors import (
+    BaseImageMissing,
+    ChecksumMismatch,
+    ImageRefused,
+    ImageTooLarge,
+    InvalidRequest,
+)
 from tasks.inspection import Inspection, inspect_image, verify_info
 from tasks.models import CachedImage, ImageSource, WireModel
 from tasks.ports import LockFactory, Progress, no_progress
-from tasks.publish import Staged, publish_once, sidecar_path
+from tasks.publish import (
+    PART,
+    RECORD_PART,
+    FileStamp,
+    Staged,
+    publish_once,
+    record_path,
+    temporary_path,
+)
 from tasks.runner import Limits, Runner
 
 log = structlog.get_logger(__name__)
 
-CONVERTED = ".converted"
+CONVERTED = "converted"  # the temporary kind of a conversion to raw
+CACHE_TEMPORARIES = (PART, RECORD_PART, CONVERTED)  # every temporary beside a cache entry
+_KEY = re.compile(r"[0-9a-f]{40}")
 
 
 def cache_key(image_id: str) -> str:
@@ -45,6 +64,7 @@ class CacheRecord(WireModel):
     source_bytes: int
     fence: int
     fetched_at: datetime
+    file: FileStamp | None = None  # None only in records written before files were stamped
 
 
 @dataclass(frozen=True)
@@ -57,19 +77,33 @@ class ImageCache:
         return self.root / key
 
     def lookup(self, key: str) -> CacheRecord | None:
-        """The record of a complete entry, or None when there is no usable entry."""
+        """The record of a complete entry: it reads, and it describes the file beside it; None
+        when there is no such entry (nothing, or a broken one that the next holder repairs)."""
         entry = self.entry(key)
         try:
-            text = sidecar_path(entry).read_text(encoding="utf-8")
+            text = record_path(entry).read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
-        if not entry.is_file():
-            return None
         try:
-            return CacheRecord.model_validate_json(text)
+            record = CacheRecord.model_validate_json(text)
         except ValidationError:
             log.warning("cache_record_unreadable", key=key)
             return None
+        matches = entry.is_file() if record.file is None else record.file.matches(entry)
+        if not matches or record.image.key != key:
+            log.warning("cache_record_mismatched", key=key, image_exists=entry.exists())
+            return None
+        return record
+
+    def image(self, key: str) -> CachedImage | None:
+        """The complete entry `key` as a CachedImage whose path is derived from the key, never
+        taken from a record or a message; InvalidRequest for a name that is not a cache key."""
+        if not _KEY.fullmatch(key):
+            raise InvalidRequest(f"{key!r} is not a cache key (40 hexadecimal digits)")
+        record = self.lookup(key)
+        if record is None:
+            return None
+        return record.image.model_copy(update={"path": str(self.entry(key))})
 
 
 @dataclass(frozen=True)
@@ -108,7 +142,7 @@ def fetch_to_cache(
         inspected, info = _inspect(part, source, options, runner)
         published, fmt = part, inspected.format
         if options.force_raw and fmt != "raw":
-            published = entry.with_name(entry.name + CONVERTED)
+            published = temporary_path(entry, CONVERTED, lease.fence)
             qemu_img.convert(
                 runner,
                 part,
@@ -139,12 +173,20 @@ def fetch_to_cache(
             source_bytes=fetched.size,
             fence=lease.fence,
             fetched_at=datetime.now(UTC),
+            file=FileStamp.of(published),
         )
         log.info("image_fetched", bytes=fetched.size, format=inspected.format, cached_format=fmt)
-        return Staged(file=published, result=image, sidecar=record.model_dump_json(indent=1))
+        return Staged(file=published, result=image, record=record.model_dump_json(indent=1))
 
     lease = locks(f"cache:{key}")
-    return publish_once(entry, find=find, lease=lease, stage=stage, extra_temporaries=(CONVERTED,))
+    return publish_once(
+        entry,
+        find=find,
+        lease=lease,
+        stage=stage,
+        with_record=True,
+        extra_temporaries=(CONVERTED,),
+    )
 
 
 def _inspect(
@@ -171,17 +213,35 @@ def _inspect(
 def find_cached(source: ImageSource, cache: ImageCache) -> CachedImage | None:
     """The cache entry of `source` if it is complete (no lock: entries appear by rename);
     ChecksumMismatch when it is cached with another checksum than the request names."""
-    record = cache.lookup(cache_key(source.image_id))
-    if record is None:
+    image = cache.image(cache_key(source.image_id))
+    if image is None:
         return None
-    _check_cached_checksum(record, source)
-    return record.image
+    _check_cached_checksum(image, source)
+    return image
 
 
-def _check_cached_checksum(record: CacheRecord, source: ImageSource) -> None:
-    if source.checksum is not None and source.checksum != f"sha256:{record.image.source_sha256}":
+def cached_base(source: ImageSource, claimed: CachedImage, cache: ImageCache) -> CachedImage:
+    """The cache entry a disk step uses: the one of the request's image, found by its key in
+    the cache directory, with its record checked. The step's input (`claimed`, from the
+    message) names the key only; its path and format are never used."""
+    key = cache_key(source.image_id)
+    if claimed.key != key:
+        raise InvalidRequest(
+            f"the cached image {claimed.key} is not the entry of image {source.image_id} ({key})"
+        )
+    image = find_cached(source, cache)
+    if image is None:
+        raise BaseImageMissing(
+            f"base image {source.image_id} ({key}) is not in the cache; "
+            "send the request again to fetch it"
+        )
+    return image
+
+
+def _check_cached_checksum(image: CachedImage, source: ImageSource) -> None:
+    if source.checksum is not None and source.checksum != f"sha256:{image.source_sha256}":
         raise ChecksumMismatch(
-            f"image {source.image_id} is cached with sha256:{record.image.source_sha256}, "
+            f"image {source.image_id} is cached with sha256:{image.source_sha256}, "
             f"the request expected {source.checksum}"
         )
 

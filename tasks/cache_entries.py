@@ -2,29 +2,31 @@
 and the instance disks of this host that have a cached base as backing file.
 
 The last use of an entry is its file's mtime, touched whenever a canvas fetches or references
-it (Nova's image cache manager reads ages the same way). The backing files of local disks come
-from `qemu-img info` (format pinned to qcow2, after checking the qcow2 magic), never from names.
+it (Nova's image cache manager reads ages the same way). Which local disks have a backing file
+comes from imgprep's own records, never from bytes a guest can write: only a disk that its
+instance's disk.info records as qcow2 (an overlay imgprep created, whose header the guest cannot
+touch) is asked with `qemu-img info -f qcow2`; a disk recorded as raw has no backing file, and a
+file without a record is not a disk of imgprep's. A disk being created is not read either: its
+base holds its reference from before the disk is made (tasks.references).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from tasks import qemu_img
-from tasks.cache import CONVERTED, CacheRecord, ImageCache
-from tasks.errors import ImgprepError
+from tasks import diskinfo, qemu_img
+from tasks.cache import CacheRecord, ImageCache
+from tasks.errors import DiskConflict, ImgprepError
 from tasks.ports import References
-from tasks.publish import PART, SIDECAR
+from tasks.publish import RECORD, is_temporary_name
 from tasks.runner import Limits, Runner
 
 log = structlog.get_logger(__name__)
-
-QCOW2_MAGIC = b"QFI\xfb"
-NOT_ENTRIES = (PART, CONVERTED, SIDECAR)
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,28 @@ def entry_keys(cache: ImageCache) -> list[str]:
     return sorted(
         name
         for name in names
-        if not name.endswith(NOT_ENTRIES)
+        if not name.endswith(RECORD)
+        and not is_temporary_name(name)
         and not name.startswith(".")
         and (cache.root / name).is_file()
         and not (cache.root / name).is_symlink()
     )
+
+
+def leftover_keys(cache: ImageCache) -> list[str]:
+    """Keys with something left beside them that is no entry: temporaries (of a holder that
+    died, or whose lease passed on after it had renamed), or a record without its file."""
+    try:
+        names = set(os.listdir(cache.root))
+    except FileNotFoundError:
+        return []
+    keys = {name.split(".", 1)[0] for name in names if is_temporary_name(name)}
+    keys |= {
+        name.removesuffix(RECORD)
+        for name in names
+        if name.endswith(RECORD) and name.removesuffix(RECORD) not in names
+    }
+    return sorted(key for key in keys if key and not key.startswith("."))
 
 
 def read_entry(cache: ImageCache, key: str, references: References) -> EntryState | None:
@@ -90,12 +109,10 @@ def local_backing_files(
 ) -> dict[str, list[Path]]:
     """Backing file (as recorded in the disk, and resolved) → the local disks that use it.
 
-    Every qcow2 file under `<instances_dir>/<instance>/` counts, temporaries too: a disk being
-    created already uses its base. Raises UnverifiableDisk when a qcow2 cannot be inspected."""
+    Only disks recorded as qcow2 in their instance's disk.info are read. Raises
+    UnverifiableDisk when a record or a recorded overlay cannot be read."""
     used: dict[str, list[Path]] = {}
-    for disk in _instance_files(instances_dir):
-        if not _is_qcow2(disk):
-            continue
+    for disk in _recorded_overlays(instances_dir):
         try:
             info = qemu_img.info(runner, disk, "qcow2", limits)
         except FileNotFoundError:
@@ -111,8 +128,9 @@ def local_backing_files(
     return used
 
 
-def _instance_files(instances_dir: Path) -> list[Path]:
-    files = []
+def _recorded_overlays(instances_dir: Path) -> list[Path]:
+    """The regular files that disk.info records as qcow2 disks, in every instance directory."""
+    disks = []
     try:
         instances = list(instances_dir.iterdir())
     except FileNotFoundError:
@@ -120,13 +138,22 @@ def _instance_files(instances_dir: Path) -> list[Path]:
     for instance in instances:
         if instance.is_symlink() or not instance.is_dir():
             continue
-        files += [p for p in instance.iterdir() if p.is_file() and not p.is_symlink()]
-    return sorted(files)
+        try:
+            formats = diskinfo.read_formats(instance)
+        except DiskConflict as error:
+            raise UnverifiableDisk(str(error)) from None
+        except FileNotFoundError:
+            continue  # the instance went while we looked
+        disks += [
+            instance / name
+            for name, fmt in formats.items()
+            if fmt == "qcow2" and _is_regular_file(instance / name)
+        ]
+    return sorted(disks)
 
 
-def _is_qcow2(path: Path) -> bool:
+def _is_regular_file(path: Path) -> bool:
     try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == QCOW2_MAGIC
-    except OSError:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
         return False

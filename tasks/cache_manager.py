@@ -2,13 +2,16 @@
 
 A base is in use while it has a holder (tasks.references: an instance disk on any host, or a
 canvas between fetch and disk creation) or while a disk of this host has it as backing file
-(`qemu-img info`, a check that does not trust Redis). Unused bases are removed once unused for
+(`qemu-img info` of the disks disk.info records as qcow2 overlays, a check that does not trust
+Redis, nor any byte a guest wrote). Unused bases are removed once unused for
 `minimum_age_seconds`; with a size cap, unused bases idle for at least `min_idle_seconds` are
 removed least recently used first until the cache fits.
 
 Each removal takes the entry's lock `cache:<key>` without waiting (a held lock means a fetch or
 a reference is being made: the entry is busy, not unused), checks everything again under it, and
-removes the record before the image, so a reader sees a complete entry or none.
+removes the record before the image, so a reader sees a complete entry or none. Each pass also
+clears, under the same lock, what publishing can leave beside an entry: temporaries of holders
+that died or lost their lease, and a record whose image never followed (tasks.publish).
 """
 
 from __future__ import annotations
@@ -21,18 +24,20 @@ from pathlib import Path
 
 import structlog
 
-from tasks.cache import CONVERTED, ImageCache
+from tasks.cache import CACHE_TEMPORARIES, ImageCache
 from tasks.cache_entries import (
     EntryState,
     UnverifiableDisk,
+    leftover_keys,
     local_backing_files,
     read_entries,
     read_entry,
 )
 from tasks.errors import LockBusy
+from tasks.fileops import fsync_directory, remove_files
 from tasks.models import CacheEviction, CacheEvictionReport
 from tasks.ports import LockFactory, References
-from tasks.publish import fsync_directory, remove_files, sidecar_path, temporaries
+from tasks.publish import record_path, stale_temporaries
 from tasks.references import PENDING, parse_disk_holder
 from tasks.runner import Limits, Runner
 
@@ -74,6 +79,8 @@ class CacheManager:
             # Not knowing what a local disk uses means removing nothing this time.
             log.warning("cache_manager_cannot_verify", error=str(error))
             return self._report(read_entries(self.cache, self.references), [], [], [], dry_run)
+        if not dry_run:
+            self._clear_leftovers()
         dropped = [] if dry_run else self._drop_stale_references(policy, now)
         entries = read_entries(self.cache, self.references)
         chosen = choose_evictions(entries, policy, now=now, in_use=self._used_here)
@@ -115,8 +122,8 @@ class CacheManager:
                 log.info("cache_entry_kept_on_recheck", key=key, holders="new")
                 return False
             try:
-                remove_files([sidecar_path(entry.path)])
-                remove_files([entry.path, *temporaries(entry.path, (CONVERTED,))])
+                remove_files([record_path(entry.path)])
+                remove_files([entry.path, *stale_temporaries(entry.path, CACHE_TEMPORARIES)])
                 fsync_directory(entry.path.parent)
             finally:
                 self.references.end_eviction(key)
@@ -129,6 +136,24 @@ class CacheManager:
             idle_seconds=round(idle),
         )
         return True
+
+    def _clear_leftovers(self) -> None:
+        """Under each entry's lock (a busy one is skipped: its holder clears them itself),
+        remove temporaries and a record whose image is missing. No holder can still complete
+        them: whoever wrote them lost its lease when this pass got the lock."""
+        for key in leftover_keys(self.cache):
+            entry = self.cache.entry(key)
+            try:
+                with self.locks(f"cache:{key}"):
+                    removed = remove_files(stale_temporaries(entry, CACHE_TEMPORARIES))
+                    if not entry.exists():
+                        removed += remove_files([record_path(entry)])
+                    if removed:
+                        fsync_directory(self.cache.root)
+            except LockBusy:
+                continue
+            if removed:
+                log.info("cache_leftovers_removed", key=key, files=[p.name for p in removed])
 
     def _drop_stale_references(self, policy: AgingPolicy, now: float) -> list[str]:
         """Pins of canvases that never finished, and this host's references to disks that are

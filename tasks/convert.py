@@ -4,8 +4,9 @@ The target's cache mode is chosen by an O_DIRECT probe of its directory: `-t non
 host page cache out of the way and leaves the data on disk when the command ends; filesystems
 without O_DIRECT (tmpfs) refuse that, so there the target is written with `writeback`, which
 still fsyncs at the end (Nova's privsep `convert_image`). The source format is always pinned.
-The target is published like every artifact (tasks.publish): `<target>.part`, then a rename,
-with its description in `<target>.json`; a target that exists from another job is a conflict.
+The target is published like every artifact (tasks.publish): staged in a temporary of this
+holder's own, then its description renamed to `<target>.json` and the image to `<target>`; a
+target that exists from another job (or whose description does not describe it) is a conflict.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tasks import qemu_img
 from tasks.errors import DiskConflict, InvalidRequest
 from tasks.paths import inside
 from tasks.ports import LockFactory, Progress, no_progress
-from tasks.publish import Staged, publish_once, sidecar_path
+from tasks.publish import Staged, publish_once, record_path
 from tasks.runner import Limits, Runner
 from tasks.snapshot_models import ConvertedImage, ConvertJob
 from tasks.sparse import allocated_bytes
@@ -130,9 +131,11 @@ def convert_image(
             compressed=job.compress,
             bytes=result.size_bytes,
         )
-        return Staged(file=part, result=result, sidecar=result.model_dump_json(indent=1))
+        return Staged(file=part, result=result, record=result.model_dump_json(indent=1))
 
-    return publish_once(target, find=find, lease=locks(f"image:{target}"), stage=stage)
+    return publish_once(
+        target, find=find, lease=locks(f"image:{target}"), stage=stage, with_record=True
+    )
 
 
 def file_sha256(path: Path, chunk: int = 4 * 2**20) -> str:
@@ -144,10 +147,13 @@ def file_sha256(path: Path, chunk: int = 4 * 2**20) -> str:
 
 
 def _read_description(target: Path) -> ConvertedImage | None:
+    """The description of the image at `target`, if it reads and has the image's size."""
     try:
-        return ConvertedImage.model_validate_json(sidecar_path(target).read_text("utf-8"))
+        described = ConvertedImage.model_validate_json(record_path(target).read_text("utf-8"))
+        size = target.stat().st_size
     except (FileNotFoundError, ValidationError):
         return None
+    return described if described.size_bytes == size else None
 
 
 def _require_inside(path: Path, roots: Sequence[Path], what: str) -> None:

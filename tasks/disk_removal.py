@@ -17,12 +17,13 @@ import structlog
 
 from tasks import diskinfo
 from tasks.errors import DiskBusy
+from tasks.fileops import fsync_directory, remove_files
 from tasks.ledger import ResourceLedger
 from tasks.models import DeletedDisk, DiskSpec
 from tasks.overlay import disk_lock_name
 from tasks.paths import child, instance_dir
 from tasks.ports import LockFactory, References
-from tasks.publish import fsync_directory, remove_files, temporaries
+from tasks.publish import stale_temporaries
 from tasks.references import disk_holder
 
 log = structlog.get_logger(__name__)
@@ -55,7 +56,7 @@ def delete_disk(
     spec = DiskSpec.model_construct(instance_id=instance_id, disk_name=disk_name, size_bytes=0)
     with locks(disk_lock_name(spec)) as lease:
         existed = path.exists()
-        removed = remove_files([path, *temporaries(path)])
+        removed = remove_files([path, *stale_temporaries(path)])
         if removed:
             fsync_directory(directory)
         diskinfo.forget_format(directory, disk_name, lease)

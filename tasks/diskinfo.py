@@ -5,7 +5,9 @@ JSON object of disk name → format. Later steps read the record and pin that fo
 instead of probing the file: a guest can write a qcow2 header into a raw disk, and a probe
 would then follow whatever backing file the guest named. The file is rewritten atomically by
 holders of the instance's lease `disk:<instance_id>` (`instance_lease`), the lease under which
-the instance's disks are created and deleted, so one lease covers a disk and its record.
+the instance's disks are created and deleted, so one lease covers a disk and its record. Each
+holder writes through a temporary of its own (`disk.info.part.<fence>`) and removes the ones
+that holders before it left.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import cast, get_args
 import structlog
 
 from tasks.errors import DiskConflict, DiskNotFound
+from tasks.fileops import fsync_directory, remove_files, write_atomically
 from tasks.models import DiskFormat
 from tasks.ports import Lease
-from tasks.publish import fsync_directory, write_atomically
+from tasks.publish import PART, stale_temporaries, temporary_path
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +94,7 @@ def record_format(directory: Path, disk_name: str, fmt: DiskFormat, held: Lease)
         )
     formats[disk_name] = fmt
     held.ensure_held()
-    write_atomically(disk_info_path(directory), json.dumps(formats, sort_keys=True) + "\n")
+    _write(directory, formats, held)
     log.info("disk_format_recorded", disk=disk_name, format=fmt)
 
 
@@ -103,7 +106,20 @@ def forget_format(directory: Path, disk_name: str, held: Lease) -> None:
         return
     held.ensure_held()
     if formats:
-        write_atomically(disk_info_path(directory), json.dumps(formats, sort_keys=True) + "\n")
+        _write(directory, formats, held)
     else:
+        remove_stale_temporaries(directory)
         disk_info_path(directory).unlink(missing_ok=True)
     fsync_directory(directory)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove what earlier holders left of their rewrites of disk.info (under the lease)."""
+    return remove_files(stale_temporaries(disk_info_path(directory), (PART,)))
+
+
+def _write(directory: Path, formats: dict[str, DiskFormat], held: Lease) -> None:
+    remove_stale_temporaries(directory)
+    path = disk_info_path(directory)
+    text = json.dumps(formats, sort_keys=True) + "\n"
+    write_atomically(path, text, temporary_path(path, PART, held.fence))

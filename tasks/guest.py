@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from tasks import diskinfo
+from tasks.cache import ImageCache
 from tasks.errors import DeviceError, InvalidRequest
 from tasks.ledger import DeviceRecord, Resource, ResourceLedger
 from tasks.models import InjectedFile, InstanceDisk, PreparedDisk, WireModel
-from tasks.paths import child, inside
+from tasks.paths import child
 from tasks.ports import LockFactory
 from tasks.runner import Runner
 
@@ -76,8 +78,10 @@ def disk_key(disk: InstanceDisk) -> str:
 
 def check_disk(disk: InstanceDisk, ctx: DeviceContext) -> None:
     """Refuse a disk that is not where imgprep puts instance disks, or is not a plain file, or
-    whose backing file is outside the cache: step inputs travel through the broker, and these
-    paths are handed to tools that run as root."""
+    whose format is not the one its disk.info records, or whose backing file is not a complete
+    cache entry in the format its record names: step inputs travel through the broker, and
+    these paths and formats are handed to tools that run as root (a raw disk opened as qcow2
+    would follow whatever header the guest wrote)."""
     expected = child(child(ctx.instances_dir, disk.instance_id), disk.disk_name)
     if Path(disk.path) != expected:
         raise InvalidRequest(f"disk path {disk.path} is not the instance disk path {expected}")
@@ -87,8 +91,24 @@ def check_disk(disk: InstanceDisk, ctx: DeviceContext) -> None:
         raise DeviceError(f"the instance disk {expected} does not exist") from None
     if not stat.S_ISREG(mode):
         raise InvalidRequest(f"{expected} is not a regular file")
-    if disk.backing_file is not None and not inside(ctx.cache_dir, Path(disk.backing_file)):
-        raise InvalidRequest(f"backing file {disk.backing_file} is outside the image cache")
+    recorded = diskinfo.read_format(expected.parent, expected.name)
+    if recorded != disk.format:
+        raise InvalidRequest(
+            f"{expected} is recorded as {recorded or 'no disk of imgprep'}, not {disk.format}"
+        )
+    if disk.backing_file is not None:
+        _check_backing(disk, ctx)
+
+
+def _check_backing(disk: InstanceDisk, ctx: DeviceContext) -> None:
+    backing = Path(str(disk.backing_file))
+    if disk.format != "qcow2" or backing.parent != ctx.cache_dir:
+        raise InvalidRequest(f"backing file {backing} is not an entry of the image cache")
+    base = ImageCache(ctx.cache_dir).image(backing.name)
+    if base is None or base.format != disk.backing_format:
+        raise InvalidRequest(
+            f"backing file {backing} is not a complete cache entry in {disk.backing_format} format"
+        )
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.publish import is_temporary_name
+
 API_VERSION: Literal[1] = 1
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -42,9 +44,13 @@ Name = Annotated[str, AfterValidator(_path_component)]
 
 
 def _disk_name(value: str) -> str:
-    # Beside each disk live its format record (disk.info) and its temporaries (<name>.part).
-    if value == "disk.info" or value.endswith(".part"):
-        raise ValueError("'disk.info' and names ending in '.part' are reserved")
+    # Beside each disk live its format record (disk.info) and its writers' temporaries
+    # (<name>.part.<fence>, tasks.publish).
+    if value == "disk.info" or is_temporary_name(value):
+        raise ValueError(
+            "'disk.info' and names ending in '.part', '.converted' or either followed by "
+            "'.<digits>' are reserved"
+        )
     return value
 
 

@@ -70,6 +70,13 @@ def planned_disk(
     )
 
 
+def overlay_uses_base(path: Path, base: CachedImage, runner: Runner, limits: Limits) -> bool:
+    """Whether the disk at `path` is a qcow2 overlay (by its format record) on `base`."""
+    if not path.is_file() or diskinfo.read_format(path.parent, path.name) != "qcow2":
+        return False
+    return qemu_img.info(runner, path, "qcow2", limits).backing_filename == base.path
+
+
 def create_overlay(
     base: CachedImage,
     spec: DiskSpec,

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from tasks.errors import InvalidRequest
+from tasks.publish import RECORD, is_temporary_name
 
 
 def child(root: Path, name: str) -> Path:
@@ -38,15 +39,18 @@ def inside(root: Path, path: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-RESERVED_SUFFIXES = (".part", ".json")
+def reserved_name(name: str) -> bool:
+    """Names of the temporaries (`.part`, `.part.<fence>`, …) and of the description (`.json`)
+    written beside each artifact (tasks.publish)."""
+    return name.endswith(RECORD) or is_temporary_name(name)
 
 
 def path_under(root: Path, target: str, *, create_parents: bool = False) -> Path:
     """The file `target` names under `root`: a relative path, or an absolute one inside `root`.
 
     Each component must be a plain name (no '..', no symbolic link); parents are created when
-    asked. Names ending in .part or .json are refused: they are the temporaries and the
-    description that are written beside each artifact.
+    asked. Reserved names are refused: the temporaries and the description that are written
+    beside each artifact.
     """
     candidate = Path(target)
     if candidate.is_absolute():
@@ -56,8 +60,11 @@ def path_under(root: Path, target: str, *, create_parents: bool = False) -> Path
     parts = candidate.parts
     if not parts:
         raise InvalidRequest(f"{target!r} names no file under {root}")
-    if parts[-1].endswith(RESERVED_SUFFIXES):
-        raise InvalidRequest(f"{target!r}: names ending in .part or .json are reserved")
+    if reserved_name(parts[-1]):
+        raise InvalidRequest(
+            f"{target!r}: names ending in .json, .part or .converted (or either followed by "
+            ".<digits>) are reserved"
+        )
     directory = root
     for name in parts[:-1]:
         directory = child(directory, name)

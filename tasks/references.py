@@ -9,6 +9,8 @@ under, after checking the entry is still there, so an entry is either referenced
   (`pending/<root task id>`) as soon as it has it,
   so nothing removes it before the disk is created on whichever host;
 * the disk step adds the disk (`<host>/<instance>/<disk>`) before creating it and drops the pin;
+  when it fails, it drops the disk's reference again unless the disk is there and uses this
+  base (a conflicting request for an existing disk on another base leaves no reference);
 * deleting the disk drops its reference.
 
 References left by a canvas that died half-way are dropped by the cache manager once stale.
@@ -23,10 +25,10 @@ from pathlib import Path
 
 import structlog
 
+from tasks.cache import ImageCache
 from tasks.errors import BaseImageMissing, TransientError
 from tasks.models import CachedImage
 from tasks.ports import LockFactory, References
-from tasks.publish import sidecar_path
 
 log = structlog.get_logger(__name__)
 
@@ -52,8 +54,9 @@ def parse_disk_holder(holder: str) -> tuple[str, str, str] | None:
 
 
 def entry_present(base: CachedImage) -> bool:
+    """Whether the entry is complete in the cache (its record describes its file)."""
     path = Path(base.path)
-    return path.is_file() and sidecar_path(path).is_file()
+    return ImageCache(path.parent).lookup(path.name) is not None
 
 
 def touch(path: Path) -> None:
@@ -108,31 +111,52 @@ def fetch_pinned(
 
 @contextlib.contextmanager
 def base_in_use(
-    base: CachedImage,
+    key: str,
+    find_base: Callable[[], CachedImage],
     *,
-    holder: str,
-    disk_path: Path,
+    holder: str | None,
+    uses_base: Callable[[CachedImage], bool],
     pin: str | None,
     locks: LockFactory,
     references: References,
     final_attempt: bool = True,
-) -> Iterator[None]:
-    """Reference `base` for the disk created inside the block, then drop the canvas's pin.
+) -> Iterator[CachedImage]:
+    """Find the base of cache entry `key` and reference it for the disk `holder` created
+    inside the block (with no holder, the canvas's pin keeps it while the block runs); then
+    drop the pin.
 
-    On failure the disk's reference goes when no disk was made; the pin goes unless the step
-    will be retried (it keeps the base for the retry)."""
-    if not claim(base, holder, locks=locks, references=references):
-        raise BaseImageMissing(
-            f"base image {base.image_id} ({base.key}) is no longer in the cache; "
-            "send the request again to fetch it"
-        )
+    A step that fails releases what it claimed: the disk's reference goes unless the disk is
+    there and uses this base (`uses_base`: a conflicting request for an existing disk on another
+    base must not pin this one); the pin goes unless the step will be retried (it keeps the
+    base for the retry)."""
+    claimed = holder or pin
+    if claimed is None:
+        raise ValueError("base_in_use needs a holder or a pin")
+    referenced: CachedImage | None = None
     try:
-        yield
+        base = find_base()
+        if not claim(base, claimed, locks=locks, references=references):
+            raise BaseImageMissing(
+                f"base image {base.image_id} ({key}) is no longer in the cache; "
+                "send the request again to fetch it"
+            )
+        referenced = base
+        yield base
     except BaseException as error:
-        if not disk_path.exists():
-            references.discard(base.key, holder)
+        if holder is not None and referenced is not None and not _still_used(uses_base, referenced):
+            references.discard(key, holder)
         if pin is not None and (final_attempt or not isinstance(error, TransientError)):
-            references.discard(base.key, pin)
+            references.discard(key, pin)
         raise
     if pin is not None:
-        references.discard(base.key, pin)
+        references.discard(key, pin)
+
+
+def _still_used(uses_base: Callable[[CachedImage], bool], base: CachedImage) -> bool:
+    """Whether the disk uses the base; when that cannot be told, it does (keeping a reference
+    only delays an eviction; the cache manager drops it once stale)."""
+    try:
+        return uses_base(base)
+    except Exception as error:
+        log.warning("disk_base_unknown", key=base.key, error=str(error))
+        return True

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks import diskinfo
-from tasks.paths import instance_dir, path_under
+from tasks.errors import InvalidRequest
+from tasks.paths import child, instance_dir, path_under
 from tasks.snapshot_models import ConvertJob, SnapshotRequest
 
 
@@ -29,3 +30,22 @@ def plan_snapshot(
         target_format=request.format,
         compress=request.compress,
     )
+
+
+def confirm_job(job: ConvertJob, *, instances_dir: Path, snapshots_dir: Path) -> ConvertJob:
+    """`job`, if it is a snapshot's conversion: its source an instance disk read in the format
+    its disk.info records, its target under the snapshots directory. The convert step takes its
+    job from the broker; a job naming another file, or a format the guest could have chosen by
+    writing a header into a raw disk, is refused."""
+    source = Path(job.source)
+    directory = instance_dir(instances_dir, source.parent.name)
+    if source != child(directory, source.name):
+        raise InvalidRequest(f"the source {source} is not an instance disk under {instances_dir}")
+    recorded = diskinfo.require_format(directory, source.name)
+    if recorded != job.source_format:
+        raise InvalidRequest(
+            f"the source {source} is recorded as a {recorded} disk, not {job.source_format}"
+        )
+    if path_under(snapshots_dir, job.target) != Path(job.target):
+        raise InvalidRequest(f"the target {job.target} is not a path under {snapshots_dir}")
+    return job

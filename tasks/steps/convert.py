@@ -1,10 +1,15 @@
-"""imgprep.convert: one qemu-img convert, with progress as the task's PROGRESS state."""
+"""imgprep.convert: one qemu-img convert, with progress as the task's PROGRESS state.
+
+The job comes from the broker: it runs only as a snapshot's conversion (tasks.snapshot.
+confirm_job: an instance disk in its recorded format, to a target under the snapshots
+directory)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tasks.convert import convert_image
+from tasks.snapshot import confirm_job
 from tasks.snapshot_models import ConvertJob
 from worker.app import app
 from worker.progress import TaskProgress
@@ -15,10 +20,15 @@ from worker.taskbase import StepTask, parse
 @app.task(name="imgprep.convert", base=StepTask, bind=True)
 def convert(self: StepTask, job: dict[str, Any]) -> dict[str, Any]:
     settings = runtime().settings
-    converted = convert_image(
+    confirmed = confirm_job(
         parse(ConvertJob, job, "convert job"),
-        source_roots=(settings.instances_dir, settings.cache_dir, settings.snapshots_dir),
-        target_roots=(settings.snapshots_dir, settings.instances_dir),
+        instances_dir=settings.instances_dir,
+        snapshots_dir=settings.snapshots_dir,
+    )
+    converted = convert_image(
+        confirmed,
+        source_roots=(settings.instances_dir,),
+        target_roots=(settings.snapshots_dir,),
         runner=runtime().runner,
         locks=runtime().locks,
         limits=runtime().qemu_limits,

@@ -1,12 +1,16 @@
-"""imgprep.copy_raw_disk: the instance disk as a sparse raw copy of the cached base."""
+"""imgprep.copy_raw_disk: the instance disk as a sparse raw copy of the cached base.
+
+The base is the cache entry of the request's image, found by its key in the cache directory
+(tasks.cache.cached_base): a path or format in the message is never used.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import structlog
 
+from tasks.cache import cache_key, cached_base
 from tasks.models import CachedImage, PreparedDisk, PrepareRequest
 from tasks.raw_disk import copy_raw_disk
 from tasks.references import base_in_use, pending_holder
@@ -17,22 +21,24 @@ from worker.taskbase import StepTask, parse
 
 @app.task(name="imgprep.copy_raw_disk", base=StepTask, bind=True)
 def raw_disk(self: StepTask, fetched: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    base = parse(CachedImage, fetched, "cached image")
-    spec = parse(PrepareRequest, request).disk
-    structlog.contextvars.bind_contextvars(image_key=base.key)
+    parsed = parse(PrepareRequest, request)
+    claimed = parse(CachedImage, fetched, "cached image")
+    spec = parsed.disk
+    key = cache_key(parsed.image.image_id)
+    structlog.contextvars.bind_contextvars(image_key=key)
     current = runtime()
     # A raw disk does not reference its base once copied: the canvas's pin protects the base
     # from the cache manager while it is copied, and goes with the copy.
-    pin = pending_holder(self.request.root_id or self.request.id)
     with base_in_use(
-        base,
-        holder=pin,
-        disk_path=Path(current.settings.instances_dir, spec.instance_id, spec.disk_name),
-        pin=pin,
+        key,
+        lambda: cached_base(parsed.image, claimed, current.cache),
+        holder=None,
+        uses_base=lambda base: False,
+        pin=pending_holder(self.request.root_id or self.request.id),
         locks=current.locks,
         references=current.references,
         final_attempt=self.request.retries >= current.settings.retry.max_retries,
-    ):
+    ) as base:
         disk = copy_raw_disk(
             base,
             spec,

@@ -3,14 +3,17 @@ and what is left of a disk's devices on the machine and in Redis."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from celery import Signature, chain
 from celery.result import AsyncResult
 
+from tasks.cache import CacheRecord, cache_key
 from tasks.canvases import injection_steps, with_ids
 from tasks.models import (
     CachedImage,
@@ -21,6 +24,7 @@ from tasks.models import (
     PreparedDisk,
     PrepareRequest,
 )
+from tasks.publish import FileStamp
 from tasks.tools import mount as mounts
 from tests.conftest import need_root
 from tests.integration.conftest import Cluster, unique
@@ -50,15 +54,47 @@ class DirectDisk:
     def remove(self) -> None:
         disk = Path(self.prepared.disk.path)
         disk.unlink()
+        (disk.parent / "disk.info").unlink()
         disk.parent.rmdir()
         if self.prepared.disk.backing_file:
-            Path(self.prepared.disk.backing_file).unlink()
+            backing = Path(self.prepared.disk.backing_file)
+            backing.unlink()
+            backing.with_name(backing.name + ".json").unlink()
+
+
+def cache_entry(cluster: Cluster, image_id: str, layout: str) -> tuple[Path, int]:
+    """A guest disk made into a cache entry with the record imgprep would write beside it: the
+    device steps take a backing file only if it is a complete entry. Its path and offset."""
+    key = cache_key(image_id)
+    entry = cluster.settings.cache_dir / key
+    offset = build_guest(entry, layout).offset
+    size = entry.stat().st_size
+    image = CachedImage(
+        key=key,
+        image_id=image_id,
+        path=str(entry),
+        format="raw",
+        virtual_size=size,
+        source_sha256="0" * 64,
+    )
+    record = CacheRecord(
+        image=image,
+        source="direct",
+        source_format="raw",
+        source_bytes=size,
+        fence=0,
+        fetched_at=datetime.now(UTC),
+        file=FileStamp.of(entry),
+    )
+    entry.with_name(key + ".json").write_text(record.model_dump_json())
+    return entry, offset
 
 
 def direct_disk(
     cluster: Cluster, fmt: str, *, layout: str = "mbr", host: str | None = None
 ) -> DirectDisk:
-    """An instance disk made without prepare_disk: a raw guest disk, or a qcow2 overlay on one."""
+    """An instance disk made without prepare_disk: a raw guest disk, or a qcow2 overlay on one,
+    with its format recorded in disk.info as imgprep records it (the device steps check it)."""
     instance = unique("vm")
     folder = cluster.settings.instances_dir / instance
     folder.mkdir()
@@ -68,11 +104,11 @@ def direct_disk(
         offset = build_guest(path, layout).offset
         size = path.stat().st_size
     else:
-        backing = cluster.settings.cache_dir / unique("base")
-        offset = build_guest(backing, layout).offset
+        backing, offset = cache_entry(cluster, unique("base"), layout)
         size = 64 * 2**20
         create = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing)]
         subprocess.run([*create, str(path), str(size)], check=True)
+    (folder / "disk.info").write_text(json.dumps({"disk": fmt}))
     disk = InstanceDisk(
         host=host or cluster.settings.host_id,
         instance_id=instance,

@@ -63,14 +63,15 @@ def downloading(
     cluster: Cluster, server: ImageServer, name: str, key: str, attempt: int
 ) -> int | None:
     """The lock holder's pid once download number `attempt` has reached the server and written
-    bytes (a new holder removes the previous holder's .part before it sends its request)."""
-    part = cluster.settings.cache_dir / f"{key}.part"
+    bytes (a new holder removes every earlier holder's `<key>.part.<fence>` before it sends its
+    request)."""
     pid = lock_holder_pid(cluster, key)
     if (
         pid is not None
         and server.gets(name) >= attempt
-        and part.exists()
-        and part.stat().st_size > 0
+        and any(
+            part.stat().st_size > 0 for part in cluster.settings.cache_dir.glob(f"{key}.part.*")
+        )
     ):
         return pid
     return None

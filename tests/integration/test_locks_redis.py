@@ -132,16 +132,19 @@ def test_fenced_publish_refuses_a_holder_whose_lease_was_taken(
     with pytest.raises(LockLost):
         publish_once(target, find=lambda: None, lease=a, stage=stage_a)
 
-    # Then nothing was published, B still holds the lock, and A left its temporary to B
+    # Then nothing was published, B still holds the lock, and A removed its temporary (a name
+    # of its own, tagged with its fence: never one the next holder writes)
     assert took_over.is_set()
     assert not target.exists()
     b.ensure_held()
     b.release()
-    assert (tmp_path / "entry.part").read_bytes() == b"A's bytes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
-    # When the next holder publishes, it removes the stale temporary first
+    # When a holder died with its temporary in place, the next holder removes it first
+    (tmp_path / "entry.part.1").write_bytes(b"dead holder's bytes")
+
     def stage_c(part: Path) -> Staged[str]:
-        assert not part.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
         part.write_bytes(b"C's bytes")
         return Staged(file=part, result="C")
 
@@ -150,4 +153,4 @@ def test_fenced_publish_refuses_a_holder_whose_lease_was_taken(
         == "C"
     )
     assert target.read_bytes() == b"C's bytes"
-    assert not (tmp_path / "entry.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]

@@ -7,6 +7,7 @@ cache, no loop device, mount, FUSE export or storage daemon of ours.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -16,7 +17,9 @@ import redis
 from tasks.references import parse_disk_holder
 from worker.references import REFS_PREFIX
 
-TEMP_SUFFIXES = (".part", ".converted")
+# Temporaries of any writer, whatever its fence: `<name>.part`, `<name>.part.<fence>`,
+# `<name>.json.part.<fence>`, `<name>.converted.<fence>`, `disk.info.part.<fence>`.
+TEMPORARY_NAME = re.compile(r"\.(part|converted)(\.|$)")
 
 
 def lock_keys(client: redis.Redis) -> list[str]:
@@ -54,7 +57,7 @@ def dangling_references(client: redis.Redis, instances_dir: Path) -> list[str]:
 def temp_files(directory: Path) -> list[Path]:
     if not directory.exists():
         return []
-    return sorted(p for p in directory.rglob("*") if p.name.endswith(TEMP_SUFFIXES))
+    return sorted(p for p in directory.rglob("*") if TEMPORARY_NAME.search(p.name))
 
 
 def loop_devices_backed_by(root: Path) -> list[str]:

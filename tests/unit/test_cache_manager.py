@@ -181,3 +181,28 @@ def test_dry_run_removes_nothing(manager: CacheManager) -> None:
     report = manager.run(AgingPolicy(minimum_age_seconds=HOUR), dry_run=True)
     assert [e.key for e in report.evicted] == ["old"] and report.dry_run
     assert manager.cache.entry("old").is_file()
+
+
+def test_leftovers_of_publishing_are_cleared_under_the_lock_and_busy_ones_left(
+    manager: CacheManager,
+) -> None:
+    # Given an entry with a temporary left beside it (a holder killed after its renames), a
+    # record whose image never followed, temporaries of a dead holder with no entry, and the
+    # temporary of a holder that is publishing right now (its lock is held)
+    cached(manager, "whole", idle=HOUR)
+    root = manager.cache.root
+    leftovers = ["whole.part.3", "dangling.json", "dead.part.4", "dead.converted.4", "dead.part"]
+    for name in leftovers:
+        (root / name).write_bytes(b"left")
+    (root / "busy.part.9").write_bytes(b"being written")
+    holder = manager.locks("cache:busy")
+    holder.acquire()
+    try:
+        # When the cache manager runs (nothing is old enough to be evicted)
+        report = manager.run(AgingPolicy(minimum_age_seconds=2 * HOUR))
+    finally:
+        holder.release()
+    # Then only the whole entry and the busy holder's temporary are left
+    assert report.evicted == []
+    assert sorted(p.name for p in root.iterdir()) == ["busy.part.9", "whole", "whole.json"]
+    assert manager.cache.lookup("whole") is not None

@@ -270,13 +270,23 @@ def test_step_inputs_naming_paths_outside_the_roots_are_refused(
     disk_path = ctx.instances_dir / "vm" / "disk"
     disk_path.parent.mkdir(parents=True)
     disk_path.write_bytes(b"\0" * 512)
+    (disk_path.parent / "disk.info").write_text('{"disk": "raw"}')
     check_disk(instance_disk(disk_path), ctx)
 
-    # Then a message naming another file, a backing file outside the cache, or a link
+    # Then a message naming another file, a backing file outside the cache, a format other
+    # than the recorded one (a raw disk read as qcow2 follows the header its guest wrote), a
+    # backing file that is no complete cache entry, or a link, is refused
     with pytest.raises(InvalidRequest, match="is not the instance disk path"):
         check_disk(instance_disk(Path("/etc/passwd")), ctx)
-    with pytest.raises(InvalidRequest, match="outside the image cache"):
+    with pytest.raises(InvalidRequest, match="recorded as raw, not qcow2"):
+        check_disk(instance_disk(disk_path, backing=str(ctx.cache_dir / ("0" * 40))), ctx)
+    (disk_path.parent / "disk.info").write_text('{"disk": "qcow2"}')
+    with pytest.raises(InvalidRequest, match="not an entry of the image cache"):
         check_disk(instance_disk(disk_path, backing="/etc/shadow"), ctx)
+    with pytest.raises(InvalidRequest, match="not a complete cache entry"):
+        check_disk(instance_disk(disk_path, backing=str(ctx.cache_dir / ("0" * 40))), ctx)
+    with pytest.raises(InvalidRequest, match="not a cache key"):
+        check_disk(instance_disk(disk_path, backing=str(ctx.cache_dir / "..")), ctx)
     disk_path.unlink()
     disk_path.symlink_to("/etc/passwd")
     with pytest.raises(InvalidRequest, match="symbolic link"):
