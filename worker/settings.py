@@ -29,6 +29,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tasks.models import HostId
+
 ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
 CONFIG_ENV = "IMGPREP_CONFIG"
@@ -136,9 +138,7 @@ class Settings(BaseSettings):
     state_dir: Path = Path("/var/lib/imgprep/state")
     snapshots_dir: Path = Path("/var/lib/imgprep/snapshots")
     preallocate_images: Literal["none", "space"] = "none"
-    host_id: str = Field(
-        default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-    )
+    host_id: HostId = Field(default_factory=socket.gethostname)
     visibility_timeout: int = Field(default=3600, gt=0)
     step_time_limit: int = Field(default=3000, gt=0)
     result_expires: int = Field(default=86400, gt=0)
