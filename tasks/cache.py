@@ -18,13 +18,14 @@ from pydantic import ValidationError
 
 from tasks import qemu_img
 from tasks.convert import cache_mode_for
-from tasks.download import SourcePolicy, download, redact
+from tasks.download import SourcePolicy, download
 from tasks.errors import ChecksumMismatch, ImageRefused, ImageTooLarge
 from tasks.inspection import Inspection, inspect_image, verify_info
 from tasks.models import CachedImage, ImageSource, WireModel
 from tasks.ports import LockFactory, Progress, no_progress
 from tasks.publish import Staged, publish_once, sidecar_path
 from tasks.runner import Limits, Runner
+from tasks.urls import redact
 
 log = structlog.get_logger(__name__)
 

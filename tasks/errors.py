@@ -35,6 +35,10 @@ class SourceUnavailable(TransientError):
     """The image source did not answer, timed out, or answered 5xx/429."""
 
 
+class SourceTooSlow(SourceUnavailable):
+    """The image source sent less than the minimum rate over the rate window (stalled)."""
+
+
 class CoordinationUnavailable(TransientError):
     """Redis (locks, journals, device records) could not be reached."""
 
@@ -71,7 +75,8 @@ class InvalidRequest(PermanentError):
 
 
 class SourceNotAllowed(PermanentError):
-    """The image URL uses a scheme or a file path outside the configured allow-list."""
+    """The image URL (or a redirect) uses a scheme, a file path or a network address that the
+    configured allow-lists refuse."""
 
 
 class SourceNotFound(PermanentError):

@@ -7,6 +7,7 @@ domain code receives the group it needs, never this module.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     RedisDsn,
     ValidationError,
     field_validator,
@@ -30,6 +32,7 @@ from pydantic_settings import (
 )
 
 from tasks.models import HostId
+from tasks.networks import DEFAULT_DENIED_NETWORKS
 
 ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
@@ -62,8 +65,16 @@ class FetchSettings(_Group):
 
     allowed_schemes: tuple[Literal["http", "https", "file"], ...] = ("http", "https")
     file_roots: tuple[Path, ...] = ()
+    # Addresses downloads never connect to, checked on every connection and redirect.
+    denied_networks: tuple[IPvAnyNetwork, ...] = tuple(
+        ipaddress.ip_network(network) for network in DEFAULT_DENIED_NETWORKS
+    )
     connect_timeout_seconds: PositiveSeconds = 10.0
     read_timeout_seconds: PositiveSeconds = 60.0
+    # A download bringing less than this over the last rate_window_seconds is stopped
+    # (SourceTooSlow, retried); 0: no minimum.
+    min_bytes_per_second: int = Field(default=64 * 2**10, ge=0)
+    rate_window_seconds: PositiveSeconds = 60.0
     max_image_bytes: int = Field(default=256 * 2**30, gt=0)
     force_raw: bool = True
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import download, redact
+from tasks.download import download
 from tasks.errors import (
     ImageTooLarge,
     SourceNotAllowed,
@@ -18,6 +18,8 @@ from tasks.errors import (
     SourceRefused,
     SourceUnavailable,
 )
+from tasks.networks import Network
+from tasks.urls import redact
 from tests.conftest import write_raw_image
 from worker.imageserver import ImageServer
 
@@ -28,8 +30,11 @@ MiB = 2**20
 class Policy:
     allowed_schemes: tuple[str, ...] = ("http", "https", "file")
     file_roots: tuple[Path, ...] = field(default_factory=tuple)
+    denied_networks: tuple[Network, ...] = ()  # the test server is on loopback
     connect_timeout_seconds: float = 2.0
     read_timeout_seconds: float = 2.0
+    min_bytes_per_second: int = 0
+    rate_window_seconds: float = 60.0
     max_image_bytes: int = 64 * MiB
 
 
