@@ -143,6 +143,10 @@ class FilesystemRefused(DeviceError):
     """The guest filesystem is unknown, not allowed, or cannot be mounted safely on this host."""
 
 
+class FilesystemNeedsRecovery(FilesystemRefused):
+    """The guest's ext3/4 journal needs recovery: the guest was not shut down cleanly."""
+
+
 class InjectionRefused(PermanentError):
     """A file to inject would land outside the guest filesystem or is not allowed."""
 
