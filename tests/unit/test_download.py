@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,40 @@ def test_redact_hides_credentials_and_query() -> None:
         redact("https://user:pw@h.example:8443/i.qcow2?X-Amz-Signature=s")
         == "https://h.example:8443/i.qcow2"
     )
+
+
+class _Chunked(BaseHTTPRequestHandler):
+    """Serves BODY with chunked transfer encoding and no Content-Length, in uneven pieces."""
+
+    protocol_version = "HTTP/1.1"
+    body = b""
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(self.body), 100_003):
+            piece = self.body[start : start + 100_003]
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_chunked_response_without_length(tmp_path: Path) -> None:
+    # Given a server that streams 3 MiB of data in chunks, announcing no length
+    _Chunked.body = os.urandom(3 * MiB)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Chunked)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # When it is downloaded, then every byte arrived, in order
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/chunked.raw"
+        seen: list[int | None] = []
+        got = download(url, tmp_path / "c.part", Policy(), lambda done, total: seen.append(total))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert got.size == 3 * MiB and (tmp_path / "c.part").read_bytes() == _Chunked.body
+    assert set(seen) == {None}
