@@ -4,6 +4,7 @@ them, and whatever interrupts the step (its soft time limit) stops the download 
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
 import threading
@@ -93,7 +94,7 @@ def test_a_fast_source_passes_the_rate_check(
 
 def test_an_interrupted_download_stops_at_once(server: ImageServer, tmp_path: Path) -> None:
     # Given a download blocked on a source that sends one byte every half second, no minimum
-    # rate, and the step's soft time limit arriving as a signal (as billiard sends it)
+    # rate, and the step's soft time limit arriving as SIGUSR1, as billiard's pool sends it
     write_raw_image(server.root / "stuck.raw", size=8 * MiB, data=b"x" * 4096)
     server.trickle("stuck.raw", after=1000, every=0.5)
     safety = threading.Timer(30, server.stop)  # the code before this fix waited for this
@@ -102,8 +103,9 @@ def test_an_interrupted_download_stops_at_once(server: ImageServer, tmp_path: Pa
     def soft_limit(signum: int, frame: FrameType | None) -> None:
         raise SoftTimeLimitExceeded()
 
-    previous = signal.signal(signal.SIGALRM, soft_limit)
-    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    previous = signal.signal(signal.SIGUSR1, soft_limit)
+    alarm = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1))
+    alarm.start()
     started = time.monotonic()
     try:
         # When the limit interrupts it
@@ -111,8 +113,8 @@ def test_an_interrupted_download_stops_at_once(server: ImageServer, tmp_path: Pa
             download(server.url("stuck.raw"), tmp_path / "t.part", Policy(min_bytes_per_second=0))
         stopped_after = time.monotonic() - started
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        alarm.cancel()
+        signal.signal(signal.SIGUSR1, previous)
         safety.cancel()
     # Then the download gave up within moments, not when the source ended, and its reading
     # thread, whose socket was shut down, ended too
