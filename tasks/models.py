@@ -98,8 +98,12 @@ def _not_bool(value: object) -> object:
 
 
 def _array(value: object) -> object:
-    """A JSON array as the tuple a frozen model keeps (strict mode takes only tuples)."""
     return tuple(value) if isinstance(value, list) else value
+
+
+# On every tuple field of a wire model: a JSON array becomes the tuple a frozen model keeps
+# (strict mode takes only tuples).
+FROM_JSON_ARRAY = BeforeValidator(_array)
 
 
 ApiVersion = Annotated[Literal[1], BeforeValidator(_not_bool)]
@@ -195,7 +199,7 @@ class PrepareRequest(WireModel):
         description="Host whose queue runs the host-local steps; default: the worker that "
         "receives the request.",
     )
-    inject: Annotated[tuple[FileInjection, ...], BeforeValidator(_array)] = Field(
+    inject: Annotated[tuple[FileInjection, ...], FROM_JSON_ARRAY] = Field(
         default=(),
         max_length=MAX_INJECT_FILES,
         description="Files to write into the guest filesystem once the disk exists.",
@@ -270,7 +274,7 @@ class PreparedDisk(WireModel):
     disk: InstanceDisk
     base: CachedImage
     guest: GuestFilesystem | None = None  # set when files were injected
-    injected: Annotated[tuple[InjectedFile, ...], BeforeValidator(_array)] = ()
+    injected: Annotated[tuple[InjectedFile, ...], FROM_JSON_ARRAY] = ()
 
 
 class DeleteDiskRequest(WireModel):

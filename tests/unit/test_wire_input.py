@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any, get_origin
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from tasks.models import DeleteDiskRequest, EvictCacheRequest, PrepareRequest
+from tasks.models import DeleteDiskRequest, EvictCacheRequest, PrepareRequest, WireModel
 from tasks.redaction import redacted
 from tasks.snapshot_models import SnapshotRequest
 from tasks.urls import redact
@@ -192,3 +192,33 @@ def test_a_host_a_request_can_name_is_a_host_id_a_worker_can_have() -> None:
     )
     with pytest.raises(ValidationError, match="host"):
         PrepareRequest.model_validate({**prepare(), "host": "h" * 64})
+
+
+def _wire_models() -> list[type[WireModel]]:
+    import tasks.cache
+    import tasks.guest  # noqa: F401 - their wire models register as subclasses
+
+    found: list[type[WireModel]] = []
+    todo = list(WireModel.__subclasses__())
+    while todo:
+        model = todo.pop()
+        found.append(model)
+        todo.extend(model.__subclasses__())
+    return found
+
+
+def test_every_tuple_of_every_wire_model_takes_a_json_array() -> None:
+    # Steps hand each other model dumps through JSON, where tuples arrive as lists
+    tuples = [
+        (model, name, field)
+        for model in _wire_models()
+        for name, field in model.model_fields.items()
+        if get_origin(field.annotation) is tuple
+    ]
+    assert len(tuples) >= 3
+    for model, name, field in tuples:
+        adapter: TypeAdapter[Any] = TypeAdapter(
+            Annotated[(field.annotation, *field.metadata)],  # type: ignore[valid-type]
+            config=ConfigDict(strict=True),
+        )
+        assert adapter.validate_python([]) == (), f"{model.__name__}.{name}"
