@@ -239,9 +239,9 @@ class InstanceDisk(WireModel):
     """A disk created for an instance: `<instances_dir>/<instance_id>/<disk_name>`."""
 
     kind: Literal["instance_disk"] = "instance_disk"
-    host: str
-    instance_id: str
-    disk_name: str
+    host: HostId
+    instance_id: InstanceId
+    disk_name: DiskName
     path: str
     format: DiskFormat
     virtual_size: int
@@ -294,9 +294,9 @@ class DeletedDisk(WireModel):
 
     kind: Literal["deleted_disk"] = "deleted_disk"
     api_version: ApiVersion = API_VERSION
-    host: str
-    instance_id: str
-    disk_name: str
+    host: HostId
+    instance_id: InstanceId
+    disk_name: DiskName
     path: str
     existed: bool
     released_bases: list[str] = Field(
@@ -330,7 +330,7 @@ class CacheEvictionReport(WireModel):
 
     kind: Literal["cache_eviction_report"] = "cache_eviction_report"
     api_version: ApiVersion = API_VERSION
-    host: str
+    host: HostId
     dry_run: bool
     evicted: list[CacheEviction]
     kept_in_use: list[str] = Field(description="Keys of entries some instance disk still uses.")

@@ -8,7 +8,15 @@ from typing import Annotated, Any, get_origin
 import pytest
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from tasks.models import DeleteDiskRequest, EvictCacheRequest, PrepareRequest, WireModel
+from tasks.models import (
+    CacheEvictionReport,
+    DeletedDisk,
+    DeleteDiskRequest,
+    EvictCacheRequest,
+    PreparedDisk,
+    PrepareRequest,
+    WireModel,
+)
 from tasks.redaction import redacted
 from tasks.snapshot_models import SnapshotRequest
 from tasks.urls import redact
@@ -154,28 +162,37 @@ def _field_schema(model: type[BaseModel], path: tuple[str, ...]) -> dict[str, An
         node = node["properties"][name]
         if "$ref" in node:
             node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
-    return {
-        key: value for key, value in node.items() if key not in ("title", "default", "description")
-    }
+    kept = {k: v for k, v in node.items() if k not in ("title", "default", "description")}
+    if "anyOf" in kept:  # an optional field: the type of its value
+        (kept,) = [option for option in kept["anyOf"] if option != {"type": "null"}]
+    return kept
 
 
-def test_every_request_names_the_same_concept_with_the_same_type() -> None:
-    # instance ids, disk names and hosts mean the same in every request, so they validate alike
+def test_every_wire_model_names_the_same_concept_with_the_same_type() -> None:
+    # instance ids, disk names and hosts mean the same in every request and result, so they
+    # validate alike
     places = {
         "instance_id": [
             (PrepareRequest, ("disk", "instance_id")),
             (SnapshotRequest, ("instance_id",)),
             (DeleteDiskRequest, ("instance_id",)),
+            (PreparedDisk, ("disk", "instance_id")),
+            (DeletedDisk, ("instance_id",)),
         ],
         "disk_name": [
             (PrepareRequest, ("disk", "disk_name")),
             (SnapshotRequest, ("disk_name",)),
             (DeleteDiskRequest, ("disk_name",)),
+            (PreparedDisk, ("disk", "disk_name")),
+            (DeletedDisk, ("disk_name",)),
         ],
         "host": [
             (PrepareRequest, ("host",)),
             (SnapshotRequest, ("host",)),
             (DeleteDiskRequest, ("host",)),
+            (PreparedDisk, ("disk", "host")),
+            (DeletedDisk, ("host",)),
+            (CacheEvictionReport, ("host",)),
         ],
     }
     for concept, fields in places.items():
