@@ -262,11 +262,13 @@ class _HttpSource:
         raise SourceRefused(f"too many redirects from {self.shown} (more than {MAX_REDIRECTS})")
 
     def _hop(self, url: str, location: str) -> str:
-        target = urljoin(url, location)
         try:
+            target = urljoin(url, location)
             scheme = urlsplit(target).scheme.lower()
-        except ValueError:
-            scheme = ""
+        except ValueError as error:  # a malformed IPv6 host
+            raise SourceRefused(
+                f"{self.shown} redirected to a URL that is not valid ({redact(location)}): {error}"
+            ) from None
         if scheme not in WEB_SCHEMES or scheme not in self.policy.allowed_schemes:
             raise SourceNotAllowed(
                 f"{self.shown} redirected to {redact(target)}; a redirect may only lead to "

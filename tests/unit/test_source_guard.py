@@ -175,3 +175,10 @@ def test_bad_redirects_are_permanent_errors(
     allowed.redirect("loop.raw", location)
     with pytest.raises(error, match=text):
         download(allowed.url("loop.raw"), tmp_path / "x.part", Policy())
+
+
+def test_a_redirect_to_a_malformed_url_is_refused(allowed: ImageServer, tmp_path: Path) -> None:
+    allowed.redirect("bad.raw", "http://[::1/x?token=s3cret")
+    with pytest.raises(SourceRefused, match="redirected to a URL that is not valid") as refused:
+        download(allowed.url("bad.raw"), tmp_path / "x.part", Policy())
+    assert "s3cret" not in str(refused.value)
