@@ -204,7 +204,11 @@ class ClusterFactory:
     def __call__(self, name: str, overrides: dict[str, str] | None = None) -> Cluster:
         root = self.root / unique(name)
         server = RedisServer(root / "redis", free_port()).start()
-        made = make_cluster(root, server, overrides)
+        try:
+            made = make_cluster(root, server, overrides)
+        except BaseException:  # settings that do not validate: no cluster will stop its Redis
+            server.stop()
+            raise
         self.clusters.append(made)
         return made
 
