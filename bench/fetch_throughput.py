@@ -21,6 +21,7 @@ from bench.report import Figure, median, report
 from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
 from tasks.fileops import fsync_file
 from tasks.models import ImageSource
+from tasks.networks import loopback_allowed
 from tasks.runner import Limits, Runner
 from tests.support.redis_server import RedisServer, free_port
 from worker.imageserver import ImageServer
@@ -29,6 +30,10 @@ from worker.logs import configure_logging
 from worker.settings import FetchSettings
 
 MiB = 2**20
+
+
+# images are served on this host
+LOOPBACK_FETCH = FetchSettings.model_validate({"denied_networks": loopback_allowed()})
 
 
 def settle() -> None:
@@ -60,7 +65,8 @@ def run(size_mib: int, repeat: int) -> Figure:
             client = redis.Redis(host="127.0.0.1", port=server.port)
             locks = LockFactory(client, lease=30, renew_every=10, wait=60)
             options = FetchOptions(
-                policy=FetchSettings(), limits=Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
+                policy=LOOPBACK_FETCH,
+                limits=Limits(cpu_seconds=30, address_space_bytes=2 * 2**30),
             )
             ours, curl, durable = [], [], []
             with ImageServer(root / "served") as http:

@@ -25,6 +25,7 @@ from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
 from tasks.convert import cache_mode_for
 from tasks.fileops import fsync_file
 from tasks.models import ImageSource
+from tasks.networks import loopback_allowed
 from tasks.runner import Limits, Runner
 from tests.support.redis_server import RedisServer, free_port
 from worker.imageserver import ImageServer
@@ -36,6 +37,10 @@ MiB = 2**20
 VIRTUAL = 4 * 1024 * MiB
 DATA = 200 * MiB
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
+
+
+# images are served on this host
+LOOPBACK_FETCH = FetchSettings.model_validate({"denied_networks": loopback_allowed()})
 
 
 def make_qcow2(work: Path) -> Path:
@@ -66,7 +71,11 @@ def run(repeat: int) -> tuple[Figure, Figure]:
             locks = LockFactory(
                 redis.Redis(host="127.0.0.1", port=server.port), lease=30, renew_every=10, wait=60
             )
-            options = FetchOptions(policy=FetchSettings(), limits=LIMITS, force_raw=True)
+            options = FetchOptions(
+                policy=LOOPBACK_FETCH,
+                limits=LIMITS,
+                force_raw=True,
+            )
             with ImageServer(work / "served") as http:
                 cached = fetch_to_cache(
                     ImageSource(url=http.url("image.qcow2"), image_id="sparse"),

@@ -4,6 +4,7 @@ the disk (/var/tmp), all stopped by the pids we started."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from celery import Celery
 
+from tasks.networks import loopback_allowed
 from tests.support.redis_server import RedisServer, free_port
 from worker.app import create_app
 from worker.client import Client
@@ -70,6 +72,8 @@ def stack(
             "IMGPREP_STATE_DIR": str(root / "state"),
             "IMGPREP_LOG_FORMAT": "json",
             "IMGPREP_LOG_LEVEL": "WARNING",
+            # images are served on this host
+            "IMGPREP_FETCH__DENIED_NETWORKS": json.dumps(loopback_allowed()),
             **(extra_env or {}),
         }
         settings = Settings(

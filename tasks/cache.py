@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from tasks import qemu_img
 from tasks.convert import cache_mode_for
-from tasks.download import SourcePolicy, download, redact
+from tasks.download import SourcePolicy, download
 from tasks.errors import (
     BaseImageMissing,
     ChecksumMismatch,
@@ -42,6 +42,7 @@ from tasks.publish import (
     temporary_path,
 )
 from tasks.runner import Limits, Runner
+from tasks.urls import redact
 
 log = structlog.get_logger(__name__)
 

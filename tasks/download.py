@@ -1,19 +1,25 @@
 """Streaming an image from its source into a local file: http(s), or file:// under allowed roots.
 
 The bytes are hashed as they arrive, and blocks of zeros are skipped instead of written, so a
-raw image lands sparse. Failures are typed: a source that may answer later is transient, one
-that refused (4xx), a disallowed URL, a size past the limit and a full disk are permanent.
+raw image lands sparse. The source is read in a thread of its own (tasks.transfer) and watched:
+a download that brings less than `fetch.min_bytes_per_second` over `fetch.rate_window_seconds`
+ends with SourceTooSlow, and whatever stops the step stops the download at once. HTTP
+connections go only to addresses outside `fetch.denied_networks` (tasks.networks), and
+redirects are followed here, one hop at a time, each checked before it is requested.
+
+Failures are typed: a source that may answer later is transient; one that refused (4xx), a
+disallowed URL, scheme or address, a size past the limit and a full disk are permanent.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
-from typing import IO, Protocol
-from urllib.parse import unquote, urlsplit
+from typing import Protocol
+from urllib.parse import unquote, urljoin, urlsplit
 
 import structlog
 import urllib3
@@ -26,12 +32,17 @@ from tasks.errors import (
     SourceRefused,
     SourceUnavailable,
 )
-from tasks.image_writer import ImageWriter, read_ahead
+from tasks.image_writer import ImageWriter
+from tasks.networks import ConnectionGuard, GuardedPoolManager, Network
 from tasks.ports import Progress, no_progress
+from tasks.transfer import MinimumRate, ReadAhead
+from tasks.urls import WEB_SCHEMES, check_url, redact
 
 log = structlog.get_logger(__name__)
 
 CHUNK = 256 * 2**10  # measured fastest here (bench.fetch_throughput): 1-4 MiB reads were slower
+MAX_REDIRECTS = 5
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _GONE_STATUS = frozenset({404, 410})
 
@@ -44,9 +55,15 @@ class SourcePolicy(Protocol):
     @property
     def file_roots(self) -> tuple[Path, ...]: ...
     @property
+    def denied_networks(self) -> tuple[Network, ...]: ...
+    @property
     def connect_timeout_seconds(self) -> float: ...
     @property
     def read_timeout_seconds(self) -> float: ...
+    @property
+    def min_bytes_per_second(self) -> int: ...
+    @property
+    def rate_window_seconds(self) -> float: ...
     @property
     def max_image_bytes(self) -> int: ...
 
@@ -59,13 +76,13 @@ class Downloaded:
     sha256: str
 
 
-def redact(url: str) -> str:
-    """The URL without user info or query, for logs and error messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
+class _Source(Protocol):
+    """Chunks of an image, read by the read-ahead thread; `total` is set before the first."""
+
+    total: int | None
+
+    def chunks(self, arrived: Callable[[int], None]) -> Iterator[bytes]: ...
+    def abort(self) -> None: ...
 
 
 def check_source(url: str, policy: SourcePolicy) -> None:
@@ -81,11 +98,44 @@ def download(
 ) -> Downloaded:
     """Stream `url` into a new file `dest`; the caller removes `dest` on any error."""
     check_source(url, policy)
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "file":
-        with open_file_source(url, policy) as (source, total):
-            return _stream(_file_chunks(source), total, dest, policy, progress)
-    return _download_http(url, dest, policy, progress)
+    source: _Source
+    if urlsplit(url).scheme.lower() == "file":
+        source = _FileSource(url, policy)
+    else:
+        source = _HttpSource(url, policy)
+    return _stream(source, redact(url), dest, policy, progress)
+
+
+def _stream(
+    source: _Source, shown: str, dest: Path, policy: SourcePolicy, progress: Progress
+) -> Downloaded:
+    rate = MinimumRate(
+        policy.min_bytes_per_second, policy.rate_window_seconds, what=f"the source {shown}"
+    )
+    tick = min(1.0, policy.rate_window_seconds / 4)
+    with (
+        ImageWriter(dest, None) as writer,
+        ReadAhead(
+            source.chunks(rate.arrived), watch=rate.check, abort=source.abort, tick=tick
+        ) as chunks,
+    ):
+        for chunk in chunks:
+            if writer.size + len(chunk) > policy.max_image_bytes:
+                raise ImageTooLarge(
+                    f"the image is larger than the allowed {policy.max_image_bytes} bytes"
+                )
+            writer.expected_size = source.total
+            writer.write(chunk)
+            progress(writer.size, source.total)
+        sha256 = writer.finish()
+        return Downloaded(size=writer.size, sha256=sha256)
+
+
+def _check_length(total: int | None, policy: SourcePolicy) -> None:
+    if total is not None and total > policy.max_image_bytes:
+        raise ImageTooLarge(
+            f"the image is {total} bytes, more than the allowed {policy.max_image_bytes}"
+        )
 
 
 # -- file:// ---------------------------------------------------------------------------------------
@@ -98,9 +148,19 @@ class _FileSource:
             raise SourceNotAllowed(f"file URL names a remote host {parts.netloc!r}")
         self.path = Path(unquote(parts.path))
         self.policy = policy
-        self.handle: IO[bytes] | None = None
+        self.total: int | None = None
 
-    def __enter__(self) -> tuple[IO[bytes], int]:
+    def chunks(self, arrived: Callable[[int], None]) -> Iterator[bytes]:
+        with os.fdopen(self._open(), "rb", buffering=0) as source:
+            _check_length(self.total, self.policy)
+            while chunk := source.read(CHUNK):
+                arrived(len(chunk))
+                yield chunk
+
+    def abort(self) -> None:
+        """Nothing to unblock: reads of a regular file return."""
+
+    def _open(self) -> int:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -119,86 +179,126 @@ class _FileSource:
         except BaseException:
             os.close(fd)
             raise
-        handle = os.fdopen(fd, "rb", buffering=0)
-        self.handle = handle
-        return handle, stat.st_size
-
-    def __exit__(self, *exc: object) -> None:
-        if self.handle is not None:
-            self.handle.close()
-
-
-def open_file_source(url: str, policy: SourcePolicy) -> _FileSource:
-    return _FileSource(url, policy)
-
-
-def _file_chunks(source: IO[bytes]) -> Iterator[bytes]:
-    while chunk := source.read(CHUNK):
-        yield chunk
+        self.total = stat.st_size
+        return fd
 
 
 # -- http(s) ---------------------------------------------------------------------------------------
 
 
-def _pool(policy: SourcePolicy) -> urllib3.PoolManager:
-    return urllib3.PoolManager(
-        retries=urllib3.Retry(
-            total=None, connect=0, read=0, status=0, other=0, redirect=5, raise_on_redirect=True
-        ),
-        timeout=urllib3.Timeout(
-            connect=policy.connect_timeout_seconds, read=policy.read_timeout_seconds
-        ),
-    )
+class _HttpSource:
+    """One GET, its redirects followed hop by hop, over connections checked by a guard."""
 
-
-def _download_http(url: str, dest: Path, policy: SourcePolicy, progress: Progress) -> Downloaded:
-    shown = redact(url)
-    try:
-        response = _pool(policy).request(
-            "GET",
-            url,
-            preload_content=False,
-            decode_content=False,
-            headers={"Accept-Encoding": "identity", "User-Agent": "imgprep"},
+    def __init__(self, url: str, policy: SourcePolicy) -> None:
+        self.url = url
+        self.shown = redact(url)
+        self.policy = policy
+        self.total: int | None = None
+        self.guard = ConnectionGuard(policy.denied_networks)
+        self.pool = GuardedPoolManager(
+            self.guard,
+            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=0),
+            timeout=urllib3.Timeout(
+                connect=policy.connect_timeout_seconds, read=policy.read_timeout_seconds
+            ),
         )
-    except SSLError as error:
-        raise SourceRefused(f"TLS verification failed for {shown}: {error}") from None
-    except MaxRetryError as error:
-        if "redirect" in str(error.reason).lower() or error.reason is None:
-            raise SourceRefused(f"too many redirects from {shown}") from None
-        raise SourceUnavailable(f"cannot reach {shown}: {error.reason}") from None
-    except HTTPError as error:
-        raise SourceUnavailable(f"cannot reach {shown}: {error}") from None
-    try:
-        _check_status(response.status, shown)
-        _check_redirects(response, policy, shown)
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
+
+    def abort(self) -> None:
+        self.guard.abort()
+
+    def chunks(self, arrived: Callable[[int], None]) -> Iterator[bytes]:
+        response = self._open()
         try:
-            result = _stream(
-                response.stream(CHUNK, decode_content=False), total, dest, policy, progress
+            _check_status(response.status, self.shown)
+            length = response.headers.get("Content-Length")
+            self.total = int(length) if length and length.isdigit() else None
+            _check_length(self.total, self.policy)
+            size = 0
+            for chunk in self._read(response, arrived):
+                size += len(chunk)
+                yield chunk
+            if self.total is not None and size != self.total:
+                raise SourceUnavailable(
+                    f"download of {self.shown} ended after {size} of {self.total} bytes"
+                )
+        finally:
+            response.close()
+            self.pool.clear()
+
+    def _read(
+        self, response: urllib3.BaseHTTPResponse, arrived: Callable[[int], None]
+    ) -> Iterator[bytes]:
+        """CHUNK-sized pieces of the body, counting bytes as they arrive (read1 returns what
+        the socket has, so a trickle is seen while a chunk fills)."""
+        pieces: list[bytes] = []
+        held = 0
+        try:
+            while data := response.read1(CHUNK - held, decode_content=False):
+                arrived(len(data))
+                pieces.append(data)
+                held += len(data)
+                if held >= CHUNK:
+                    yield b"".join(pieces)
+                    pieces, held = [], 0
+        except HTTPError as error:
+            raise SourceUnavailable(f"download of {self.shown} broke off: {error}") from None
+        if pieces:
+            yield b"".join(pieces)
+
+    def _open(self) -> urllib3.BaseHTTPResponse:
+        """The response at the end of the redirects, each hop checked before it is requested."""
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._get(url)
+            location = response.headers.get("Location")
+            if response.status not in _REDIRECT_STATUS:
+                return response
+            response.close()  # its body is not read: the connection is not reused
+            if not location:
+                raise SourceRefused(
+                    f"{redact(url)} answered HTTP {response.status} without a Location"
+                )
+            url = self._hop(url, location)
+        raise SourceRefused(f"too many redirects from {self.shown} (more than {MAX_REDIRECTS})")
+
+    def _hop(self, url: str, location: str) -> str:
+        try:
+            target = urljoin(url, location)
+            scheme = urlsplit(target).scheme.lower()
+        except ValueError as error:  # a malformed IPv6 host
+            raise SourceRefused(
+                f"{self.shown} redirected to a URL that is not valid ({redact(location)}): {error}"
+            ) from None
+        if scheme not in WEB_SCHEMES or scheme not in self.policy.allowed_schemes:
+            raise SourceNotAllowed(
+                f"{self.shown} redirected to {redact(target)}; a redirect may only lead to "
+                f"{' or '.join(s for s in WEB_SCHEMES if s in self.policy.allowed_schemes)} URLs"
+            )
+        try:
+            check_url(target)
+        except ValueError as error:
+            raise SourceRefused(
+                f"{self.shown} redirected to a URL that is not valid: {error}"
+            ) from None
+        log.info("image_source_redirected", source=self.shown, to=redact(target))
+        return target
+
+    def _get(self, url: str) -> urllib3.BaseHTTPResponse:
+        shown = redact(url)
+        try:
+            return self.pool.request(
+                "GET",
+                url,
+                redirect=False,
+                preload_content=False,
+                decode_content=False,
+                headers={"Accept-Encoding": "identity", "User-Agent": "imgprep"},
             )
         except HTTPError as error:
-            raise SourceUnavailable(f"download of {shown} broke off: {error}") from None
-        if total is not None and result.size != total:
-            raise SourceUnavailable(
-                f"download of {shown} ended after {result.size} of {total} bytes"
-            )
-        return result
-    finally:
-        response.release_conn()
-
-
-def _check_redirects(response: urllib3.BaseHTTPResponse, policy: SourcePolicy, shown: str) -> None:
-    """Refuse a redirect to a scheme the policy does not allow (https → http, say)."""
-    history = response.retries.history if response.retries is not None else ()
-    for hop in history:
-        if hop.redirect_location:
-            scheme = urlsplit(hop.redirect_location).scheme.lower()
-            if scheme and scheme not in policy.allowed_schemes:
-                raise SourceNotAllowed(
-                    f"{shown} redirected to a {scheme} URL, which is not allowed"
-                )
+            reason = (error.reason or error) if isinstance(error, MaxRetryError) else error
+            if isinstance(reason, SSLError):
+                raise SourceRefused(f"TLS verification failed for {shown}: {reason}") from None
+            raise SourceUnavailable(f"cannot reach {shown}: {reason}") from None
 
 
 def _check_status(status: int, shown: str) -> None:
@@ -209,25 +309,3 @@ def _check_status(status: int, shown: str) -> None:
     if status in _GONE_STATUS:
         raise SourceNotFound(f"{shown} answered HTTP {status}: the image does not exist there")
     raise SourceRefused(f"{shown} answered HTTP {status}")
-
-
-# -- writing ------------------------------------------------------------------------------------
-
-
-def _stream(
-    chunks: Iterator[bytes], total: int | None, dest: Path, policy: SourcePolicy, progress: Progress
-) -> Downloaded:
-    if total is not None and total > policy.max_image_bytes:
-        raise ImageTooLarge(
-            f"the image is {total} bytes, more than the allowed {policy.max_image_bytes}"
-        )
-    with ImageWriter(dest, total) as writer:
-        for chunk in read_ahead(chunks):
-            if writer.size + len(chunk) > policy.max_image_bytes:
-                raise ImageTooLarge(
-                    f"the image is larger than the allowed {policy.max_image_bytes} bytes"
-                )
-            writer.write(chunk)
-            progress(writer.size, total)
-        sha256 = writer.finish()
-        return Downloaded(size=writer.size, sha256=sha256)

@@ -35,6 +35,10 @@ class SourceUnavailable(TransientError):
     """The image source did not answer, timed out, or answered 5xx/429."""
 
 
+class SourceTooSlow(SourceUnavailable):
+    """The image source sent less than the minimum rate over the rate window (stalled)."""
+
+
 class CoordinationUnavailable(TransientError):
     """Redis (locks, journals, device records) could not be reached."""
 
@@ -71,7 +75,8 @@ class InvalidRequest(PermanentError):
 
 
 class SourceNotAllowed(PermanentError):
-    """The image URL uses a scheme or a file path outside the configured allow-list."""
+    """The image URL (or a redirect) uses a scheme, a file path or a network address that the
+    configured allow-lists refuse."""
 
 
 class SourceNotFound(PermanentError):
@@ -136,6 +141,10 @@ class PartitionNotFound(DeviceError):
 
 class FilesystemRefused(DeviceError):
     """The guest filesystem is unknown, not allowed, or cannot be mounted safely on this host."""
+
+
+class FilesystemNeedsRecovery(FilesystemRefused):
+    """The guest's ext3/4 journal needs recovery: the guest was not shut down cleanly."""
 
 
 class InjectionRefused(PermanentError):

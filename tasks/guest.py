@@ -10,13 +10,13 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from tasks import diskinfo
 from tasks.cache import ImageCache
 from tasks.errors import DeviceError, InvalidRequest
 from tasks.ledger import DeviceRecord, Resource, ResourceLedger
-from tasks.models import InjectedFile, InstanceDisk, PreparedDisk, WireModel
+from tasks.models import FROM_JSON_ARRAY, InjectedFile, InstanceDisk, PreparedDisk, WireModel
 from tasks.paths import child
 from tasks.ports import LockFactory
 from tasks.runner import Runner
@@ -55,7 +55,7 @@ class MountedDisk(WireModel):
 class InjectedDisk(WireModel):
     kind: Literal["injected_disk"] = "injected_disk"
     mounted: MountedDisk
-    files: tuple[InjectedFile, ...]
+    files: Annotated[tuple[InjectedFile, ...], FROM_JSON_ARRAY]
 
 
 class MountPolicy(Protocol):

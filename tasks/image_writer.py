@@ -1,13 +1,14 @@
 """Writing a streamed image to disk fast, sparse and durable.
 
 Three things overlap instead of following each other: the next chunk is read from the source
-(a read-ahead thread), the current chunk is hashed (a hashing thread; hashlib releases the GIL),
-and it is written. Runs of zero blocks are skipped, so a raw image lands sparse. Writeback of
-what was written is started every few dozen MiB (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`
-queues dirty pages for writeback without waiting for them), so the disk writes while the network
-reads, and the final fsync — the image must be on disk before it is published — has little left
-to flush. (`posix_fadvise(DONTNEED)` would also start writeback, but it waits on pages already
-under writeback: measured here, it made a 1 GiB download twice as slow.)
+(a read-ahead thread, tasks.transfer), the current chunk is hashed (a hashing thread; hashlib
+releases the GIL), and it is written. Runs of zero blocks are skipped, so a raw image lands
+sparse. Writeback of what was written is started every few dozen MiB (Linux
+`sync_file_range(SYNC_FILE_RANGE_WRITE)` queues dirty pages for writeback without waiting for
+them), so the disk writes while the network reads, and the final fsync — the image must be on
+disk before it is published — has little left to flush. (`posix_fadvise(DONTNEED)` would also
+start writeback, but it waits on pages already under writeback: measured here, it made a 1 GiB
+download twice as slow.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,17 +47,11 @@ def _load_sync_file_range() -> Callable[[int, int, int], None]:
 start_writeback = _load_sync_file_range()
 
 
-def read_ahead(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Yield `chunks` while the next one is already being read in another thread."""
-    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-        pending = reader.submit(next, chunks, None)
-        while (chunk := pending.result()) is not None:
-            pending = reader.submit(next, chunks, None)
-            yield chunk
-
-
 class ImageWriter:
-    """Writes chunks at increasing offsets into a new file; `finish()` makes it durable."""
+    """Writes chunks at increasing offsets into a new file; `finish()` makes it durable.
+
+    `expected_size` (the source's announced length, when it is known) is what a full disk is
+    reported against."""
 
     def __init__(self, dest: Path, expected_size: int | None) -> None:
         self.dest = dest

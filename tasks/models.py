@@ -10,7 +10,6 @@ import base64
 import binascii
 import re
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -19,15 +18,17 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    field_validator,
+    WithJsonSchema,
     model_validator,
 )
 
 from tasks.publish import is_temporary_name
+from tasks.urls import MAX_URL_LENGTH, check_url
 
 API_VERSION: Literal[1] = 1
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
 def _path_component(value: str) -> str:
@@ -40,7 +41,12 @@ def _path_component(value: str) -> str:
 
 
 # A name that is safe as one path component: no "/", cannot be "." or "..", no leading dot.
-Name = Annotated[str, AfterValidator(_path_component)]
+Name = Annotated[
+    str,
+    AfterValidator(_path_component),
+    WithJsonSchema({"type": "string", "pattern": _NAME.pattern}),
+]
+InstanceId = Name
 
 
 def _disk_name(value: str) -> str:
@@ -54,10 +60,31 @@ def _disk_name(value: str) -> str:
     return value
 
 
-DiskName = Annotated[Name, AfterValidator(_disk_name)]
+DiskName = Annotated[
+    Name,
+    AfterValidator(_disk_name),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": _NAME.pattern,
+            "not": {"anyOf": [{"const": "disk.info"}, {"pattern": r"\.part$"}]},
+        }
+    ),
+]
+# A host id names a queue (imgprep.host.<id>): what IMGPREP_HOST_ID accepts.
+HostId = Annotated[str, StringConstraints(pattern=HOST_ID_PATTERN)]
 # Image ids are hashed into cache keys, so any printable text is safe; control characters are not.
 ImageId = Annotated[
     str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+ImageUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
+    AfterValidator(check_url),
+]
+# A path under a configured root (where it must lie is checked where it is used).
+RootedPath = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 Checksum = Annotated[
     str,
@@ -69,33 +96,44 @@ DiskFormat = Literal["raw", "qcow2"]
 Backend = Literal["qcow2", "raw"]
 
 
-class WireModel(BaseModel):
-    """Frozen, strict about unknown fields: a typo in a request is an error, not a default."""
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+def _array(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# On every tuple field of a wire model: a JSON array becomes the tuple a frozen model keeps
+# (strict mode takes only tuples).
+FROM_JSON_ARRAY = BeforeValidator(_array)
+
+
+ApiVersion = Annotated[Literal[1], BeforeValidator(_not_bool)]
+
+
+class WireModel(BaseModel):
+    """Frozen and strict: a typo in a request is an error, not a default, and a value of the
+    wrong JSON type is an error, not a conversion (`true` is not 1, "10" is not 10)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class ImageSource(WireModel):
     """Where an image comes from and what the caller promises about it."""
 
-    url: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    url: ImageUrl
     image_id: ImageId
     checksum: Checksum | None = None
     declared_format: DeclaredFormat = "auto"
-
-    @field_validator("url")
-    @classmethod
-    def _has_scheme(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if not parts.scheme or not (parts.netloc or parts.path):
-            raise ValueError("must be an absolute URL such as https://host/image.qcow2")
-        return url
 
 
 class DiskSpec(WireModel):
     """The instance disk to create."""
 
-    instance_id: Name
+    instance_id: InstanceId
     disk_name: DiskName = "disk"
     size_bytes: int = Field(gt=0, le=64 * 2**40)
     backend: Backend = "qcow2"
@@ -158,15 +196,15 @@ class FileInjection(WireModel):
 class PrepareRequest(WireModel):
     """imgprep.prepare_disk: fetch the image into the cache and create the instance disk."""
 
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     image: ImageSource
     disk: DiskSpec
-    host: Name | None = Field(
+    host: HostId | None = Field(
         default=None,
         description="Host whose queue runs the host-local steps; default: the worker that "
         "receives the request.",
     )
-    inject: tuple[FileInjection, ...] = Field(
+    inject: Annotated[tuple[FileInjection, ...], FROM_JSON_ARRAY] = Field(
         default=(),
         max_length=MAX_INJECT_FILES,
         description="Files to write into the guest filesystem once the disk exists.",
@@ -206,9 +244,9 @@ class InstanceDisk(WireModel):
     """A disk created for an instance: `<instances_dir>/<instance_id>/<disk_name>`."""
 
     kind: Literal["instance_disk"] = "instance_disk"
-    host: str
-    instance_id: str
-    disk_name: str
+    host: HostId
+    instance_id: InstanceId
+    disk_name: DiskName
     path: str
     format: DiskFormat
     virtual_size: int
@@ -237,20 +275,20 @@ class PreparedDisk(WireModel):
     """The result of imgprep.prepare_disk: the instance disk and the cached base it came from."""
 
     kind: Literal["prepared_disk"] = "prepared_disk"
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     disk: InstanceDisk
     base: CachedImage
     guest: GuestFilesystem | None = None  # set when files were injected
-    injected: tuple[InjectedFile, ...] = ()
+    injected: Annotated[tuple[InjectedFile, ...], FROM_JSON_ARRAY] = ()
 
 
 class DeleteDiskRequest(WireModel):
     """imgprep.delete_disk: remove an instance disk and drop its reference to its base image."""
 
-    api_version: Literal[1] = API_VERSION
-    instance_id: Name
-    disk_name: Name = "disk"
-    host: Name | None = Field(
+    api_version: ApiVersion = API_VERSION
+    instance_id: InstanceId
+    disk_name: DiskName = "disk"
+    host: HostId | None = Field(
         default=None,
         description="Host that holds the disk; default: the worker that receives the request.",
     )
@@ -260,10 +298,10 @@ class DeletedDisk(WireModel):
     """The result of imgprep.delete_disk; deleting a disk that is not there is not an error."""
 
     kind: Literal["deleted_disk"] = "deleted_disk"
-    api_version: Literal[1] = API_VERSION
-    host: str
-    instance_id: str
-    disk_name: str
+    api_version: ApiVersion = API_VERSION
+    host: HostId
+    instance_id: InstanceId
+    disk_name: DiskName
     path: str
     existed: bool
     released_bases: list[str] = Field(
@@ -276,7 +314,7 @@ class EvictCacheRequest(WireModel):
 
     Unset fields take the worker's settings (image_cache.*)."""
 
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     dry_run: bool = False
     remove_unused_original_minimum_age_seconds: float | None = Field(default=None, ge=0)
     max_bytes: int | None = Field(default=None, ge=0, description="0: no size cap")
@@ -296,8 +334,8 @@ class CacheEvictionReport(WireModel):
     """The result of imgprep.evict_cache."""
 
     kind: Literal["cache_eviction_report"] = "cache_eviction_report"
-    api_version: Literal[1] = API_VERSION
-    host: str
+    api_version: ApiVersion = API_VERSION
+    host: HostId
     dry_run: bool
     evicted: list[CacheEviction]
     kept_in_use: list[str] = Field(description="Keys of entries some instance disk still uses.")

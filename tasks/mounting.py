@@ -7,7 +7,9 @@ filesystem drivers are the worst place to parse them (libguestfs' security guide
   against the allow-list (`mount.allowed_filesystems`);
 * ext2/3/4 are mounted by fuse2fs, a userspace process, straight from the raw view with
   `-o offset=` — after checking that the filesystem's own idea of its size fits in the
-  partition, since fuse2fs has no size limit;
+  partition, since fuse2fs has no size limit, and that its journal needs no recovery (fuse2fs
+  cannot replay a journal: it refuses such a filesystem, or crashes on it, leaving a dead
+  mount);
 * a kernel mount (nosuid, nodev, noexec) of the partition's loop device is used only when
   `mount.kernel_mount` says so: `fallback` for filesystems without a userspace driver,
   `always` for every filesystem.
@@ -21,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from tasks.devices import choose_view, host_capabilities, is_live_mount
-from tasks.errors import FilesystemRefused, InvalidRequest
+from tasks.errors import FilesystemNeedsRecovery, FilesystemRefused, InvalidRequest
 from tasks.guest import (
     Claim,
     DeviceContext,
@@ -42,6 +44,7 @@ log = structlog.get_logger(__name__)
 
 KERNEL_OPTIONS = "nosuid,nodev,noexec"
 EXT_MAGIC = 0xEF53
+EXT_INCOMPAT_RECOVER = 0x4  # "needs_recovery": the journal holds transactions not yet replayed
 EXT_INCOMPAT_64BIT = 0x80
 
 
@@ -80,8 +83,9 @@ def mount_method(fstype: str, policy: MountPolicy, *, have_fuse2fs: bool) -> Mou
 
 
 def check_ext_fits(view: Path, *, offset: int, size: int, where: str) -> None:
-    """Refuse an ext filesystem whose superblock claims more bytes than its partition holds:
-    fuse2fs would follow it into the bytes after the partition."""
+    """Refuse an ext filesystem whose superblock claims more bytes than its partition holds
+    (fuse2fs would follow it into the bytes after the partition), or whose journal needs
+    recovery (fuse2fs cannot replay it)."""
     with open(view, "rb") as handle:
         handle.seek(offset + 1024)
         superblock = handle.read(1024)
@@ -99,6 +103,13 @@ def check_ext_fits(view: Path, *, offset: int, size: int, where: str) -> None:
     if claimed > size:
         raise FilesystemRefused(
             f"the filesystem on {where} claims {claimed} bytes but its partition holds {size}"
+        )
+    if incompat & EXT_INCOMPAT_RECOVER:
+        raise FilesystemNeedsRecovery(
+            f"the filesystem on {where} needs journal recovery: the guest it comes from was not "
+            "shut down cleanly. Replay its journal (boot and cleanly shut down the guest, or run "
+            "e2fsck on the image) and upload the image again, or prepare the disk without "
+            "injected files"
         )
 
 
@@ -152,6 +163,11 @@ def _ensure_mounted(mapped: MappedDisk, target: Path, claim: Claim, ctx: DeviceC
     if not mounts.is_mounted(target):
         raise FilesystemRefused(
             f"{mapped.method} reported success but nothing is mounted at {target} for {where}"
+        )
+    if not is_live_mount(target):  # the driver died after mounting: a dead FUSE mount
+        raise FilesystemRefused(
+            f"{mapped.method} mounted {mapped.filesystem} on {where} but stopped answering; "
+            "the guest filesystem may be damaged (check it with e2fsck or fsck)"
         )
     log.info("guest_mounted", method=mapped.method, filesystem=mapped.filesystem, where=where)
 

@@ -3,7 +3,7 @@
 Image URLs may carry user info or a signed query string. Flower, `celery events` and Celery's own
 log lines show a task's `argsrepr`/`kwargsrepr` message fields, and Celery fills them with a
 Python repr of the real arguments unless the sender sets them. Every imgprep message sets them
-from `message_reprs`: the arguments as JSON, URLs redacted (tasks.download.redact).
+from `message_reprs`: the arguments as JSON, URLs redacted (tasks.urls.redact).
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from tasks.download import redact
+from tasks.urls import redact
 
 
 def looks_like_url(text: str) -> bool:
     if "://" not in text:
         return False
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # a malformed IPv6 host: still a URL to redact (redact never raises)
+        return True
     return bool(parts.scheme) and bool(parts.netloc or parts.path)
 
 

@@ -9,7 +9,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.models import API_VERSION, DiskFormat, DiskName, Name, WireModel
+from tasks.models import (
+    API_VERSION,
+    ApiVersion,
+    DiskFormat,
+    DiskName,
+    HostId,
+    InstanceId,
+    RootedPath,
+    WireModel,
+)
 
 SourceFormat = Literal["raw", "qcow2", "vmdk"]
 
@@ -20,18 +29,16 @@ class SnapshotRequest(WireModel):
     The guest must be stopped: a disk held open by a running guest is refused (ImageInUse).
     """
 
-    api_version: Literal[1] = API_VERSION
-    instance_id: Name
+    api_version: ApiVersion = API_VERSION
+    instance_id: InstanceId
     disk_name: DiskName = "disk"
-    target: str = Field(
-        min_length=1,
-        max_length=1024,
+    target: RootedPath = Field(
         description="Where the image goes: a path relative to the snapshots directory "
         "(IMGPREP_SNAPSHOTS_DIR), or an absolute path inside it; directories are created.",
     )
     format: DiskFormat = "qcow2"
     compress: bool = Field(default=False, description="qcow2 only: compressed clusters (-c).")
-    host: Name | None = Field(
+    host: HostId | None = Field(
         default=None,
         description="Host that holds the instance disk; default: the worker that receives it.",
     )
@@ -58,7 +65,7 @@ class ConvertedImage(WireModel):
     """A standalone image written by imgprep.convert; the result of imgprep.snapshot."""
 
     kind: Literal["converted_image"] = "converted_image"
-    api_version: Literal[1] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     path: str
     format: DiskFormat
     virtual_size: int

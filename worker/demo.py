@@ -10,6 +10,7 @@ started.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
@@ -23,6 +24,7 @@ import redis
 from tasks import qemu_img
 from tasks.errors import ImgprepError
 from tasks.models import DiskSpec, FileInjection, ImageSource, PreparedDisk, PrepareRequest
+from tasks.networks import loopback_allowed
 from tasks.runner import Limits, Runner
 from worker.guestread import read_guest_file
 from worker.imageserver import ImageServer
@@ -95,7 +97,13 @@ def run_demo(*, keep_worker: bool = False) -> int:
         try:
             t0 = time.monotonic()
             worker = start_worker(
-                nodename=nodename, log_path=settings.state_dir / "demo" / "worker.log"
+                nodename=nodename,
+                log_path=settings.state_dir / "demo" / "worker.log",
+                # the demo serves its image on this host: its worker may fetch from loopback
+                env={
+                    **os.environ,
+                    "IMGPREP_FETCH__DENIED_NETWORKS": json.dumps(loopback_allowed()),
+                },
             )
             worker.wait_ready(app, timeout=60)
             say(

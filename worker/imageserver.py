@@ -1,8 +1,9 @@
 """A local HTTP server for images, used by the demo, the tests and the benchmarks.
 
-It serves the files of one directory, counts the GET requests of each path, and can be told to
-fail the next requests of a path with a status, or to serve slowly, so that retry and crash
-behaviour can be driven for real.
+It serves the files of one directory, counts the connections it accepted and the GET requests
+of each path, and can be told to fail the next requests of a path with a status, to redirect a
+path, to serve slowly, or to trickle a path (a few bytes, then one byte every so often), so that
+retry, crash, stall and redirect behaviour can be driven for real.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 CHUNK = 256 * 2**10
@@ -23,6 +25,11 @@ CHUNK = 256 * 2**10
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    accepted = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.accepted += 1  # one accepting thread: no lock needed
+        super().process_request(request, client_address)
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Clients that hang up (a killed worker, a closed keep-alive) are not errors here."""
@@ -40,6 +47,9 @@ class ImageServer:
         self._lock = threading.Lock()
         self._gets: Counter[str] = Counter()
         self._failures: defaultdict[str, deque[int]] = defaultdict(deque)
+        self._redirects: dict[str, tuple[int, str]] = {}
+        self._trickles: dict[str, tuple[int, float]] = {}
+        self._stopping = threading.Event()
         self.bytes_per_second: int | None = None
         self._httpd = _QuietServer((host, port), self._handler())
         self._thread = threading.Thread(
@@ -50,8 +60,27 @@ class ImageServer:
     def port(self) -> int:
         return int(self._httpd.server_address[1])
 
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"http://{self.host}:{self.port}/{name}"
+
+    def connections(self) -> int:
+        """How many TCP connections the server accepted."""
+        return self._httpd.accepted
+
+    def redirect(self, name: str, location: str, status: int = 302) -> None:
+        """Answer every GET of `name` with `status` and `Location: location`."""
+        with self._lock:
+            self._redirects[name] = (status, location)
+
+    def trickle(self, name: str, *, after: int, every: float) -> None:
+        """Serve `name` with its full length announced, send `after` bytes of it, then one byte
+        every `every` seconds (a stalled or hostile source) until the client goes away."""
+        with self._lock:
+            self._trickles[name] = (after, every)
 
     def gets(self, name: str) -> int:
         """How many GET requests reached `name` (failed ones included)."""
@@ -68,6 +97,7 @@ class ImageServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
@@ -101,6 +131,13 @@ class ImageServer:
             def do_GET(self) -> None:
                 name = unquote(urlsplit(self.path).path).lstrip("/")
                 status = server._next_failure(name)
+                redirect = server._redirects.get(name)
+                if status is None and redirect is not None:
+                    self.send_response(redirect[0])
+                    self.send_header("Location", redirect[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if status is not None:
                     self.send_response(status)
                     self.send_header("Content-Length", "0")
@@ -121,7 +158,12 @@ class ImageServer:
                     except (BrokenPipeError, ConnectionResetError):
                         return
 
-            def _send_body(self, source: object, size: int) -> None:
+            def _send_body(self, source: Any, size: int) -> None:
+                name = unquote(urlsplit(self.path).path).lstrip("/")
+                trickle = server._trickles.get(name)
+                if trickle is not None:
+                    self._trickle(source, *trickle)
+                    return
                 rate = server.bytes_per_second
                 if rate is None:
                     self.wfile.flush()
@@ -130,7 +172,7 @@ class ImageServer:
                 sent = 0
                 started = time.monotonic()
                 while sent < size:
-                    chunk = source.read(min(CHUNK, rate))  # type: ignore[attr-defined]
+                    chunk = source.read(min(CHUNK, rate))
                     if not chunk:
                         break
                     self.wfile.write(chunk)
@@ -138,5 +180,15 @@ class ImageServer:
                     ahead = sent / rate - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)
+
+            def _trickle(self, source: Any, after: int, every: float) -> None:
+                self.wfile.write(source.read(after))
+                self.wfile.flush()
+                while not server._stopping.wait(every):
+                    byte = source.read(1)
+                    if not byte:
+                        return
+                    self.wfile.write(byte)
+                    self.wfile.flush()
 
         return Handler

@@ -7,6 +7,7 @@ domain code receives the group it needs, never this module.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     RedisDsn,
     ValidationError,
     field_validator,
@@ -28,6 +30,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from tasks.models import HostId
+from tasks.networks import DEFAULT_DENIED_NETWORKS
 
 ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
@@ -60,8 +65,16 @@ class FetchSettings(_Group):
 
     allowed_schemes: tuple[Literal["http", "https", "file"], ...] = ("http", "https")
     file_roots: tuple[Path, ...] = ()
+    # Addresses downloads never connect to, checked on every connection and redirect.
+    denied_networks: tuple[IPvAnyNetwork, ...] = tuple(
+        ipaddress.ip_network(network) for network in DEFAULT_DENIED_NETWORKS
+    )
     connect_timeout_seconds: PositiveSeconds = 10.0
     read_timeout_seconds: PositiveSeconds = 60.0
+    # A download bringing less than this over the last rate_window_seconds is stopped
+    # (SourceTooSlow, retried); 0: no minimum.
+    min_bytes_per_second: int = Field(default=64 * 2**10, ge=0)
+    rate_window_seconds: PositiveSeconds = 60.0
     max_image_bytes: int = Field(default=256 * 2**30, gt=0)
     force_raw: bool = True
 
@@ -136,9 +149,7 @@ class Settings(BaseSettings):
     state_dir: Path = Path("/var/lib/imgprep/state")
     snapshots_dir: Path = Path("/var/lib/imgprep/snapshots")
     preallocate_images: Literal["none", "space"] = "none"
-    host_id: str = Field(
-        default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-    )
+    host_id: HostId = Field(default_factory=socket.gethostname)
     visibility_timeout: int = Field(default=3600, gt=0)
     step_time_limit: int = Field(default=3000, gt=0)
     result_expires: int = Field(default=86400, gt=0)

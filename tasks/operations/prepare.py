@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import Ignore
+
 from tasks.canvases import prepare_disk_steps, with_ids
 from tasks.models import PrepareRequest
-from tasks.steps.fetch import pinned_if_cached
+from tasks.steps.fetch import pinned_if_cached, unpin
 from worker.app import app
 from worker.entry import CanvasEntryTask, hand_over, plan
 from worker.settings import get_settings
@@ -25,13 +27,21 @@ def prepare_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Fetch the image into the cache, create the instance disk and inject the request's files
     into it; result: PreparedDisk."""
     parsed = parse(PrepareRequest, request)
-    cached = pinned_if_cached(parsed.image, str(self.request.root_id or self.request.id))
-    steps = prepare_disk_steps(
-        parsed,
-        host=parsed.host or get_settings().host_id,
-        operation=self.request.id,
-        cached=cached,
-    )
-    canvas = with_ids(steps, self.request.id)
-    plan(self, canvas, done=["imgprep.fetch_to_cache"] if cached else [])
-    hand_over(self, canvas)
+    root_id = str(self.request.root_id or self.request.id)
+    cached = pinned_if_cached(parsed.image, root_id)
+    try:
+        steps = prepare_disk_steps(
+            parsed,
+            host=parsed.host or get_settings().host_id,
+            operation=self.request.id,
+            cached=cached,
+        )
+        canvas = with_ids(steps, self.request.id)
+        plan(self, canvas, done=["imgprep.fetch_to_cache"] if cached else [])
+        hand_over(self, canvas)
+    except Ignore:  # Task.replace sent the canvas, which now owns the pin
+        raise
+    except BaseException:
+        if cached is not None:  # no canvas will drop the pin: drop it now
+            unpin(cached, root_id)
+        raise

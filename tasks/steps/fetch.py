@@ -58,3 +58,8 @@ def pinned_if_cached(source: ImageSource, root_id: str) -> CachedImage | None:
         return None
     FetchMeter(no_progress).count_request()  # a hit
     return cached
+
+
+def unpin(cached: CachedImage, root_id: str) -> None:
+    """Drop the pin `pinned_if_cached` took, when the entry task fails before its canvas runs."""
+    runtime().references.discard(cached.key, pending_holder(root_id))

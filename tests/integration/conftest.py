@@ -8,6 +8,7 @@ restart Redis start their own.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import redis
 from celery import Celery
 
+from tasks.networks import loopback_allowed
 from tests.support.machine import leftovers
 from tests.support.redis_server import RedisServer, free_port
 from worker.app import create_app
@@ -104,6 +106,11 @@ class Cluster:
         return worker
 
 
+# Images are served on 127.0.0.1; 127.0.0.2 stands for an address images may not come from
+# (a test never sends anything off this machine, not even to see it refused).
+DENIED_ADDRESS = "127.0.0.2"
+
+
 def cluster_env(root: Path, redis_url: str) -> dict[str, str]:
     """The environment of every process in a test cluster."""
     return {
@@ -118,6 +125,7 @@ def cluster_env(root: Path, redis_url: str) -> dict[str, str]:
         "IMGPREP_FETCH__ALLOWED_SCHEMES": '["http", "https", "file"]',
         "IMGPREP_FETCH__FILE_ROOTS": f'["{root / "sources"}"]',
         "IMGPREP_FETCH__READ_TIMEOUT_SECONDS": "10",
+        "IMGPREP_FETCH__DENIED_NETWORKS": json.dumps(loopback_allowed((f"{DENIED_ADDRESS}/32",))),
         "IMGPREP_RETRY__BACKOFF_SECONDS": "0.2",
         "IMGPREP_RETRY__BACKOFF_MAX_SECONDS": "1",
         "IMGPREP_RETRY__MAX_RETRIES": "4",
@@ -196,7 +204,11 @@ class ClusterFactory:
     def __call__(self, name: str, overrides: dict[str, str] | None = None) -> Cluster:
         root = self.root / unique(name)
         server = RedisServer(root / "redis", free_port()).start()
-        made = make_cluster(root, server, overrides)
+        try:
+            made = make_cluster(root, server, overrides)
+        except BaseException:  # settings that do not validate: no cluster will stop its Redis
+            server.stop()
+            raise
         self.clusters.append(made)
         return made
 

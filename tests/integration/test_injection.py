@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import DeviceError, DiskFull, FilesystemRefused, PartitionNotFound
+from tasks.errors import (
+    DeviceError,
+    DiskFull,
+    FilesystemNeedsRecovery,
+    FilesystemRefused,
+    PartitionNotFound,
+)
 from tasks.models import (
-    DiskSpec,
     FileInjection,
     ImageSource,
     PreparedDisk,
@@ -69,11 +74,16 @@ def injecting(
     partition: object = "auto",
     instance: str | None = None,
     host: str | None = None,
+    backend: str = "qcow2",
 ) -> PrepareRequest:
     return PrepareRequest.model_validate(
         {
             "image": ImageSource(url=image_server.url(name), image_id=unique("img")),
-            "disk": DiskSpec(instance_id=instance or unique("vm"), size_bytes=64 * MiB),
+            "disk": {
+                "instance_id": instance or unique("vm"),
+                "size_bytes": 64 * MiB,
+                "backend": backend,
+            },
             "inject": files,
             "partition": partition,
             "host": host,
@@ -291,6 +301,38 @@ def test_filesystem_larger_than_its_partition_fails_at_mount_and_leaves_nothing(
         ("map_partitions", "SUCCESS"),
         ("mount_guest", "FAILURE"),
     ]
+    assert_released(clean_cluster, request.disk.instance_id)
+
+
+@pytest.mark.parametrize(("layout", "backend"), [("mbr", "qcow2"), ("bare", "raw")])
+def test_a_filesystem_whose_journal_needs_recovery_is_refused_naming_the_cause(
+    clean_cluster: Cluster, image_server: ImageServer, layout: str, backend: str
+) -> None:
+    # Given a guest whose ext4 journal needs recovery, as a guest that was not shut down
+    # cleanly leaves it (fuse2fs cannot replay a journal, and crashes on such a filesystem)
+    name, offset = serve_guest(image_server, layout)
+    filesystem = f"{image_server.root / name}?offset={offset}"
+    subprocess.run(
+        ["debugfs", "-w", "-R", "feature needs_recovery", filesystem],
+        check=True,
+        capture_output=True,
+    )
+    features = subprocess.run(
+        ["dumpe2fs", "-h", filesystem], check=True, capture_output=True, text=True
+    ).stdout
+    assert "needs_recovery" in features
+    request = injecting(image_server, name, [MOTD], backend=backend)
+
+    # When files are to be injected into it
+    result = clean_cluster.client.prepare_disk(request)
+
+    # Then mounting fails with the cause, not with a dead FUSE mount's "Transport endpoint is
+    # not connected", and nothing is left mounted
+    with pytest.raises(
+        FilesystemNeedsRecovery, match=r"needs journal recovery: the guest .* not shut down cleanly"
+    ):
+        clean_cluster.client.wait_prepared(result, timeout=120)
+    assert step_states(clean_cluster, result.id)[3] == ("mount_guest", "FAILURE")
     assert_released(clean_cluster, request.disk.instance_id)
 
 

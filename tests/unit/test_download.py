@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tasks.download import download, redact
+from tasks.download import download
 from tasks.errors import (
     ImageTooLarge,
     SourceNotAllowed,
@@ -18,6 +20,8 @@ from tasks.errors import (
     SourceRefused,
     SourceUnavailable,
 )
+from tasks.networks import Network
+from tasks.urls import redact
 from tests.conftest import write_raw_image
 from worker.imageserver import ImageServer
 
@@ -28,8 +32,11 @@ MiB = 2**20
 class Policy:
     allowed_schemes: tuple[str, ...] = ("http", "https", "file")
     file_roots: tuple[Path, ...] = field(default_factory=tuple)
+    denied_networks: tuple[Network, ...] = ()  # the test server is on loopback
     connect_timeout_seconds: float = 2.0
     read_timeout_seconds: float = 2.0
+    min_bytes_per_second: int = 0
+    rate_window_seconds: float = 60.0
     max_image_bytes: int = 64 * MiB
 
 
@@ -144,3 +151,40 @@ def test_redact_hides_credentials_and_query() -> None:
         redact("https://user:pw@h.example:8443/i.qcow2?X-Amz-Signature=s")
         == "https://h.example:8443/i.qcow2"
     )
+
+
+class _Chunked(BaseHTTPRequestHandler):
+    """Serves BODY with chunked transfer encoding and no Content-Length, in uneven pieces."""
+
+    protocol_version = "HTTP/1.1"
+    body = b""
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(self.body), 100_003):
+            piece = self.body[start : start + 100_003]
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_chunked_response_without_length(tmp_path: Path) -> None:
+    # Given a server that streams 3 MiB of data in chunks, announcing no length
+    _Chunked.body = os.urandom(3 * MiB)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Chunked)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # When it is downloaded, then every byte arrived, in order
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/chunked.raw"
+        seen: list[int | None] = []
+        got = download(url, tmp_path / "c.part", Policy(), lambda done, total: seen.append(total))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert got.size == 3 * MiB and (tmp_path / "c.part").read_bytes() == _Chunked.body
+    assert set(seen) == {None}

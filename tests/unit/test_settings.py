@@ -48,11 +48,13 @@ def test_environment_overrides_file_and_nested_groups_merge(clean_env: pytest.Mo
     clean_env.setenv("IMGPREP_CONFIG", str(REPO_CONFIG))
     clean_env.setenv("IMGPREP_LOCK__LEASE_SECONDS", "90")
     clean_env.setenv("IMGPREP_FETCH__ALLOWED_SCHEMES", '["https"]')
+    clean_env.setenv("IMGPREP_FETCH__DENIED_NETWORKS", '["169.254.0.0/16", "fd00::/8"]')
     clean_env.setenv("IMGPREP_REDIS_URL", "redis://redis.example:6380/2")
     settings = Settings()
     assert settings.lock.lease_seconds == 90
     assert settings.lock.renew_seconds == 10  # from the file, not lost by the override
     assert settings.fetch.allowed_schemes == ("https",)
+    assert [str(n) for n in settings.fetch.denied_networks] == ["169.254.0.0/16", "fd00::/8"]
     assert settings.broker == settings.results == "redis://redis.example:6380/2"
 
 
@@ -71,6 +73,9 @@ def test_broker_and_results_can_be_split(clean_env: pytest.MonkeyPatch) -> None:
         ("IMGPREP_REDIS_URL", "http://not-redis", "IMGPREP_REDIS_URL"),
         ("IMGPREP_VISIBILITY_TIMEOUT", "100", "IMGPREP"),  # cross-field rule: names the rule
         ("IMGPREP_FETCH__ALLOWED_SCHEMES", '["ftp"]', "IMGPREP_FETCH__ALLOWED_SCHEMES"),
+        ("IMGPREP_FETCH__DENIED_NETWORKS", '["metadata"]', "IMGPREP_FETCH__DENIED_NETWORKS"),
+        ("IMGPREP_FETCH__DENIED_NETWORKS", '["10.0.0.1/8"]', "IMGPREP_FETCH__DENIED_NETWORKS"),
+        ("IMGPREP_FETCH__MIN_BYTES_PER_SECOND", "-1", "IMGPREP_FETCH__MIN_BYTES_PER_SECOND"),
     ],
 )
 def test_invalid_setting_is_one_line_naming_it(

@@ -40,13 +40,15 @@ def snapshot(
     from worker.taskbase import describe_validation
 
     try:
-        request = SnapshotRequest(
-            instance_id=instance_id,
-            disk_name=disk_name,
-            target=target,
-            format=fmt,
-            compress=compress,
-            host=host,
+        request = SnapshotRequest.model_validate(
+            {
+                "instance_id": instance_id,
+                "disk_name": disk_name,
+                "target": target,
+                "format": fmt,
+                "compress": compress,
+                "host": host,
+            }
         )
     except ValidationError as error:
         click.echo(f"imgprep: {describe_validation(error)}", err=True)
