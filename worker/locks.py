@@ -5,6 +5,11 @@ Waiting is not polling. A releasing holder pushes one element on `imgprep:wake:<
 blocks on that list with BLPOP for at most the lock's remaining lease, so it wakes within a
 Redis round-trip of a release, and within one lease period of a holder that died without
 releasing (its key expires). This is the signal-list technique of python-redis-lock.
+
+A blocking command must end before its client's own socket timeout (redis-py 8 gives every
+client 5 s unless told otherwise), or the client reports "Timeout reading from socket" on a
+healthy Redis. Each BLPOP therefore blocks at most half of the client's socket timeout; a wait
+longer than that is several BLPOPs, each followed by another attempt to take the lock.
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ return 0
 _SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
 
 
+def longest_block(client: redis.Redis) -> float | None:
+    """The longest BLPOP `client` can wait for: half its socket timeout (None: no limit)."""
+    timeout = client.get_connection_kwargs().get("socket_timeout")
+    return float(timeout) / 2 if timeout else None
+
+
 def holder_identity() -> str:
     """host:pid, the human-readable part of a lock token."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -96,6 +107,7 @@ class LeaseLock:
         self._acquire_script = client.register_script(_ACQUIRE)
         self._release_script = client.register_script(_RELEASE)
         self._extend_script = client.register_script(_EXTEND)
+        self._longest_block = longest_block(client)
 
     # -- acquiring ---------------------------------------------------------------------------
 
@@ -141,7 +153,9 @@ class LeaseLock:
             # pttl -2: released between SET and PTTL, try again at once; -1: no expiry (never
             # set by us), wait a lease at most.
             expires_in = pttl / 1000 if pttl > 0 else (self.lease_ms / 1000 if pttl == -1 else 0)
-            block = max(_SHORTEST_BLOCK, min(remaining, expires_in))
+            block = max(
+                _SHORTEST_BLOCK, min(remaining, expires_in, self._longest_block or remaining)
+            )
             if pttl != -2:
                 self._redis(self.client.blpop, [self.signal_key], timeout=block)
 
