@@ -76,8 +76,7 @@ def test_waiting_steps_spend_no_retry_while_the_holder_downloads(
 
     # When three prepares of it arrive at once
     results = [
-        cluster.client.prepare_disk(request_for(image_server.url(name), image_id))
-        for _ in range(3)
+        cluster.client.prepare_disk(request_for(image_server.url(name), image_id)) for _ in range(3)
     ]
     wait_for(lambda: image_server.gets(name), timeout=60, what="the download to start")
     prepared = [cluster.client.wait_prepared(result, timeout=180) for result in results]
