@@ -18,6 +18,7 @@ from celery import Celery, signals
 
 from tasks.canvases import DEFAULT_QUEUE
 from worker.logs import configure_logging
+from worker.results import BACKEND as RESULT_BACKEND
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
@@ -49,6 +50,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker,
         "result_backend": settings.results,
+        # Results are stored without credentials: arguments and error texts with every URL
+        # redacted (worker.results); a client reads the same records as from Celery's backend.
+        "override_backends": {"redis": RESULT_BACKEND, "rediss": RESULT_BACKEND},
         # JSON only: a pickle payload from the broker would be code execution.
         "task_serializer": "json",
         "result_serializer": "json",

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from celery import Task, signals
 
+from tasks.redaction import redacted_text
 from worker.journal import Journal
 from worker.runtime import runtime
 
@@ -44,7 +45,7 @@ def _task_failed(sender: Task, task_id: str, exception: BaseException, **_: Any)
             task_id,
             sender.name,
             "FAILURE",
-            f"{type(exception).__name__}: {exception}",
+            redacted_text(f"{type(exception).__name__}: {exception}"),
         )
 
 
