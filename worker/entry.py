@@ -8,18 +8,56 @@ from typing import Any
 
 from celery import Task
 
+from tasks.errors import InvalidRequest
 from worker.journal import PlannedStep
 from worker.redacting import RedactedArguments
 from worker.signals import journal
 
+REQUEST = "request"
+
+
+def the_request(
+    task_name: str, args: Sequence[Any], kwargs: dict[str, Any], *, required: bool
+) -> Any:
+    """The one argument of an entry task's call: its request, given positionally or as
+    `request=`. Any other shape (two arguments, an unknown keyword, none when one is required)
+    is an InvalidRequest naming what was sent."""
+    unknown = sorted(set(kwargs) - {REQUEST})
+    given = len(args) + (REQUEST in kwargs)
+    if unknown:
+        problem = f"unknown keyword argument(s) {', '.join(unknown)}"
+    elif given > 1:
+        problem = f"{len(args)} positional arguments" + (
+            " and request=" if REQUEST in kwargs else ""
+        )
+    elif given == 0 and required:
+        problem = "no request"
+    else:
+        return args[0] if args else kwargs.get(REQUEST)
+    raise InvalidRequest(
+        f"invalid call of {task_name}: it takes one argument, the request object; got {problem}"
+    )
+
 
 class EntryTask(RedactedArguments):
-    """An operation's entry point, never retried itself."""
+    """An operation's entry point, never retried itself.
+
+    Its call shape is checked here, in the worker, so that a control plane that sends two
+    arguments or an unknown keyword gets InvalidRequest stored as the task's failure (Celery's
+    own `typing` check runs only in Python senders that hold the task object; in the worker
+    Python would raise TypeError)."""
 
     abstract = True
     acks_late = True
     reject_on_worker_lost = True
     typing = True
+    request_required = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = the_request(self.name, args, kwargs, required=self.request_required)
+        if request is None and not self.request_required:
+            return super().__call__()
+        return super().__call__(request)
 
 
 class _CanvasOwnsTheResult:
