@@ -10,6 +10,7 @@ from celery import Task
 
 from tasks.errors import InvalidRequest
 from worker.journal import PlannedStep
+from worker.publishing import requeued_unless_published
 from worker.redacting import RedactedArguments
 from worker.signals import journal
 
@@ -105,13 +106,15 @@ def hand_over(task: Task, canvas: Any) -> None:
     """Send `canvas`, whose last step already carries `task`'s id, in `task`'s place.
 
     A message that links callbacks or errbacks, or is part of a chain, group or chord, goes
-    through Celery's own `Task.replace`, which carries those over to the canvas.
+    through Celery's own `Task.replace`, which carries those over to the canvas. A canvas that
+    Redis cannot take within `redis_outage_seconds` sends the entry task's message back.
     """
     request = task.request
-    if request.callbacks or request.errbacks or request.chain or request.chord or request.group:
-        task.replace(canvas)
-        return
-    canvas.apply_async()
+    with requeued_unless_published(f"the canvas of {task.name}"):
+        if request.callbacks or request.errbacks or request.chain or request.chord or request.group:
+            task.replace(canvas)
+            return
+        canvas.apply_async()
 
 
 def plan(task: Task, canvas: Any, done: Sequence[str] = ()) -> None:

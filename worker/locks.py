@@ -66,6 +66,7 @@ return 0
 """
 
 _SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
+_REDIS_PAUSE = 1.0  # between attempts of a waiter that cannot reach Redis
 
 
 def longest_block(client: redis.Redis) -> float | None:
@@ -123,14 +124,24 @@ class LeaseLock:
         return self._lost.is_set()
 
     def acquire(self, wait: float | None = None) -> int:
-        """Take the lock, waiting up to `wait` seconds; return the fencing token."""
+        """Take the lock, waiting up to `wait` seconds; return the fencing token.
+
+        A Redis that stops answering meanwhile (a restart) is waited for too, within the same
+        budget: the waiter tries again every second, and only a budget spent without Redis
+        ends in CoordinationUnavailable."""
         budget = self.wait if wait is None else wait
         started = time.monotonic()
         deadline = started + budget
         while True:
-            fence, pttl = self._redis(
-                self._acquire_script, keys=[self.key, FENCE_KEY], args=[self.token, self.lease_ms]
-            )
+            try:
+                fence, pttl = self._redis(
+                    self._acquire_script,
+                    keys=[self.key, FENCE_KEY],
+                    args=[self.token, self.lease_ms],
+                )
+            except CoordinationUnavailable as error:
+                self._pause_for_redis(error, deadline)
+                continue
             if fence:
                 lock_waited(self.name, time.monotonic() - started, acquired=True)
                 self._fence = int(fence)
@@ -157,7 +168,18 @@ class LeaseLock:
                 _SHORTEST_BLOCK, min(remaining, expires_in, self._longest_block or remaining)
             )
             if pttl != -2:
-                self._redis(self.client.blpop, [self.signal_key], timeout=block)
+                try:
+                    self._redis(self.client.blpop, [self.signal_key], timeout=block)
+                except CoordinationUnavailable as error:
+                    self._pause_for_redis(error, deadline)
+
+    def _pause_for_redis(self, error: CoordinationUnavailable, deadline: float) -> None:
+        """Wait a moment for Redis to come back, or give up when the wait's budget is spent."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise error
+        log.info("lock_wait_redis_unavailable", lock=self.name, error=str(error))
+        time.sleep(min(_REDIS_PAUSE, remaining))
 
     def release(self) -> bool:
         """Release if still the owner and wake one waiter; False when the lease was already lost."""

@@ -96,6 +96,22 @@ def test_visibility_timeout_must_exceed_step_time_limit(clean_env: pytest.Monkey
         Settings(step_time_limit=600, lock={"wait_seconds": 900})
 
 
+def test_redis_outage_window_fits_in_a_step(clean_env: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from worker.app import celery_config
+
+    with pytest.raises(ValidationError, match="redis_outage_seconds"):
+        Settings(step_time_limit=1000, lock={"wait_seconds": 300}, redis_outage_seconds=500)
+    # the window sizes Celery's publish retries (about one a second) and result-write retries
+    config = celery_config(Settings(redis_outage_seconds=30))
+    policy = config["task_publish_retry_policy"]
+    assert policy["max_retries"] == 32 and policy["interval_max"] == 1
+    assert config["result_backend_always_retry"] is True
+    assert config["result_backend_max_retries"] == 67
+    assert config["result_backend_max_sleep_between_retries_ms"] == 1000
+
+
 def test_cli_stops_on_invalid_setting_with_one_line() -> None:
     env = {**os.environ, "IMGPREP_LOCK__RENEW_SECONDS": "-1"}
     done = subprocess.run(
