@@ -19,6 +19,7 @@ from celery import Celery, signals
 
 from tasks.canvases import DEFAULT_QUEUE
 from worker.broker import RestoreStranded, use_for_redis_urls
+from worker.hosts import Heartbeat
 from worker.logs import configure_logging
 from worker.results import BACKEND as RESULT_BACKEND
 from worker.schedule import beat_schedule
@@ -155,6 +156,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery_app = Celery("imgprep", include=task_modules(), set_as_current=settings is None)
     celery_app.config_from_object(_LazyConfig(lambda: settings or get_settings()))
     celery_app.steps["consumer"].add(RestoreStranded)
+    celery_app.steps["worker"].add(Heartbeat)
     return celery_app
 
 

@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Task
+from redis.exceptions import RedisError
 
-from tasks.errors import InvalidRequest
+from tasks.errors import CoordinationUnavailable, InvalidRequest
+from worker.hosts import require_live_host
 from worker.journal import PlannedStep
 from worker.publishing import requeued_unless_published
 from worker.redacting import RedactedArguments
+from worker.runtime import runtime
 from worker.signals import journal
 
 REQUEST = "request"
@@ -100,6 +103,19 @@ class CanvasEntryTask(EntryTask):
         self.send_event(
             "task-failed", retry=False, name=self.name, exception=repr(exc), traceback=str(einfo)
         )
+
+
+def target_host(requested: str | None) -> str:
+    """The host an operation's canvas runs on: the request's, else this worker's own. A host no
+    live worker serves is refused at once (HostUnavailable), before anything is pinned or
+    queued for it (worker.hosts)."""
+    current = runtime()
+    host = requested or current.settings.host_id
+    try:
+        require_live_host(host, current.settings, current.redis)
+    except RedisError as error:
+        raise CoordinationUnavailable(f"Redis unavailable for the host registry: {error}") from None
+    return host
 
 
 def hand_over(task: Task, canvas: Any) -> None:

@@ -15,8 +15,7 @@ from tasks.canvases import prepare_disk_steps, with_ids
 from tasks.models import PrepareRequest
 from tasks.steps.fetch import pinned_if_cached
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over, plan
-from worker.settings import get_settings
+from worker.entry import CanvasEntryTask, hand_over, plan, target_host
 from worker.taskbase import parse
 
 
@@ -25,10 +24,11 @@ def prepare_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Fetch the image into the cache, create the instance disk and inject the request's files
     into it; result: PreparedDisk."""
     parsed = parse(PrepareRequest, request)
+    host = target_host(parsed.host)  # before the pin: a refused host must pin nothing
     cached = pinned_if_cached(parsed.image, str(self.request.root_id or self.request.id))
     steps = prepare_disk_steps(
         parsed,
-        host=parsed.host or get_settings().host_id,
+        host=host,
         operation=self.request.id,
         cached=cached,
     )

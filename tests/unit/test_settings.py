@@ -139,3 +139,12 @@ def test_readme_documents_every_setting() -> None:
             names = [f"IMGPREP_{name.upper()}"]
         for variable in names:
             assert f"`{variable}`" in readme, f"README's settings table lacks {variable}"
+
+
+def test_hosts_beat_before_they_count_as_silent(clean_env: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="twice heartbeat_seconds"):
+        Settings(hosts={"heartbeat_seconds": 20, "silent_after_seconds": 30})
+    with pytest.raises(ValidationError, match="abandon_after_seconds"):
+        Settings(hosts={"silent_after_seconds": 30, "abandon_after_seconds": 10})
