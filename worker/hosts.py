@@ -41,6 +41,7 @@ from tasks.references import pending_holder
 from worker.locks import LeaseLock
 from worker.references import RedisReferences
 from worker.settings import HostSettings, Settings, get_settings
+from worker.signals import announce_failure, operation_id
 
 log = structlog.get_logger(__name__)
 
@@ -221,8 +222,11 @@ def _fail(app: Celery, client: redis.Redis, raw: bytes, error: HostUnavailable) 
         kwargs=message.kwargs,
         delivery_info={"routing_key": message.queue},
     )
-    app.backend.mark_as_failure(message.task_id, error, request=request, call_errbacks=False)
+    # the pins first: once the failure is stored, the caller may look at the cache
     released = RedisReferences(client).forget(pending_holder(message.root_id))
+    app.backend.mark_as_failure(message.task_id, error, request=request, call_errbacks=False)
+    for task_id in {message.task_id, message.operation_id}:  # what Flower knows of, by events
+        announce_failure(app, task_id, error)
     log.warning(
         "abandoned_request_failed",
         task_id=message.task_id,
@@ -247,10 +251,8 @@ class QueuedMessage:
 
     @property
     def operation_id(self) -> str:
-        """The id the caller waits on: the last step's (Celery keeps a chain reversed)."""
-        if self.chain:
-            return str(self.chain[0].get("options", {}).get("task_id") or self.task_id)
-        return self.task_id
+        """The id the caller waits on: the last step's."""
+        return operation_id(self.chain) or self.task_id
 
 
 def parse_message(raw: bytes) -> QueuedMessage:

@@ -125,7 +125,11 @@ def test_work_queued_for_a_host_whose_worker_died_fails_and_releases_its_pins(
     with pytest.raises(HostUnavailable, match=f"{host_b}.*{host_queue(host_b)} was abandoned"):
         result.get(timeout=60)
     assert time.monotonic() - killed < 6 + 10
-    assert cluster.redis.llen(host_queue(host_b)) == 0
+    wait_for(
+        lambda: cluster.redis.llen(host_queue(host_b)) == 0,
+        timeout=10,
+        what="the sweeper to remove the failed message from B's queue",
+    )
     assert pins(cluster) == []
 
     # And a request for B now is refused at once
