@@ -147,11 +147,12 @@ def sweep(app: Celery, client: redis.Redis, settings: Settings) -> int:
     policy = settings.hosts
     registry = HostRegistry(client, policy, settings.result_expires)
     silences = registry.silences().values()
-    abandoned = [
-        s
-        for s in silences
-        if s.seconds > policy.abandon_after_seconds and _has_work(client, host_queue(s.host))
-    ]
+    abandoned = [s for s in silences if s.seconds > policy.abandon_after_seconds]
+    if abandoned:
+        held = _unacked_queues(client)
+        abandoned = [
+            s for s in abandoned if host_queue(s.host) in held or client.llen(host_queue(s.host))
+        ]
     failed = 0
     if abandoned:
         lock = LeaseLock(client, SWEEP_LOCK, lease=30.0, renew_every=10.0, wait=0.0)
@@ -170,11 +171,9 @@ def sweep(app: Celery, client: redis.Redis, settings: Settings) -> int:
     return failed
 
 
-def _has_work(client: redis.Redis, queue: str) -> bool:
-    """Whether anything waits for `queue`: queued, or delivered and unacknowledged."""
-    if client.llen(queue):
-        return True
-    return any(json.loads(entry)[2] == queue for _tag, entry in client.hscan_iter(UNACKED_KEY))
+def _unacked_queues(client: redis.Redis) -> set[str]:
+    """The queues of the messages delivered to workers and not acknowledged yet."""
+    return {json.loads(entry)[2] for _tag, entry in client.hscan_iter(UNACKED_KEY)}
 
 
 def _sweep_host(app: Celery, client: redis.Redis, settings: Settings, silence: Silence) -> int:
