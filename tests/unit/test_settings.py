@@ -96,13 +96,9 @@ def test_visibility_timeout_must_exceed_step_time_limit(clean_env: pytest.Monkey
         Settings(step_time_limit=600, lock={"wait_seconds": 900})
 
 
-def test_redis_outage_window_fits_in_a_step(clean_env: pytest.MonkeyPatch) -> None:
-    from pydantic import ValidationError
-
+def test_redis_outage_window_sizes_celery_retries(clean_env: pytest.MonkeyPatch) -> None:
     from worker.app import celery_config
 
-    with pytest.raises(ValidationError, match="redis_outage_seconds"):
-        Settings(step_time_limit=1000, lock={"wait_seconds": 300}, redis_outage_seconds=500)
     # the window sizes Celery's publish retries (about one a second) and result-write retries
     config = celery_config(Settings(redis_outage_seconds=30))
     policy = config["task_publish_retry_policy"]
