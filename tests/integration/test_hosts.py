@@ -186,7 +186,11 @@ def test_a_step_held_by_a_worker_that_died_is_failed_too(
         with pytest.raises(HostUnavailable, match=f"{host_b}.*abandoned"):
             result.get(timeout=60)
         assert pins(cluster) == []
-        assert cluster.redis.hlen("unacked") == 0
+        wait_for(
+            lambda: cluster.redis.hlen("unacked") == 0,
+            timeout=30,
+            what="no message to be left unacknowledged",
+        )
     finally:
         lock.release()
     cluster.assert_clean()

@@ -45,6 +45,15 @@ def stop_redis_for(cluster: Cluster, seconds: float) -> None:
     cluster.redis_server.start()
 
 
+def all_acknowledged(cluster: Cluster) -> None:
+    """Every message delivered was acknowledged (a step acknowledges just after its result)."""
+    wait_for(
+        lambda: cluster.redis.hlen("unacked") == 0,
+        timeout=30,
+        what="every delivered message to be acknowledged",
+    )
+
+
 def round_trip(cluster: Cluster, timeout: float = 60) -> set[str]:
     """Ping every worker by sending real tasks through the broker; the nodes that answered."""
     answered: set[str] = set()
@@ -98,7 +107,7 @@ def test_a_burst_of_prepares_survives_a_redis_outage(
     # and both workers still consume: each answers a task sent after the restart; every
     # message was acknowledged (none waits for the visibility timeout)
     assert round_trip(cluster) == {w.nodename for w in cluster.workers}
-    assert cluster.redis.hlen("unacked") == 0
+    all_acknowledged(cluster)
     image_server.bytes_per_second = None
     cluster.assert_clean()
 
@@ -180,7 +189,7 @@ def test_a_retry_due_while_redis_is_down_waits_for_it(
     assert view is not None
     fetch = next(r for r in view.records.values() if r.name == "imgprep.fetch_to_cache")
     assert (fetch.state, fetch.attempts) == ("SUCCESS", 2)
-    assert cluster.redis.hlen("unacked") == 0
+    all_acknowledged(cluster)
     cluster.assert_clean()
 
 
@@ -213,5 +222,5 @@ def test_a_retry_waiting_out_its_countdown_survives_a_redis_restart(
     prepared = wait_through_outages(cluster, result.id, 90)
     assert Path(prepared.disk.path).is_file()
     assert image_server.gets(name) == 2
-    assert cluster.redis.hlen("unacked") == 0
+    all_acknowledged(cluster)
     cluster.assert_clean()
