@@ -104,20 +104,29 @@ class HostRegistry:
 
     def silences(self) -> dict[str, Silence]:
         """Every host ever announced (within `keep_seconds`), with its silence."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrange(HOSTS_KEY, 0, -1, withscores=True)
-        pipe.time()
-        pipe.info("server")
-        seen, (seconds, micros), info = pipe.execute()
-        now = seconds + micros / 1e6
-        redis_up = float(info.get("uptime_in_seconds", now))
+        seen, now, redis_up = self._read(
+            lambda pipe: pipe.zrange(HOSTS_KEY, 0, -1, withscores=True)
+        )
         return {
-            _text(host): Silence(_text(host), max(0.0, min(now - float(at), redis_up)))
+            _text(host): Silence(_text(host), _silent(now, float(at), redis_up))
             for host, at in seen
         }
 
     def silence(self, host: str) -> Silence:
-        return self.silences().get(host, Silence(host, float("inf"), never=True))
+        at, now, redis_up = self._read(lambda pipe: pipe.zscore(HOSTS_KEY, host))
+        if at is None:
+            return Silence(host, float("inf"), never=True)
+        return Silence(host, _silent(now, float(at), redis_up))
+
+    def _read(self, query: Any) -> tuple[Any, float, float]:
+        """`query`'s answer, Redis's time and how long Redis has been up, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        query(pipe)
+        pipe.time()
+        pipe.info("server")
+        answer, (seconds, micros), info = pipe.execute()
+        now = seconds + micros / 1e6
+        return answer, now, float(info.get("uptime_in_seconds", now))
 
     def forget(self, host: str) -> None:
         self.client.zrem(HOSTS_KEY, host)
@@ -333,6 +342,11 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
                     return
         finally:
             client.close()
+
+
+def _silent(now: float, last_beat: float, redis_up: float) -> float:
+    """Seconds of silence; time Redis was down does not count (nobody could announce then)."""
+    return max(0.0, min(now - last_beat, redis_up))
 
 
 def _bytes(value: bytes | str) -> bytes:
