@@ -70,6 +70,10 @@ class DeviceBusy(TransientError):
 # --- permanent -------------------------------------------------------------------------------
 
 
+class HostUnavailable(PermanentError):
+    """The request names a host that no live imgprep worker serves (never seen, or silent)."""
+
+
 class InvalidRequest(PermanentError):
     """The request does not validate: a field is missing, malformed or out of range."""
 

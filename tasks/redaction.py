@@ -9,6 +9,7 @@ from `message_reprs`: the arguments as JSON, URLs redacted (tasks.urls.redact).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,10 +27,25 @@ def looks_like_url(text: str) -> bool:
     return bool(parts.scheme) and bool(parts.netloc or parts.path)
 
 
+# A URL inside free text (an error message, a traceback): up to the next space or quote.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redacted_url(url: str) -> str:
+    """`url` without user info, query or fragment (`redact` never raises, even on a URL too
+    malformed to parse)."""
+    return redact(url)
+
+
+def redacted_text(text: str) -> str:
+    """`text` with every URL in it stripped of user info and query."""
+    return _URL_IN_TEXT.sub(lambda match: redacted_url(match.group(0)), text)
+
+
 def redacted(value: Any) -> Any:
     """`value` with every string that is a URL replaced by its redacted form."""
     if isinstance(value, str):
-        return redact(value) if looks_like_url(value) else value
+        return redacted_url(value) if looks_like_url(value) else value
     if isinstance(value, Mapping):
         return {str(key): redacted(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -17,7 +18,10 @@ import structlog
 from celery import Celery, signals
 
 from tasks.canvases import DEFAULT_QUEUE
+from worker.broker import RestoreStranded, use_for_redis_urls
+from worker.hosts import Heartbeat
 from worker.logs import configure_logging
+from worker.results import BACKEND as RESULT_BACKEND
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
@@ -37,6 +41,33 @@ def task_modules() -> list[str]:
     return modules
 
 
+# Connecting to Redis takes milliseconds; a connect that takes longer is to a host that is gone,
+# and every attempt to reach it during an outage must be short for the outage window to hold.
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def publish_retry_policy(outage_seconds: float) -> dict[str, float]:
+    """kombu's retry policy for every message we publish: reconnect and retry after 0, 0.5,
+    then every 1 s, for about `outage_seconds` (Celery's default gives up within a second)."""
+    return {
+        "max_retries": math.ceil(outage_seconds) + 2,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 1,
+    }
+
+
+def result_write_retries(outage_seconds: float) -> dict[str, int]:
+    """Result backend retries (`result_backend_always_retry`) that last about `outage_seconds`:
+    Celery sleeps a random time up to min(max, base * 2**n) ms between tries, 0.5 s on average
+    once the 1 s cap is reached (after 7 tries, 0.6 s)."""
+    return {
+        "result_backend_max_retries": 7 + 2 * math.ceil(outage_seconds),
+        "result_backend_base_sleep_between_retries_ms": 10,
+        "result_backend_max_sleep_between_retries_ms": 1000,
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from imgprep settings."""
     transport = {
@@ -45,10 +76,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # than the visibility timeout) and puts them back: a twentieth of the timeout.
         "unacked_restore_interval": min(60, max(1, settings.visibility_timeout // 20)),
         "unacked_restore_throttle": 1,
+        "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
     }
     return {
         "broker_url": settings.broker,
         "result_backend": settings.results,
+        # Results are stored without credentials: arguments and error texts with every URL
+        # redacted (worker.results); a client reads the same records as from Celery's backend.
+        "override_backends": {"redis": RESULT_BACKEND, "rediss": RESULT_BACKEND},
         # JSON only: a pickle payload from the broker would be code execution.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -70,8 +105,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
+        # A Redis restart or failover is ridden out for `redis_outage_seconds`: every publish
+        # (a retry, the next step, a canvas) and every result write waits that long for Redis.
+        # A step whose message still cannot be published puts it back (StepTask, hand_over).
+        "task_publish_retry": True,
+        "task_publish_retry_policy": publish_retry_policy(settings.redis_outage_seconds),
         "result_backend_always_retry": True,
-        "result_backend_max_retries": 30,
+        **result_write_retries(settings.redis_outage_seconds),
+        "redis_socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
         # Flower and `imgprep status` see every step, its arguments and its worker.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -109,8 +150,13 @@ class _LazyConfig(Mapping[str, Any]):
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for `settings` (default: the process-wide settings, read lazily)."""
+    # kombu's Redis transport, made to survive a Redis restart, for redis:// brokers (TLS
+    # brokers, rediss://, keep kombu's own); see worker.broker.
+    use_for_redis_urls()
     celery_app = Celery("imgprep", include=task_modules(), set_as_current=settings is None)
     celery_app.config_from_object(_LazyConfig(lambda: settings or get_settings()))
+    celery_app.steps["consumer"].add(RestoreStranded)
+    celery_app.steps["worker"].add(Heartbeat)
     return celery_app
 
 

@@ -7,19 +7,61 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Task
+from redis.exceptions import RedisError
 
+from tasks.errors import CoordinationUnavailable, InvalidRequest
+from worker.hosts import require_live_host
 from worker.journal import PlannedStep
+from worker.publishing import requeued_unless_published
 from worker.redacting import RedactedArguments
+from worker.runtime import runtime
 from worker.signals import journal
+
+REQUEST = "request"
+
+
+def the_request(
+    task_name: str, args: Sequence[Any], kwargs: dict[str, Any], *, required: bool
+) -> Any:
+    """The one argument of an entry task's call: its request, given positionally or as
+    `request=`. Any other shape (two arguments, an unknown keyword, none when one is required)
+    is an InvalidRequest naming what was sent."""
+    unknown = sorted(set(kwargs) - {REQUEST})
+    given = len(args) + (REQUEST in kwargs)
+    if unknown:
+        problem = f"unknown keyword argument(s) {', '.join(unknown)}"
+    elif given > 1:
+        problem = f"{len(args)} positional arguments" + (
+            " and request=" if REQUEST in kwargs else ""
+        )
+    elif given == 0 and required:
+        problem = "no request"
+    else:
+        return args[0] if args else kwargs.get(REQUEST)
+    raise InvalidRequest(
+        f"invalid call of {task_name}: it takes one argument, the request object; got {problem}"
+    )
 
 
 class EntryTask(RedactedArguments):
-    """An operation's entry point, never retried itself."""
+    """An operation's entry point, never retried itself.
+
+    Its call shape is checked here, in the worker, so that a control plane that sends two
+    arguments or an unknown keyword gets InvalidRequest stored as the task's failure (Celery's
+    own `typing` check runs only in Python senders that hold the task object; in the worker
+    Python would raise TypeError)."""
 
     abstract = True
     acks_late = True
     reject_on_worker_lost = True
     typing = True
+    request_required = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = the_request(self.name, args, kwargs, required=self.request_required)
+        if request is None and not self.request_required:
+            return super().__call__()
+        return super().__call__(request)
 
 
 class _CanvasOwnsTheResult:
@@ -63,17 +105,32 @@ class CanvasEntryTask(EntryTask):
         )
 
 
+def target_host(requested: str | None) -> str:
+    """The host an operation's canvas runs on: the request's, else this worker's own. A host no
+    live worker serves is refused at once (HostUnavailable), before anything is pinned or
+    queued for it (worker.hosts)."""
+    current = runtime()
+    host = requested or current.settings.host_id
+    try:
+        require_live_host(host, current.settings, current.redis)
+    except RedisError as error:
+        raise CoordinationUnavailable(f"Redis unavailable for the host registry: {error}") from None
+    return host
+
+
 def hand_over(task: Task, canvas: Any) -> None:
     """Send `canvas`, whose last step already carries `task`'s id, in `task`'s place.
 
     A message that links callbacks or errbacks, or is part of a chain, group or chord, goes
-    through Celery's own `Task.replace`, which carries those over to the canvas.
+    through Celery's own `Task.replace`, which carries those over to the canvas. A canvas that
+    Redis cannot take within `redis_outage_seconds` sends the entry task's message back.
     """
     request = task.request
-    if request.callbacks or request.errbacks or request.chain or request.chord or request.group:
-        task.replace(canvas)
-        return
-    canvas.apply_async()
+    with requeued_unless_published(f"the canvas of {task.name}"):
+        if request.callbacks or request.errbacks or request.chain or request.chord or request.group:
+            task.replace(canvas)
+            return
+        canvas.apply_async()
 
 
 def plan(task: Task, canvas: Any, done: Sequence[str] = ()) -> None:

@@ -5,6 +5,11 @@ Waiting is not polling. A releasing holder pushes one element on `imgprep:wake:<
 blocks on that list with BLPOP for at most the lock's remaining lease, so it wakes within a
 Redis round-trip of a release, and within one lease period of a holder that died without
 releasing (its key expires). This is the signal-list technique of python-redis-lock.
+
+A blocking command must end before its client's own socket timeout (redis-py 8 gives every
+client 5 s unless told otherwise), or the client reports "Timeout reading from socket" on a
+healthy Redis. Each BLPOP therefore blocks at most half of the client's socket timeout; a wait
+longer than that is several BLPOPs, each followed by another attempt to take the lock.
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ return 0
 """
 
 _SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
+_REDIS_PAUSE = 1.0  # between attempts of a waiter that cannot reach Redis
+
+
+def longest_block(client: redis.Redis) -> float | None:
+    """The longest BLPOP `client` can wait for: half its socket timeout (None: no limit)."""
+    timeout = client.get_connection_kwargs().get("socket_timeout")
+    return float(timeout) / 2 if timeout else None
 
 
 def holder_identity() -> str:
@@ -96,6 +108,7 @@ class LeaseLock:
         self._acquire_script = client.register_script(_ACQUIRE)
         self._release_script = client.register_script(_RELEASE)
         self._extend_script = client.register_script(_EXTEND)
+        self._longest_block = longest_block(client)
 
     # -- acquiring ---------------------------------------------------------------------------
 
@@ -111,14 +124,24 @@ class LeaseLock:
         return self._lost.is_set()
 
     def acquire(self, wait: float | None = None) -> int:
-        """Take the lock, waiting up to `wait` seconds; return the fencing token."""
+        """Take the lock, waiting up to `wait` seconds; return the fencing token.
+
+        A Redis that stops answering meanwhile (a restart) is waited for too, within the same
+        budget: the waiter tries again every second, and only a budget spent without Redis
+        ends in CoordinationUnavailable."""
         budget = self.wait if wait is None else wait
         started = time.monotonic()
         deadline = started + budget
         while True:
-            fence, pttl = self._redis(
-                self._acquire_script, keys=[self.key, FENCE_KEY], args=[self.token, self.lease_ms]
-            )
+            try:
+                fence, pttl = self._redis(
+                    self._acquire_script,
+                    keys=[self.key, FENCE_KEY],
+                    args=[self.token, self.lease_ms],
+                )
+            except CoordinationUnavailable as error:
+                self._pause_for_redis(error, deadline)
+                continue
             if fence:
                 lock_waited(self.name, time.monotonic() - started, acquired=True)
                 self._fence = int(fence)
@@ -141,9 +164,22 @@ class LeaseLock:
             # pttl -2: released between SET and PTTL, try again at once; -1: no expiry (never
             # set by us), wait a lease at most.
             expires_in = pttl / 1000 if pttl > 0 else (self.lease_ms / 1000 if pttl == -1 else 0)
-            block = max(_SHORTEST_BLOCK, min(remaining, expires_in))
+            block = max(
+                _SHORTEST_BLOCK, min(remaining, expires_in, self._longest_block or remaining)
+            )
             if pttl != -2:
-                self._redis(self.client.blpop, [self.signal_key], timeout=block)
+                try:
+                    self._redis(self.client.blpop, [self.signal_key], timeout=block)
+                except CoordinationUnavailable as error:
+                    self._pause_for_redis(error, deadline)
+
+    def _pause_for_redis(self, error: CoordinationUnavailable, deadline: float) -> None:
+        """Wait a moment for Redis to come back, or give up when the wait's budget is spent."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise error
+        log.info("lock_wait_redis_unavailable", lock=self.name, error=str(error))
+        time.sleep(min(_REDIS_PAUSE, remaining))
 
     def release(self) -> bool:
         """Release if still the owner and wake one waiter; False when the lease was already lost."""

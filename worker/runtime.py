@@ -59,10 +59,19 @@ class Runtime:
         )
 
 
+# No command of ours takes this long on a healthy Redis: a reply later than this means the
+# connection is dead (a host gone without closing it), and the command fails instead of hanging
+# the step. Blocking waits (lock waiters' BLPOP) block at most half of it at a time
+# (worker.locks.longest_block), so they never run into it.
+COMMAND_TIMEOUT_SECONDS = 30.0
+
+
 def redis_client(url: str) -> redis.Redis:
-    """A client for coordination: no read timeout (BLPOP waits on purpose), quick connects."""
+    """A client for coordination: an explicit read timeout (redis-py 8 would give it 5 s),
+    quick connects, keep-alive, and a health check of connections idle for 15 s."""
     return redis.Redis.from_url(
         url,
+        socket_timeout=COMMAND_TIMEOUT_SECONDS,
         socket_connect_timeout=5,
         socket_keepalive=True,
         health_check_interval=15,

@@ -123,6 +123,23 @@ class ImageCacheSettings(_Group):
     manager_interval_seconds: PositiveSeconds = 2400.0
 
 
+class HostSettings(_Group):
+    """Which hosts have live workers (worker.hosts): heartbeats, and when a host's work is
+    refused or abandoned."""
+
+    heartbeat_seconds: PositiveSeconds = 10.0
+    silent_after_seconds: PositiveSeconds = 30.0
+    abandon_after_seconds: PositiveSeconds = 300.0
+
+    @model_validator(mode="after")
+    def _beats_before_silence(self) -> HostSettings:
+        if self.heartbeat_seconds * 2 > self.silent_after_seconds:
+            raise ValueError("silent_after_seconds must be at least twice heartbeat_seconds")
+        if self.abandon_after_seconds < self.silent_after_seconds:
+            raise ValueError("abandon_after_seconds must not be shorter than silent_after_seconds")
+        return self
+
+
 class MetricsSettings(_Group):
     """The Prometheus endpoint each worker serves."""
 
@@ -153,6 +170,10 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=3600, gt=0)
     step_time_limit: int = Field(default=3000, gt=0)
     result_expires: int = Field(default=86400, gt=0)
+    # How long a worker rides out a Redis outage (a restart, a failover): publishing a retry,
+    # the next step or a canvas, and writing a result, each wait this long for Redis to answer
+    # (a step's waits still end at its time limit).
+    redis_outage_seconds: PositiveSeconds = 120.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     lock: LockSettings = LockSettings()
@@ -162,6 +183,7 @@ class Settings(BaseSettings):
     image_cache: ImageCacheSettings = ImageCacheSettings()
     metrics: MetricsSettings = MetricsSettings()
     mount: MountSettings = MountSettings()
+    hosts: HostSettings = HostSettings()
 
     @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod

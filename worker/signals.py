@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from celery import Task, signals
 
+from tasks.redaction import redacted_text
 from worker.journal import Journal
 from worker.runtime import runtime
 
@@ -44,8 +45,50 @@ def _task_failed(sender: Task, task_id: str, exception: BaseException, **_: Any)
             task_id,
             sender.name,
             "FAILURE",
-            f"{type(exception).__name__}: {exception}",
+            redacted_text(f"{type(exception).__name__}: {exception}"),
         )
+        _announce_operation_failed(sender, task_id, exception)
+
+
+def operation_id(chain: Any) -> str | None:
+    """The id the caller waits on, from a request's remaining chain (Celery keeps it reversed:
+    the first element runs last); None when there is no step after this one."""
+    if not chain:
+        return None
+    options = chain[0].get("options", {}) if isinstance(chain[0], dict) else {}
+    task_id = options.get("task_id")
+    return str(task_id) if task_id else None
+
+
+def _announce_operation_failed(task: Task, task_id: str, exception: BaseException) -> None:
+    """A step failed before the last one: tell monitors the operation failed, under its id.
+
+    Celery stores the failure under every id of the chain after the failed step, but sends
+    events only for the step that ran. Flower knows the operation's id from the client's
+    `task-sent` event (named after the entry task) and would show it PENDING forever; a
+    `task-failed` event under that id shows it failed, with the error.
+    """
+    operation = operation_id(task.request.chain)
+    if operation is None or operation == task_id:
+        return
+    announce_failure(task.app, operation, exception, hostname=task.request.hostname)
+
+
+def announce_failure(
+    app: Any, task_id: str, exception: BaseException, hostname: str | None = None
+) -> None:
+    """Send `task-failed` for `task_id` (best effort: monitoring never fails the caller)."""
+    try:
+        with app.events.default_dispatcher(hostname=hostname) as dispatcher:
+            dispatcher.send(
+                "task-failed",
+                uuid=task_id,
+                retry=False,
+                exception=redacted_text(f"{type(exception).__name__}({str(exception)!r})"),
+                traceback="",
+            )
+    except Exception as error:
+        log.warning("operation_failure_not_announced", task_id=task_id, error=str(error))
 
 
 @signals.task_postrun.connect

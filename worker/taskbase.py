@@ -13,10 +13,12 @@ import time
 from typing import Any, TypeVar
 
 import structlog
-from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from celery import signature
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
 from tasks.errors import InvalidRequest, StepTimedOut, TransientError
+from worker.publishing import requeue, requeued_unless_published
 from worker.redacting import RedactedArguments
 from worker.settings import RetrySettings, get_settings
 
@@ -100,7 +102,13 @@ class StepTask(RedactedArguments):
                 retry=self.request.retries + 1,
                 countdown=round(delay, 2),
             )
-            raise self.retry(exc=error, countdown=delay, max_retries=policy.max_retries) from None
+            try:
+                retry = self.retry(
+                    exc=error, countdown=delay, max_retries=policy.max_retries, throw=False
+                )
+            except Reject as unpublished:  # Celery could not publish the retry: Redis is down
+                raise requeue(f"the retry of {self.name}", unpublished.reason) from None
+            raise retry from None
         except Exception as error:
             if not _is_control_flow(error):
                 log.error(
@@ -111,7 +119,30 @@ class StepTask(RedactedArguments):
                 )
             raise
         log.info("step_succeeded", seconds=_since(started))
+        self.send_next_step(result)
         return result
+
+    def send_next_step(self, result: Any) -> None:
+        """Publish the chain's next step now rather than leave it to Celery after we return.
+
+        Celery records a step whose next step it cannot publish as failed, which fails the whole
+        operation; here a broker that cannot take it (Redis down for longer than
+        `redis_outage_seconds`) sends this step's message back instead, and the step, which finds
+        its artifact, runs again.
+        """
+        request = self.request
+        if request.called_directly or not request.chain:
+            return
+        chain = request.chain
+        following = signature(chain[-1], app=self.app)
+        with requeued_unless_published(f"the next step {following.task}"):
+            following.apply_async(
+                (result,),
+                chain=chain[:-1],
+                parent_id=request.id,
+                root_id=request.root_id or request.id,
+            )
+        request.chain = None  # sent: Celery must not send it again
 
     def will_retry(self, error: BaseException) -> bool:
         """Whether this step retries `error` (transient, retries left) instead of failing."""

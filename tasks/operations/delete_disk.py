@@ -11,8 +11,7 @@ from typing import Any
 from tasks.canvases import delete_disk_steps, with_ids
 from tasks.models import DeleteDiskRequest
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over, plan
-from worker.settings import get_settings
+from worker.entry import CanvasEntryTask, hand_over, plan, target_host
 from worker.taskbase import parse
 
 
@@ -20,8 +19,6 @@ from worker.taskbase import parse
 def delete_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Remove the instance disk and its reference; result: DeletedDisk."""
     parsed = parse(DeleteDiskRequest, request)
-    canvas = with_ids(
-        delete_disk_steps(parsed, host=parsed.host or get_settings().host_id), self.request.id
-    )
+    canvas = with_ids(delete_disk_steps(parsed, host=target_host(parsed.host)), self.request.id)
     plan(self, canvas)
     hand_over(self, canvas)

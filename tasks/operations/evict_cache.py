@@ -18,7 +18,7 @@ from worker.runtime import runtime
 from worker.taskbase import parse
 
 
-@app.task(name="imgprep.evict_cache", base=EntryTask, bind=True)
+@app.task(name="imgprep.evict_cache", base=EntryTask, bind=True, request_required=False)
 def evict_cache(self: EntryTask, request: dict[str, Any] | None = None) -> dict[str, Any]:
     """Remove cached bases no instance disk uses; result: CacheEvictionReport."""
     parsed = parse(EvictCacheRequest, request or {})

@@ -17,8 +17,7 @@ from tasks.canvases import prepare_disk_steps, with_ids
 from tasks.models import PrepareRequest
 from tasks.steps.fetch import pinned_if_cached, unpin
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over, plan
-from worker.settings import get_settings
+from worker.entry import CanvasEntryTask, hand_over, plan, target_host
 from worker.taskbase import parse
 
 
@@ -27,15 +26,11 @@ def prepare_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Fetch the image into the cache, create the instance disk and inject the request's files
     into it; result: PreparedDisk."""
     parsed = parse(PrepareRequest, request)
+    host = target_host(parsed.host)  # before the pin: a refused host must pin nothing
     root_id = str(self.request.root_id or self.request.id)
     cached = pinned_if_cached(parsed.image, root_id)
     try:
-        steps = prepare_disk_steps(
-            parsed,
-            host=parsed.host or get_settings().host_id,
-            operation=self.request.id,
-            cached=cached,
-        )
+        steps = prepare_disk_steps(parsed, host=host, operation=self.request.id, cached=cached)
         canvas = with_ids(steps, self.request.id)
         plan(self, canvas, done=["imgprep.fetch_to_cache"] if cached else [])
         hand_over(self, canvas)

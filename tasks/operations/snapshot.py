@@ -12,8 +12,7 @@ from typing import Any
 from tasks.canvases import snapshot_steps, with_ids
 from tasks.snapshot_models import SnapshotRequest
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over, plan
-from worker.settings import get_settings
+from worker.entry import CanvasEntryTask, hand_over, plan, target_host
 from worker.taskbase import parse
 
 
@@ -22,8 +21,6 @@ def snapshot(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     """Extract an instance disk to an image under the snapshots directory; result:
     ConvertedImage."""
     parsed = parse(SnapshotRequest, request)
-    canvas = with_ids(
-        snapshot_steps(parsed, host=parsed.host or get_settings().host_id), self.request.id
-    )
+    canvas = with_ids(snapshot_steps(parsed, host=target_host(parsed.host)), self.request.id)
     plan(self, canvas)
     hand_over(self, canvas)

@@ -142,11 +142,14 @@ def test_flower_shows_a_failed_step_and_the_skipped_rest(
     assert view is not None
     fetch_id = view.plan[0].task_id
 
-    # Then Flower shows the fetch step failed, with the error class and message
-    tasks = wait_for_states(flower, {fetch_id: "FAILURE"})
+    # Then Flower shows the fetch step failed, with the error class and message, and the
+    # operation too, under the caller's id (known to Flower as the entry task it was sent as)
+    tasks = wait_for_states(flower, {fetch_id: "FAILURE", result.id: "FAILURE"})
     assert tasks[fetch_id]["name"] == "imgprep.fetch_to_cache"
     assert "ChecksumMismatch" in tasks[fetch_id]["exception"]
     assert tasks[fetch_id]["retries"] == 0
+    assert tasks[result.id]["name"] == "imgprep.prepare_disk"
+    assert "ChecksumMismatch" in tasks[result.id]["exception"]
 
 
 def wait_for_states(

@@ -9,6 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from tasks.errors import InvalidRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from worker.imageserver import ImageServer
@@ -141,3 +144,33 @@ def test_invalid_request_fails_with_its_error_class_for_a_plain_client(
     assert answer["status"] == "FAILURE"
     assert answer["result"]["exc_type"] == "InvalidRequest"
     assert "disk.size_bytes" in answer["result"]["exc_message"][0]
+
+
+ENTRY_TASKS = ("imgprep.prepare_disk", "imgprep.snapshot", "imgprep.delete_disk")
+
+
+def test_bad_call_shapes_fail_with_invalid_request(clean_cluster: Cluster) -> None:
+    # Given a request object (its content does not matter: the call's shape is wrong)
+    request = {"instance_id": unique("vm")}
+    shapes: list[tuple[str, list[object], dict[str, object], str]] = []
+    for name in ENTRY_TASKS:
+        shapes += [
+            (name, [request, request], {}, "2 positional arguments"),
+            (name, [request], {"bogus": 1}, "bogus"),
+            (name, [], {"request": request, "extra": True}, "extra"),
+            (name, [], {}, "no request"),
+        ]
+    shapes.append(("imgprep.evict_cache", [{}, {}], {}, "2 positional arguments"))
+    shapes.append(("imgprep.evict_cache", [], {"dry_run": True}, "dry_run"))
+
+    # When an entry task is sent two positional arguments, an unknown keyword argument, or none
+    sent = [
+        (clean_cluster.app.send_task(name, args=args, kwargs=kwargs, queue="imgprep"), why)
+        for name, args, kwargs, why in shapes
+    ]
+
+    # Then each fails at once with InvalidRequest saying what was wrong, stored as its failure
+    for result, why in sent:
+        with pytest.raises(InvalidRequest, match=why):
+            result.get(timeout=60)
+        assert result.state == "FAILURE"

@@ -6,8 +6,9 @@ import json
 
 from celery import Celery
 
-from tasks.redaction import message_reprs, redacted
+from tasks.redaction import message_reprs, redacted, redacted_text
 from worker.client import Client
+from worker.results import RedactingRedisBackend, stored_form
 
 SIGNED = "https://user:pa55@images.example:8443/ubuntu.qcow2?X-Amz-Signature=abc123&expires=9"
 
@@ -43,3 +44,43 @@ def test_client_sends_redacted_argsrepr_and_the_real_argument() -> None:
     assert sent[0]["args"] == [{"image": {"url": SIGNED}}]
     assert "abc123" not in str(sent[0]["argsrepr"]) and "pa55" not in str(sent[0]["argsrepr"])
     assert json.loads(str(sent[0]["argsrepr"]))[0]["image"]["url"].endswith("/ubuntu.qcow2")
+
+
+def test_urls_inside_error_texts_are_redacted() -> None:
+    text = f"ConnectionError: GET {SIGNED} failed; retried 'http://a:b@h:1/x?t=2'."
+    assert redacted_text(text) == (
+        "ConnectionError: GET https://images.example:8443/ubuntu.qcow2 failed; "
+        "retried 'http://h:1/x'."
+    )
+    # a URL too malformed to parse (port out of range) still loses its credentials
+    assert redacted_text("http://user:pw@host:99999/x?token=1") == "http://host:99999/x"
+
+
+def test_result_records_are_stored_without_credentials() -> None:
+    # Given the record Celery would store for a failed step that had a signed URL
+    meta = {
+        "status": "FAILURE",
+        "result": {"exc_type": "OSError", "exc_message": [f"cannot open {SIGNED}"]},
+        "traceback": f'Traceback ...\nOSError: cannot open {SIGNED}\n  File "x.py"',
+        "args": [{"image": {"url": SIGNED}}],
+        "kwargs": {"mirror": SIGNED},
+        "name": "imgprep.fetch_to_cache",
+    }
+
+    # When it is put in the form the result backend stores
+    stored = stored_form(meta)
+
+    # Then no field carries the user info or the signature, and the rest is unchanged
+    text = json.dumps(stored)
+    assert "pa55" not in text and "abc123" not in text
+    assert stored["args"] == [{"image": {"url": "https://images.example:8443/ubuntu.qcow2"}}]
+    assert stored["name"] == "imgprep.fetch_to_cache"
+    assert stored["result"]["exc_type"] == "OSError"
+
+
+def test_the_app_stores_results_through_the_redacting_backend() -> None:
+    from worker.app import create_app
+    from worker.settings import Settings
+
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))  # type: ignore[arg-type]
+    assert isinstance(app.backend, RedactingRedisBackend)

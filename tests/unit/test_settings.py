@@ -101,6 +101,18 @@ def test_visibility_timeout_must_exceed_step_time_limit(clean_env: pytest.Monkey
         Settings(step_time_limit=600, lock={"wait_seconds": 900})
 
 
+def test_redis_outage_window_sizes_celery_retries(clean_env: pytest.MonkeyPatch) -> None:
+    from worker.app import celery_config
+
+    # the window sizes Celery's publish retries (about one a second) and result-write retries
+    config = celery_config(Settings(redis_outage_seconds=30))
+    policy = config["task_publish_retry_policy"]
+    assert policy["max_retries"] == 32 and policy["interval_max"] == 1
+    assert config["result_backend_always_retry"] is True
+    assert config["result_backend_max_retries"] == 67
+    assert config["result_backend_max_sleep_between_retries_ms"] == 1000
+
+
 def test_cli_stops_on_invalid_setting_with_one_line() -> None:
     env = {**os.environ, "IMGPREP_LOCK__RENEW_SECONDS": "-1"}
     done = subprocess.run(
@@ -128,3 +140,12 @@ def test_readme_documents_every_setting() -> None:
             names = [f"IMGPREP_{name.upper()}"]
         for variable in names:
             assert f"`{variable}`" in readme, f"README's settings table lacks {variable}"
+
+
+def test_hosts_beat_before_they_count_as_silent(clean_env: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="twice heartbeat_seconds"):
+        Settings(hosts={"heartbeat_seconds": 20, "silent_after_seconds": 30})
+    with pytest.raises(ValidationError, match="abandon_after_seconds"):
+        Settings(hosts={"silent_after_seconds": 30, "abandon_after_seconds": 10})
