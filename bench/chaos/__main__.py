@@ -79,7 +79,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up as on Ctrl-C
+    # clean up as on Ctrl-C, also when started in the background (SIGINT ignored there)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         summary = run_campaign(options)
     except KeyboardInterrupt:

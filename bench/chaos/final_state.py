@@ -5,7 +5,8 @@
 * Redis holds no lock key, no `pending/` reference, no device record, and every disk reference
   names a disk that exists, uses that base, and whose base exists;
 * every instance disk has a format record and, when qcow2, a backing file that exists; no
-  temporary file is left beside the disks or the snapshots;
+  temporary file is left beside the disks or the snapshots, no device work directory in the
+  hosts' state directories;
 * every disk the client knows to exist exists as it was made (and holds its injected files);
   every disk whose delete succeeded, or whose request had to fail, does not;
 * every snapshot is there with the sha256 its result reported;
@@ -244,6 +245,12 @@ def check_instances(world: World, files: dict[str, DiskFile]) -> list[Violation]
             for path in sorted(directory.rglob("*")):
                 if TEMPORARY.search(path.name):
                     found.append(Violation("no-temporary", f"temporary file {path} is left"))
+        workdirs = host.state_dir / "devices"  # tasks/guest.py: one per mounted disk
+        if workdirs.is_dir():
+            found += [
+                Violation("no-mount-left", f"device work directory {path} is left")
+                for path in sorted(workdirs.iterdir())
+            ]
     for name, disk in sorted(files.items()):
         if disk.format is None:
             found.append(Violation("disk-record", f"disk {name} has no format in disk.info"))

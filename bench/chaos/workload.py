@@ -90,6 +90,7 @@ class Intent:
 @dataclass(frozen=True)
 class WorkloadOptions:
     in_flight: int = 8
+    stuck_after: float = 60.0
     op_timeout: float = 240.0
     unknown_host_timeout: float = 60.0
     max_disks: int = 30
@@ -152,7 +153,12 @@ class Workload:
         now = self.history.now()
         self._resend(now)
         self._poll(now)
-        if issuing and len(self.in_flight) < self.options.in_flight and now >= self._next_issue:
+        # an operation running for long (waiting out a visibility timeout, or never to end) stops
+        # counting against the bound, so one stuck request does not starve the workload
+        young = sum(
+            1 for op in self.in_flight.values() if now - op.invoke < self.options.stuck_after
+        )
+        if issuing and young < self.options.in_flight and now >= self._next_issue:
             intent = intents(self.rng, self.options)
             self._next_issue = now + intent.think
             self._issue(intent)
