@@ -56,7 +56,13 @@ def test_fault_campaign_loses_nothing_and_breaks_no_promise(tmp_path: Path) -> N
             process.wait(timeout=120)
     print(output)
 
-    # Then it ended with its one-line verdict, and the report says the same
+    # Then the campaign left nothing behind: no process, mount, loop device or directory
+    assert not processes_under(tmp_path)
+    assert not mounts_under(tmp_path)
+    assert not loop_devices_backed_by(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("imgprep-chaos-")]
+
+    # and it ended with its one-line verdict, and the report says the same
     last = output.strip().splitlines()[-1]
     match = LINE.match(last)
     assert match, f"no final line; the campaign failed:\n{output[-3000:]}"
@@ -75,12 +81,6 @@ def test_fault_campaign_loses_nothing_and_breaks_no_promise(tmp_path: Path) -> N
     assert violations == 0, f"{violations} violations:\n{described}"
     assert ended == operations
     assert process.returncode == 0
-
-    # and the campaign left nothing behind: no process, mount or loop device of its directory
-    assert not processes_under(tmp_path)
-    assert not mounts_under(tmp_path)
-    assert not loop_devices_backed_by(tmp_path)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("imgprep-chaos-")]
 
 
 def processes_under(root: Path) -> list[str]:
