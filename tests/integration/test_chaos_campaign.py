@@ -35,7 +35,15 @@ LINE = re.compile(
 @pytest.mark.slow
 @pytest.mark.timeout(DURATION + OP_TIMEOUT + 300)
 def test_fault_campaign_loses_nothing_and_breaks_no_promise(tmp_path: Path) -> None:
-    need_tools("redis-server", "qemu-img", "qemu-storage-daemon", "fuse2fs", "mkfs.ext4", "sfdisk")
+    need_tools(
+        "redis-server",
+        "qemu-img",
+        "qemu-storage-daemon",
+        "fuse2fs",
+        "mkfs.ext4",
+        "sfdisk",
+        "debugfs",
+    )
     report = tmp_path / "report.json"
 
     # Given a cluster under a seeded nemesis, when the campaign runs to its end
