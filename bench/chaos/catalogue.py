@@ -57,7 +57,7 @@ class _Spec:
 SPECS = (
     _Spec("fast-raw.img", "raw", 16, 2, None, checksum=False),
     _Spec("fast-qcow2.img", "qcow2", 32, 3, None, checksum=True),
-    _Spec("slow-raw.img", "raw", 12, 4, 1 * MiB, checksum=True),
+    _Spec("slow-raw.img", "raw", 24, 8, 1 * MiB, checksum=True),  # 24 s: waiters wait long
     _Spec("slow-qcow2.img", "qcow2", 24, 4, 512 * 2**10, checksum=False),
     _Spec("guest-raw.img", "raw", 0, 0, 4 * MiB, checksum=True, guest=True),
     _Spec("guest-qcow2.img", "qcow2", 0, 0, 2 * MiB, checksum=False, guest=True),

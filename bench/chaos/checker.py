@@ -32,12 +32,15 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     # a holder kept its lock past lock.wait_seconds: paused, or downloading a stalled source
     "LockBusy": ("pause_holder", "stall_source"),
     "DiskBusy": ("pause_holder", "kill_pool", "kill_worker"),
+    # a restarted worker's janitor released the devices of an injection whose worker died: the
+    # redelivered step cannot go on, and says to prepare the disk again
+    "DeviceError": ("kill_worker",),
     "CoordinationUnavailable": ("redis_restart",),
     "SourceUnavailable": ("stall_source",),
     "StepTimedOut": ("stall_source", "pause_holder"),
 }
 GRACE = 2.0  # seconds a fault's effects outlast its end
-PREPARES = ("prepare", "prepare_inject", "prepare_again")
+PREPARES = ("prepare", "prepare_inject", "prepare_again", "burst")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class Tuning:
     lock_wait_seconds: float = 30.0
     step_time_limit: int = 45
     visibility_timeout: int = 60
-    max_retries: int = 5
+    max_retries: int = 4
     backoff_seconds: float = 0.5
     backoff_max_seconds: float = 4.0
     read_timeout_seconds: float = 5.0

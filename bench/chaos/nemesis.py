@@ -7,8 +7,8 @@ injects every kind):
   process starts a new one);
 * kill_worker: SIGKILL of a whole worker, main process and pool; started again (a new node name)
   after a few seconds;
-* pause_holder: SIGSTOP of the process whose pid is in a held lock's token (`host:pid:uuid`) for
-  1.5 to 3 leases, then SIGCONT;
+* pause_holder: SIGSTOP of the process whose pid is in a held lock's token (`host:pid:uuid`),
+  mostly of a cache lock, for 1.5 to 3 leases, then SIGCONT;
 * redis_restart: redis-server stopped, down for 2 to 6 s, started on the same port with the same
   append-only file;
 * stall_source: a source (preferably one being downloaded) stops sending mid-body for 3 to 12 s,
@@ -244,6 +244,10 @@ class Nemesis:
         holders = self._holders(client)
         if not holders:
             return False
+        # mostly a cache lock (a download others wait for), sometimes a disk lock
+        caches = [h for h in holders if h[0].startswith("cache:")]
+        if caches and planned.draws[1] < 0.8:
+            holders = caches
         lock, pid, slot = pick(holders, planned.draws[0])
         try:
             os.kill(pid, signal.SIGSTOP)

@@ -33,19 +33,22 @@ RESEND_EVERY = 0.5
 
 # kind → share of the stream; the hostile kinds send requests that must fail, typed
 MIX: tuple[tuple[str, float], ...] = (
-    ("prepare", 0.40),
-    ("prepare_inject", 0.14),
+    ("prepare", 0.34),
+    ("burst", 0.04),  # BURST prepares of one image at once, on both hosts
+    ("prepare_inject", 0.13),
     ("snapshot", 0.12),
     ("delete", 0.18),
-    ("evict", 0.06),
-    ("prepare_again", 0.06),
+    ("evict", 0.08),
+    ("prepare_again", 0.07),
     ("bad_checksum", 0.02),
     ("unknown_host", 0.01),
     ("bad_url", 0.01),
 )
 HOSTILE = ("bad_checksum", "unknown_host", "bad_url")
+BURST = 4
 TASKS = {
     "prepare": "imgprep.prepare_disk",
+    "burst": "imgprep.prepare_disk",
     "prepare_inject": "imgprep.prepare_disk",
     "prepare_again": "imgprep.prepare_disk",
     "bad_checksum": "imgprep.prepare_disk",
@@ -176,7 +179,7 @@ class Workload:
         present = [disk for disk in idle if disk.state == "present"]
         removable = [disk for disk in idle if disk.state in ("present", "unknown")]
         alive = sum(1 for disk in self.disks if disk.state not in ("absent", "tainted"))
-        if kind in ("prepare", "prepare_inject") and alive >= self.options.max_disks:
+        if kind in ("prepare", "prepare_inject", "burst") and alive >= self.options.max_disks:
             kind = "delete"
         if (kind in ("snapshot", "prepare_again") and not present) or (
             kind == "delete" and not removable
@@ -184,6 +187,10 @@ class Workload:
             kind = "prepare"
         if kind == "prepare":
             self._prepare(kind, pick(self.catalogue, a), (b, c, d))
+        elif kind == "burst":  # one image for all, each on its own host and backend
+            image = pick(self.catalogue, a)
+            for n in range(BURST):
+                self._prepare(kind, image, ((b + n / BURST) % 1, (c + n / BURST) % 1, d))
         elif kind == "prepare_inject":
             self._prepare(kind, pick([i for i in self.catalogue if i.guest], a), (b, c, d))
         elif kind == "prepare_again":
@@ -229,7 +236,7 @@ class Workload:
 
     def _prepare(self, kind: str, image: SourceImage, draws: tuple[float, float, float]) -> None:
         b, c, d = draws
-        inject = kind == "prepare_inject"
+        inject = kind == "prepare_inject" or (kind == "burst" and image.guest and b < 0.5)
         backend = "raw" if b < 0.35 else "qcow2"
         host = pick(self.hosts, c)
         size = 48 * MiB if d < 0.5 else 64 * MiB
@@ -374,7 +381,7 @@ class Workload:
         if outcome == "lost":
             disk.state = "tainted"
             disk.busy = True  # never touched again
-        elif op.kind in ("prepare", "prepare_inject", "prepare_again"):
+        elif op.kind in ("prepare", "prepare_inject", "prepare_again", "burst"):
             disk.state = "present" if outcome == "ok" else "unknown"
             if outcome == "ok":
                 disk.prepared = op.result
