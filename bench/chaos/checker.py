@@ -39,6 +39,9 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     "SourceUnavailable": ("stall_source",),
     "StepTimedOut": ("stall_source", "pause_holder"),
 }
+# Errors that say what the last attempt met: only a fault in the last seconds of the request
+# explains them (a Redis restart minutes earlier does not explain a socket timeout now).
+RECENT: dict[str, float] = {"CoordinationUnavailable": 20.0, "SourceUnavailable": 20.0}
 GRACE = 2.0  # seconds a fault's effects outlast its end
 PREPARES = ("prepare", "prepare_inject", "prepare_again", "burst")
 
@@ -93,6 +96,9 @@ def check_error(op: Op, history: History) -> list[Violation]:
     ):
         return []
     faults = history.faults_during(op, GRACE)
+    recent = RECENT.get(error_class)
+    if recent is not None and op.complete is not None:
+        faults = [f for f in faults if f.overlaps(op.complete - recent, op.complete, GRACE)]
     kinds = {fault.kind for fault in faults}
     typed = op.error_module == errors.__name__ or error_class == "WorkerLostError"
     if typed and kinds & set(EXPLAINED_BY.get(error_class, ())):
