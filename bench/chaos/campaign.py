@@ -27,7 +27,7 @@ from bench.chaos.cluster import Cluster, Tuning, make_cluster
 from bench.chaos.final_state import check_final_state
 from bench.chaos.history import History
 from bench.chaos.nemesis import Nemesis, NemesisOptions
-from bench.chaos.redis_server import RedisProcess, free_port
+from bench.chaos.redis_server import RedisProcess, start_redis
 from bench.chaos.sources import SourceServer
 from bench.chaos.workload import Workload, WorkloadOptions
 from worker.locks import LOCK_PREFIX
@@ -135,7 +135,7 @@ class Campaign:
         options.root.mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="imgprep-chaos-", dir=options.root))
         self.started = time.monotonic()
-        self.redis_server = RedisProcess(self.root / "redis", free_port())
+        self.redis_server: RedisProcess | None = None
         self.catalogue: list[SourceImage] = []
         self.server: SourceServer | None = None
         self.cluster: Cluster | None = None
@@ -152,7 +152,7 @@ class Campaign:
         self.catalogue = build_catalogue(self.root / "served", options.seed)
         rates = {image.name: image.rate for image in self.catalogue}
         self.server = SourceServer(self.root / "served", rates).start()
-        self.redis_server.start()
+        self.redis_server = start_redis(self.root / "redis")
         self.cluster = make_cluster(
             self.root,
             self.redis_server,
@@ -198,6 +198,7 @@ class Campaign:
         self.say(f"t={self.history.now():.0f}s nemesis stopped; waiting for every request to end")
         self.cluster.wait_ready()
         _drive(self.workload, self.history, self.say, until=None, issuing=False)
+        assert self.redis_server is not None
         self.notes = _settle(self.cluster, self.redis_server.client(), self.options.tuning)
         self.say(f"t={self.history.now():.0f}s quiet; checking")
 
@@ -208,6 +209,7 @@ class Campaign:
             hosts={host.id: host for host in self.cluster.hosts},
             cache_dir=self.cluster.cache_dir,
         )
+        assert self.redis_server is not None
         client = self.redis_server.client()
         try:
             violations = check_history(self.history, world) + check_final_state(
@@ -241,7 +243,8 @@ class Campaign:
             self.cluster.stop_all()
         if self.server is not None:
             self.server.stop()
-        self.redis_server.stop()
+        if self.redis_server is not None:
+            self.redis_server.stop()
         for done in machine.release_everything_under(self.root):
             self.say(f"note: cleaned up after imgprep: {done}")
         if self.options.report is not None and self.history is not None:

@@ -282,8 +282,15 @@ class Nemesis:
         )
 
         def start() -> dict[str, object]:
-            if not server.running:
-                server.start()
+            for attempt in range(5):  # same port, same AOF: wait if something holds the port
+                if server.running:
+                    break
+                try:
+                    server.start()
+                except RuntimeError:
+                    if attempt == 4:
+                        raise
+                    time.sleep(1.0)
             return {}
 
         self._later(planned.duration, fault, start)

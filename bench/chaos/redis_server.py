@@ -62,15 +62,26 @@ class RedisProcess:
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        try:
+            self._wait_answering(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_answering(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         probe = self.client()
         try:
             while time.monotonic() < deadline:
                 with contextlib.suppress(redis.RedisError):
                     if probe.ping():
-                        return self
+                        return
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited; see {self.directory / 'redis.log'}")
+                    log = self.directory / "redis.log"
+                    tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                    raise RuntimeError(f"redis-server on port {self.port} exited: {tail}")
                 time.sleep(0.02)
         finally:
             probe.close()
@@ -86,3 +97,14 @@ class RedisProcess:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self.process = None
+
+
+def start_redis(directory: Path, attempts: int = 3) -> RedisProcess:
+    """A redis-server on a free port; another port if one was taken meanwhile."""
+    for attempt in range(attempts):
+        try:
+            return RedisProcess(directory, free_port()).start()
+        except RuntimeError:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")
