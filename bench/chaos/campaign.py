@@ -234,25 +234,41 @@ class Campaign:
         )
 
     def stop(self) -> None:
-        """Stop everything started, by pid; release what imgprep left; remove the directory."""
+        """Stop everything started, by pid; release what imgprep left; remove the directory.
+        Each step runs even when one before it failed."""
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self.nemesis is not None:
-            self.nemesis.stop()
+            steps.append(("heal the nemesis's faults", self.nemesis.stop))
         if self.client is not None:
-            self.client.close()
+            steps.append(("close the client", self.client.close))
         if self.cluster is not None:
-            self.cluster.stop_all()
+            steps.append(("stop the workers", self.cluster.stop_all))
         if self.server is not None:
-            self.server.stop()
+            steps.append(("stop the image server", self.server.stop))
         if self.redis_server is not None:
-            self.redis_server.stop()
-        for done in machine.release_everything_under(self.root):
-            self.say(f"note: cleaned up after imgprep: {done}")
+            steps.append(("stop redis-server", self.redis_server.stop))
+        steps.append(("release mounts, devices, daemons", self._release))
         if self.options.report is not None and self.history is not None:
-            _write_report(self.options.report, self.history, self.summary, self.root)
+            report, history = self.options.report, self.history
+            steps.append(
+                (
+                    "write the report",
+                    lambda: _write_report(report, history, self.summary, self.root),
+                )
+            )
+        for what, step in steps:
+            try:
+                step()
+            except Exception as error:  # go on: the next step must still run
+                self.say(f"note: could not {what}: {error!r}")
         if self.options.keep:
             self.say(f"note: kept {self.root}")
         else:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _release(self) -> None:
+        for done in machine.release_everything_under(self.root):
+            self.say(f"note: cleaned up after imgprep: {done}")
 
 
 def _drive(

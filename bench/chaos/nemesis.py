@@ -137,11 +137,11 @@ class Nemesis:
             due = time.monotonic() + planned.gap
             tries = 0
             while not self._stop.is_set():
+                self._heal_due()
+                self.cluster.replace_exited(f"t={self.history.now():.1f}s")
                 if not self.options.kinds:  # a run without faults: the baseline
                     self._stop.wait(0.5)
                     continue
-                self._heal_due()
-                self.cluster.replace_exited(f"t={self.history.now():.1f}s")
                 now = time.monotonic()
                 if now < due:
                     self._stop.wait(min(due - now, self._next_heal_in(), 0.5))
@@ -157,7 +157,7 @@ class Nemesis:
                     tries = 0
                 planned = plan.next()
                 due = now + planned.gap
-        except BaseException as error:  # reported by stop()
+        except BaseException as error:  # the campaign reads it from `error`
             self._error = error
         finally:
             redis_client.close()
