@@ -1,0 +1,142 @@
+"""The image server of a campaign: serves the catalogue's files on 127.0.0.1, each at its own
+rate (None: as fast as it goes), and stalls a source on the nemesis's demand: every transfer of
+it stops sending mid-body until the stall ends (a new one sends its headers and first chunk,
+then waits), as a server that hangs or a link that drops everything would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+CHUNK = 64 * 2**10
+STALL_POLL = 0.05
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients that hang up (a killed worker, a read timeout) are not errors here."""
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+class SourceServer:
+    """Serve the files of `root`; `rates` maps a file name to its bytes per second."""
+
+    def __init__(self, root: Path, rates: dict[str, int | None]) -> None:
+        self.root = root
+        self.rates = dict(rates)
+        self._lock = threading.Lock()
+        self._stalled_until: dict[str, float] = {}
+        self._active: Counter[str] = Counter()
+        self.gets: Counter[str] = Counter()
+        self._closing = threading.Event()
+        self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="chaos-sources", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def start(self) -> SourceServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._closing.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    # -- the nemesis's controls ------------------------------------------------------------
+
+    def stall(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._stalled_until[name] = time.monotonic() + seconds
+
+    def unstall(self, name: str) -> None:
+        with self._lock:
+            self._stalled_until.pop(name, None)
+
+    def active(self) -> dict[str, int]:
+        """Transfers in progress, by file name."""
+        with self._lock:
+            return {name: count for name, count in self._active.items() if count}
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _wait_while_stalled(self, name: str) -> None:
+        while not self._closing.is_set():
+            with self._lock:
+                until = self._stalled_until.get(name, 0.0)
+            if time.monotonic() >= until:
+                return
+            time.sleep(STALL_POLL)
+
+    def _send(self, name: str, source: BinaryIO, size: int, out: BinaryIO) -> None:
+        rate = self.rates.get(name)
+        sent = 0
+        started = time.monotonic()
+        while sent < size:
+            if sent:  # a stall always lets the headers and the first chunk through
+                self._wait_while_stalled(name)
+            chunk = source.read(min(CHUNK, size - sent))
+            if not chunk:
+                return
+            out.write(chunk)
+            sent += len(chunk)
+            if rate:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+            def do_GET(self) -> None:
+                name = unquote(urlsplit(self.path).path).lstrip("/")
+                path = (server.root / name).resolve()
+                with server._lock:
+                    server.gets[name] += 1
+                if not path.is_relative_to(server.root.resolve()) or not path.is_file():
+                    self.send_error(HTTPStatus.NOT_FOUND)
+                    return
+                with open(path, "rb") as source:
+                    size = os.fstat(source.fileno()).st_size
+                    self.send_response(HTTPStatus.OK)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(size))
+                    self.end_headers()
+                    with server._lock:
+                        server._active[name] += 1
+                    try:
+                        server._send(name, source, size, self.wfile)  # type: ignore[arg-type]
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                    finally:
+                        with server._lock:
+                            server._active[name] -= 1
+
+        return Handler
