@@ -33,11 +33,7 @@ import redis
 from celery import chain
 
 from bench.report import Figure, report
-from tasks.canvases import injection_steps, with_ids
-from tasks.guest import DeviceContext
-from tasks.inject import inject_files
-from tasks.mapping import map_partitions
-from tasks.models import (
+from domain.core.models import (
     CachedImage,
     DiskSpec,
     FileInjection,
@@ -46,16 +42,20 @@ from tasks.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from tasks.mounting import mount_guest
-from tasks.runner import Runner
-from tasks.teardown import teardown
-from tests.support.redis_server import RedisServer, free_port
+from domain.core.runner import Runner
+from domain.guest.context import DeviceContext
+from domain.guest.injection import inject_files
+from domain.guest.mapping import map_partitions
+from domain.guest.mounting import mount_guest
+from domain.guest.teardown import teardown
+from tasks.canvases import injection_steps, with_ids
 from worker.app import create_app
-from worker.ledger import RedisLedger
-from worker.locks import LockFactory
+from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.sample_images import Partition, partitioned_disk
+from worker.harness.worker_processes import start_worker
 from worker.logs import configure_logging
-from worker.processes import start_worker
-from worker.sample_images import Partition, partitioned_disk
+from worker.redis_ledger import RedisLedger
+from worker.redis_locks import LockFactory
 from worker.settings import MountSettings, Settings
 
 BASELINE = Path(__file__).with_name("mount_inject_baseline.sh")

@@ -20,17 +20,17 @@ from pathlib import Path
 import redis
 
 from bench.report import Figure, median, report
-from tasks import qemu_img
-from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
-from tasks.convert import cache_mode_for
-from tasks.fileops import fsync_file
-from tasks.models import ImageSource
-from tasks.networks import loopback_allowed
-from tasks.runner import Limits, Runner
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.locks import LockFactory
+from domain.cache.fetch import FetchOptions, ImageCache, fetch_to_cache
+from domain.cache.networks import loopback_allowed
+from domain.core.fileops import fsync_file
+from domain.core.models import ImageSource
+from domain.core.runner import Limits, Runner
+from domain.formats import qemu_img
+from domain.formats.conversion import cache_mode_for
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port
 from worker.logs import configure_logging
+from worker.redis_locks import LockFactory
 from worker.settings import FetchSettings
 
 MiB = 2**20

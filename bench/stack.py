@@ -16,12 +16,12 @@ from pathlib import Path
 
 from celery import Celery
 
-from tasks.networks import loopback_allowed
-from tests.support.redis_server import RedisServer, free_port
+from domain.cache.networks import loopback_allowed
 from worker.app import create_app
 from worker.client import Client
-from worker.imageserver import ImageServer
-from worker.processes import WorkerProcess, start_worker
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.settings import Settings
 
 MiB = 2**20

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 echo "== ruff"
-.venv/bin/ruff check worker tasks tests bench
+.venv/bin/ruff check domain worker tasks tests bench
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from celery import Signature, chain, signature
 
-from tasks.models import CachedImage, DeleteDiskRequest, PrepareRequest
-from tasks.snapshot_models import SnapshotRequest
+from domain.core.models import CachedImage, DeleteDiskRequest, PrepareRequest
+from domain.core.snapshot_models import SnapshotRequest
 
 # The step that creates an instance disk, by backend (Nova's images_type).
 DISK_STEPS = {"qcow2": "imgprep.create_overlay", "raw": "imgprep.copy_raw_disk"}

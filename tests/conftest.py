@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runner import Runner
+from domain.core.runner import Runner
 
 
 def need_root() -> None:

@@ -32,7 +32,7 @@ TASK_PACKAGES = ("tasks.steps", "tasks.operations")
 
 def task_modules() -> list[str]:
     """Every module that defines tasks: each step and each operation has its own module."""
-    modules = ["worker.health"]
+    modules = ["tasks.ping"]
     for package_name in TASK_PACKAGES:
         package = importlib.import_module(package_name)
         modules += [

@@ -9,11 +9,11 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
-from tasks.errors import CoordinationUnavailable, InvalidRequest
+from domain.core.errors import CoordinationUnavailable, InvalidRequest
 from worker.hosts import require_live_host
-from worker.journal import PlannedStep
 from worker.publishing import requeued_unless_published
 from worker.redacting import RedactedArguments
+from worker.redis_journal import PlannedStep
 from worker.runtime import runtime
 from worker.signals import journal
 

@@ -16,12 +16,12 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
-from tasks.errors import ImgprepError, LockBusy
-from tasks.ledger import DeviceRecord
-from tasks.teardown import teardown
-from worker.devicesteps import build_context
-from worker.ledger import RedisLedger
-from worker.locks import LockFactory
+from domain.core.device_records import DeviceRecord
+from domain.core.errors import ImgprepError, LockBusy
+from domain.guest.teardown import teardown
+from worker.device_context import build_context
+from worker.redis_ledger import RedisLedger
+from worker.redis_locks import LockFactory
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
 

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tasks.ports import Progress
+from domain.core.ports import Progress
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)

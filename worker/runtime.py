@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.cache import FetchOptions, ImageCache
-from tasks.runner import Limits, Runner
-from worker.locks import LockFactory
-from worker.references import RedisReferences
+from domain.cache.fetch import FetchOptions, ImageCache
+from domain.core.runner import Limits, Runner
+from worker.redis_locks import LockFactory
+from worker.redis_references import RedisReferences
 from worker.settings import Settings, get_settings
 
 
@@ -62,7 +62,7 @@ class Runtime:
 # No command of ours takes this long on a healthy Redis: a reply later than this means the
 # connection is dead (a host gone without closing it), and the command fails instead of hanging
 # the step. Blocking waits (lock waiters' BLPOP) block at most half of it at a time
-# (worker.locks.longest_block), so they never run into it.
+# (worker.redis_locks.longest_block), so they never run into it.
 COMMAND_TIMEOUT_SECONDS = 30.0
 
 

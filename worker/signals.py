@@ -11,8 +11,8 @@ from typing import Any
 import structlog
 from celery import Task, signals
 
-from tasks.redaction import redacted_text
-from worker.journal import Journal
+from domain.core.redaction import redacted_text
+from worker.redis_journal import Journal
 from worker.runtime import runtime
 
 log = structlog.get_logger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, ConfigDict
 
-from worker.journal import Journal
+from worker.redis_journal import Journal
 
 
 class StepStatus(BaseModel):

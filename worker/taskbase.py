@@ -17,7 +17,7 @@ from celery import signature
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
-from tasks.errors import InvalidRequest, StepTimedOut, TransientError
+from domain.core.errors import InvalidRequest, StepTimedOut, TransientError
 from worker.publishing import requeue, requeued_unless_published
 from worker.redacting import RedactedArguments
 from worker.settings import RetrySettings, get_settings

@@ -30,7 +30,7 @@ from bench.chaos.nemesis import Nemesis, NemesisOptions
 from bench.chaos.redis_server import RedisProcess, start_redis
 from bench.chaos.sources import SourceServer
 from bench.chaos.workload import Workload, WorkloadOptions
-from worker.locks import LOCK_PREFIX
+from worker.redis_locks import LOCK_PREFIX
 
 TICK = 0.05
 PROGRESS_EVERY = 15.0

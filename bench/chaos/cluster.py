@@ -18,8 +18,8 @@ import redis
 from celery import Celery
 
 from bench.chaos.redis_server import RedisProcess
-from worker.locks import LOCK_PREFIX
-from worker.processes import WorkerProcess, start_worker
+from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.redis_locks import LOCK_PREFIX
 from worker.settings import FetchSettings, Settings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -30,11 +30,11 @@ from bench.chaos.catalogue import sha256_file
 from bench.chaos.checker import Violation, World
 from bench.chaos.history import History
 from bench.chaos.workload import Disk
-from tasks.cache import CacheRecord
-from worker.guestread import read_guest_file
-from worker.ledger import DEVICES_PREFIX
-from worker.locks import LOCK_PREFIX
-from worker.references import REFS_PREFIX
+from domain.cache.fetch import CacheRecord
+from worker.harness.guest_files import read_guest_file
+from worker.redis_ledger import DEVICES_PREFIX
+from worker.redis_locks import LOCK_PREFIX
+from worker.redis_references import REFS_PREFIX
 
 ENTRY = re.compile(r"^[0-9a-f]{40}$")
 RECORD = re.compile(r"^[0-9a-f]{40}\.json$")

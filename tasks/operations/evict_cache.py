@@ -1,4 +1,4 @@
-"""imgprep.evict_cache: one pass of the image cache manager (tasks.cache_manager).
+"""imgprep.evict_cache: one pass of the image cache manager (domain.cache.eviction).
 
 Celery beat sends it every `image_cache.manager_interval_seconds` (`imgprep beat`);
 `imgprep cache evict` sends it on demand. It runs on the worker that receives it: the cache is
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.cache_manager import AgingPolicy, CacheManager
-from tasks.models import EvictCacheRequest
+from domain.cache.eviction import AgingPolicy, CacheManager
+from domain.core.models import EvictCacheRequest
 from worker.app import app
 from worker.entry import EntryTask
 from worker.metrics import evicted

@@ -1,6 +1,6 @@
 """imgprep.convert: one qemu-img convert, with progress as the task's PROGRESS state.
 
-The job comes from the broker: it runs only as a snapshot's conversion (tasks.snapshot.
+The job comes from the broker: it runs only as a snapshot's conversion (domain.formats.snapshot.
 confirm_job: an instance disk in its recorded format, to a target under the snapshots
 directory)."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.convert import convert_image
-from tasks.snapshot import confirm_job
-from tasks.snapshot_models import ConvertJob
+from domain.core.snapshot_models import ConvertJob
+from domain.formats.conversion import convert_image
+from domain.formats.snapshot import confirm_job
 from worker.app import app
 from worker.progress import TaskProgress
 from worker.runtime import runtime

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.guest import MountedDisk
-from tasks.inject import inject_files
-from tasks.models import PrepareRequest
+from domain.core.models import PrepareRequest
+from domain.guest.context import MountedDisk
+from domain.guest.injection import inject_files
 from worker.app import app
-from worker.devicesteps import device_context
+from worker.device_context import device_context
 from worker.taskbase import StepTask, parse
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.mapping import map_partitions
-from tasks.models import PreparedDisk, PrepareRequest
+from domain.core.models import PreparedDisk, PrepareRequest
+from domain.guest.mapping import map_partitions
 from worker.app import app
-from worker.devicesteps import device_context
+from worker.device_context import device_context
 from worker.taskbase import StepTask, parse
 
 

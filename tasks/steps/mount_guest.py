@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.guest import MappedDisk
-from tasks.models import PrepareRequest
-from tasks.mounting import mount_guest
+from domain.core.models import PrepareRequest
+from domain.guest.context import MappedDisk
+from domain.guest.mounting import mount_guest
 from worker.app import app
-from worker.devicesteps import device_context
+from worker.device_context import device_context
 from worker.taskbase import StepTask, parse
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.disk_removal import delete_disk
-from tasks.models import DeleteDiskRequest
+from domain.core.models import DeleteDiskRequest
+from domain.disks.removal import delete_disk
 from worker.app import app
-from worker.ledger import RedisLedger
+from worker.redis_ledger import RedisLedger
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse
 

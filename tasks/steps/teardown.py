@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.guest import InjectedDisk
-from tasks.models import GuestFilesystem, PreparedDisk, PrepareRequest
-from tasks.teardown import teardown
+from domain.core.models import GuestFilesystem, PreparedDisk, PrepareRequest
+from domain.guest.context import InjectedDisk
+from domain.guest.teardown import teardown
 from worker.app import app
-from worker.devicesteps import device_context, disk_of
+from worker.device_context import device_context, disk_of
 from worker.taskbase import StepTask, parse
 
 

@@ -23,14 +23,14 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks.networks import loopback_allowed
-from tests.support.machine import leftovers
-from tests.support.redis_server import RedisServer, free_port
+from domain.cache.networks import loopback_allowed
 from worker.app import create_app
 from worker.client import Client
-from worker.imageserver import ImageServer
-from worker.journal import Journal
-from worker.processes import WorkerProcess, start_worker
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import leftovers
+from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.redis_journal import Journal
 from worker.settings import Settings
 
 

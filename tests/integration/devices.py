@@ -13,9 +13,8 @@ import pytest
 from celery import Signature, chain
 from celery.result import AsyncResult
 
-from tasks.cache import CacheRecord, cache_key
-from tasks.canvases import injection_steps, with_ids
-from tasks.models import (
+from domain.cache.fetch import CacheRecord, cache_key
+from domain.core.models import (
     CachedImage,
     DiskSpec,
     FileInjection,
@@ -24,8 +23,9 @@ from tasks.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from tasks.publish import FileStamp
-from tasks.tools import mount as mounts
+from domain.core.publish import FileStamp
+from domain.guest.tools import mount as mounts
+from tasks.canvases import injection_steps, with_ids
 from tests.conftest import need_root
 from tests.integration.conftest import Cluster, unique
 from tests.support.guests import build_guest

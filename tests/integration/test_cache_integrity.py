@@ -15,17 +15,23 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from tasks.cache import ImageCache, cache_key
+from domain.cache.fetch import ImageCache, cache_key
+from domain.core.errors import BaseImageMissing, DiskConflict, InvalidRequest
+from domain.core.models import (
+    CacheEvictionReport,
+    DiskSpec,
+    ImageSource,
+    PreparedDisk,
+    PrepareRequest,
+)
+from domain.core.snapshot_models import ConvertJob
 from tasks.canvases import host_queue
-from tasks.errors import BaseImageMissing, DiskConflict, InvalidRequest
-from tasks.models import CacheEvictionReport, DiskSpec, ImageSource, PreparedDisk, PrepareRequest
-from tasks.snapshot_models import ConvertJob
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
-from worker.locks import LOCK_PREFIX
-from worker.references import REFS_PREFIX
+from worker.harness.image_server import ImageServer
+from worker.redis_locks import LOCK_PREFIX
+from worker.redis_references import REFS_PREFIX
 
 MiB = 2**20
 

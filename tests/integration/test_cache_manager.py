@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from tasks.cache import cache_key
+from domain.cache.fetch import cache_key
+from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from tasks.canvases import host_queue
-from tasks.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.references import REFS_PREFIX
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port
+from worker.redis_references import REFS_PREFIX
 
 MiB = 2**20
 DAY = 86400.0

@@ -18,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.cache import cache_key
-from tasks.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
+from domain.cache.fetch import cache_key
+from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
-from worker.locks import LOCK_PREFIX
-from worker.processes import WorkerProcess
+from worker.harness.image_server import ImageServer
+from worker.harness.worker_processes import WorkerProcess
+from worker.redis_locks import LOCK_PREFIX
 
 MiB = 2**20
 ROUNDS = int(os.environ.get("IMGPREP_CHAOS_ROUNDS", "1"))

@@ -21,17 +21,17 @@ from typing import Any
 
 import pytest
 
-from tasks.convert import convert_image
-from tasks.errors import DiskConflict, DiskNotFound, InvalidRequest
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
-from tasks.runner import Limits, Runner
-from tasks.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
+from domain.core.errors import DiskConflict, DiskNotFound, InvalidRequest
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
+from domain.core.runner import Limits, Runner
+from domain.core.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
+from domain.formats.conversion import convert_image
 from tests.conftest import need_root, write_raw_image
 from tests.integration.conftest import Cluster, unique
-from tests.support.machine import temp_files
-from tests.support.redis_server import RedisServer
-from worker.imageserver import ImageServer
-from worker.locks import LockFactory
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import temp_files
+from worker.harness.redis_server import RedisServer
+from worker.redis_locks import LockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import redis
 
-from tasks.errors import SourceNotFound
+from domain.core.errors import SourceNotFound
 from tests.conftest import write_raw_image
 from tests.integration.conftest import ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 SECRETS = (b"secret", b"token=abc")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.errors import DiskBusy
-from tasks.models import DeletedDisk, DiskSpec, ImageSource, PrepareRequest
+from domain.core.errors import DiskBusy
+from domain.core.models import DeletedDisk, DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.imageserver import ImageServer
-from worker.ledger import RedisLedger
+from worker.harness.image_server import ImageServer
+from worker.redis_ledger import RedisLedger
 
 MiB = 2**20
 

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from tasks import diskinfo
-from tasks.errors import DiskConflict
-from tasks.models import CachedImage, DiskSpec, ImageSource, PrepareRequest
-from tasks.overlay import create_overlay
-from tasks.raw_disk import copy_raw_disk
-from tasks.runner import Limits, Runner
-from tasks.sparse import allocated_bytes
+from domain.core.errors import DiskConflict
+from domain.core.models import CachedImage, DiskSpec, ImageSource, PrepareRequest
+from domain.core.runner import Limits, Runner
+from domain.disks import diskinfo
+from domain.disks.overlay import create_overlay
+from domain.disks.raw_disk import copy_raw_disk
+from domain.disks.sparse import allocated_bytes
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from tests.support.machine import assert_clean
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.locks import LockFactory
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import assert_clean
+from worker.harness.redis_server import RedisServer, free_port
+from worker.redis_locks import LockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)

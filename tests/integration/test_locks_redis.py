@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.errors import LockLost
-from tasks.publish import Staged, publish_once
-from tests.support.redis_server import RedisServer
-from worker.locks import LeaseLock
+from domain.core.errors import LockLost
+from domain.core.publish import Staged, publish_once
+from worker.harness.redis_server import RedisServer
+from worker.redis_locks import LeaseLock
 
 
 def make(

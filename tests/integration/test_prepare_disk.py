@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cache import cache_key
-from tasks.errors import ChecksumMismatch, DiskTooSmall, InvalidRequest
-from tasks.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
+from domain.cache.fetch import cache_key
+from domain.core.errors import ChecksumMismatch, DiskTooSmall, InvalidRequest
+from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
-from worker.journal import StepRecord
+from worker.harness.image_server import ImageServer
+from worker.redis_journal import StepRecord
 
 MiB = 2**20
 
@@ -191,7 +191,7 @@ def test_invalid_request_fails_fast_with_its_field(clean_cluster: Cluster) -> No
 def test_existing_overlay_with_other_backing_is_a_conflict(
     clean_cluster: Cluster, image_server: ImageServer
 ) -> None:
-    from tasks.errors import DiskConflict
+    from domain.core.errors import DiskConflict
 
     # Given an instance disk prepared from one image
     instance = unique("vm")
@@ -236,7 +236,7 @@ def test_result_is_plain_json_for_any_client(
 
 
 def test_sources_outside_file_roots_are_refused(clean_cluster: Cluster, tmp_path: Path) -> None:
-    from tasks.errors import SourceNotAllowed
+    from domain.core.errors import SourceNotAllowed
 
     outside = write_raw_image(tmp_path / "outside.raw", size=MiB, data=b"x" * 512)
     request = PrepareRequest(

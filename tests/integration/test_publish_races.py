@@ -21,20 +21,20 @@ from types import TracebackType
 import pytest
 import redis
 
-import tasks.publish
-from tasks.errors import LockLost
-from tasks.publish import Staged, publish_once
+import domain.core.publish
+from domain.core.errors import LockLost
+from domain.core.publish import Staged, publish_once
 from tests.integration.conftest import unique
-from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_for
-from worker.locks import LOCK_PREFIX, LeaseLock
+from worker.harness.redis_server import RedisServer
+from worker.redis_locks import LOCK_PREFIX, LeaseLock
 
 MiB = 2**20
 PAUSED_LEASE = 1.0  # seconds; the paused holder's lease lapses quickly
 
 
 def stamp(path: Path) -> dict[str, int]:
-    """What a record says of its file (tasks.publish.FileStamp), computed here on its own."""
+    """What a record says of its file (domain.core.publish.FileStamp), computed here on its own."""
     stat = path.stat()
     return {"size": stat.st_size, "inode": stat.st_ino}
 
@@ -235,7 +235,7 @@ def test_a_holder_paused_between_its_record_and_its_file_leaves_a_record_the_nex
     a = LeaseLock(client, name, lease=5.0, renew_every=1.0, wait=30)
     between = threading.Event()
     resume = threading.Event()
-    real_rename = tasks.publish.rename_new
+    real_rename = domain.core.publish.rename_new
 
     # Given holder A held (like a paused process) right after it renamed its record into place
     def rename_then_pause(source: Path, destination: Path) -> None:
@@ -244,7 +244,7 @@ def test_a_holder_paused_between_its_record_and_its_file_leaves_a_record_the_nex
             between.set()
             assert resume.wait(60)
 
-    monkeypatch.setattr(tasks.publish, "rename_new", rename_then_pause)
+    monkeypatch.setattr(domain.core.publish, "rename_new", rename_then_pause)
 
     def stage_a(part: Path) -> Staged[str]:
         part.write_bytes(holder_bytes("A"))

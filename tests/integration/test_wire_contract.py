@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import InvalidRequest
+from domain.core.errors import InvalidRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 

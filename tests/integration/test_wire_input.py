@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from tasks.cache import cache_key
-from tasks.errors import InvalidRequest
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from domain.cache.fetch import cache_key
+from domain.core.errors import InvalidRequest
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.imageserver import ImageServer
-from worker.references import REFS_PREFIX
+from worker.harness.image_server import ImageServer
+from worker.redis_references import REFS_PREFIX
 
 MiB = 2**20
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from tasks.cache import ImageCache
-from tasks.cache_entries import EntryState, read_entries
-from tasks.cache_manager import AgingPolicy, CacheManager, choose_evictions
-from tasks.models import CachedImage
-from tasks.references import disk_holder, pending_holder
-from tasks.runner import Limits, Runner
-from worker.locks import LockFactory
-from worker.references import RedisReferences
+from domain.cache.eviction import AgingPolicy, CacheManager, choose_evictions
+from domain.cache.fetch import ImageCache
+from domain.cache.inventory import EntryState, read_entries
+from domain.cache.references import disk_holder, pending_holder
+from domain.core.models import CachedImage
+from domain.core.runner import Limits, Runner
+from worker.redis_locks import LockFactory
+from worker.redis_references import RedisReferences
 
 NOW = 1_000_000_000.0
 HOUR = 3600.0
@@ -109,7 +109,7 @@ def cached(manager: CacheManager, key: str, *, idle: float) -> CachedImage:
     )
     from datetime import UTC, datetime
 
-    from tasks.cache import CacheRecord
+    from domain.cache.fetch import CacheRecord
 
     record = CacheRecord(
         image=image,

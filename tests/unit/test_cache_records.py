@@ -13,13 +13,13 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from tasks.cache import FetchOptions, ImageCache, cache_key, fetch_to_cache
-from tasks.models import ImageSource
-from tasks.publish import record_path
-from tasks.runner import Limits, Runner
+from domain.cache.fetch import FetchOptions, ImageCache, cache_key, fetch_to_cache
+from domain.core.models import ImageSource
+from domain.core.publish import record_path
+from domain.core.runner import Limits, Runner
 from tests.conftest import write_raw_image
 from tests.unit.test_download import Policy
-from worker.locks import LockFactory
+from worker.redis_locks import LockFactory
 
 MiB = 2**20
 

@@ -11,25 +11,15 @@ from typing import Any
 import fakeredis
 import pytest
 
-from tasks.devices import allocate
-from tasks.errors import (
+from domain.core.device_records import DeviceRecord, LoopDevice, Mount, StorageDaemon, WorkDir
+from domain.core.errors import (
     DiskBusy,
     FilesystemRefused,
     InvalidRequest,
     NoFreeDevice,
     SourceUnavailable,
 )
-from tasks.guest import (
-    Claim,
-    DeviceContext,
-    GuestPartition,
-    MappedDisk,
-    MountedDisk,
-    check_disk,
-)
-from tasks.inject import inject_files
-from tasks.ledger import DeviceRecord, LoopDevice, Mount, StorageDaemon, WorkDir
-from tasks.models import (
+from domain.core.models import (
     CachedImage,
     DiskSpec,
     FileInjection,
@@ -38,13 +28,23 @@ from tasks.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from tasks.mounting import check_ext_fits, mount_method
-from tasks.runner import Runner
-from tasks.teardown import teardown
-from worker.devicesteps import device_context
+from domain.core.runner import Runner
+from domain.guest.context import (
+    Claim,
+    DeviceContext,
+    GuestPartition,
+    MappedDisk,
+    MountedDisk,
+    check_disk,
+)
+from domain.guest.devices import allocate
+from domain.guest.injection import inject_files
+from domain.guest.mounting import check_ext_fits, mount_method
+from domain.guest.teardown import teardown
+from worker.device_context import device_context
 from worker.janitor import orphans
-from worker.ledger import RedisLedger
-from worker.locks import LockFactory
+from worker.redis_ledger import RedisLedger
+from worker.redis_locks import LockFactory
 from worker.runtime import Runtime
 from worker.settings import MountSettings, Settings
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from tasks import diskinfo
-from tasks.errors import DiskConflict, DiskNotFound
-from worker.locks import LeaseLock, LockFactory
+from domain.core.errors import DiskConflict, DiskNotFound
+from domain.disks import diskinfo
+from worker.redis_locks import LeaseLock, LockFactory
 
 
 @pytest.fixture

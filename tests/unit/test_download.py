@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import download
-from tasks.errors import (
+from domain.cache.download import download
+from domain.cache.networks import Network
+from domain.core.errors import (
     ImageTooLarge,
     SourceNotAllowed,
     SourceNotFound,
     SourceRefused,
     SourceUnavailable,
 )
-from tasks.networks import Network
-from tasks.urls import redact
+from domain.core.urls import redact
 from tests.conftest import write_raw_image
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import InjectionRefused
-from tasks.inject import GuestRoot, have_openat2, write_file
-from tasks.models import FileInjection
+from domain.core.errors import InjectionRefused
+from domain.core.models import FileInjection
+from domain.guest.injection import GuestRoot, have_openat2, write_file
 
 WALKS = [
     pytest.param(True, id="openat2"),

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from domain.core.models import MAX_INJECT_BYTES, PreparedDisk, PrepareRequest
 from tasks.canvases import host_queue, prepare_disk_steps
-from tasks.models import MAX_INJECT_BYTES, PreparedDisk, PrepareRequest
 
 
 def request(**extra: Any) -> dict[str, Any]:

@@ -9,8 +9,8 @@ import time
 import fakeredis
 import pytest
 
-from tasks.errors import LockBusy, LockLost
-from worker.locks import FENCE_KEY, LeaseLock, LockFactory
+from domain.core.errors import LockBusy, LockLost
+from worker.redis_locks import FENCE_KEY, LeaseLock, LockFactory
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tasks.cache import cache_key
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from domain.cache.fetch import cache_key
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from worker.sizes import human, parse_size
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import PartitionNotFound, PartitionTableInvalid
-from tasks.partitions import LINUX_GPT_TYPES, Partition, PartitionTable, choose, read_table
+from domain.core.errors import PartitionNotFound, PartitionTableInvalid
+from domain.formats.partitions import LINUX_GPT_TYPES, Partition, PartitionTable, choose, read_table
 
 MiB = 2**20
 SECTOR = 512

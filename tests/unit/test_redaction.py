@@ -6,7 +6,7 @@ import json
 
 from celery import Celery
 
-from tasks.redaction import message_reprs, redacted, redacted_text
+from domain.core.redaction import message_reprs, redacted, redacted_text
 from worker.client import Client
 from worker.results import RedactingRedisBackend, stored_form
 

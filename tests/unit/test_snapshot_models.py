@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.errors import InvalidRequest
-from tasks.models import DiskSpec
-from tasks.paths import path_under
-from tasks.snapshot_models import SnapshotRequest
+from domain.core.errors import InvalidRequest
+from domain.core.models import DiskSpec
+from domain.core.paths import path_under
+from domain.core.snapshot_models import SnapshotRequest
 
 
 @pytest.mark.parametrize("name", ["disk.info", "disk.part", "x.json.part"])

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from tasks.download import download
-from tasks.errors import SourceNotAllowed, SourceRefused
-from tasks.networks import DEFAULT_DENIED_NETWORKS, ConnectionGuard, Network
+from domain.cache.download import download
+from domain.cache.networks import DEFAULT_DENIED_NETWORKS, ConnectionGuard, Network
+from domain.core.errors import SourceNotAllowed, SourceRefused
 from tests.conftest import write_raw_image
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 from worker.settings import FetchSettings
 
 MiB = 2**20

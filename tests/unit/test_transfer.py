@@ -17,13 +17,13 @@ from types import FrameType
 import pytest
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from tasks.download import download
-from tasks.errors import SourceTooSlow, SourceUnavailable
-from tasks.networks import Network
-from tasks.transfer import MinimumRate
+from domain.cache.download import download
+from domain.cache.networks import Network
+from domain.cache.transfer import MinimumRate
+from domain.core.errors import SourceTooSlow, SourceUnavailable
 from tests.conftest import write_raw_image
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 KiB = 2**10

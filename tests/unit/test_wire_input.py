@@ -8,7 +8,7 @@ from typing import Annotated, Any, get_origin
 import pytest
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from tasks.models import (
+from domain.core.models import (
     CacheEvictionReport,
     DeletedDisk,
     DeleteDiskRequest,
@@ -17,9 +17,9 @@ from tasks.models import (
     PrepareRequest,
     WireModel,
 )
-from tasks.redaction import redacted
-from tasks.snapshot_models import SnapshotRequest
-from tasks.urls import redact
+from domain.core.redaction import redacted
+from domain.core.snapshot_models import SnapshotRequest
+from domain.core.urls import redact
 from worker.settings import Settings
 
 
@@ -212,8 +212,8 @@ def test_a_host_a_request_can_name_is_a_host_id_a_worker_can_have() -> None:
 
 
 def _wire_models() -> list[type[WireModel]]:
-    import tasks.cache
-    import tasks.guest  # noqa: F401 - their wire models register as subclasses
+    import domain.cache.fetch
+    import domain.guest.context  # noqa: F401 - their wire models register as subclasses
 
     found: list[type[WireModel]] = []
     todo = list(WireModel.__subclasses__())
