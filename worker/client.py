@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 
 from domain.core.models import PreparedDisk, PrepareRequest
 from domain.core.redaction import message_reprs
-from tasks.canvases import DEFAULT_QUEUE
+from worker.routing import DEFAULT_QUEUE
 
 
 class Client:

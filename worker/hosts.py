@@ -37,9 +37,9 @@ from redis.exceptions import RedisError
 from domain.cache.references import pending_holder
 from domain.core.errors import HostUnavailable, LockBusy
 from domain.core.redaction import redacted_text
-from tasks.canvases import host_queue
 from worker.redis_locks import LeaseLock
 from worker.redis_references import RedisReferences
+from worker.routing import host_queue
 from worker.settings import HostSettings, Settings, get_settings
 from worker.signals import announce_failure, operation_id
 

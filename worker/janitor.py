@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import structlog
-from celery import Celery, signals
+from celery import Celery
 
 from domain.core.device_records import DeviceRecord
 from domain.core.errors import ImgprepError, LockBusy
@@ -76,8 +76,7 @@ def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
     return released
 
 
-@signals.worker_ready.connect
-def _release_orphans_at_start(sender: Any, **_: Any) -> None:
+def release_orphans_at_start(sender: Any, **_: Any) -> None:
     current = build_runtime(get_settings())
     try:
         release_orphans(sender.app, str(sender.hostname), current)

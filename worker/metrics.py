@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from celery import Task, signals
+from celery import Task
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -96,22 +96,19 @@ def _step(task: Task) -> str | None:
     return str(task.name).removeprefix("imgprep.") if getattr(task, "journaled", False) else None
 
 
-@signals.task_prerun.connect
-def _step_started(task_id: str, task: Task, **_: Any) -> None:
+def step_started(task_id: str, task: Task, **_: Any) -> None:
     if _step(task):
         _started[task_id] = time.monotonic()
 
 
-@signals.task_postrun.connect
-def _step_ended(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
+def step_ended(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
     started = _started.pop(task_id, None)
     step = _step(task)
     if step and started is not None and state in ("SUCCESS", "FAILURE", "RETRY"):
         STEP_DURATION.labels(step, state.lower()).observe(time.monotonic() - started)
 
 
-@signals.task_retry.connect
-def _step_retried(sender: Task, reason: object = None, **_: Any) -> None:
+def step_retried(sender: Task, reason: object = None, **_: Any) -> None:
     step = _step(sender)
     if step:
         cause = getattr(reason, "exc", None) or reason  # celery.exceptions.Retry wraps the error
@@ -186,8 +183,7 @@ def serve(settings: Settings) -> None:
     )
 
 
-@signals.worker_init.connect
-def _serve_metrics(**_: Any) -> None:
+def serve_metrics(**_: Any) -> None:
     from worker.settings import get_settings
 
     settings = get_settings()
@@ -195,8 +191,7 @@ def _serve_metrics(**_: Any) -> None:
         serve(settings)
 
 
-@signals.worker_process_shutdown.connect
-def _pool_process_ended(pid: int | None = None, **_: Any) -> None:
+def pool_process_ended(pid: int | None = None, **_: Any) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

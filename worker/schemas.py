@@ -15,7 +15,7 @@ from typing import Any
 
 from domain.core import models, snapshot_models
 from domain.core.models import WireModel
-from tasks.canvases import DEFAULT_QUEUE
+from worker.routing import DEFAULT_QUEUE
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 REPO_SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"

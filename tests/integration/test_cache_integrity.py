@@ -25,13 +25,13 @@ from domain.core.models import (
     PrepareRequest,
 )
 from domain.core.snapshot_models import ConvertJob
-from tasks.canvases import host_queue
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
 from worker.harness.image_server import ImageServer
 from worker.redis_locks import LOCK_PREFIX
 from worker.redis_references import REFS_PREFIX
+from worker.routing import host_queue
 
 MiB = 2**20
 

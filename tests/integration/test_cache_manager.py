@@ -20,12 +20,12 @@ import pytest
 
 from domain.cache.fetch import cache_key
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
-from tasks.canvases import host_queue
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
 from worker.harness.image_server import ImageServer
 from worker.harness.redis_server import RedisServer, free_port
 from worker.redis_references import REFS_PREFIX
+from worker.routing import host_queue
 
 MiB = 2**20
 DAY = 86400.0

@@ -11,7 +11,6 @@ import pytest
 from domain.core.errors import HostUnavailable
 from domain.core.models import DiskSpec
 from domain.disks.overlay import disk_lock_name
-from tasks.canvases import host_queue
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
@@ -19,6 +18,7 @@ from worker.harness.image_server import ImageServer
 from worker.harness.worker_processes import WorkerProcess
 from worker.hosts import HOSTS_KEY
 from worker.redis_locks import LeaseLock
+from worker.routing import host_queue
 
 MiB = 2**20
 # Short enough for a test, in the same proportions as the defaults (10 s, 30 s, 300 s).

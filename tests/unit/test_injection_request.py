@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from domain.core.models import MAX_INJECT_BYTES, PreparedDisk, PrepareRequest
-from tasks.canvases import host_queue, prepare_disk_steps
+from tasks.canvases import prepare_disk_steps
+from worker.routing import host_queue
 
 
 def request(**extra: Any) -> dict[str, Any]:
