@@ -26,7 +26,7 @@ from domain.core.runner import Limits, Runner
 from worker.harness.image_server import ImageServer
 from worker.harness.redis_server import RedisServer, free_port
 from worker.logs import configure_logging
-from worker.redis_locks import LockFactory
+from worker.redis_locks import RedisLockFactory
 from worker.settings import FetchSettings
 
 MiB = 2**20
@@ -63,7 +63,7 @@ def run(size_mib: int, repeat: int) -> Figure:
         server = RedisServer(root / "redis", free_port(), appendonly=False).start()
         try:
             client = redis.Redis(host="127.0.0.1", port=server.port)
-            locks = LockFactory(client, lease=30, renew_every=10, wait=60)
+            locks = RedisLockFactory(client, lease=30, renew_every=10, wait=60)
             options = FetchOptions(
                 policy=LOOPBACK_FETCH,
                 limits=Limits(cpu_seconds=30, address_space_bytes=2 * 2**30),

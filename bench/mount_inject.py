@@ -54,8 +54,8 @@ from worker.harness.redis_server import RedisServer, free_port
 from worker.harness.sample_images import Partition, partitioned_disk
 from worker.harness.worker_processes import start_worker
 from worker.logs import configure_logging
-from worker.redis_ledger import RedisLedger
-from worker.redis_locks import LockFactory
+from worker.redis_ledger import RedisDeviceLedger
+from worker.redis_locks import RedisLockFactory
 from worker.settings import MountSettings, Settings
 
 BASELINE = Path(__file__).with_name("mount_inject_baseline.sh")
@@ -99,7 +99,7 @@ class Bench:
             host_id="bench",
         )
         self.client = redis.Redis.from_url(redis_url)
-        self.locks = LockFactory(self.client, lease=30, renew_every=10, wait=30)
+        self.locks = RedisLockFactory(self.client, lease=30, renew_every=10, wait=30)
 
     def disk(self, fmt: str) -> PreparedDisk:
         instance = f"vm-{uuid.uuid4().hex[:8]}"
@@ -176,7 +176,7 @@ class Bench:
             request = self.request(prepared)
             ctx = DeviceContext(
                 runner=Runner(),
-                ledger=RedisLedger(self.client, "bench"),
+                ledger=RedisDeviceLedger(self.client, "bench"),
                 locks=self.locks,
                 policy=policy,
                 state_dir=self.settings.state_dir,

@@ -30,7 +30,7 @@ from domain.formats.conversion import cache_mode_for
 from worker.harness.image_server import ImageServer
 from worker.harness.redis_server import RedisServer, free_port
 from worker.logs import configure_logging
-from worker.redis_locks import LockFactory
+from worker.redis_locks import RedisLockFactory
 from worker.settings import FetchSettings
 
 MiB = 2**20
@@ -68,7 +68,7 @@ def run(repeat: int) -> tuple[Figure, Figure]:
         image = make_qcow2(work)
         server = RedisServer(work / "redis", free_port(), appendonly=False).start()
         try:
-            locks = LockFactory(
+            locks = RedisLockFactory(
                 redis.Redis(host="127.0.0.1", port=server.port), lease=30, renew_every=10, wait=60
             )
             options = FetchOptions(

@@ -19,6 +19,7 @@ from worker.routing import DEFAULT_QUEUE, host_queue
 # The step that creates an instance disk, by backend (Nova's images_type).
 DISK_STEPS = {"qcow2": "imgprep.create_overlay", "raw": "imgprep.copy_raw_disk"}
 
+
 def prepare_disk_steps(
     request: PrepareRequest,
     *,

@@ -162,4 +162,3 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
-

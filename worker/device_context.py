@@ -18,7 +18,7 @@ import structlog
 from domain.core.models import PrepareRequest
 from domain.guest.context import DeviceContext
 from domain.guest.teardown import teardown
-from worker.redis_ledger import RedisLedger
+from worker.redis_ledger import RedisDeviceLedger
 from worker.runtime import Runtime, runtime
 from worker.taskbase import StepTask
 
@@ -29,7 +29,7 @@ def build_context(current: Runtime, *, owner: str, worker: str) -> DeviceContext
     settings = current.settings
     return DeviceContext(
         runner=current.runner,
-        ledger=RedisLedger(current.redis, settings.host_id),
+        ledger=RedisDeviceLedger(current.redis, settings.host_id),
         locks=current.locks,
         policy=settings.mount,
         state_dir=settings.state_dir,

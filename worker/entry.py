@@ -10,10 +10,10 @@ from celery import Task
 from redis.exceptions import RedisError
 
 from domain.core.errors import CoordinationUnavailable, InvalidRequest
+from domain.core.journal import PlannedStep
 from worker.hosts import require_live_host
 from worker.publishing import requeued_unless_published
 from worker.redacting import RedactedArguments
-from worker.redis_journal import PlannedStep
 from worker.runtime import runtime
 from worker.signals import journal
 

@@ -20,8 +20,8 @@ from domain.core.device_records import DeviceRecord
 from domain.core.errors import ImgprepError, LockBusy
 from domain.guest.teardown import teardown
 from worker.device_context import build_context
-from worker.redis_ledger import RedisLedger
-from worker.redis_locks import LockFactory
+from worker.redis_ledger import RedisDeviceLedger
+from worker.redis_locks import RedisLockFactory
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
 
@@ -45,13 +45,13 @@ def orphans(records: list[DeviceRecord], alive: set[str]) -> list[DeviceRecord]:
 
 def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
     """Release the records of this host whose worker is gone; the disks released."""
-    ledger = RedisLedger(current.redis, current.settings.host_id)
+    ledger = RedisDeviceLedger(current.redis, current.settings.host_id)
     records = ledger.records()
     if not records:
         return []
     alive = live_workers(app, {r.worker for r in records if r.worker != nodename})
     released = []
-    locks = LockFactory(
+    locks = RedisLockFactory(
         current.redis,
         lease=current.settings.lock.lease_seconds,
         renew_every=current.settings.lock.renew_seconds,

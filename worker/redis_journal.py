@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict
 from redis import Redis
 from redis.exceptions import RedisError
+
+from domain.core.journal import CanvasView, PlannedStep, StepRecord, StepState
 
 log = structlog.get_logger(__name__)
 
@@ -28,47 +29,10 @@ SEPARATOR = "#"
 ATTEMPTS = "attempts"
 FINISHES = "finishes"
 
-StepState = Literal["PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE"]
 
-
-class PlannedStep(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    task_id: str
-    queue: str | None = None
-
-
-class StepRecord(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    task_id: str
-    name: str
-    state: StepState
-    worker: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    attempts: int = 0  # times the step started (retries and re-deliveries included)
-    finishes: int = 0  # times it ended in SUCCESS or FAILURE
-    error: str | None = None
-
-    @property
-    def seconds(self) -> float | None:
-        if self.started_at is None or self.finished_at is None:
-            return None
-        return self.finished_at - self.started_at
-
-
-class CanvasView(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    root_id: str
-    plan: list[PlannedStep]
-    records: dict[str, StepRecord]
-
-
-class Journal:
-    """Writes never fail a task: a journal that Redis could not take is only logged."""
+class RedisJournal:
+    """The StepJournal in Redis. Writes never fail a task: a journal that Redis could not take is
+    only logged."""
 
     def __init__(self, client: Redis, ttl_seconds: int) -> None:
         self.client = client

@@ -30,8 +30,8 @@ return redis.call('HDEL', KEYS[1], ARGV[1])
 T = TypeVar("T")
 
 
-class RedisLedger:
-    """The ResourceLedger of one host."""
+class RedisDeviceLedger:
+    """The DeviceLedger of one host."""
 
     def __init__(self, client: redis.Redis, host: str) -> None:
         self.client = client

@@ -315,7 +315,7 @@ class _Renewer:
 RENEWER = _Renewer()
 
 
-class LockFactory:
+class RedisLockFactory:
     """Makes LeaseLocks with the configured lease, renewal and wait."""
 
     def __init__(

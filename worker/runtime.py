@@ -13,7 +13,7 @@ import redis
 
 from domain.cache.fetch import FetchOptions, ImageCache
 from domain.core.runner import Limits, Runner
-from worker.redis_locks import LockFactory
+from worker.redis_locks import RedisLockFactory
 from worker.redis_references import RedisReferences
 from worker.settings import Settings, get_settings
 
@@ -22,7 +22,7 @@ from worker.settings import Settings, get_settings
 class Runtime:
     settings: Settings
     redis: redis.Redis
-    locks: LockFactory
+    locks: RedisLockFactory
     runner: Runner
 
     @property
@@ -34,9 +34,9 @@ class Runtime:
         return RedisReferences(self.redis)
 
     @property
-    def locks_now(self) -> LockFactory:
+    def locks_now(self) -> RedisLockFactory:
         """Locks that do not wait: for work that skips a busy resource (the cache manager)."""
-        return LockFactory(
+        return RedisLockFactory(
             self.redis,
             lease=self.settings.lock.lease_seconds,
             renew_every=self.settings.lock.renew_seconds,
@@ -84,7 +84,7 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(
         settings=settings,
         redis=client,
-        locks=LockFactory(
+        locks=RedisLockFactory(
             client,
             lease=settings.lock.lease_seconds,
             renew_every=settings.lock.renew_seconds,

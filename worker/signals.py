@@ -18,16 +18,16 @@ from celery.utils.dispatch import Signal
 from domain.core.redaction import redacted_text
 from worker import janitor, metrics
 from worker.logs import configure_logging
-from worker.redis_journal import Journal
+from worker.redis_journal import RedisJournal
 from worker.runtime import runtime
 from worker.settings import get_settings
 
 log = structlog.get_logger(__name__)
 
 
-def journal() -> Journal:
+def journal() -> RedisJournal:
     current = runtime()
-    return Journal(current.redis, current.settings.result_expires)
+    return RedisJournal(current.redis, current.settings.result_expires)
 
 
 def _root_id(task: Task) -> str:

@@ -7,13 +7,13 @@ learn afterwards (the loop device's name), so whatever moment a worker dies at, 
 everything that might exist. Teardown releases the resources in reverse order and then drops the
 record; a worker's janitor does the same for records whose worker is gone.
 
-Domain code sees the `ResourceLedger` protocol; worker.redis_ledger keeps records in Redis.
+Domain code sees the `DeviceLedger` protocol; worker.redis_ledger keeps records in Redis.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,26 +105,3 @@ class DeviceRecord(BaseModel):
         return self.model_copy(
             update={"resources": tuple(r for r in self.resources if not r.same(resource))}
         )
-
-
-class ResourceLedger(Protocol):
-    """Records of one host's instance disks (worker.redis_ledger.RedisLedger)."""
-
-    def claim(self, disk: str, owner: str, worker: str) -> DeviceRecord:
-        """The record of `disk` for `owner`, created if there is none; DiskBusy when another
-        owner holds it."""
-        ...
-
-    def get(self, disk: str) -> DeviceRecord | None: ...
-
-    def put(self, record: DeviceRecord) -> None:
-        """Store `record`, replacing the one of its disk."""
-        ...
-
-    def drop(self, disk: str, owner: str) -> None:
-        """Remove the record of `disk` if `owner` still holds it."""
-        ...
-
-    def records(self) -> list[DeviceRecord]:
-        """Every record of this host, for the janitor."""
-        ...

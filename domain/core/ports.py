@@ -1,14 +1,20 @@
-"""What domain code needs from the runtime, as protocols: locks and progress reports.
+"""What domain code needs from the runtime, as protocols: every port of the domain.
 
-Domain functions take these as arguments; worker/ supplies the Redis-backed implementations and
-tests may supply simpler ones. Nothing here imports Celery or Redis.
+Locks with a lease (`Lease`, `LockFactory`), progress reports (`Progress`), references to cached
+bases (`References`), the device records of a host (`DeviceLedger`) and the step journal
+(`StepJournal`). Domain functions take these as arguments; worker/ supplies the Redis adapters
+side by side (worker.redis_locks, worker.redis_references, worker.redis_ledger,
+worker.redis_journal) and tests/fakes the in-memory ones. Nothing here imports Celery or Redis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol
+
+from domain.core.device_records import DeviceRecord
+from domain.core.journal import CanvasView, PlannedStep, StepState
 
 
 class Lease(Protocol):
@@ -78,3 +84,51 @@ class References(Protocol):
     def forget(self, holder: str) -> list[str]:
         """Drop `holder` from every base; the keys it held."""
         ...
+
+
+class DeviceLedger(Protocol):
+    """Records of one host's instance disks (worker.redis_ledger.RedisDeviceLedger)."""
+
+    def claim(self, disk: str, owner: str, worker: str) -> DeviceRecord:
+        """The record of `disk` for `owner`, created if there is none; DiskBusy when another
+        owner holds it."""
+        ...
+
+    def get(self, disk: str) -> DeviceRecord | None: ...
+
+    def put(self, record: DeviceRecord) -> None:
+        """Store `record`, replacing the one of its disk."""
+        ...
+
+    def drop(self, disk: str, owner: str) -> None:
+        """Remove the record of `disk` if `owner` still holds it."""
+        ...
+
+    def records(self) -> list[DeviceRecord]:
+        """Every record of this host, for the janitor."""
+        ...
+
+
+class StepJournal(Protocol):
+    """Which steps a canvas has, and when each started, ended, retried or failed; keyed by the
+    canvas's root task id (the id the caller holds). Writes never fail a step."""
+
+    def plan(
+        self,
+        root_id: str,
+        steps: list[PlannedStep],
+        *,
+        done: Sequence[PlannedStep] = (),
+        worker: str = "",
+    ) -> None:
+        """The canvas's steps, in order; `done`: steps found already done (recorded as
+        succeeded)."""
+        ...
+
+    def started(self, root_id: str, task_id: str, name: str, worker: str) -> None: ...
+
+    def finished(
+        self, root_id: str, task_id: str, name: str, state: StepState, error: str | None = None
+    ) -> None: ...
+
+    def read(self, root_id: str) -> CanvasView | None: ...

@@ -16,12 +16,11 @@ from pathlib import Path
 import structlog
 
 from domain.cache.references import disk_holder
-from domain.core.device_records import ResourceLedger
 from domain.core.errors import DiskBusy
 from domain.core.fileops import fsync_directory, remove_files
 from domain.core.models import DeletedDisk, DiskSpec
 from domain.core.paths import child, instance_dir
-from domain.core.ports import LockFactory, References
+from domain.core.ports import DeviceLedger, LockFactory, References
 from domain.core.publish import stale_temporaries
 from domain.disks import diskinfo
 from domain.disks.overlay import disk_lock_name
@@ -37,7 +36,7 @@ def delete_disk(
     host: str,
     locks: LockFactory,
     references: References,
-    devices: ResourceLedger,
+    devices: DeviceLedger,
 ) -> DeletedDisk:
     """Make sure the disk is gone and unreferenced; report whether it was there.
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
 from domain.cache.fetch import ImageCache
-from domain.core.device_records import DeviceRecord, Resource, ResourceLedger
+from domain.core.device_records import DeviceRecord, Resource
 from domain.core.errors import DeviceError, InvalidRequest
 from domain.core.models import FROM_JSON_ARRAY, InjectedFile, InstanceDisk, PreparedDisk, WireModel
 from domain.core.paths import child
-from domain.core.ports import LockFactory
+from domain.core.ports import DeviceLedger, LockFactory
 from domain.core.runner import Runner
 from domain.disks import diskinfo
 
@@ -116,7 +116,7 @@ class DeviceContext:
     """The collaborators and identity every device step works with."""
 
     runner: Runner
-    ledger: ResourceLedger
+    ledger: DeviceLedger
     locks: LockFactory
     policy: MountPolicy
     state_dir: Path
@@ -157,7 +157,7 @@ class WorkArea:
 class Claim:
     """An operation's hold on one disk's record: notes resources before they are created."""
 
-    def __init__(self, ledger: ResourceLedger, record: DeviceRecord) -> None:
+    def __init__(self, ledger: DeviceLedger, record: DeviceRecord) -> None:
         self.ledger = ledger
         self.record = record
 

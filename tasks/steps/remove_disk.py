@@ -7,7 +7,7 @@ from typing import Any
 from domain.core.models import DeleteDiskRequest
 from domain.disks.removal import delete_disk
 from worker.app import app
-from worker.redis_ledger import RedisLedger
+from worker.redis_ledger import RedisDeviceLedger
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse
 
@@ -23,6 +23,6 @@ def remove_disk(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
         host=current.settings.host_id,
         locks=current.locks,
         references=current.references,
-        devices=RedisLedger(current.redis, current.settings.host_id),
+        devices=RedisDeviceLedger(current.redis, current.settings.host_id),
     )
     return deleted.model_dump(mode="json")

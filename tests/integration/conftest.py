@@ -30,7 +30,7 @@ from worker.harness.image_server import ImageServer
 from worker.harness.machine import leftovers
 from worker.harness.redis_server import RedisServer, free_port
 from worker.harness.worker_processes import WorkerProcess, start_worker
-from worker.redis_journal import Journal
+from worker.redis_journal import RedisJournal
 from worker.settings import Settings
 
 
@@ -54,8 +54,8 @@ class Cluster:
         return self.redis_server.client()
 
     @property
-    def journal(self) -> Journal:
-        return Journal(self.redis, 3600)
+    def journal(self) -> RedisJournal:
+        return RedisJournal(self.redis, 3600)
 
     def leftovers(self) -> dict[str, list[object]]:
         return leftovers(

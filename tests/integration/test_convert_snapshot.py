@@ -31,7 +31,7 @@ from tests.integration.conftest import Cluster, unique
 from worker.harness.image_server import ImageServer
 from worker.harness.machine import temp_files
 from worker.harness.redis_server import RedisServer
-from worker.redis_locks import LockFactory
+from worker.redis_locks import RedisLockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
@@ -74,8 +74,8 @@ def opens_with_o_direct(directory: Path) -> bool:
 
 
 @pytest.fixture
-def locks(redis_server: RedisServer) -> LockFactory:
-    return LockFactory(redis_server.client(), lease=10.0, renew_every=2.0, wait=30.0)
+def locks(redis_server: RedisServer) -> RedisLockFactory:
+    return RedisLockFactory(redis_server.client(), lease=10.0, renew_every=2.0, wait=30.0)
 
 
 def sha256(path: Path) -> str:
@@ -108,7 +108,7 @@ def test_convert_picks_cache_mode_by_o_direct_and_succeeds(
     request: pytest.FixtureRequest,
     runner: Runner,
     *,
-    locks: LockFactory,
+    locks: RedisLockFactory,
     redis_server: RedisServer,
 ) -> None:
     # Given a raw image with data, and a target directory on tmpfs, ramfs or the regular
@@ -157,7 +157,7 @@ def test_convert_picks_cache_mode_by_o_direct_and_succeeds(
 
 
 def test_convert_refuses_paths_outside_its_roots_and_foreign_targets(
-    tmp_path: Path, runner: Runner, locks: LockFactory
+    tmp_path: Path, runner: Runner, locks: RedisLockFactory
 ) -> None:
     (tmp_path / "in").mkdir()
     source = write_raw_image(tmp_path / "in" / "source.raw", size=MiB, data=b"s")

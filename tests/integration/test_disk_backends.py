@@ -22,7 +22,7 @@ from tests.integration.conftest import Cluster, unique
 from worker.harness.image_server import ImageServer
 from worker.harness.machine import assert_clean
 from worker.harness.redis_server import RedisServer, free_port
-from worker.redis_locks import LockFactory
+from worker.redis_locks import RedisLockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
@@ -118,8 +118,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def locks(own_redis: RedisServer) -> LockFactory:
-    return LockFactory(own_redis.client(), lease=10.0, renew_every=2.0, wait=30.0)
+def locks(own_redis: RedisServer) -> RedisLockFactory:
+    return RedisLockFactory(own_redis.client(), lease=10.0, renew_every=2.0, wait=30.0)
 
 
 def cached(path: Path, fmt: str, virtual_size: int) -> CachedImage:
@@ -134,7 +134,7 @@ def cached(path: Path, fmt: str, virtual_size: int) -> CachedImage:
 
 
 def test_raw_disk_from_a_qcow2_base_is_converted(
-    tmp_path: Path, runner: Runner, locks: LockFactory, own_redis: RedisServer
+    tmp_path: Path, runner: Runner, locks: RedisLockFactory, own_redis: RedisServer
 ) -> None:
     # Given a qcow2 base in a cache kept as downloaded (force_raw off)
     source = write_raw_image(tmp_path / "src.raw", size=8 * MiB, data=b"\x11" * 65536)
@@ -169,7 +169,7 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
 
 @pytest.mark.parametrize("backend", ["raw", "qcow2"])
 def test_preallocation_reserves_the_full_size(
-    backend: str, tmp_path: Path, runner: Runner, locks: LockFactory
+    backend: str, tmp_path: Path, runner: Runner, locks: RedisLockFactory
 ) -> None:
     # Given a small raw base
     base = write_raw_image(tmp_path / "base", size=4 * MiB, data=b"p" * 4096)

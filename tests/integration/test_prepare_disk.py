@@ -12,12 +12,12 @@ import pytest
 
 from domain.cache.fetch import cache_key
 from domain.core.errors import ChecksumMismatch, DiskTooSmall, InvalidRequest
+from domain.core.journal import StepRecord
 from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.support.waiting import wait_for
 from worker.harness.image_server import ImageServer
-from worker.redis_journal import StepRecord
 
 MiB = 2**20
 

@@ -16,7 +16,7 @@ from domain.cache.inventory import EntryState, read_entries
 from domain.cache.references import disk_holder, pending_holder
 from domain.core.models import CachedImage
 from domain.core.runner import Limits, Runner
-from worker.redis_locks import LockFactory
+from worker.redis_locks import RedisLockFactory
 from worker.redis_references import RedisReferences
 
 NOW = 1_000_000_000.0
@@ -87,7 +87,7 @@ def manager(tmp_path: Path) -> CacheManager:
     return CacheManager(
         cache=ImageCache(tmp_path / "cache"),
         references=RedisReferences(client),
-        locks=LockFactory(client, lease=5, renew_every=1, wait=0),
+        locks=RedisLockFactory(client, lease=5, renew_every=1, wait=0),
         instances_dir=tmp_path / "instances",
         host="here",
         runner=Runner(default_timeout=30),

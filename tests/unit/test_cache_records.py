@@ -19,7 +19,7 @@ from domain.core.publish import record_path
 from domain.core.runner import Limits, Runner
 from tests.conftest import write_raw_image
 from tests.unit.test_download import Policy
-from worker.redis_locks import LockFactory
+from worker.redis_locks import RedisLockFactory
 
 MiB = 2**20
 
@@ -33,7 +33,7 @@ class Fetcher:
         self.cache = ImageCache(root / "cache")
         self.cache.root.mkdir()
         self.runner = runner
-        self.locks = LockFactory(fakeredis.FakeRedis(), lease=5, renew_every=1, wait=2)
+        self.locks = RedisLockFactory(fakeredis.FakeRedis(), lease=5, renew_every=1, wait=2)
         self.source_file = write_raw_image(
             self.sources / "image.raw", size=4 * MiB, data=os.urandom(64 * 1024)
         )

@@ -43,8 +43,8 @@ from domain.guest.mounting import check_ext_fits, mount_method
 from domain.guest.teardown import teardown
 from worker.device_context import device_context
 from worker.janitor import orphans
-from worker.redis_ledger import RedisLedger
-from worker.redis_locks import LockFactory
+from worker.redis_ledger import RedisDeviceLedger
+from worker.redis_locks import RedisLockFactory
 from worker.runtime import Runtime
 from worker.settings import MountSettings, Settings
 
@@ -55,15 +55,15 @@ def client() -> fakeredis.FakeRedis:
 
 
 @pytest.fixture
-def ledger(client: fakeredis.FakeRedis) -> RedisLedger:
-    return RedisLedger(client, "host-1")
+def ledger(client: fakeredis.FakeRedis) -> RedisDeviceLedger:
+    return RedisDeviceLedger(client, "host-1")
 
 
 def context(client: fakeredis.FakeRedis, state_dir: Path, owner: str = "op-a") -> DeviceContext:
     return DeviceContext(
         runner=Runner(default_timeout=30),
-        ledger=RedisLedger(client, "host-1"),
-        locks=LockFactory(client, lease=5, renew_every=1, wait=1),
+        ledger=RedisDeviceLedger(client, "host-1"),
+        locks=RedisLockFactory(client, lease=5, renew_every=1, wait=1),
         policy=MountSettings(stop_timeout_seconds=2),
         state_dir=state_dir,
         instances_dir=state_dir / "instances",
@@ -75,7 +75,7 @@ def context(client: fakeredis.FakeRedis, state_dir: Path, owner: str = "op-a") -
 
 
 def test_one_owner_at_a_time_and_only_the_owner_drops(
-    ledger: RedisLedger, client: fakeredis.FakeRedis
+    ledger: RedisDeviceLedger, client: fakeredis.FakeRedis
 ) -> None:
     first = ledger.claim("vm/disk", "op-a", "w1")
     assert ledger.claim("vm/disk", "op-a", "w2").owner == "op-a"  # the same operation again
@@ -89,7 +89,7 @@ def test_one_owner_at_a_time_and_only_the_owner_drops(
     assert first.resources == ()
 
 
-def test_claim_notes_resources_in_order_and_updates_in_place(ledger: RedisLedger) -> None:
+def test_claim_notes_resources_in_order_and_updates_in_place(ledger: RedisDeviceLedger) -> None:
     claim = Claim(ledger, ledger.claim("vm/disk", "op-a", "w1"))
     claim.note(WorkDir(path="/s/vm/disk"))
     claim.note(LoopDevice(backing="/s/export", offset=512, size=1024))
@@ -155,14 +155,14 @@ def run_failing_step(
     current = Runtime(
         settings=settings,
         redis=client,
-        locks=LockFactory(client, lease=5, renew_every=1, wait=1),
+        locks=RedisLockFactory(client, lease=5, renew_every=1, wait=1),
         runner=Runner(default_timeout=30),
     )
     request = PrepareRequest(
         image=ImageSource(url="http://x/y", image_id="y"),
         disk=DiskSpec(instance_id="vm", size_bytes=1),
     )
-    ledger = RedisLedger(client, settings.host_id)
+    ledger = RedisDeviceLedger(client, settings.host_id)
 
     def step_body() -> None:
         with device_context(step, request, "op-a", current) as ctx:  # type: ignore[arg-type]

@@ -11,14 +11,14 @@ import pytest
 
 from domain.core.errors import DiskConflict, DiskNotFound
 from domain.disks import diskinfo
-from worker.redis_locks import LeaseLock, LockFactory
+from worker.redis_locks import LeaseLock, RedisLockFactory
 
 
 @pytest.fixture
 def lease() -> Iterator[LeaseLock]:
     """The instance's lease, held: record_format and forget_format run under it."""
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    with LockFactory(client, lease=5.0, renew_every=1.0, wait=5.0)(
+    with RedisLockFactory(client, lease=5.0, renew_every=1.0, wait=5.0)(
         diskinfo.instance_lease("vm")
     ) as held:
         yield held

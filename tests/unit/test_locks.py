@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 
 from domain.core.errors import LockBusy, LockLost
-from worker.redis_locks import FENCE_KEY, LeaseLock, LockFactory
+from worker.redis_locks import FENCE_KEY, LeaseLock, RedisLockFactory
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_fence_counter_is_shared_by_all_locks(client: fakeredis.FakeRedis) -> No
 
 
 def test_factory_uses_configured_lease(client: fakeredis.FakeRedis) -> None:
-    factory = LockFactory(client, lease=5.0, renew_every=1.0, wait=1.0)
+    factory = RedisLockFactory(client, lease=5.0, renew_every=1.0, wait=1.0)
     with factory("disk:vm/disk") as lock:
         assert 4000 < client.pttl(lock.key) <= 5000
     assert client.get(lock.key) is None
