@@ -18,7 +18,8 @@ from pathlib import Path
 import redis
 
 from bench.report import Figure, median, report
-from domain.cache.fetch import FetchOptions, ImageCache, fetch_to_cache
+from domain.cache.directory import ImageCache
+from domain.cache.fetch import FetchOptions, fetch_image
 from domain.cache.networks import loopback_allowed
 from domain.core.fileops import fsync_file
 from domain.core.models import ImageSource
@@ -90,7 +91,7 @@ def run(size_mib: int, repeat: int) -> Figure:
                         url=url, image_id=f"bench-{attempt}", checksum=f"sha256:{digest}"
                     )
                     started = time.perf_counter()
-                    cached = fetch_to_cache(
+                    cached = fetch_image(
                         source,
                         cache=ImageCache(root / "cache"),
                         options=options,

@@ -47,7 +47,7 @@ from domain.guest.context import DeviceContext
 from domain.guest.injection import inject_files
 from domain.guest.mapping import map_partitions
 from domain.guest.mounting import mount_guest
-from domain.guest.teardown import teardown
+from domain.guest.teardown import release_devices
 from tasks.canvases import injection_steps, with_ids
 from worker.app import create_app
 from worker.harness.redis_server import RedisServer, free_port
@@ -189,7 +189,7 @@ class Bench:
             mapped = map_partitions(prepared, 1, ctx)
             mounted = mount_guest(mapped, ctx)
             inject_files(mounted, request.inject, ctx)
-            teardown(f"{prepared.disk.instance_id}/disk", ctx)
+            release_devices(f"{prepared.disk.instance_id}/disk", ctx)
 
         return once
 

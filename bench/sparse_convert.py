@@ -20,7 +20,8 @@ from pathlib import Path
 import redis
 
 from bench.report import Figure, median, report
-from domain.cache.fetch import FetchOptions, ImageCache, fetch_to_cache
+from domain.cache.directory import ImageCache
+from domain.cache.fetch import FetchOptions, fetch_image
 from domain.cache.networks import loopback_allowed
 from domain.core.fileops import fsync_file
 from domain.core.models import ImageSource
@@ -77,7 +78,7 @@ def run(repeat: int) -> tuple[Figure, Figure]:
                 force_raw=True,
             )
             with ImageServer(work / "served") as http:
-                cached = fetch_to_cache(
+                cached = fetch_image(
                     ImageSource(url=http.url("image.qcow2"), image_id="sparse"),
                     cache=ImageCache(work / "cache"),
                     options=options,

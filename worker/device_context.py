@@ -17,8 +17,7 @@ import structlog
 
 from domain.core.models import PrepareRequest
 from domain.guest.context import DeviceContext
-from domain.guest.teardown import teardown
-from worker.redis_ledger import RedisDeviceLedger
+from domain.guest.teardown import release_devices
 from worker.runtime import Runtime, runtime
 from worker.taskbase import StepTask
 
@@ -29,7 +28,7 @@ def build_context(current: Runtime, *, owner: str, worker: str) -> DeviceContext
     settings = current.settings
     return DeviceContext(
         runner=current.runner,
-        ledger=RedisDeviceLedger(current.redis, settings.host_id),
+        ledger=current.devices,
         locks=current.locks,
         policy=settings.mount,
         state_dir=settings.state_dir,
@@ -65,7 +64,7 @@ def device_context(
 def release_quietly(ctx: DeviceContext, disk: str) -> None:
     """Tear down after a failure; a teardown that fails too is logged, the first error stands."""
     try:
-        teardown(disk, ctx)
+        release_devices(disk, ctx)
     except Exception as error:
         log.error(
             "teardown_after_failure_failed",

@@ -18,9 +18,8 @@ from celery import Celery
 
 from domain.core.device_records import DeviceRecord
 from domain.core.errors import ImgprepError, LockBusy
-from domain.guest.teardown import teardown
+from domain.guest.teardown import release_devices
 from worker.device_context import build_context
-from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
@@ -45,7 +44,7 @@ def orphans(records: list[DeviceRecord], alive: set[str]) -> list[DeviceRecord]:
 
 def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
     """Release the records of this host whose worker is gone; the disks released."""
-    ledger = RedisDeviceLedger(current.redis, current.settings.host_id)
+    ledger = current.devices
     records = ledger.records()
     if not records:
         return []
@@ -60,7 +59,7 @@ def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
     for record in orphans(records, alive):
         ctx = replace(build_context(current, owner=record.owner, worker=nodename), locks=locks)
         try:
-            if teardown(record.disk, ctx, any_owner=True):
+            if release_devices(record.disk, ctx, any_owner=True):
                 released.append(record.disk)
                 log.warning(
                     "orphaned_devices_released",

@@ -23,6 +23,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from domain.core.models import CacheEvictionReport
 from domain.core.ports import Progress
 from worker.settings import Settings
 
@@ -87,9 +88,18 @@ class FetchMeter:
         CACHE_REQUESTS.labels("miss" if self.downloaded else "hit").inc()
 
 
-def evicted(reason: str, size: int) -> None:
-    CACHE_EVICTIONS.labels(reason).inc()
-    CACHE_EVICTED_BYTES.inc(size)
+def count_cache_hit() -> None:
+    """An entry task found the image cached (and needs no fetch step)."""
+    CACHE_REQUESTS.labels("hit").inc()
+
+
+def count_evictions(report: CacheEvictionReport) -> None:
+    """The entries a pass of the cache manager removed (none in a dry run)."""
+    if report.dry_run:
+        return
+    for item in report.evicted:
+        CACHE_EVICTIONS.labels(item.reason).inc()
+        CACHE_EVICTED_BYTES.inc(item.size_on_disk)
 
 
 def _step(task: Task) -> str | None:

@@ -11,8 +11,12 @@ from dataclasses import dataclass
 
 import redis
 
-from domain.cache.fetch import FetchOptions, ImageCache
+from domain.cache.directory import ImageCache
+from domain.cache.eviction import AgingPolicy, CacheManager
+from domain.cache.fetch import FetchOptions
 from domain.core.runner import Limits, Runner
+from domain.disks.instance_disks import DiskContext
+from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
 from worker.redis_references import RedisReferences
 from worker.settings import Settings, get_settings
@@ -48,6 +52,50 @@ class Runtime:
         return Limits(
             cpu_seconds=self.settings.qemu.info_cpu_seconds,
             address_space_bytes=self.settings.qemu.info_address_space_bytes,
+        )
+
+    @property
+    def aging_policy(self) -> AgingPolicy:
+        """The cache manager's policy from settings (image_cache.*); references of canvases
+        and disks go stale when results do."""
+        configured = self.settings.image_cache
+        return AgingPolicy(
+            minimum_age_seconds=configured.remove_unused_original_minimum_age_seconds,
+            max_bytes=configured.max_bytes,
+            min_idle_seconds=configured.min_idle_seconds,
+            stale_reference_seconds=float(self.settings.result_expires),
+        )
+
+    @property
+    def cache_manager(self) -> CacheManager:
+        """This host's cache manager; its locks do not wait (a busy entry is skipped)."""
+        return CacheManager(
+            cache=self.cache,
+            references=self.references,
+            locks=self.locks_now,
+            instances_dir=self.settings.instances_dir,
+            host=self.settings.host_id,
+            runner=self.runner,
+            limits=self.qemu_limits,
+        )
+
+    @property
+    def devices(self) -> RedisDeviceLedger:
+        """The device records of this host's instance disks."""
+        return RedisDeviceLedger(self.redis, self.settings.host_id)
+
+    @property
+    def disk_context(self) -> DiskContext:
+        """What the disk steps work with on this host."""
+        return DiskContext(
+            cache=self.cache,
+            instances_dir=self.settings.instances_dir,
+            host=self.settings.host_id,
+            runner=self.runner,
+            locks=self.locks,
+            references=self.references,
+            limits=self.qemu_limits,
+            preallocate=self.settings.preallocate_images == "space",
         )
 
     @property

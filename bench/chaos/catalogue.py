@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from worker.harness.sample_images import Partition, partitioned_disk
 
 MiB = 2**20

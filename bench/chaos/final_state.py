@@ -30,7 +30,7 @@ from bench.chaos.catalogue import sha256_file
 from bench.chaos.checker import Violation, World
 from bench.chaos.history import History
 from bench.chaos.workload import Disk
-from domain.cache.fetch import CacheRecord
+from domain.cache.directory import CacheRecord
 from worker.harness.guest_files import read_guest_file
 from worker.redis_ledger import DEVICES_PREFIX
 from worker.redis_locks import LOCK_PREFIX

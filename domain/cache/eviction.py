@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
 
-from domain.cache.fetch import CACHE_TEMPORARIES, ImageCache
+from domain.cache.directory import CACHE_TEMPORARIES, ImageCache
 from domain.cache.inventory import (
     EntryState,
     UnverifiableDisk,
@@ -36,7 +36,7 @@ from domain.cache.inventory import (
 from domain.cache.references import PENDING, parse_disk_holder
 from domain.core.errors import LockBusy
 from domain.core.fileops import fsync_directory, remove_files
-from domain.core.models import CacheEviction, CacheEvictionReport
+from domain.core.models import CacheEviction, CacheEvictionReport, EvictCacheRequest
 from domain.core.ports import LockFactory, References
 from domain.core.publish import record_path, stale_temporaries
 from domain.core.runner import Limits, Runner
@@ -55,6 +55,21 @@ class AgingPolicy:
     max_bytes: int = 0  # 0: no size cap
     min_idle_seconds: float = 600.0
     stale_reference_seconds: float = 86400.0
+
+
+def evict_cache(
+    request: EvictCacheRequest, manager: CacheManager, configured: AgingPolicy
+) -> CacheEvictionReport:
+    """One pass of the cache manager under the configured policy, with what the request
+    overrides (its unset fields keep the configured values)."""
+    policy = configured
+    if request.remove_unused_original_minimum_age_seconds is not None:
+        policy = replace(
+            policy, minimum_age_seconds=request.remove_unused_original_minimum_age_seconds
+        )
+    if request.max_bytes is not None:
+        policy = replace(policy, max_bytes=request.max_bytes)
+    return manager.run(policy, dry_run=request.dry_run)
 
 
 @dataclass

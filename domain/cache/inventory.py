@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from domain.cache.fetch import CacheRecord, ImageCache
+from domain.cache.directory import CacheRecord, ImageCache
 from domain.core.errors import DiskConflict, ImgprepError
 from domain.core.ports import References
 from domain.core.publish import RECORD, is_temporary_name

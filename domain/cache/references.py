@@ -25,9 +25,9 @@ from pathlib import Path
 
 import structlog
 
-from domain.cache.fetch import ImageCache
+from domain.cache.directory import ImageCache, find_cached
 from domain.core.errors import BaseImageMissing, TransientError
-from domain.core.models import CachedImage
+from domain.core.models import CachedImage, ImageSource
 from domain.core.ports import LockFactory, References
 
 log = structlog.get_logger(__name__)
@@ -107,6 +107,31 @@ def fetch_pinned(
         f"image cache entry was removed {FETCH_ATTEMPTS} times right after it was fetched; "
         "is the cache size cap smaller than the images in use?"
     )
+
+
+def pin_if_cached(
+    source: ImageSource,
+    pin: str,
+    *,
+    cache: ImageCache,
+    locks: LockFactory,
+    references: References,
+) -> CachedImage | None:
+    """The image's cache entry, pinned for the canvas (`pin`), when it is already cached.
+
+    An entry task asks this before it builds its canvas: a cache hit needs no fetch step (its
+    postcondition holds), which spares every cache-hit prepare a whole task. None when the
+    image must be fetched, or its entry went between the look and the pin.
+    """
+    cached = find_cached(source, cache)
+    if cached is None or not claim(cached, pin, locks=locks, references=references):
+        return None
+    return cached
+
+
+def unpin(cached: CachedImage, pin: str, references: References) -> None:
+    """Drop the pin `pin_if_cached` took, when no canvas will (its entry task failed)."""
+    references.discard(cached.key, pin)
 
 
 @contextlib.contextmanager

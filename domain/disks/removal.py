@@ -11,39 +11,30 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import structlog
 
 from domain.cache.references import disk_holder
 from domain.core.errors import DiskBusy
 from domain.core.fileops import fsync_directory, remove_files
-from domain.core.models import DeletedDisk, DiskSpec
+from domain.core.models import DeletedDisk, DeleteDiskRequest, DiskSpec
 from domain.core.paths import child, instance_dir
-from domain.core.ports import DeviceLedger, LockFactory, References
+from domain.core.ports import DeviceLedger
 from domain.core.publish import stale_temporaries
 from domain.disks import diskinfo
-from domain.disks.overlay import disk_lock_name
+from domain.disks.instance_disks import DiskContext, disk_lock_name
 
 log = structlog.get_logger(__name__)
 
 
-def delete_disk(
-    instance_id: str,
-    disk_name: str,
-    *,
-    instances_dir: Path,
-    host: str,
-    locks: LockFactory,
-    references: References,
-    devices: DeviceLedger,
-) -> DeletedDisk:
+def remove_disk(request: DeleteDiskRequest, ctx: DiskContext, devices: DeviceLedger) -> DeletedDisk:
     """Make sure the disk is gone and unreferenced; report whether it was there.
 
     A disk whose devices an operation holds (mapped, mounted: see domain.core.device_records) is
     not deleted under it: DiskBusy, retried until that operation's teardown has released them.
     """
-    directory = instance_dir(instances_dir, instance_id)
+    instance_id, disk_name = request.instance_id, request.disk_name
+    directory = instance_dir(ctx.instances_dir, instance_id)
     path = child(directory, disk_name)
     held = devices.get(f"{instance_id}/{disk_name}")
     if held is not None:
@@ -53,7 +44,7 @@ def delete_disk(
         )
     # the same lock name as the disk's creation; the size plays no part in it
     spec = DiskSpec.model_construct(instance_id=instance_id, disk_name=disk_name, size_bytes=0)
-    with locks(disk_lock_name(spec)) as lease:
+    with ctx.locks(disk_lock_name(spec)) as lease:
         existed = path.exists()
         removed = remove_files([path, *stale_temporaries(path)])
         if removed:
@@ -61,10 +52,10 @@ def delete_disk(
         diskinfo.forget_format(directory, disk_name, lease)
         with contextlib.suppress(OSError):
             os.rmdir(directory)  # only when empty: other disks of the instance stay
-    released = references.forget(disk_holder(host, instance_id, disk_name))
+    released = ctx.references.forget(disk_holder(ctx.host, instance_id, disk_name))
     log.info("disk_deleted", path=str(path), existed=existed, released_bases=released)
     return DeletedDisk(
-        host=host,
+        host=ctx.host,
         instance_id=instance_id,
         disk_name=disk_name,
         path=str(path),

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import structlog
+
 from domain.core.errors import InvalidRequest
 from domain.core.paths import child, instance_dir, path_under
-from domain.core.snapshot_models import ConvertJob, SnapshotRequest
+from domain.core.ports import LockFactory, Progress, no_progress
+from domain.core.runner import Limits, Runner
+from domain.core.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
 from domain.disks import diskinfo
+from domain.formats.conversion import convert_image
 
 
-def plan_snapshot(
+def snapshot_source(
     request: SnapshotRequest, *, instances_dir: Path, snapshots_dir: Path
 ) -> ConvertJob:
-    """The conversion that extracts the disk of `request` to its target."""
+    """The snapshot_source step: the conversion that extracts the disk of `request` to its
+    target, planned on the disk's host."""
+    structlog.contextvars.bind_contextvars(instance_id=request.instance_id)
     directory = instance_dir(instances_dir, request.instance_id)
     source_format = diskinfo.require_format(directory, request.disk_name)
     target = path_under(snapshots_dir, request.target, create_parents=True)
@@ -49,3 +56,27 @@ def confirm_job(job: ConvertJob, *, instances_dir: Path, snapshots_dir: Path) ->
     if path_under(snapshots_dir, job.target) != Path(job.target):
         raise InvalidRequest(f"the target {job.target} is not a path under {snapshots_dir}")
     return job
+
+
+def convert(
+    job: ConvertJob,
+    *,
+    instances_dir: Path,
+    snapshots_dir: Path,
+    runner: Runner,
+    locks: LockFactory,
+    limits: Limits,
+    progress: Progress = no_progress,
+) -> ConvertedImage:
+    """The convert step: `job`, once confirmed as a snapshot's conversion (`confirm_job`), run
+    (domain.formats.conversion)."""
+    confirmed = confirm_job(job, instances_dir=instances_dir, snapshots_dir=snapshots_dir)
+    return convert_image(
+        confirmed,
+        source_roots=(instances_dir,),
+        target_roots=(snapshots_dir,),
+        runner=runner,
+        locks=locks,
+        limits=limits,
+        progress=progress,
+    )

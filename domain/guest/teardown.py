@@ -1,4 +1,5 @@
-"""teardown: release what the ledger says exists for a disk, in reverse order, from any state.
+"""teardown and release_devices: release what the ledger says exists for a disk, in reverse
+order, from any state.
 
 Nova's do_teardown (unmount, unmap, release the device), rebuilt around the resource ledger:
 each resource is released only if it is still there (a mount that is mounted, a loop device
@@ -33,14 +34,27 @@ from domain.core.device_records import (
     WorkDir,
 )
 from domain.core.errors import DeviceBusy, DeviceError
-from domain.guest.context import Claim, DeviceContext
+from domain.core.models import GuestFilesystem, PreparedDisk
+from domain.guest.context import Claim, DeviceContext, InjectedDisk
 from domain.guest.tools import daemons, fuse2fs, losetup, storage_daemon
 from domain.guest.tools import mount as mounts
 
 log = structlog.get_logger(__name__)
 
 
-def teardown(disk: str, ctx: DeviceContext, *, any_owner: bool = False) -> bool:
+def teardown(done: InjectedDisk, disk: str, ctx: DeviceContext) -> PreparedDisk:
+    """The last step of an injection: release the devices of `disk`, and answer with the
+    prepared disk, the guest filesystem the files went into and the files written."""
+    release_devices(disk, ctx)
+    mapped = done.mounted.mapped
+    guest = GuestFilesystem(
+        partition=mapped.partition.number, filesystem=mapped.filesystem, mount=mapped.method
+    )
+    prepared = mapped.prepared.model_copy(update={"guest": guest, "injected": done.files})
+    return PreparedDisk.model_validate(prepared.model_dump())
+
+
+def release_devices(disk: str, ctx: DeviceContext, *, any_owner: bool = False) -> bool:
     """Release the devices of `disk` held by this operation (or by anyone, for the janitor).
 
     Returns whether there was anything to release."""

@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from domain.core.models import PrepareRequest
+from domain.guest import injection
 from domain.guest.context import MountedDisk
-from domain.guest.injection import inject_files
 from worker.app import app
 from worker.device_context import device_context
 from worker.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.inject_files", base=StepTask, bind=True)
-def inject(
+def inject_files(
     self: StepTask, mounted: dict[str, Any], request: dict[str, Any], operation: str
 ) -> dict[str, Any]:
     disk = parse(MountedDisk, mounted, "mounted disk")
     parsed = parse(PrepareRequest, request)
     with device_context(self, parsed, operation) as ctx:
-        return inject_files(disk, parsed.inject, ctx).model_dump(mode="json")
+        return injection.inject_files(disk, parsed.inject, ctx).model_dump(mode="json")

@@ -13,7 +13,7 @@ import pytest
 from celery import Signature, chain
 from celery.result import AsyncResult
 
-from domain.cache.fetch import CacheRecord, cache_key
+from domain.cache.directory import CacheRecord, cache_key
 from domain.core.models import (
     CachedImage,
     DiskSpec,

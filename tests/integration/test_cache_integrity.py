@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from domain.cache.fetch import ImageCache, cache_key
+from domain.cache.directory import ImageCache, cache_key
 from domain.core.errors import BaseImageMissing, DiskConflict, InvalidRequest
 from domain.core.models import (
     CacheEvictionReport,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from domain.cache.directory import ImageCache
 from domain.core.errors import DiskConflict
-from domain.core.models import CachedImage, DiskSpec, ImageSource, PrepareRequest
+from domain.core.models import Backend, CachedImage, DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Limits, Runner
 from domain.disks import diskinfo
-from domain.disks.overlay import create_overlay
-from domain.disks.raw_disk import copy_raw_disk
+from domain.disks.backends import BACKENDS
+from domain.disks.instance_disks import DiskContext, create_disk
 from domain.disks.sparse import allocated_bytes
 from tests.conftest import write_raw_image
+from tests.fakes.references import InMemoryReferences
 from tests.integration.conftest import Cluster, unique
 from worker.harness.image_server import ImageServer
 from worker.harness.machine import assert_clean
@@ -122,6 +124,21 @@ def locks(own_redis: RedisServer) -> RedisLockFactory:
     return RedisLockFactory(own_redis.client(), lease=10.0, renew_every=2.0, wait=30.0)
 
 
+def disk_context(
+    cache: Path, instances: Path, runner: Runner, locks: RedisLockFactory, preallocate: bool = False
+) -> DiskContext:
+    return DiskContext(
+        cache=ImageCache(cache),
+        instances_dir=instances,
+        host="here",
+        runner=runner,
+        locks=locks,
+        references=InMemoryReferences(),
+        limits=LIMITS,
+        preallocate=preallocate,
+    )
+
+
 def cached(path: Path, fmt: str, virtual_size: int) -> CachedImage:
     return CachedImage(
         key=path.name,
@@ -145,14 +162,11 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
     instances.mkdir()
 
     # When a raw disk of 32 MiB is created from it
-    disk = copy_raw_disk(
+    disk = create_disk(
+        BACKENDS["raw"],
         cached(base, "qcow2", 8 * MiB),
         DiskSpec(instance_id="vm", size_bytes=32 * MiB, backend="raw"),
-        instances_dir=instances,
-        host="here",
-        runner=runner,
-        locks=locks,
-        limits=LIMITS,
+        disk_context(tmp_path, instances, runner, locks),
     )
 
     # Then it is raw, grown, and holds the base's guest view
@@ -169,26 +183,21 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
 
 @pytest.mark.parametrize("backend", ["raw", "qcow2"])
 def test_preallocation_reserves_the_full_size(
-    backend: str, tmp_path: Path, runner: Runner, locks: RedisLockFactory
+    backend: Backend, tmp_path: Path, runner: Runner, locks: RedisLockFactory
 ) -> None:
     # Given a small raw base
     base = write_raw_image(tmp_path / "base", size=4 * MiB, data=b"p" * 4096)
     instances = tmp_path / "instances"
     instances.mkdir()
-    make = copy_raw_disk if backend == "raw" else create_overlay
 
     # When disks of 48 MiB are created with and without preallocation
     disks = {
         reserve: Path(
-            make(
+            create_disk(
+                BACKENDS[backend],
                 cached(base, "raw", 4 * MiB),
-                DiskSpec(instance_id=f"vm-{reserve}", size_bytes=48 * MiB, backend=backend),  # type: ignore[arg-type]
-                instances_dir=instances,
-                host="here",
-                runner=runner,
-                locks=locks,
-                limits=LIMITS,
-                preallocate_space=reserve,
+                DiskSpec(instance_id=f"vm-{reserve}", size_bytes=48 * MiB, backend=backend),
+                disk_context(tmp_path, instances, runner, locks, preallocate=reserve),
             ).path
         )
         for reserve in (False, True)

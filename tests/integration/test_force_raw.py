@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.disks.sparse import allocated_bytes
 from tests.integration.conftest import Cluster, unique

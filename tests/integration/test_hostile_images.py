@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.errors import ImageRefused
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.integration.conftest import Cluster, unique

@@ -10,7 +10,7 @@ import pytest
 
 from domain.core.errors import HostUnavailable
 from domain.core.models import DiskSpec
-from domain.disks.overlay import disk_lock_name
+from domain.disks.instance_disks import disk_lock_name
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for

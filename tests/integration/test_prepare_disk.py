@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.errors import ChecksumMismatch, DiskTooSmall, InvalidRequest
 from domain.core.journal import StepRecord
 from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from celery.result import AsyncResult
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.models import PreparedDisk
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from celery.result import AsyncResult
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.errors import DiskFull, SourceNotFound
 from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import need_root, write_raw_image

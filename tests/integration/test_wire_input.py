@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.errors import InvalidRequest
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image

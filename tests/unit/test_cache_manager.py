@@ -10,8 +10,8 @@ from pathlib import Path
 import fakeredis
 import pytest
 
+from domain.cache.directory import ImageCache
 from domain.cache.eviction import AgingPolicy, CacheManager, choose_evictions
-from domain.cache.fetch import ImageCache
 from domain.cache.inventory import EntryState, read_entries
 from domain.cache.references import disk_holder, pending_holder
 from domain.core.models import CachedImage
@@ -109,7 +109,7 @@ def cached(manager: CacheManager, key: str, *, idle: float) -> CachedImage:
     )
     from datetime import UTC, datetime
 
-    from domain.cache.fetch import CacheRecord
+    from domain.cache.directory import CacheRecord
 
     record = CacheRecord(
         image=image,

@@ -13,7 +13,8 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from domain.cache.fetch import FetchOptions, ImageCache, cache_key, fetch_to_cache
+from domain.cache.directory import ImageCache, cache_key
+from domain.cache.fetch import FetchOptions, fetch_image
 from domain.core.models import ImageSource
 from domain.core.publish import record_path
 from domain.core.runner import Limits, Runner
@@ -41,7 +42,7 @@ class Fetcher:
         self.entry = self.cache.entry(cache_key("image-1"))
 
     def fetch(self) -> None:
-        fetch_to_cache(
+        fetch_image(
             self.source,
             cache=self.cache,
             options=FetchOptions(policy=Policy(file_roots=(self.sources,)), limits=Limits()),

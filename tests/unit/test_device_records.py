@@ -40,7 +40,7 @@ from domain.guest.context import (
 from domain.guest.devices import allocate
 from domain.guest.injection import inject_files
 from domain.guest.mounting import check_ext_fits, mount_method
-from domain.guest.teardown import teardown
+from domain.guest.teardown import release_devices
 from worker.device_context import device_context
 from worker.janitor import orphans
 from worker.redis_ledger import RedisDeviceLedger
@@ -118,8 +118,8 @@ def test_teardown_from_a_record_whose_resources_are_already_gone(
     claim.note(Mount(mount_dir=str(area.mount_dir), method="fuse2fs"))
 
     # When teardown runs, twice
-    assert teardown("vm/disk", ctx) is True
-    assert teardown("vm/disk", ctx) is False
+    assert release_devices("vm/disk", ctx) is True
+    assert release_devices("vm/disk", ctx) is False
 
     # Then the record and the work area are gone, and no lock is left
     assert ctx.ledger.get("vm/disk") is None
@@ -132,9 +132,11 @@ def test_teardown_leaves_another_operations_record_alone(
 ) -> None:
     mine = context(client, tmp_path, owner="op-a")
     Claim(mine.ledger, mine.ledger.claim("vm/disk", "op-a", "w1")).note(WorkDir(path="/nowhere"))
-    assert teardown("vm/disk", context(client, tmp_path, owner="op-b")) is False
+    assert release_devices("vm/disk", context(client, tmp_path, owner="op-b")) is False
     assert mine.ledger.get("vm/disk") is not None
-    assert teardown("vm/disk", context(client, tmp_path, owner="op-b"), any_owner=True) is True
+    assert (
+        release_devices("vm/disk", context(client, tmp_path, owner="op-b"), any_owner=True) is True
+    )
 
 
 class FakeStep:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from domain.cache.fetch import cache_key
+from domain.cache.directory import cache_key
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from worker.sizes import human, parse_size
 

@@ -212,7 +212,7 @@ def test_a_host_a_request_can_name_is_a_host_id_a_worker_can_have() -> None:
 
 
 def _wire_models() -> list[type[WireModel]]:
-    import domain.cache.fetch
+    import domain.cache.directory
     import domain.guest.context  # noqa: F401 - their wire models register as subclasses
 
     found: list[type[WireModel]] = []

@@ -23,7 +23,7 @@ def cache() -> None:
 def list_entries(as_json: bool) -> None:
     """Every cached base: key, image id, format, size on disk, virtual size, references, last
     use. Reads the cache directory and the references in Redis."""
-    from domain.cache.fetch import ImageCache
+    from domain.cache.directory import ImageCache
     from domain.cache.inventory import read_entries
     from worker.redis_references import RedisReferences
     from worker.runtime import redis_client
