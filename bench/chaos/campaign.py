@@ -19,7 +19,6 @@ from typing import Any
 import redis
 import structlog
 
-from bench.chaos import machine
 from bench.chaos.catalogue import SourceImage, build_catalogue
 from bench.chaos.checker import Violation, World, check_history
 from bench.chaos.client import PlainClient
@@ -27,9 +26,10 @@ from bench.chaos.cluster import Cluster, Tuning, make_cluster
 from bench.chaos.final_state import check_final_state
 from bench.chaos.history import History
 from bench.chaos.nemesis import Nemesis, NemesisOptions
-from bench.chaos.redis_server import RedisProcess, start_redis
 from bench.chaos.sources import SourceServer
 from bench.chaos.workload import Workload, WorkloadOptions
+from worker.harness import machine
+from worker.harness.redis_server import RedisServer, start_redis
 from worker.redis_locks import LOCK_PREFIX
 
 TICK = 0.05
@@ -135,7 +135,7 @@ class Campaign:
         options.root.mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="imgprep-chaos-", dir=options.root))
         self.started = time.monotonic()
-        self.redis_server: RedisProcess | None = None
+        self.redis_server: RedisServer | None = None
         self.catalogue: list[SourceImage] = []
         self.server: SourceServer | None = None
         self.cluster: Cluster | None = None
@@ -152,7 +152,7 @@ class Campaign:
         self.catalogue = build_catalogue(self.root / "served", options.seed)
         rates = {image.name: image.rate for image in self.catalogue}
         self.server = SourceServer(self.root / "served", rates).start()
-        self.redis_server = start_redis(self.root / "redis")
+        self.redis_server = start_redis(self.root / "redis", socket_timeout=5)
         self.cluster = make_cluster(
             self.root,
             self.redis_server,

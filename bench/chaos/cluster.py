@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from bench.chaos.redis_server import RedisProcess
+from worker.harness.redis_server import RedisServer
 from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.redis_locks import LOCK_PREFIX
 from worker.settings import FetchSettings, Settings
@@ -81,7 +81,7 @@ class Slot:
 @dataclass
 class Cluster:
     root: Path
-    redis_server: RedisProcess
+    redis_server: RedisServer
     cache_dir: Path
     hosts: list[Host]
     slots: list[Slot]
@@ -215,7 +215,7 @@ class Cluster:
 
 def make_cluster(
     root: Path,
-    redis_server: RedisProcess,
+    redis_server: RedisServer,
     *,
     hosts: int,
     workers: int,

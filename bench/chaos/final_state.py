@@ -25,12 +25,12 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from bench.chaos import machine
 from bench.chaos.catalogue import sha256_file
 from bench.chaos.checker import Violation, World
 from bench.chaos.history import History
 from bench.chaos.workload import Disk
 from domain.cache.directory import CacheRecord
+from worker.harness import machine
 from worker.harness.guest_files import read_guest_file
 from worker.redis_ledger import DEVICES_PREFIX
 from worker.redis_locks import LOCK_PREFIX
@@ -381,8 +381,14 @@ def check_snapshots(history: History, world: World) -> list[Violation]:
 def check_machine(root: Path) -> list[Violation]:
     return [
         *(Violation("no-mount-left", f"mount {m}") for m in machine.mounts_under(root)),
-        *(Violation("no-loop-left", f"loop device {d}") for d in machine.loop_devices_under(root)),
-        *(Violation("no-daemon-left", f"daemon pid {p}") for p in machine.daemons_under(root)),
+        *(
+            Violation("no-loop-left", f"loop device {d}")
+            for d in machine.loop_devices_backed_by(root)
+        ),
+        *(
+            Violation("no-daemon-left", f"daemon pid {p}")
+            for p in machine.processes_mentioning(root)
+        ),
     ]
 
 

@@ -31,10 +31,12 @@ RAW_NAMES = frozenset({"raw", "gpt", "mbr"})
 SUPPORTED = ("raw", "qcow2", "vmdk")
 SELF_CONTAINED_VMDK = ("monolithicsparse", "streamoptimized")
 
+QCOW2_MAGIC = b"QFI\xfb"  # the first bytes of every qcow2 image
+
 # Where image formats put their magic. A file that starts with one of these but that the
 # inspector could not parse is a damaged or truncated image, never raw data.
 MAGICS: tuple[tuple[str, int, bytes], ...] = (
-    ("qcow2", 0, b"QFI\xfb"),
+    ("qcow2", 0, QCOW2_MAGIC),
     ("vmdk", 0, b"KDMV"),
     ("vmdk", 0, b"# Disk DescriptorFile"),
     ("qed", 0, b"QED\x00"),

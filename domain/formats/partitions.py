@@ -32,17 +32,20 @@ PROTECTIVE_TYPE = 0xEE
 LINUX_MBR_TYPE = 0x83
 MAX_LOGICAL = 128  # Linux itself stops scanning an extended chain far earlier in practice
 MAX_GPT_ENTRIES = 1024
+LINUX_DATA_GPT_TYPE = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")  # Linux filesystem data
 # Linux filesystem data, and the discoverable-partitions root/home/srv types that hold one.
 LINUX_GPT_TYPES = frozenset(
-    uuid.UUID(text)
-    for text in (
-        "0fc63daf-8483-4772-8e79-3d69d8477de4",  # Linux filesystem data
-        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",  # root, x86-64
-        "44479540-f297-41b2-9af7-d131d5f0458a",  # root, x86
-        "b921b045-1df0-41c3-af44-4c6f280d3fae",  # root, arm64
-        "933ac7e1-2eb4-4f13-b844-0e14e2aef915",  # /home
-        "3b8f8425-20e0-4f3b-907f-1a25a76f98e8",  # /srv
-    )
+    {LINUX_DATA_GPT_TYPE}
+    | {
+        uuid.UUID(text)
+        for text in (
+            "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",  # root, x86-64
+            "44479540-f297-41b2-9af7-d131d5f0458a",  # root, x86
+            "b921b045-1df0-41c3-af44-4c6f280d3fae",  # root, arm64
+            "933ac7e1-2eb4-4f13-b844-0e14e2aef915",  # /home
+            "3b8f8425-20e0-4f3b-907f-1a25a76f98e8",  # /srv
+        )
+    }
 )
 
 PartitionChoice = Literal["auto", "none"] | int

@@ -25,6 +25,7 @@ from domain.core.models import (
     PrepareRequest,
 )
 from domain.core.snapshot_models import ConvertJob
+from domain.formats.inspection import QCOW2_MAGIC
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
@@ -269,7 +270,7 @@ def test_what_a_guest_writes_into_a_raw_disk_does_not_change_eviction(
     base = Path(prepared.base.path)
     # and a guest that wrote the qcow2 magic and garbage, or a valid qcow2 header naming the
     # base as its backing file, at the start of its raw disk
-    data = b"QFI\xfb" + os.urandom(508) if written == "garbage" else qcow2_header(tmp_path, base)
+    data = QCOW2_MAGIC + os.urandom(508) if written == "garbage" else qcow2_header(tmp_path, base)
     guest_writes(Path(prepared.disk.path), data)
 
     # When the cache manager looks (a dry run, any age)

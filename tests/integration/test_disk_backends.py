@@ -18,6 +18,7 @@ from domain.disks import diskinfo
 from domain.disks.backends import BACKENDS
 from domain.disks.instance_disks import DiskContext, create_disk
 from domain.disks.sparse import allocated_bytes
+from domain.formats.inspection import QCOW2_MAGIC
 from tests.conftest import write_raw_image
 from tests.fakes.references import InMemoryReferences
 from tests.integration.conftest import Cluster, unique
@@ -107,7 +108,7 @@ def test_another_backend_for_an_existing_disk_is_a_conflict(
 
     # Then the qcow2 disk and its record are untouched
     disk = clean_cluster.settings.instances_dir / instance / "disk"
-    assert disk.read_bytes()[:4] == b"QFI\xfb"
+    assert disk.read_bytes()[:4] == QCOW2_MAGIC
     assert diskinfo.read_format(disk.parent, "disk") == "qcow2"
 
 
@@ -171,7 +172,7 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
 
     # Then it is raw, grown, and holds the base's guest view
     path = Path(disk.path)
-    assert path.stat().st_size == 32 * MiB and path.read_bytes()[:4] != b"QFI\xfb"
+    assert path.stat().st_size == 32 * MiB and path.read_bytes()[:4] != QCOW2_MAGIC
     qemu_compare(base, "qcow2", path, "raw")
     assert_clean(
         client=own_redis.client(),

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain.core.runner import Runner
-
-SECTOR = 512
+from domain.formats.partitions import SECTOR
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
-"""The machine's state after a test: what a leak would leave behind.
+"""The machine's state after a test or a fault campaign: what a leak would leave behind.
 
 Every integration test ends by checking these: no lock key in Redis, no temporary file in the
-cache, no loop device, mount, FUSE export or storage daemon of ours.
+cache, no loop device, mount, FUSE export or storage daemon of ours. The fault campaign counts
+the same things as left behind, then removes whatever is left (`release_everything_under`), so
+a run never leaves anything on the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -87,9 +92,10 @@ def mounts_under(root: Path) -> list[str]:
     return found
 
 
-def processes_mentioning(
-    root: Path, names: tuple[str, ...] = ("qemu-storage-daemon", "fuse2fs")
-) -> list[int]:
+DAEMONS = ("qemu-storage-daemon", "fuse2fs")
+
+
+def processes_mentioning(root: Path, names: tuple[str, ...] = DAEMONS) -> list[int]:
     """Pids of helper daemons whose command line names a path under `root`."""
     pids = []
     prefix = str(root.resolve())
@@ -129,3 +135,19 @@ def leftovers(
 def assert_clean(**where: object) -> None:
     found = {kind: items for kind, items in leftovers(**where).items() if items}  # type: ignore[arg-type]
     assert not found, f"left behind: {found}"
+
+
+def release_everything_under(root: Path) -> list[str]:
+    """Unmount, detach and end what is left under `root` (deepest mounts first); what was done."""
+    done = []
+    for point in sorted(mounts_under(root), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+        done.append(f"unmounted {point}")
+    for pid in processes_mentioning(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        done.append(f"killed daemon {pid}")
+    for device in loop_devices_backed_by(root):
+        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+        done.append(f"detached {device}")
+    return done

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain.core.runner import Runner
+from domain.formats.partitions import LINUX_DATA_GPT_TYPE, LINUX_MBR_TYPE, SECTOR
 
-SECTOR = 512
 FIXED_UUID = "6b3e0c1a-0f5e-4f1e-9a57-2f0c4f3b9d11"
 FIXED_TIME = "1700000000"
-LINUX = "83"
-LINUX_GPT = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+LINUX = f"{LINUX_MBR_TYPE:02x}"  # sfdisk types
+LINUX_GPT = str(LINUX_DATA_GPT_TYPE).upper()
 
 
 @dataclass(frozen=True)
