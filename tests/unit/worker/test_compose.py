@@ -11,7 +11,7 @@ import yaml
 from worker.cli import main
 from worker.settings import ENV_PREFIX, NESTED_DELIMITER, Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

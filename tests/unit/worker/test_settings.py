@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from domain.core.models import PrepareRequest
+from tests.unit.core.test_wire_input import prepare
 from worker.settings import REPO_CONFIG, Settings, describe, load_settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -149,3 +151,13 @@ def test_hosts_beat_before_they_count_as_silent(clean_env: pytest.MonkeyPatch) -
         Settings(hosts={"heartbeat_seconds": 20, "silent_after_seconds": 30})
     with pytest.raises(ValidationError, match="abandon_after_seconds"):
         Settings(hosts={"silent_after_seconds": 30, "abandon_after_seconds": 10})
+
+
+def test_a_host_a_request_can_name_is_a_host_id_a_worker_can_have() -> None:
+    longest = "h" * 63
+    assert (
+        Settings(host_id=longest).host_id
+        == PrepareRequest.model_validate({**prepare(), "host": longest}).host
+    )
+    with pytest.raises(ValidationError, match="host"):
+        PrepareRequest.model_validate({**prepare(), "host": "h" * 64})

@@ -20,7 +20,6 @@ from domain.core.models import (
 from domain.core.redaction import redacted
 from domain.core.snapshot_models import SnapshotRequest
 from domain.core.urls import redact
-from worker.settings import Settings
 
 
 def prepare(url: str = "http://images.example/x.raw", **disk: Any) -> dict[str, Any]:
@@ -199,16 +198,6 @@ def test_every_wire_model_names_the_same_concept_with_the_same_type() -> None:
         schemas = [_field_schema(model, path) for model, path in fields]
         assert all(schema == schemas[0] for schema in schemas), concept
         assert "pattern" in json.dumps(schemas[0]), concept
-
-
-def test_a_host_a_request_can_name_is_a_host_id_a_worker_can_have() -> None:
-    longest = "h" * 63
-    assert (
-        Settings(host_id=longest).host_id
-        == PrepareRequest.model_validate({**prepare(), "host": longest}).host
-    )
-    with pytest.raises(ValidationError, match="host"):
-        PrepareRequest.model_validate({**prepare(), "host": "h" * 64})
 
 
 def _wire_models() -> list[type[WireModel]]:

@@ -1,5 +1,6 @@
 """The cache manager's decisions, fast: which entries go, and which stale references are
-dropped. Real files in a temporary cache, references in fakeredis; no qemu-img is needed since
+dropped. Real files in a temporary cache, references and locks in memory
+(tests.fakes); no qemu-img is needed since
 no instance disk exists here."""
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import fakeredis
 import pytest
 
 from domain.cache.directory import ImageCache
@@ -16,8 +16,8 @@ from domain.cache.inventory import EntryState, read_entries
 from domain.cache.references import disk_holder, pending_holder
 from domain.core.models import CachedImage
 from domain.core.runner import Limits, Runner
-from worker.redis_locks import RedisLockFactory
-from worker.redis_references import RedisReferences
+from tests.fakes.locks import InMemoryLocks
+from tests.fakes.references import InMemoryReferences
 
 NOW = 1_000_000_000.0
 HOUR = 3600.0
@@ -81,13 +81,12 @@ def test_no_cap_means_no_size_evictions() -> None:
 
 @pytest.fixture
 def manager(tmp_path: Path) -> CacheManager:
-    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     (tmp_path / "cache").mkdir()
     (tmp_path / "instances").mkdir()
     return CacheManager(
         cache=ImageCache(tmp_path / "cache"),
-        references=RedisReferences(client),
-        locks=RedisLockFactory(client, lease=5, renew_every=1, wait=0),
+        references=InMemoryReferences(clock=lambda: NOW),
+        locks=InMemoryLocks(wait=0),
         instances_dir=tmp_path / "instances",
         host="here",
         runner=Runner(default_timeout=30),
@@ -129,17 +128,16 @@ def test_stale_pins_and_references_of_gone_local_disks_are_dropped(manager: Cach
     # pin, and another host's stale reference
     cached(manager, "k1", idle=48 * HOUR)
     refs = manager.references
+    assert isinstance(refs, InMemoryReferences)
+    refs.clock = lambda: NOW - 48 * HOUR
     for holder in (
         pending_holder("old-canvas"),
         disk_holder("here", "vm-gone", "disk"),
         disk_holder("there", "vm-remote", "disk"),
     ):
         refs.add("k1", holder)
-    client = refs.client  # type: ignore[attr-defined]
-    for holder in list(refs.holders("k1")):
-        client.hset("imgprep:refs:k1", holder, repr(NOW - 48 * HOUR))
+    refs.clock = lambda: NOW - 60
     refs.add("k1", pending_holder("running-canvas"))
-    client.hset("imgprep:refs:k1", pending_holder("running-canvas"), repr(NOW - 60))
 
     # When the cache manager runs
     report = manager.run(AgingPolicy(minimum_age_seconds=0, stale_reference_seconds=HOUR))
@@ -162,12 +160,8 @@ def test_a_busy_entry_is_skipped_and_an_unused_one_removed_record_first(
     # Given two aged unused entries, one of them locked (being fetched again)
     cached(manager, "busy", idle=48 * HOUR)
     cached(manager, "idle", idle=48 * HOUR)
-    holder = manager.locks("cache:busy")
-    holder.acquire()
-    try:
+    with manager.locks("cache:busy"):
         report = manager.run(AgingPolicy(minimum_age_seconds=HOUR))
-    finally:
-        holder.release()
     # Then the locked one is reported busy and kept; the other is gone with its record
     assert report.skipped_busy == ["busy"]
     assert [e.key for e in report.evicted] == ["idle"]
@@ -195,13 +189,9 @@ def test_leftovers_of_publishing_are_cleared_under_the_lock_and_busy_ones_left(
     for name in leftovers:
         (root / name).write_bytes(b"left")
     (root / "busy.part.9").write_bytes(b"being written")
-    holder = manager.locks("cache:busy")
-    holder.acquire()
-    try:
+    with manager.locks("cache:busy"):
         # When the cache manager runs (nothing is old enough to be evicted)
         report = manager.run(AgingPolicy(minimum_age_seconds=2 * HOUR))
-    finally:
-        holder.release()
     # Then only the whole entry and the busy holder's temporary are left
     assert report.evicted == []
     assert sorted(p.name for p in root.iterdir()) == ["busy.part.9", "whole", "whole.json"]

@@ -1,6 +1,6 @@
 """A cache entry counts only while its record describes the very file beside it; whatever else
 is found under an entry's names is repaired by the next holder under the lock. Real files, real
-qemu-img, a file:// source; locks in fakeredis."""
+qemu-img, a file:// source; locks in memory (tests.fakes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 import shutil
 from pathlib import Path
 
-import fakeredis
 import pytest
 
 from domain.cache.directory import ImageCache, cache_key
@@ -19,8 +18,8 @@ from domain.core.models import ImageSource
 from domain.core.publish import record_path
 from domain.core.runner import Limits, Runner
 from tests.conftest import write_raw_image
-from tests.unit.test_download import Policy
-from worker.redis_locks import RedisLockFactory
+from tests.fakes.locks import InMemoryLocks
+from tests.unit.cache.test_download import Policy
 
 MiB = 2**20
 
@@ -34,7 +33,7 @@ class Fetcher:
         self.cache = ImageCache(root / "cache")
         self.cache.root.mkdir()
         self.runner = runner
-        self.locks = RedisLockFactory(fakeredis.FakeRedis(), lease=5, renew_every=1, wait=2)
+        self.locks = InMemoryLocks(wait=2)
         self.source_file = write_raw_image(
             self.sources / "image.raw", size=4 * MiB, data=os.urandom(64 * 1024)
         )

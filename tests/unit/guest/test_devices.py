@@ -1,38 +1,34 @@
-"""The resource ledger (on fakeredis), teardown from any recorded state, and when a failing
-device step releases the disk: on its final failure, never before a retry."""
+"""Device steps on the ports' fakes (tests.fakes): teardown from any recorded state, one
+operation's record left alone by another, device allocation, mount methods, and step inputs
+that name paths outside the roots."""
 
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import fakeredis
 import pytest
 
-from domain.core.device_records import DeviceRecord, LoopDevice, Mount, StorageDaemon, WorkDir
+from domain.core.device_records import LoopDevice, Mount, StorageDaemon, WorkDir
 from domain.core.errors import (
-    DiskBusy,
     FilesystemRefused,
     InvalidRequest,
     NoFreeDevice,
-    SourceUnavailable,
 )
 from domain.core.models import (
     CachedImage,
-    DiskSpec,
     FileInjection,
-    ImageSource,
     InstanceDisk,
     PreparedDisk,
-    PrepareRequest,
 )
 from domain.core.runner import Runner
 from domain.guest.context import (
     Claim,
     DeviceContext,
     GuestPartition,
+    KernelMount,
     MappedDisk,
     MountedDisk,
     check_disk,
@@ -41,29 +37,38 @@ from domain.guest.devices import allocate
 from domain.guest.injection import inject_files
 from domain.guest.mounting import check_ext_fits, mount_method
 from domain.guest.teardown import release_devices
-from worker.device_context import device_context
-from worker.janitor import orphans
-from worker.redis_ledger import RedisDeviceLedger
-from worker.redis_locks import RedisLockFactory
-from worker.runtime import Runtime
-from worker.settings import MountSettings, Settings
+from tests.fakes.device_ledger import InMemoryDeviceLedger
+from tests.fakes.locks import InMemoryLocks
+
+
+@dataclass(frozen=True)
+class MountSettings:
+    """A MountPolicy (worker.settings.MountSettings has the same fields and defaults)."""
+
+    allowed_filesystems: tuple[str, ...] = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
+    kernel_mount: KernelMount = "never"
+    device_wait_seconds: float = 30.0
+    stop_timeout_seconds: float = 30.0
 
 
 @pytest.fixture
-def client() -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+def ports() -> Ports:
+    return Ports(InMemoryDeviceLedger(), InMemoryLocks(wait=1))
 
 
-@pytest.fixture
-def ledger(client: fakeredis.FakeRedis) -> RedisDeviceLedger:
-    return RedisDeviceLedger(client, "host-1")
+class Ports:
+    """The ports the device steps of one host share."""
+
+    def __init__(self, ledger: InMemoryDeviceLedger, locks: InMemoryLocks) -> None:
+        self.ledger = ledger
+        self.locks = locks
 
 
-def context(client: fakeredis.FakeRedis, state_dir: Path, owner: str = "op-a") -> DeviceContext:
+def context(ports: Ports, state_dir: Path, owner: str = "op-a") -> DeviceContext:
     return DeviceContext(
         runner=Runner(default_timeout=30),
-        ledger=RedisDeviceLedger(client, "host-1"),
-        locks=RedisLockFactory(client, lease=5, renew_every=1, wait=1),
+        ledger=ports.ledger,
+        locks=ports.locks,
         policy=MountSettings(stop_timeout_seconds=2),
         state_dir=state_dir,
         instances_dir=state_dir / "instances",
@@ -74,40 +79,12 @@ def context(client: fakeredis.FakeRedis, state_dir: Path, owner: str = "op-a") -
     )
 
 
-def test_one_owner_at_a_time_and_only_the_owner_drops(
-    ledger: RedisDeviceLedger, client: fakeredis.FakeRedis
-) -> None:
-    first = ledger.claim("vm/disk", "op-a", "w1")
-    assert ledger.claim("vm/disk", "op-a", "w2").owner == "op-a"  # the same operation again
-    with pytest.raises(DiskBusy, match="held by operation op-a"):
-        ledger.claim("vm/disk", "op-b", "w1")
-    ledger.drop("vm/disk", "op-b")
-    assert ledger.get("vm/disk") is not None
-    ledger.drop("vm/disk", "op-a")
-    assert ledger.get("vm/disk") is None
-    assert client.exists("imgprep:devices:host-1") == 0  # no key left once the host is empty
-    assert first.resources == ()
-
-
-def test_claim_notes_resources_in_order_and_updates_in_place(ledger: RedisDeviceLedger) -> None:
-    claim = Claim(ledger, ledger.claim("vm/disk", "op-a", "w1"))
-    claim.note(WorkDir(path="/s/vm/disk"))
-    claim.note(LoopDevice(backing="/s/export", offset=512, size=1024))
-    claim.note(LoopDevice(backing="/s/export", offset=512, size=1024, device="/dev/loop3"))
-    stored = ledger.get("vm/disk")
-    assert stored is not None
-    assert [r.kind for r in stored.resources] == ["workdir", "loop"]
-    assert (
-        isinstance(stored.resources[1], LoopDevice) and stored.resources[1].device == "/dev/loop3"
-    )
-
-
 def test_teardown_from_a_record_whose_resources_are_already_gone(
-    client: fakeredis.FakeRedis, tmp_path: Path
+    ports: Ports, tmp_path: Path
 ) -> None:
     # Given a record naming every kind of resource, none of which exists any more (a crash
     # after the record was written and before, or after, each resource was made)
-    ctx = context(client, tmp_path)
+    ctx = context(ports, tmp_path)
     area = ctx.work_area("vm/disk")
     area.path.mkdir(parents=True)
     (area.path / "root").mkdir()
@@ -124,74 +101,17 @@ def test_teardown_from_a_record_whose_resources_are_already_gone(
     # Then the record and the work area are gone, and no lock is left
     assert ctx.ledger.get("vm/disk") is None
     assert not area.path.exists() and not area.path.parent.exists()
-    assert list(client.scan_iter(match="imgprep:lock:*")) == []
+    assert ports.locks.held == {}
 
 
-def test_teardown_leaves_another_operations_record_alone(
-    client: fakeredis.FakeRedis, tmp_path: Path
-) -> None:
-    mine = context(client, tmp_path, owner="op-a")
+def test_teardown_leaves_another_operations_record_alone(ports: Ports, tmp_path: Path) -> None:
+    mine = context(ports, tmp_path, owner="op-a")
     Claim(mine.ledger, mine.ledger.claim("vm/disk", "op-a", "w1")).note(WorkDir(path="/nowhere"))
-    assert release_devices("vm/disk", context(client, tmp_path, owner="op-b")) is False
+    assert release_devices("vm/disk", context(ports, tmp_path, owner="op-b")) is False
     assert mine.ledger.get("vm/disk") is not None
     assert (
-        release_devices("vm/disk", context(client, tmp_path, owner="op-b"), any_owner=True) is True
+        release_devices("vm/disk", context(ports, tmp_path, owner="op-b"), any_owner=True) is True
     )
-
-
-class FakeStep:
-    """What device_context reads from a Celery task: its retry decision and worker name."""
-
-    def __init__(self, retries_left: bool) -> None:
-        self.retries_left = retries_left
-        self.request = SimpleNamespace(hostname="w1@h")
-
-    def will_retry(self, error: BaseException) -> bool:
-        return self.retries_left and isinstance(error, SourceUnavailable)
-
-
-def run_failing_step(
-    client: fakeredis.FakeRedis, tmp_path: Path, step: FakeStep, error: Exception
-) -> DeviceRecord | None:
-    settings = Settings(state_dir=tmp_path)
-    current = Runtime(
-        settings=settings,
-        redis=client,
-        locks=RedisLockFactory(client, lease=5, renew_every=1, wait=1),
-        runner=Runner(default_timeout=30),
-    )
-    request = PrepareRequest(
-        image=ImageSource(url="http://x/y", image_id="y"),
-        disk=DiskSpec(instance_id="vm", size_bytes=1),
-    )
-    ledger = RedisDeviceLedger(client, settings.host_id)
-
-    def step_body() -> None:
-        with device_context(step, request, "op-a", current) as ctx:  # type: ignore[arg-type]
-            area = ctx.work_area("vm/disk")
-            Claim(ledger, ledger.claim("vm/disk", "op-a", "w1")).note(WorkDir(path=str(area.path)))
-            raise error
-
-    with pytest.raises(type(error)):
-        step_body()
-    return ledger.get("vm/disk")
-
-
-def test_a_step_about_to_retry_keeps_the_disk_s_devices(
-    client: fakeredis.FakeRedis, tmp_path: Path
-) -> None:
-    kept = run_failing_step(client, tmp_path, FakeStep(retries_left=True), SourceUnavailable("x"))
-    assert kept is not None and kept.owner == "op-a"
-
-
-@pytest.mark.parametrize(
-    ("retries_left", "error"),
-    [(False, SourceUnavailable("no retries left")), (True, FilesystemRefused("permanent"))],
-)
-def test_a_step_failing_for_good_releases_the_disk_before_the_failure_is_stored(
-    client: fakeredis.FakeRedis, tmp_path: Path, retries_left: bool, error: Exception
-) -> None:
-    assert run_failing_step(client, tmp_path, FakeStep(retries_left), error) is None
 
 
 def test_allocation_waits_for_a_free_device_then_gives_up() -> None:
@@ -243,14 +163,6 @@ def test_an_ext_filesystem_larger_than_its_partition_is_refused(tmp_path: Path) 
         check_ext_fits(image, offset=0, size=4 * 2**20, where="p1")
 
 
-def test_janitor_takes_records_of_workers_that_do_not_answer() -> None:
-    records = [
-        DeviceRecord(disk="a/disk", owner="o1", worker="alive@h"),
-        DeviceRecord(disk="b/disk", owner="o2", worker="dead@h"),
-    ]
-    assert [r.disk for r in orphans(records, {"alive@h"})] == ["b/disk"]
-
-
 def instance_disk(path: Path, backing: str | None = None) -> InstanceDisk:
     return InstanceDisk(
         host="host-1",
@@ -265,10 +177,10 @@ def instance_disk(path: Path, backing: str | None = None) -> InstanceDisk:
 
 
 def test_step_inputs_naming_paths_outside_the_roots_are_refused(
-    client: fakeredis.FakeRedis, tmp_path: Path
+    ports: Ports, tmp_path: Path
 ) -> None:
     # Given the instance disk where imgprep would have put it
-    ctx = context(client, tmp_path)
+    ctx = context(ports, tmp_path)
     disk_path = ctx.instances_dir / "vm" / "disk"
     disk_path.parent.mkdir(parents=True)
     disk_path.write_bytes(b"\0" * 512)
@@ -296,9 +208,9 @@ def test_step_inputs_naming_paths_outside_the_roots_are_refused(
 
 
 def test_injection_writes_only_into_the_disk_s_own_mount_directory(
-    client: fakeredis.FakeRedis, tmp_path: Path
+    ports: Ports, tmp_path: Path
 ) -> None:
-    ctx = context(client, tmp_path)
+    ctx = context(ports, tmp_path)
     disk = instance_disk(ctx.instances_dir / "vm" / "disk")
     base = CachedImage(
         key="k", image_id="i", path="/c", format="raw", virtual_size=1, source_sha256=""

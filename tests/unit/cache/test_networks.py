@@ -19,7 +19,6 @@ from domain.cache.networks import DEFAULT_DENIED_NETWORKS, ConnectionGuard, Netw
 from domain.core.errors import SourceNotAllowed, SourceRefused
 from tests.conftest import write_raw_image
 from worker.harness.image_server import ImageServer
-from worker.settings import FetchSettings
 
 MiB = 2**20
 DENIED = "127.0.0.2"
@@ -136,8 +135,9 @@ def test_ordinary_addresses_are_not_denied_by_default() -> None:
 def test_by_default_loopback_is_denied(allowed: ImageServer, tmp_path: Path) -> None:
     # The worker's own Redis, Flower and metrics listen on loopback: a URL cannot reach them
     write_raw_image(allowed.root / "a.raw", size=MiB, data=b"a")
+    policy = Policy(denied_networks=networks(*DEFAULT_DENIED_NETWORKS))
     with pytest.raises(SourceNotAllowed, match=r"127\.0\.0\.1 \(in 127\.0\.0\.0/8\)"):
-        download(allowed.url("a.raw"), tmp_path / "x.part", FetchSettings())
+        download(allowed.url("a.raw"), tmp_path / "x.part", policy)
     assert allowed.connections() == 0
 
 

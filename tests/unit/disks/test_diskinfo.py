@@ -6,25 +6,21 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import fakeredis
 import pytest
 
 from domain.core.errors import DiskConflict, DiskNotFound
 from domain.disks import diskinfo
-from worker.redis_locks import LeaseLock, RedisLockFactory
+from tests.fakes.locks import InMemoryLease, InMemoryLocks
 
 
 @pytest.fixture
-def lease() -> Iterator[LeaseLock]:
+def lease() -> Iterator[InMemoryLease]:
     """The instance's lease, held: record_format and forget_format run under it."""
-    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    with RedisLockFactory(client, lease=5.0, renew_every=1.0, wait=5.0)(
-        diskinfo.instance_lease("vm")
-    ) as held:
+    with InMemoryLocks()(diskinfo.instance_lease("vm")) as held:
         yield held
 
 
-def test_record_then_read(tmp_path: Path, lease: LeaseLock) -> None:
+def test_record_then_read(tmp_path: Path, lease: InMemoryLease) -> None:
     # Given two disks of one instance recorded with their formats
     diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
     diskinfo.record_format(tmp_path, "swap", "raw", lease)
@@ -36,7 +32,7 @@ def test_record_then_read(tmp_path: Path, lease: LeaseLock) -> None:
     assert not list(tmp_path.glob("*.part"))
 
 
-def test_recording_the_same_format_again_is_a_no_op(tmp_path: Path, lease: LeaseLock) -> None:
+def test_recording_the_same_format_again_is_a_no_op(tmp_path: Path, lease: InMemoryLease) -> None:
     diskinfo.record_format(tmp_path, "disk", "raw", lease)
     (tmp_path / "disk").write_bytes(b"")
     diskinfo.record_format(tmp_path, "disk", "raw", lease)
@@ -44,7 +40,7 @@ def test_recording_the_same_format_again_is_a_no_op(tmp_path: Path, lease: Lease
 
 
 def test_another_format_for_an_existing_disk_is_a_conflict(
-    tmp_path: Path, lease: LeaseLock
+    tmp_path: Path, lease: InMemoryLease
 ) -> None:
     # Given a raw disk that exists with its record
     diskinfo.record_format(tmp_path, "disk", "raw", lease)
@@ -56,7 +52,9 @@ def test_another_format_for_an_existing_disk_is_a_conflict(
     assert diskinfo.read_format(tmp_path, "disk") == "raw"
 
 
-def test_record_of_a_disk_that_never_appeared_is_replaced(tmp_path: Path, lease: LeaseLock) -> None:
+def test_record_of_a_disk_that_never_appeared_is_replaced(
+    tmp_path: Path, lease: InMemoryLease
+) -> None:
     # Given a record written before a crash that left no disk
     diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
     # When the disk is created again with another backend
@@ -65,7 +63,7 @@ def test_record_of_a_disk_that_never_appeared_is_replaced(tmp_path: Path, lease:
     assert diskinfo.read_format(tmp_path, "disk") == "raw"
 
 
-def test_require_format_needs_the_disk_and_its_record(tmp_path: Path, lease: LeaseLock) -> None:
+def test_require_format_needs_the_disk_and_its_record(tmp_path: Path, lease: InMemoryLease) -> None:
     with pytest.raises(DiskNotFound, match="there is no disk"):
         diskinfo.require_format(tmp_path, "disk")
     (tmp_path / "disk").write_bytes(b"")
@@ -76,7 +74,7 @@ def test_require_format_needs_the_disk_and_its_record(tmp_path: Path, lease: Lea
 
 
 def test_forget_removes_the_record_and_the_file_with_the_last(
-    tmp_path: Path, lease: LeaseLock
+    tmp_path: Path, lease: InMemoryLease
 ) -> None:
     diskinfo.record_format(tmp_path, "disk", "qcow2", lease)
     diskinfo.record_format(tmp_path, "swap", "raw", lease)
