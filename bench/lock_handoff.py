@@ -26,10 +26,10 @@ from worker.redis_locks import LeaseLock
 
 
 def hand_offs(
-    acquire: Callable[[], None],
-    release: Callable[[], None],
-    take: Callable[[], None],
-    give_back: Callable[[], None],
+    acquire: Callable[[], object],
+    release: Callable[[], object],
+    take: Callable[[], object],
+    give_back: Callable[[], object],
     rounds: int,
 ) -> list[float]:
     """Latencies of `rounds` hand-offs from a holder (acquire/release) to a waiter (take)."""
@@ -37,9 +37,12 @@ def hand_offs(
     for _ in range(rounds):
         acquire()
         took: list[float] = []
-        waiter = threading.Thread(
-            target=lambda took=took: (take(), took.append(time.perf_counter()))
-        )
+
+        def wait_then_note(took: list[float] = took) -> None:
+            take()
+            took.append(time.perf_counter())
+
+        waiter = threading.Thread(target=wait_then_note)
         waiter.start()
         # the waiter is blocked by now; release at a random point of a polling period
         time.sleep(random.uniform(0.005, 0.205))

@@ -92,7 +92,7 @@ class Bench:
         self.local = root / "payload"
         self.local.write_bytes(PAYLOAD)
         self.settings = Settings(
-            redis_url=redis_url,  # type: ignore[arg-type]
+            redis_url=redis_url,
             cache_dir=root / "cache",
             instances_dir=root / "instances",
             state_dir=root / "state",
@@ -240,10 +240,10 @@ def record(fmt: str, method: str, rows: dict[str, list[float]]) -> None:
             unit="ms (median)",
             target="ours/script <= 1.5",
             met=ours <= 1.5 * shell,
-            notes={
-                path: f"median {statistics.median(s):.1f} ms, p90 {percentile(s, 0.9):.1f} ms"
+            notes=dict[str, object](
+                (path, f"median {statistics.median(s):.1f} ms, p90 {percentile(s, 0.9):.1f} ms")
                 for path, s in rows.items()
-            }
+            )
             | {"ours is": ours_path},
         )
     )

@@ -77,7 +77,7 @@ def stack(
             **(extra_env or {}),
         }
         settings = Settings(
-            redis_url=redis_server.url,  # type: ignore[arg-type]
+            redis_url=redis_server.url,
             cache_dir=root / "cache",
             instances_dir=root / "instances",
             state_dir=root / "state",

@@ -30,6 +30,7 @@ from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
 from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import text
 from worker.redis_locks import LOCK_PREFIX
 from worker.redis_references import REFS_PREFIX
 from worker.routing import host_queue
@@ -68,7 +69,7 @@ def send_step(cluster: Cluster, step: str, *args: Any) -> AsyncResult:
 
 
 def holders(cluster: Cluster, image_id: str) -> list[str]:
-    return sorted(h.decode() for h in cluster.redis.hkeys(REFS_PREFIX + cache_key(image_id)))
+    return sorted(text(h) for h in cluster.redis.hkeys(REFS_PREFIX + cache_key(image_id)))
 
 
 def sha256(path: Path, length: int | None = None) -> str:
@@ -103,7 +104,7 @@ def downloading_holder(cluster: Cluster, key: str) -> int | None:
     parts = [p for p in cache_temporaries(cluster, key) if p.stat().st_size > 0]
     if token is None or not parts:
         return None
-    return int(token.decode().split(":")[1])
+    return int(text(token).split(":")[1])
 
 
 def test_a_holder_paused_past_its_lease_fails_over_with_lock_lost_and_finds_the_entry(

@@ -23,7 +23,7 @@ from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
 from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.redis_server import RedisServer, free_port, text
 from worker.redis_references import REFS_PREFIX
 from worker.routing import host_queue
 
@@ -67,7 +67,7 @@ class TwoHosts:
 
     def holders(self, image_id: str) -> list[str]:
         raw = self.cluster.redis.hkeys(REFS_PREFIX + cache_key(image_id))
-        return sorted(h.decode() for h in raw)
+        return sorted(text(h) for h in raw)
 
 
 @pytest.fixture(scope="module")

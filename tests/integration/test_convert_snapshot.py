@@ -26,7 +26,7 @@ from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Limits, Runner
 from domain.core.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
 from domain.formats.conversion import convert_image
-from tests.conftest import need_root, write_raw_image
+from tests.conftest import need_root, unable, write_raw_image
 from tests.integration.conftest import Cluster, unique
 from worker.harness.image_server import ImageServer
 from worker.harness.machine import temp_files
@@ -41,7 +41,7 @@ TMPFS = Path("/dev/shm")
 @pytest.fixture
 def tmpfs_dir() -> Iterator[Path]:
     if not TMPFS.is_dir() or "tmpfs" not in Path("/proc/mounts").read_text():
-        pytest.skip("no tmpfs at /dev/shm")
+        unable("no tmpfs at /dev/shm")
     path = TMPFS / f"imgprep-test-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     yield path
@@ -208,7 +208,7 @@ def snapshot_with_states(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Send imgprep.snapshot and collect every state the result backend publishes for it."""
     task_id = str(uuid.uuid4())
-    pubsub = cluster.redis.pubsub()
+    pubsub = cluster.redis.pubsub()  # type: ignore[no-untyped-call]
     pubsub.subscribe(f"celery-task-meta-{task_id}")
     try:
         result = cluster.app.send_task(

@@ -85,7 +85,7 @@ def test_eight_concurrent_prepares_download_once(
     assert image_server.gets(name) == 1
     base = clean_cluster.settings.cache_dir / cache_key(image_id)
     assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
-    workers_seen = set()
+    workers_seen: set[str] = set()
     for request, disk in zip(requests, prepared, strict=True):
         info = qemu_info(disk.disk.path)
         assert info["backing-filename"] == str(base)
@@ -96,7 +96,7 @@ def test_eight_concurrent_prepares_download_once(
         )
         view = clean_cluster.journal.read(results[requests.index(request)].id)
         assert view is not None
-        workers_seen.update(rec.worker for rec in view.records.values())
+        workers_seen.update(rec.worker for rec in view.records.values() if rec.worker is not None)
     # both worker processes took part
     assert len(workers_seen) == 2
 
@@ -228,6 +228,7 @@ def test_result_is_plain_json_for_any_client(
     raw = clean_cluster.redis.get(f"celery-task-meta-{result.id}")
 
     # Then it is JSON that validates as the documented result model
+    assert raw is not None
     record = json.loads(raw)
     assert record["status"] == "SUCCESS"
     assert (

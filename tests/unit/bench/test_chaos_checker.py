@@ -64,13 +64,13 @@ def fault(history: History, kind: str, start: float, end: float) -> None:
 def test_an_error_is_acceptable_only_under_a_fault_that_causes_it() -> None:
     history = History(seed=1)
     fault(history, "redis_restart", 10, 15)
-    during = dict(start=9.0, end=20.0, error_module="tasks.errors")
+    during: dict[str, Any] = dict(start=9.0, end=20.0, error_module="tasks.errors")
     # a transient error after retries ran out, under the fault that causes it: acceptable
     assert not check_error(
         op(history, "prepare", **during, error_class="CoordinationUnavailable"), history
     )
     # the same error while Redis was up (a lock waiter's socket timeout): a violation
-    calm = dict(start=40.0, end=50.0, error_module="tasks.errors")
+    calm: dict[str, Any] = dict(start=40.0, end=50.0, error_module="tasks.errors")
     assert check_error(
         op(history, "prepare", **calm, error_class="CoordinationUnavailable"), history
     )

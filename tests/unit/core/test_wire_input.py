@@ -170,7 +170,7 @@ def _field_schema(model: type[BaseModel], path: tuple[str, ...]) -> dict[str, An
 def test_every_wire_model_names_the_same_concept_with_the_same_type() -> None:
     # instance ids, disk names and hosts mean the same in every request and result, so they
     # validate alike
-    places = {
+    places: dict[str, list[tuple[type[BaseModel], tuple[str, ...]]]] = {
         "instance_id": [
             (PrepareRequest, ("disk", "instance_id")),
             (SnapshotRequest, ("instance_id",)),
@@ -224,7 +224,7 @@ def test_every_tuple_of_every_wire_model_takes_a_json_array() -> None:
     assert len(tuples) >= 3
     for model, name, field in tuples:
         adapter: TypeAdapter[Any] = TypeAdapter(
-            Annotated[(field.annotation, *field.metadata)],  # type: ignore[valid-type]
+            Annotated[(field.annotation, *field.metadata)],  # type: ignore[arg-type]
             config=ConfigDict(strict=True),
         )
         assert adapter.validate_python([]) == (), f"{model.__name__}.{name}"

@@ -13,6 +13,7 @@ import pytest
 from domain.core.errors import InjectionRefused
 from domain.core.models import FileInjection
 from domain.guest.injection import GuestRoot, have_openat2, write_file
+from tests.conftest import unable
 
 WALKS = [
     pytest.param(True, id="openat2"),
@@ -41,7 +42,7 @@ def everything_under(folder: Path) -> list[str]:
 @pytest.fixture(autouse=True)
 def _kernel_has_openat2() -> None:
     if not have_openat2():
-        pytest.skip("the kernel has no openat2 (Linux < 5.6)")
+        unable("the kernel has no openat2 (Linux < 5.6)")
 
 
 @pytest.mark.parametrize("use_openat2", WALKS)

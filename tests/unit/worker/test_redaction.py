@@ -35,7 +35,7 @@ def test_client_sends_redacted_argsrepr_and_the_real_argument() -> None:
     # Given a Celery app whose publishing we capture (no broker is reached)
     app = Celery(broker="memory://", backend="cache+memory://")
     sent: list[dict[str, object]] = []
-    app.send_task = lambda name, **options: sent.append({"name": name, **options})  # type: ignore[method-assign]
+    app.send_task = lambda name, **options: sent.append({"name": name, **options})
 
     # When the client sends an operation
     Client(app).send("imgprep.prepare_disk", {"image": {"url": SIGNED}})
@@ -82,5 +82,5 @@ def test_the_app_stores_results_through_the_redacting_backend() -> None:
     from worker.app import create_app
     from worker.settings import Settings
 
-    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))  # type: ignore[arg-type]
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
     assert isinstance(app.backend, RedactingRedisBackend)

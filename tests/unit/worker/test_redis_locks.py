@@ -10,6 +10,7 @@ import fakeredis
 import pytest
 
 from domain.core.errors import LockBusy, LockLost
+from worker.harness.redis_server import text
 from worker.redis_locks import FENCE_KEY, LeaseLock, RedisLockFactory
 
 
@@ -113,9 +114,12 @@ def test_waiter_wakes_on_release_not_on_a_poll(client: fakeredis.FakeRedis) -> N
     holder.acquire()
     waiter = make(client, lease=30.0, renew=10.0, wait=10.0)
     acquired_at: list[float] = []
-    thread = threading.Thread(
-        target=lambda: (waiter.acquire(), acquired_at.append(time.monotonic()))
-    )
+
+    def wait_then_note() -> None:
+        waiter.acquire()
+        acquired_at.append(time.monotonic())
+
+    thread = threading.Thread(target=wait_then_note)
     thread.start()
     time.sleep(0.3)  # let the waiter block: it may only wake by the release below
     # When the holder releases
@@ -132,7 +136,7 @@ def test_fence_counter_is_shared_by_all_locks(client: fakeredis.FakeRedis) -> No
     a, b = make(client, "cache:a"), make(client, "cache:b")
     fences = [a.acquire(), b.acquire()]
     assert fences == sorted(fences) and fences[0] != fences[1]
-    assert int(client.get(FENCE_KEY)) == fences[1]
+    assert int(text(client.get(FENCE_KEY) or b"")) == fences[1]
     a.release()
     b.release()
 
