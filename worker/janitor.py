@@ -19,7 +19,7 @@ from celery import Celery
 from domain.core.device_records import DeviceRecord
 from domain.core.errors import ImgprepError, LockBusy
 from domain.guest.teardown import release_devices
-from worker.device_context import build_context
+from worker.device_steps import build_context
 from worker.redis_locks import RedisLockFactory
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings

@@ -7,7 +7,7 @@ from typing import Any
 from domain.core.models import PreparedDisk, PrepareRequest
 from domain.guest import mapping
 from worker.app import app
-from worker.device_context import device_context
+from worker.device_steps import device_context
 from worker.taskbase import StepTask, parse
 
 

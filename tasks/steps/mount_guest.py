@@ -8,7 +8,7 @@ from domain.core.models import PrepareRequest
 from domain.guest import mounting
 from domain.guest.context import MappedDisk
 from worker.app import app
-from worker.device_context import device_context
+from worker.device_steps import device_context
 from worker.taskbase import StepTask, parse
 
 

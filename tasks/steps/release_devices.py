@@ -11,7 +11,7 @@ from typing import Any
 from domain.core.models import PrepareRequest
 from domain.guest import teardown
 from worker.app import app
-from worker.device_context import device_context, disk_of
+from worker.device_steps import device_context, disk_of
 from worker.taskbase import StepTask, parse
 
 

@@ -9,7 +9,7 @@ from domain.core.models import PrepareRequest
 from domain.guest import teardown as guest_teardown
 from domain.guest.context import InjectedDisk
 from worker.app import app
-from worker.device_context import device_context, disk_of
+from worker.device_steps import device_context, disk_of
 from worker.taskbase import StepTask, parse
 
 

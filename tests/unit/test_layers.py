@@ -44,3 +44,7 @@ def test_no_domain_module_imports_celery_redis_the_runtime_or_the_tasks() -> Non
 
 def test_the_runtime_imports_no_task_module() -> None:
     assert offenders("worker", ("tasks",)) == []
+
+
+def test_benchmarks_import_no_test_code() -> None:
+    assert offenders("bench", ("tests",)) == []

@@ -14,7 +14,7 @@ from domain.core.errors import FilesystemRefused, SourceUnavailable
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Runner
 from domain.guest.context import Claim
-from worker.device_context import device_context
+from worker.device_steps import device_context
 from worker.janitor import orphans
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
