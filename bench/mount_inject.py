@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import socket
@@ -27,12 +28,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 from celery import chain
 
 from bench.report import Figure, report
+from domain.cache.directory import CacheRecord, cache_key
 from domain.core.models import (
     CachedImage,
     DiskSpec,
@@ -42,6 +45,7 @@ from domain.core.models import (
     PreparedDisk,
     PrepareRequest,
 )
+from domain.core.publish import FileStamp, record_path
 from domain.core.runner import Runner
 from domain.guest.context import DeviceContext
 from domain.guest.injection import inject_files
@@ -87,8 +91,28 @@ class Bench:
         self.root = root
         for name in ("cache", "instances", "state"):
             (root / name).mkdir(parents=True)
-        self.base = root / "cache" / "base"
+        # the base is a complete cache entry, with the record imgprep writes beside it: the
+        # device steps take a backing file only then
+        self.base = root / "cache" / cache_key("bench-base")
         partitioned_disk(self.base, [Partition(64, files={"/etc/hostname": b"bench\n"})])
+        self.base_image = CachedImage(
+            key=self.base.name,
+            image_id="bench-base",
+            path=str(self.base),
+            format="raw",
+            virtual_size=self.base.stat().st_size,
+            source_sha256="0" * 64,
+        )
+        record = CacheRecord(
+            image=self.base_image,
+            source="bench",
+            source_format="raw",
+            source_bytes=self.base_image.virtual_size,
+            fence=0,
+            fetched_at=datetime.now(UTC),
+            file=FileStamp.of(self.base),
+        )
+        record_path(self.base).write_text(record.model_dump_json())
         self.local = root / "payload"
         self.local.write_bytes(PAYLOAD)
         self.settings = Settings(
@@ -115,6 +139,7 @@ class Bench:
             size, backing = 128 * 2**20, self.base
             create = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing)]
             subprocess.run([*create, str(path), str(size)], check=True)
+        (folder / "disk.info").write_text(json.dumps({"disk": fmt}))  # as imgprep records it
         return PreparedDisk(
             disk=InstanceDisk(
                 host="bench",
@@ -126,14 +151,7 @@ class Bench:
                 backing_file=str(backing) if backing else None,
                 backing_format="raw" if backing else None,
             ),
-            base=CachedImage(
-                key="b",
-                image_id="b",
-                path=str(self.base),
-                format="raw",
-                virtual_size=size,
-                source_sha256="",
-            ),
+            base=self.base_image,
         )
 
     def request(self, prepared: PreparedDisk) -> PrepareRequest:
