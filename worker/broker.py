@@ -16,9 +16,9 @@ Upstream behaviours, checked in kombu 5.7 and Celery 5.7, that lose or strand me
   messages, retries waiting out their countdown, running steps. Here each worker's main process
   beats every `consumer_beat_interval` (2 s) in `unacked_consumers` (Redis's clock), and every
   live worker puts back, at the head of their queues, the messages owned by a process silent
-  for `consumer_silent_after` (20 s; time Redis was down does not count). An acknowledgement
-  removes a record only while it is its own, so a step put back and taken by another worker
-  stays recorded for that one.
+  for `consumer_silent_after` (20 s; time Redis was down does not count, `silences`). An
+  acknowledgement removes a record only while it is its own, so a step put back and taken by
+  another worker stays recorded for that one.
 * **The worker dies on a Redis restart.** When the connection drops during a BRPOP, kombu's
   `Channel.close()` stops at the failed read, and the second close Celery makes finds the
   transport torn down: `AttributeError: 'NoneType' object has no attribute 'hostname'` escapes as
@@ -215,8 +215,9 @@ class QoS(kombu_redis.QoS):
             pipe.hgetall(OWNER_KEY).zrange(CONSUMERS_KEY, 0, -1, withscores=True)
             owners, beats, (seconds, micros), info = pipe.time().info("server").execute()
             now = seconds + micros / 1e6
-            redis_up = float(info.get("uptime_in_seconds", now))
-            heard = {_text(c): min(now - at, redis_up) for c, at in beats}
+            heard = silences(
+                {_text(c): at for c, at in beats}, now, float(info.get("uptime_in_seconds", now))
+            )
             me = consumer_id()
             held: dict[str, list[str]] = {}
             for tag, owner in owners.items():
@@ -434,6 +435,18 @@ def restore_stranded(channel: Any) -> int:
     _stranded.difference_update(running)
     log.warning("stranded_messages_restored", restored=restored, left_to_running_steps=len(running))
     return restored
+
+
+def silences(beats: dict[str, float], now: float, redis_up: float) -> dict[str, float]:
+    """Seconds each consumer has been silent while Redis was up (nobody can beat while it is
+    down). Redis's last outage ended `redis_up` seconds ago and began at about the last beat
+    before that (live consumers beat every few seconds); a consumer silent since before it does
+    not count the outage. Earlier outages count as silence: a consumer alive through them has
+    beaten since."""
+    boot = now - redis_up
+    last_up = max((at for at in beats.values() if at < boot), default=boot)
+    down = boot - last_up
+    return {c: max(0.0, now - at - (down if at < boot else 0.0)) for c, at in beats.items()}
 
 
 def _text(value: bytes | str) -> str:
