@@ -16,9 +16,9 @@ Upstream behaviours, checked in kombu 5.7 and Celery 5.7, that lose or strand me
   messages, retries waiting out their countdown, running steps. Here each worker's main process
   beats every `consumer_beat_interval` (2 s) in `unacked_consumers` (Redis's clock), and every
   live worker puts back, at the head of their queues, the messages owned by a process silent
-  for `consumer_silent_after` (20 s; time Redis was down does not count, `silences`). An
-  acknowledgement removes a record only while it is its own, so a step put back and taken by
-  another worker stays recorded for that one.
+  for `consumer_silent_after` (20 s of Redis's uptime: the first beat after a restart records
+  the outage, and `silences` leaves outages out). An acknowledgement removes a record only
+  while it is its own, so a step put back and taken by another worker stays recorded for it.
 * **The worker dies on a Redis restart.** When the connection drops during a BRPOP, kombu's
   `Channel.close()` stops at the failed read, and the second close Celery makes finds the
   transport torn down: `AttributeError: 'NoneType' object has no attribute 'hostname'` escapes as
@@ -57,6 +57,8 @@ log = structlog.get_logger(__name__)
 TRANSPORT = "worker.broker:Transport"
 OWNER_KEY = "unacked_owner"  # delivery tag → the consumer process that took it
 CONSUMERS_KEY = "unacked_consumers"  # consumer process → its last beat, Redis's clock
+CLOCK_KEY = "unacked_clock"  # Redis's run id at the last beat, and that beat's time
+OUTAGES_KEY = "unacked_outages"  # "<last beat before> <Redis's start>" of recent restarts
 
 # KEYS: the queues in the order to try, then unacked, unacked_index, unacked_owner, consumers.
 # ARGV[1] consumer, ARGV[2] the worker's time (kombu scores unacked_index with it). Pops one
@@ -101,10 +103,23 @@ redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
 """
 
-# KEYS consumers; ARGV[1] consumer.
+# KEYS consumers, clock, outages; ARGV[1] consumer, ARGV[2] Redis's run id, ARGV[3] its uptime.
+# A beat in Redis's clock; the first beat after Redis started again records the outage (from the
+# last beat before it to Redis's start), so that silences do not count the time Redis was down.
 _BEAT = """
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+if redis.call('HGET', KEYS[2], 'run') ~= ARGV[2] then
+  local seen = tonumber(redis.call('HGET', KEYS[2], 'seen'))
+  local boot = now - tonumber(ARGV[3])
+  if seen and seen < boot then
+    redis.call('RPUSH', KEYS[3], string.format('%.3f %.3f', seen, boot))
+    redis.call('LTRIM', KEYS[3], -100, -1)
+  end
+  redis.call('HSET', KEYS[2], 'run', ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'seen', string.format('%.3f', now))
 return 1
 """
 
@@ -213,10 +228,13 @@ class QoS(kombu_redis.QoS):
         with self.channel.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
             pipe.hgetall(OWNER_KEY).zrange(CONSUMERS_KEY, 0, -1, withscores=True)
-            owners, beats, (seconds, micros), info = pipe.time().info("server").execute()
-            now = seconds + micros / 1e6
+            owners, beats, outages, (seconds, micros) = (
+                pipe.lrange(OUTAGES_KEY, 0, -1).time().execute()
+            )
             heard = silences(
-                {_text(c): at for c, at in beats}, now, float(info.get("uptime_in_seconds", now))
+                {_text(c): at for c, at in beats},
+                seconds + micros / 1e6,
+                [tuple(float(x) for x in _text(o).split()) for o in outages],
             )
             me = consumer_id()
             held: dict[str, list[str]] = {}
@@ -360,7 +378,17 @@ class Channel(kombu_redis.Channel):
     def beat(self) -> None:
         """Announce this process as a live consumer."""
         with self.conn_or_acquire() as client:
-            client.eval(_BEAT, 1, CONSUMERS_KEY, consumer_id())
+            info = client.info("server")
+            client.eval(
+                _BEAT,
+                3,
+                CONSUMERS_KEY,
+                CLOCK_KEY,
+                OUTAGES_KEY,
+                consumer_id(),
+                info["run_id"],
+                info["uptime_in_seconds"],
+            )
 
 
 class Transport(kombu_redis.Transport):
@@ -437,16 +465,19 @@ def restore_stranded(channel: Any) -> int:
     return restored
 
 
-def silences(beats: dict[str, float], now: float, redis_up: float) -> dict[str, float]:
-    """Seconds each consumer has been silent while Redis was up (nobody can beat while it is
-    down). Redis's last outage ended `redis_up` seconds ago and began at about the last beat
-    before that (live consumers beat every few seconds); a consumer silent since before it does
-    not count the outage. Earlier outages count as silence: a consumer alive through them has
-    beaten since."""
-    boot = now - redis_up
-    last_up = max((at for at in beats.values() if at < boot), default=boot)
-    down = boot - last_up
-    return {c: max(0.0, now - at - (down if at < boot else 0.0)) for c, at in beats.items()}
+def silences(
+    beats: dict[str, float], now: float, outages: list[tuple[float, ...]]
+) -> dict[str, float]:
+    """Seconds each consumer has been silent while Redis was up: nobody can beat while Redis is
+    down, so the outages (from the last beat before each to Redis's start again) since a
+    consumer's last beat do not count."""
+    return {
+        consumer: max(
+            0.0,
+            now - at - sum(max(0.0, min(end, now) - max(start, at)) for start, end in outages),
+        )
+        for consumer, at in beats.items()
+    }
 
 
 def _text(value: bytes | str) -> str:
