@@ -38,8 +38,10 @@ class Tuning:
     lease_seconds: float = 6.0
     renew_seconds: float = 2.0
     lock_wait_seconds: float = 30.0
-    step_time_limit: int = 45
-    visibility_timeout: int = 60
+    # README's rule: a step's time limit is above the longest fetch (the 24 s source) plus
+    # lock.wait_seconds; with less, a waiter that gets the lock late times out without a fault
+    step_time_limit: int = 75
+    visibility_timeout: int = 80
     max_retries: int = 4
     backoff_seconds: float = 0.5
     backoff_max_seconds: float = 4.0
