@@ -19,6 +19,7 @@ from celery import Celery
 
 from worker.broker import RestoreStranded, use_for_redis_urls
 from worker.hosts import Heartbeat
+from worker.pool import POOL
 from worker.results import BACKEND as RESULT_BACKEND
 from worker.routing import DEFAULT_QUEUE
 from worker.schedule import beat_schedule
@@ -94,6 +95,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Celery's prefork pool, whose start survives a pool process killed meanwhile
+        "worker_pool": POOL,
         # On a lost broker connection, running steps carry on: with the Redis transport their
         # acknowledgement still lands after reconnecting (unacked messages are kept in Redis by
         # delivery tag), and a message restored meanwhile only runs an idempotent step twice.

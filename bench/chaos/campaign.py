@@ -7,6 +7,7 @@ started — also on Ctrl-C or an error — leaving no process, mount, loop devic
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 import time
@@ -26,8 +27,8 @@ from bench.chaos.cluster import Cluster, Tuning, make_cluster
 from bench.chaos.final_state import check_final_state
 from bench.chaos.history import History
 from bench.chaos.nemesis import Nemesis, NemesisOptions
-from bench.chaos.sources import SourceServer
-from bench.chaos.workload import Workload, WorkloadOptions
+from bench.chaos.sources import DeniedListener, SourceServer
+from bench.chaos.workload import Places, Workload, WorkloadOptions
 from worker.harness import machine
 from worker.harness.redis_server import RedisServer, start_redis
 from worker.redis_locks import LOCK_PREFIX
@@ -138,6 +139,7 @@ class Campaign:
         self.redis_server: RedisServer | None = None
         self.catalogue: list[SourceImage] = []
         self.server: SourceServer | None = None
+        self.denied: DeniedListener | None = None
         self.cluster: Cluster | None = None
         self.client: PlainClient | None = None
         self.history: History | None = None
@@ -152,6 +154,10 @@ class Campaign:
         self.catalogue = build_catalogue(self.root / "served", options.seed)
         rates = {image.name: image.rate for image in self.catalogue}
         self.server = SourceServer(self.root / "served", rates).start()
+        self.denied = DeniedListener().start()
+        outside = self.root / "outside" / "secret.raw"  # under no root a request may name
+        outside.parent.mkdir()
+        outside.write_bytes(random.Random(f"outside-{options.seed}").randbytes(4 * 2**20))
         self.redis_server = start_redis(self.root / "redis", socket_timeout=5)
         self.cluster = make_cluster(
             self.root,
@@ -171,6 +177,12 @@ class Campaign:
             catalogue=self.catalogue,
             hosts=[host.id for host in self.cluster.hosts],
             server=self.server,
+            places=Places(
+                denied=self.denied,
+                outside_file=outside,
+                hosts={host.id: host for host in self.cluster.hosts},
+                cache_dir=self.cluster.cache_dir,
+            ),
             client=self.client,
             history=self.history,
             options=options.workload,
@@ -218,6 +230,15 @@ class Campaign:
         finally:
             client.close()
         violations += [Violation("workers-stay-up", t) for t in self.cluster.unexpected_exits]
+        assert self.denied is not None
+        if self.denied.connections:
+            violations.append(
+                Violation(
+                    "denied-never-contacted",
+                    f"the denied address {self.denied.url('')} got "
+                    f"{self.denied.connections} connections",
+                )
+            )
         history = self.history
         return Summary(
             seed=self.options.seed,
@@ -245,6 +266,8 @@ class Campaign:
             steps.append(("stop the workers", self.cluster.stop_all))
         if self.server is not None:
             steps.append(("stop the image server", self.server.stop))
+        if self.denied is not None:
+            steps.append(("stop the denied listener", self.denied.stop))
         if self.redis_server is not None:
             steps.append(("stop redis-server", self.redis_server.stop))
         steps.append(("release mounts, devices, daemons", self._release))

@@ -31,18 +31,24 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     # a holder paused or killed past its lease, or cut off from Redis, must not publish
     "LockLost": ("pause_holder", "kill_pool", "kill_worker", "redis_restart"),
     # a holder kept its lock past lock.wait_seconds: paused, or downloading a stalled source
-    "LockBusy": ("pause_holder", "stall_source"),
+    "LockBusy": ("pause_holder", "stall_source", "trickle_source"),
     "DiskBusy": ("pause_holder", "kill_pool", "kill_worker"),
     # a restarted worker's janitor released the devices of an injection whose worker died: the
     # redelivered step cannot go on, and says to prepare the disk again
     "DeviceError": ("kill_worker",),
     "CoordinationUnavailable": ("redis_restart",),
     "SourceUnavailable": ("stall_source",),
+    # the source sent less than fetch.min_bytes_per_second over fetch.rate_window_seconds
+    "SourceTooSlow": ("trickle_source", "stall_source"),
     "StepTimedOut": ("stall_source", "pause_holder"),
 }
 # Errors that say what the last attempt met: only a fault in the last seconds of the request
 # explains them (a Redis restart minutes earlier does not explain a socket timeout now).
-RECENT: dict[str, float] = {"CoordinationUnavailable": 20.0, "SourceUnavailable": 20.0}
+RECENT: dict[str, float] = {
+    "CoordinationUnavailable": 20.0,
+    "SourceUnavailable": 20.0,
+    "SourceTooSlow": 20.0,
+}
 GRACE = 2.0  # seconds a fault's effects outlast its end
 PREPARES = ("prepare", "prepare_inject", "prepare_again", "burst")
 

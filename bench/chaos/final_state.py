@@ -351,12 +351,19 @@ def _check_injected(disk: Disk, actual: DiskFile, world: World) -> list[Violatio
 
 
 def check_hostile(history: History, files: dict[str, DiskFile]) -> list[Violation]:
-    """A request that had to fail made no disk."""
+    """A request that had to fail made no disk, and wrote no file where it pointed."""
     made = {f.instance for f in files.values()}
     return [
-        Violation("hostile-refused", f"{op.describe()} left a disk of {op.context['instance']}")
-        for op in history.ops
-        if "expect" in op.context and op.context.get("instance") in made
+        *(
+            Violation("hostile-refused", f"{op.describe()} left a disk of {op.context['instance']}")
+            for op in history.ops
+            if "expect" in op.context and op.context.get("instance") in made
+        ),
+        *(
+            Violation("hostile-refused", f"{op.describe()} wrote {op.context['must_not_exist']}")
+            for op in history.ops
+            if "must_not_exist" in op.context and Path(op.context["must_not_exist"]).exists()
+        ),
     ]
 
 

@@ -1,6 +1,6 @@
 """The nemesis: every few seconds one fault, drawn from the seed, healed after its duration.
 
-Faults (each cycle of five takes every kind once, in an order drawn from the seed, so a short run
+Faults (each cycle of six takes every kind once, in an order drawn from the seed, so a short run
 injects every kind):
 
 * kill_pool: SIGKILL of one pool process, preferably one holding a lease lock (Celery's main
@@ -12,7 +12,9 @@ injects every kind):
 * redis_restart: redis-server stopped, down for 2 to 6 s, started on the same port with the same
   append-only file;
 * stall_source: a source (preferably one being downloaded) stops sending mid-body for 3 to 12 s,
-  which may be longer than the workers' read timeout.
+  which may be longer than the workers' read timeout;
+* trickle_source: a source (preferably one being downloaded) sends one byte a second for 4 to
+  20 s: no read timeout ends that, only the workers' minimum transfer rate (issue 11, #5).
 
 The schedule (kinds, gaps, durations, which victim by rank) comes from the seed; the victims
 themselves depend on what runs at that moment. Faults overlap: a pause may still last while the
@@ -39,7 +41,14 @@ from bench.chaos.history import Fault, History
 from bench.chaos.sources import SourceServer
 from bench.chaos.workload import pick
 
-KINDS = ("kill_pool", "kill_worker", "pause_holder", "redis_restart", "stall_source")
+KINDS = (
+    "kill_pool",
+    "kill_worker",
+    "pause_holder",
+    "redis_restart",
+    "stall_source",
+    "trickle_source",
+)
 RETRY_EVERY = 0.5
 GIVE_UP_AFTER = 10  # tries (5 s) to find a victim before a fault is skipped
 
@@ -81,6 +90,7 @@ class Schedule:
             "pause_holder": self.lease * (1.5 + 1.5 * spread),
             "redis_restart": 2.0 + 4.0 * spread,
             "stall_source": 3.0 + 9.0 * spread,
+            "trickle_source": 4.0 + 16.0 * spread,
         }[kind]
         return Planned(kind, gap, duration, (self.rng.random(), self.rng.random()))
 
@@ -190,6 +200,7 @@ class Nemesis:
             "pause_holder": self._pause_holder,
             "redis_restart": self._redis_restart,
             "stall_source": self._stall_source,
+            "trickle_source": self._trickle_source,
         }[planned.kind](planned, client)
 
     def _holders(self, client: redis.Redis) -> list[tuple[str, int, Slot]]:
@@ -313,4 +324,23 @@ class Nemesis:
             return {}
 
         self._later(planned.duration, fault, unstall)
+        return True
+
+    def _trickle_source(self, planned: Planned, client: redis.Redis) -> bool:
+        a, _ = planned.draws
+        active = sorted(self.server.active())
+        name = pick(active, a) if active else pick([i.name for i in self.catalogue], a)
+        self.server.trickle(name, planned.duration)
+        fault = self.history.begin_fault(
+            "trickle_source",
+            name,
+            seconds=round(planned.duration, 1),
+            transfers=self.server.active().get(name, 0),
+        )
+
+        def untrickle() -> dict[str, object]:
+            self.server.untrickle(name)
+            return {}
+
+        self._later(planned.duration, fault, untrickle)
         return True

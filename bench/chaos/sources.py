@@ -1,12 +1,16 @@
 """The image server of a campaign: serves the catalogue's files on 127.0.0.1, each at its own
-rate (None: as fast as it goes), and stalls a source on the nemesis's demand: every transfer of
-it stops sending mid-body until the stall ends (a new one sends its headers and first chunk,
-then waits), as a server that hangs or a link that drops everything would.
+rate (None: as fast as it goes), and on the nemesis's demand stalls a source (every transfer of
+it stops sending mid-body until the stall ends; a new one sends its headers and first chunk,
+then waits), as a server that hangs or a link that drops everything would, or trickles it (one
+byte every second, well within any read timeout: only a minimum transfer rate ends such a
+download). `DeniedListener` listens where images may not come from (127.0.0.2, denied to the
+workers) and counts the connections it gets: none may come.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -19,6 +23,8 @@ from urllib.parse import unquote, urlsplit
 
 CHUNK = 64 * 2**10
 STALL_POLL = 0.05
+TRICKLE_EVERY = 1.0  # seconds between the bytes of a trickling source
+DENIED_ADDRESS = "127.0.0.2"  # loopback, denied to the workers (cluster.Tuning)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -39,6 +45,7 @@ class SourceServer:
         self.rates = dict(rates)
         self._lock = threading.Lock()
         self._stalled_until: dict[str, float] = {}
+        self._trickling_until: dict[str, float] = {}
         self._active: Counter[str] = Counter()
         self.gets: Counter[str] = Counter()
         self._closing = threading.Event()
@@ -74,6 +81,14 @@ class SourceServer:
         with self._lock:
             self._stalled_until.pop(name, None)
 
+    def trickle(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._trickling_until[name] = time.monotonic() + seconds
+
+    def untrickle(self, name: str) -> None:
+        with self._lock:
+            self._trickling_until.pop(name, None)
+
     def active(self) -> dict[str, int]:
         """Transfers in progress, by file name."""
         with self._lock:
@@ -89,13 +104,25 @@ class SourceServer:
                 return
             time.sleep(STALL_POLL)
 
+    def _trickling(self, name: str) -> bool:
+        with self._lock:
+            return time.monotonic() < self._trickling_until.get(name, 0.0)
+
     def _send(self, name: str, source: BinaryIO, size: int, out: BinaryIO) -> None:
         rate = self.rates.get(name)
         sent = 0
         started = time.monotonic()
         while sent < size:
-            if sent:  # a stall always lets the headers and the first chunk through
+            if sent:  # a stall or a trickle always lets the headers and the first chunk through
                 self._wait_while_stalled(name)
+            if sent and self._trickling(name):
+                out.write(source.read(1))
+                out.flush()
+                sent += 1
+                if self._closing.wait(TRICKLE_EVERY):
+                    return
+                started = time.monotonic() - sent / rate if rate else started
+                continue
             chunk = source.read(min(CHUNK, size - sent))
             if not chunk:
                 return
@@ -140,3 +167,41 @@ class SourceServer:
                             server._active[name] -= 1
 
         return Handler
+
+
+class DeniedListener:
+    """A TCP listener on the denied address that counts connections and answers none."""
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server((DENIED_ADDRESS, 0))
+        self._socket.settimeout(0.2)
+        self.connections = 0
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos-denied", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._socket.getsockname()[1])
+
+    def url(self, name: str) -> str:
+        return f"http://{DENIED_ADDRESS}:{self.port}/{name}"
+
+    def start(self) -> DeniedListener:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            connection.close()

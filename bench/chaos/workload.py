@@ -16,6 +16,7 @@ import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -23,8 +24,9 @@ from kombu.exceptions import OperationalError
 
 from bench.chaos.catalogue import SourceImage
 from bench.chaos.client import Outcome, PlainClient
+from bench.chaos.cluster import Host
 from bench.chaos.history import History, Op
-from bench.chaos.sources import SourceServer
+from bench.chaos.sources import DeniedListener, SourceServer
 
 MiB = 2**20
 DEFAULT_QUEUE = "imgprep"  # the wire contract's queue (README, "The wire contract")
@@ -43,8 +45,20 @@ MIX: tuple[tuple[str, float], ...] = (
     ("bad_checksum", 0.02),
     ("unknown_host", 0.01),
     ("bad_url", 0.01),
+    ("denied_source", 0.01),
+    ("reserved_name", 0.01),
+    ("direct_step", 0.01),
+    ("conflict", 0.02),
 )
-HOSTILE = ("bad_checksum", "unknown_host", "bad_url")
+HOSTILE = (
+    "bad_checksum",
+    "unknown_host",
+    "bad_url",
+    "denied_source",
+    "reserved_name",
+    "direct_step",
+    "conflict",
+)
 BURST = 4
 TASKS = {
     "prepare": "imgprep.prepare_disk",
@@ -54,6 +68,10 @@ TASKS = {
     "bad_checksum": "imgprep.prepare_disk",
     "unknown_host": "imgprep.prepare_disk",
     "bad_url": "imgprep.prepare_disk",
+    "denied_source": "imgprep.prepare_disk",
+    "conflict": "imgprep.prepare_disk",
+    "reserved_name": "imgprep.delete_disk",
+    "direct_step": "imgprep.convert",  # a step, not an entry task: anyone on the broker can
     "snapshot": "imgprep.snapshot",
     "delete": "imgprep.delete_disk",
     "evict": "imgprep.evict_cache",
@@ -91,9 +109,20 @@ class Intent:
 
 
 @dataclass(frozen=True)
+class Places:
+    """Where hostile requests point: the denied source, a file outside every root, the hosts'
+    directories and the cache directory."""
+
+    denied: DeniedListener
+    outside_file: Path
+    hosts: dict[str, Host]  # by host id
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
 class WorkloadOptions:
     in_flight: int = 8
-    stuck_after: float = 60.0
+    stuck_after: float = 30.0
     op_timeout: float = 240.0
     unknown_host_timeout: float = 60.0
     max_disks: int = 30
@@ -130,6 +159,7 @@ class Workload:
         catalogue: list[SourceImage],
         hosts: list[str],
         server: SourceServer,
+        places: Places,
         client: PlainClient,
         history: History,
         options: WorkloadOptions,
@@ -139,6 +169,7 @@ class Workload:
         self.catalogue = catalogue
         self.hosts = hosts
         self.server = server
+        self.places = places
         self.client = client
         self.history = history
         self.options = options
@@ -178,13 +209,24 @@ class Workload:
         idle = [disk for disk in self.disks if not disk.busy]
         present = [disk for disk in idle if disk.state == "present"]
         removable = [disk for disk in idle if disk.state in ("present", "unknown")]
+        overlays = [disk for disk in present if disk.backend == "qcow2"]
         alive = sum(1 for disk in self.disks if disk.state not in ("absent", "tainted"))
         if kind in ("prepare", "prepare_inject", "burst") and alive >= self.options.max_disks:
             kind = "delete"
-        if (kind in ("snapshot", "prepare_again") and not present) or (
-            kind == "delete" and not removable
+        if (
+            (kind in ("snapshot", "prepare_again", "reserved_name") and not present)
+            or (kind == "delete" and not removable)
+            or (kind == "conflict" and not overlays)
         ):
             kind = "prepare"
+        on_disk = {
+            "prepare_again": lambda: self._again(pick(present, a)),
+            "snapshot": lambda: self._snapshot(pick(present, a), b, c),
+            "delete": lambda: self._delete(pick(removable, a)),
+            "conflict": lambda: self._conflict(pick(overlays, a), b),
+            "reserved_name": lambda: self._reserved_name(pick(present, a)),
+            "direct_step": lambda: self._direct_step(present, a, b, c),
+        }
         if kind == "prepare":
             self._prepare(kind, pick(self.catalogue, a), (b, c, d))
         elif kind == "burst":  # one image for all, each on its own host and backend
@@ -193,24 +235,24 @@ class Workload:
                 self._prepare(kind, image, ((b + n / BURST) % 1, (c + n / BURST) % 1, d))
         elif kind == "prepare_inject":
             self._prepare(kind, pick([i for i in self.catalogue if i.guest], a), (b, c, d))
-        elif kind == "prepare_again":
-            disk = pick(present, a)
-            self._send(kind, disk.request, disk=disk, context={"previous": disk.prepared})
-        elif kind == "snapshot":
-            self._snapshot(pick(present, a), b, c)
-        elif kind == "delete":
-            disk = pick(removable, a)
-            request = {
-                "api_version": 1,
-                "instance_id": disk.instance_id,
-                "disk_name": disk.disk_name,
-                "host": disk.host,
-            }
-            self._send(kind, request, disk=disk, context={"state_before": disk.state})
+        elif kind in on_disk:
+            on_disk[kind]()
         elif kind == "evict":
             self._evict(a, b, c, d)
         else:
             self._hostile(kind, a, b, c, d)
+
+    def _again(self, disk: Disk) -> None:
+        self._send("prepare_again", disk.request, disk=disk, context={"previous": disk.prepared})
+
+    def _delete(self, disk: Disk) -> None:
+        request = {
+            "api_version": 1,
+            "instance_id": disk.instance_id,
+            "disk_name": disk.disk_name,
+            "host": disk.host,
+        }
+        self._send("delete", request, disk=disk, context={"state_before": disk.state})
 
     def _new_instance(self) -> str:
         self._instances += 1
@@ -291,10 +333,61 @@ class Workload:
             request["host"] = UNKNOWN_HOST
             context["expect"] = ["<PermanentError>"]
             timeout = self.options.unknown_host_timeout
+        elif kind == "denied_source":
+            # an image id of its own (never cached), on the address the workers may not reach
+            request["image"]["image_id"] = f"{image.image_id}-denied-{instance}"
+            request["image"]["url"] = self.places.denied.url(image.name)
+            context["expect"] = ["SourceNotAllowed"]
         else:
             request["image"]["url"] = f"http://127.0.0.1:99999/{image.name}"
             context["expect"] = ["InvalidRequest"]
         self._send(kind, request, image=image.name, context=context, timeout=timeout)
+
+    def _conflict(self, disk: Disk, b: float) -> None:
+        """The request of a disk that exists (a qcow2 overlay), with another image: DiskConflict,
+        and nothing of the other image may stay claimed for that disk (issue 11, #11)."""
+        other = pick([i for i in self.catalogue if i.name != disk.image.name], b)
+        request = self._prepare_request(other, disk.host, disk.instance_id, disk.backend, disk.size)
+        context = {"expect": ["DiskConflict"], "uses": disk.image.name}
+        self._send("conflict", request, disk=disk, image=other.name, context=context)
+
+    def _reserved_name(self, disk: Disk) -> None:
+        """A delete of an instance's format record, `disk.info` (issue 11, #7): InvalidRequest,
+        and the instance's disks keep their record (the final state's `disk-record`)."""
+        request = {
+            "api_version": 1,
+            "instance_id": disk.instance_id,
+            "disk_name": "disk.info",
+            "host": disk.host,
+        }
+        self._send("reserved_name", request, disk=disk, context={"expect": ["InvalidRequest"]})
+
+    def _direct_step(self, present: list[Disk], a: float, b: float, c: float) -> None:
+        """A conversion step sent straight to a host's queue, as anyone who can write to the broker
+        could (issue 11, #8): from a file outside every root into the snapshots directory, or
+        from an instance disk into the cache directory. InvalidRequest; nothing written."""
+        self._instances += 1
+        name = f"stolen-{self._instances:05d}.raw"
+        if b < 0.5 or not present:
+            host = self.places.hosts[pick(self.hosts, c)]
+            source, source_format = self.places.outside_file, "raw"
+            target = host.snapshots_dir / name
+        else:
+            disk = pick(present, a)
+            host = self.places.hosts[disk.host]
+            source = host.instances_dir / disk.instance_id / disk.disk_name
+            source_format = disk.backend
+            target = self.places.cache_dir / name
+        job = {
+            "kind": "convert_job",
+            "source": str(source),
+            "source_format": source_format,
+            "target": str(target),
+            "target_format": "raw",
+            "compress": False,
+        }
+        context = {"expect": ["InvalidRequest"], "must_not_exist": str(target)}
+        self._send("direct_step", job, queue=f"imgprep.host.{host.id}", context=context)
 
     def _send(
         self,

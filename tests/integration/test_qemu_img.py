@@ -41,10 +41,15 @@ def test_qemu_img_killed_under_its_memory_limit_refuses_the_image(
 
 
 def test_qemu_img_killed_by_its_cpu_limit_refuses_the_image(runner: Runner, tmp_path: Path) -> None:
-    image = create(tmp_path / "small.qcow2", "64M", "-f", "qcow2")
-    # A CPU budget of zero seconds: the kernel kills qemu-img at its first tick
-    with pytest.raises(ImageRefused, match="was killed by SIGKILL under its limits"):
+    # Given a qcow2 whose 32 MiB L1 table qemu-img must read and convert just to open it: tens
+    # of milliseconds of CPU, several scheduler ticks (a small image can finish inside the
+    # first tick, before the kernel ever checks the budget)
+    image = create(tmp_path / "big-l1.qcow2", "128G", "-f", "qcow2", "-o", "cluster_size=512")
+    # When qemu-img info runs with a CPU budget of zero seconds, the kernel kills it at a tick
+    with pytest.raises(ImageRefused) as refused:
         qemu_img.info(runner, image, "qcow2", Limits(cpu_seconds=0))
+    # Then that is a refusal naming the signal and the limit
+    assert "was killed by SIGKILL under its limits (0 s CPU)" in str(refused.value)
 
 
 def test_image_whose_metadata_outgrows_the_limit_is_refused(runner: Runner, tmp_path: Path) -> None:

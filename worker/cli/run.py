@@ -33,7 +33,13 @@ def worker(celery_args: tuple[str, ...]) -> None:
         argv += ["--queues", f"{DEFAULT_QUEUE},{host_queue(settings.host_id)}"]
     if not _given(celery_args, "-c", "--concurrency"):
         argv += ["--concurrency", str(2 * (os.cpu_count() or 1))]
-    app.worker_main(argv=argv)
+    # Celery's command line in standalone mode, as `celery worker` runs: app.worker_main (and
+    # app.start) drop the worker's exit status, so a worker that stopped on an unrecoverable
+    # error would exit 0, which a supervisor that restarts on failure takes for a clean stop
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # --app: this one (what app.start does)
+    celery_command.main(args=argv, prog_name="imgprep")
 
 
 def _given(args: tuple[str, ...], short: str, long: str) -> bool:
