@@ -8,6 +8,7 @@ RUN apt-get update \
 WORKDIR /opt/imgprep
 COPY pyproject.toml README.md ./
 COPY worker ./worker
+COPY domain ./domain
 COPY tasks ./tasks
 COPY config ./config
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .

@@ -7,16 +7,32 @@ against a bare shell loop of the same qemu-img commands. Target: ours ≥ 0.7 of
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 from bench.report import Figure, median, report
 from bench.stack import MiB, Stack, stack, write_image
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from worker.logs import configure_logging
 
 DISK = 1024 * MiB
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def worker_cpu_seconds(made: Stack) -> float:
+    """CPU time (user + system) the stack's worker processes, main and pool, have used."""
+    total = 0
+    for worker in made.workers:
+        for pid in (worker.pid, *worker.pool_pids()):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
 
 
 def prepares_per_second(made: Stack, url: str, image_id: str, count: int) -> float:
@@ -61,10 +77,12 @@ def run(count: int, concurrency: int, rounds: int) -> Figure:
             ),
             timeout=120,
         )
-        ours, bare = [], []
+        ours, bare, cpu_ms = [], [], []
         for _ in range(rounds):  # alternate, so both see the same machine
             bare.append(bare_loop_per_second(made, warm.base.path, count))
+            before = worker_cpu_seconds(made)
             ours.append(prepares_per_second(made, url, image_id, count))
+            cpu_ms.append(1000 * (worker_cpu_seconds(made) - before) / count)
     best_ours, best_bare = median(ours), median(bare)
     ratio = best_ours / best_bare
     return Figure(
@@ -79,6 +97,9 @@ def run(count: int, concurrency: int, rounds: int) -> Figure:
             "worker": f"1 worker, concurrency {concurrency}",
             "ours runs/s": [round(x, 1) for x in ours],
             "bare runs/s": [round(x, 1) for x in bare],
+            # the worker's main and pool processes; qemu-img's own CPU is not counted
+            "worker CPU ms per prepare": round(median(cpu_ms), 2),
+            "worker CPU ms per prepare, runs": [round(x, 2) for x in cpu_ms],
             "ours includes": "entry task, fetch_to_cache (cache hit), create_overlay under its "
             "lease, disk.info record, rename, fsync, result",
         },

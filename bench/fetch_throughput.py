@@ -18,15 +18,16 @@ from pathlib import Path
 import redis
 
 from bench.report import Figure, median, report
-from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
-from tasks.fileops import fsync_file
-from tasks.models import ImageSource
-from tasks.networks import loopback_allowed
-from tasks.runner import Limits, Runner
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.locks import LockFactory
+from domain.cache.directory import ImageCache
+from domain.cache.fetch import FetchOptions, fetch_image
+from domain.cache.networks import loopback_allowed
+from domain.core.fileops import fsync_file
+from domain.core.models import ImageSource
+from domain.core.runner import Limits, Runner
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port
 from worker.logs import configure_logging
+from worker.redis_locks import RedisLockFactory
 from worker.settings import FetchSettings
 
 MiB = 2**20
@@ -63,7 +64,7 @@ def run(size_mib: int, repeat: int) -> Figure:
         server = RedisServer(root / "redis", free_port(), appendonly=False).start()
         try:
             client = redis.Redis(host="127.0.0.1", port=server.port)
-            locks = LockFactory(client, lease=30, renew_every=10, wait=60)
+            locks = RedisLockFactory(client, lease=30, renew_every=10, wait=60)
             options = FetchOptions(
                 policy=LOOPBACK_FETCH,
                 limits=Limits(cpu_seconds=30, address_space_bytes=2 * 2**30),
@@ -90,7 +91,7 @@ def run(size_mib: int, repeat: int) -> Figure:
                         url=url, image_id=f"bench-{attempt}", checksum=f"sha256:{digest}"
                     )
                     started = time.perf_counter()
-                    cached = fetch_to_cache(
+                    cached = fetch_image(
                         source,
                         cache=ImageCache(root / "cache"),
                         options=options,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from bench.report import Figure, median, percentile, report
 from bench.stack import MiB, stack
-from tasks.models import DiskSpec, FileInjection, ImageSource, PrepareRequest
+from domain.core.models import DiskSpec, FileInjection, ImageSource, PrepareRequest
+from worker.harness.sample_images import Partition, partitioned_disk
 from worker.logs import configure_logging
-from worker.sample_images import Partition, partitioned_disk
 
 BASELINE = Path(__file__).resolve().parent / "mount_inject_baseline.sh"
 DISK = 1024 * MiB

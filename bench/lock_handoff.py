@@ -1,7 +1,7 @@
 """Lock hand-off: time from a release to a waiting process holding the lock, p50 and p99.
 
-Ours (worker.locks.LeaseLock: the waiter blocks on a Redis list the releaser pushes to) against
-redis-py's `Lock` with its default polling (`sleep=0.1`). Target: our p50 ≤ 5 ms.
+Ours (worker.redis_locks.LeaseLock: the waiter blocks on a Redis list the releaser pushes
+to) against redis-py's `Lock` with its default polling (`sleep=0.1`). Target: our p50 ≤ 5 ms.
 
     .venv/bin/python -m bench.lock_handoff [--rounds 200]
 """
@@ -20,16 +20,16 @@ import redis
 from redis.lock import Lock
 
 from bench.report import Figure, percentile, report
-from tests.support.redis_server import RedisServer, free_port
-from worker.locks import LeaseLock
+from worker.harness.redis_server import RedisServer, free_port
 from worker.logs import configure_logging
+from worker.redis_locks import LeaseLock
 
 
 def hand_offs(
-    acquire: Callable[[], None],
-    release: Callable[[], None],
-    take: Callable[[], None],
-    give_back: Callable[[], None],
+    acquire: Callable[[], object],
+    release: Callable[[], object],
+    take: Callable[[], object],
+    give_back: Callable[[], object],
     rounds: int,
 ) -> list[float]:
     """Latencies of `rounds` hand-offs from a holder (acquire/release) to a waiter (take)."""
@@ -37,9 +37,12 @@ def hand_offs(
     for _ in range(rounds):
         acquire()
         took: list[float] = []
-        waiter = threading.Thread(
-            target=lambda took=took: (take(), took.append(time.perf_counter()))
-        )
+
+        def wait_then_note(took: list[float] = took) -> None:
+            take()
+            took.append(time.perf_counter())
+
+        waiter = threading.Thread(target=wait_then_note)
         waiter.start()
         # the waiter is blocked by now; release at a random point of a polling period
         time.sleep(random.uniform(0.005, 0.205))

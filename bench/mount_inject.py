@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import socket
@@ -27,17 +28,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 from celery import chain
 
 from bench.report import Figure, report
-from tasks.canvases import injection_steps, with_ids
-from tasks.guest import DeviceContext
-from tasks.inject import inject_files
-from tasks.mapping import map_partitions
-from tasks.models import (
+from domain.cache.directory import CacheRecord, cache_key
+from domain.core.models import (
     CachedImage,
     DiskSpec,
     FileInjection,
@@ -46,16 +45,21 @@ from tasks.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from tasks.mounting import mount_guest
-from tasks.runner import Runner
-from tasks.teardown import teardown
-from tests.support.redis_server import RedisServer, free_port
+from domain.core.publish import FileStamp, record_path
+from domain.core.runner import Runner
+from domain.guest.context import DeviceContext
+from domain.guest.injection import inject_files
+from domain.guest.mapping import map_partitions
+from domain.guest.mounting import mount_guest
+from domain.guest.teardown import release_devices
+from tasks.canvases import injection_steps, with_ids
 from worker.app import create_app
-from worker.ledger import RedisLedger
-from worker.locks import LockFactory
+from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.sample_images import Partition, partitioned_disk
+from worker.harness.worker_processes import start_worker
 from worker.logs import configure_logging
-from worker.processes import start_worker
-from worker.sample_images import Partition, partitioned_disk
+from worker.redis_ledger import RedisDeviceLedger
+from worker.redis_locks import RedisLockFactory
 from worker.settings import MountSettings, Settings
 
 BASELINE = Path(__file__).with_name("mount_inject_baseline.sh")
@@ -87,19 +91,39 @@ class Bench:
         self.root = root
         for name in ("cache", "instances", "state"):
             (root / name).mkdir(parents=True)
-        self.base = root / "cache" / "base"
+        # the base is a complete cache entry, with the record imgprep writes beside it: the
+        # device steps take a backing file only then
+        self.base = root / "cache" / cache_key("bench-base")
         partitioned_disk(self.base, [Partition(64, files={"/etc/hostname": b"bench\n"})])
+        self.base_image = CachedImage(
+            key=self.base.name,
+            image_id="bench-base",
+            path=str(self.base),
+            format="raw",
+            virtual_size=self.base.stat().st_size,
+            source_sha256="0" * 64,
+        )
+        record = CacheRecord(
+            image=self.base_image,
+            source="bench",
+            source_format="raw",
+            source_bytes=self.base_image.virtual_size,
+            fence=0,
+            fetched_at=datetime.now(UTC),
+            file=FileStamp.of(self.base),
+        )
+        record_path(self.base).write_text(record.model_dump_json())
         self.local = root / "payload"
         self.local.write_bytes(PAYLOAD)
         self.settings = Settings(
-            redis_url=redis_url,  # type: ignore[arg-type]
+            redis_url=redis_url,
             cache_dir=root / "cache",
             instances_dir=root / "instances",
             state_dir=root / "state",
             host_id="bench",
         )
         self.client = redis.Redis.from_url(redis_url)
-        self.locks = LockFactory(self.client, lease=30, renew_every=10, wait=30)
+        self.locks = RedisLockFactory(self.client, lease=30, renew_every=10, wait=30)
 
     def disk(self, fmt: str) -> PreparedDisk:
         instance = f"vm-{uuid.uuid4().hex[:8]}"
@@ -115,6 +139,7 @@ class Bench:
             size, backing = 128 * 2**20, self.base
             create = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing)]
             subprocess.run([*create, str(path), str(size)], check=True)
+        (folder / "disk.info").write_text(json.dumps({"disk": fmt}))  # as imgprep records it
         return PreparedDisk(
             disk=InstanceDisk(
                 host="bench",
@@ -126,14 +151,7 @@ class Bench:
                 backing_file=str(backing) if backing else None,
                 backing_format="raw" if backing else None,
             ),
-            base=CachedImage(
-                key="b",
-                image_id="b",
-                path=str(self.base),
-                format="raw",
-                virtual_size=size,
-                source_sha256="",
-            ),
+            base=self.base_image,
         )
 
     def request(self, prepared: PreparedDisk) -> PrepareRequest:
@@ -176,7 +194,7 @@ class Bench:
             request = self.request(prepared)
             ctx = DeviceContext(
                 runner=Runner(),
-                ledger=RedisLedger(self.client, "bench"),
+                ledger=RedisDeviceLedger(self.client, "bench"),
                 locks=self.locks,
                 policy=policy,
                 state_dir=self.settings.state_dir,
@@ -189,7 +207,7 @@ class Bench:
             mapped = map_partitions(prepared, 1, ctx)
             mounted = mount_guest(mapped, ctx)
             inject_files(mounted, request.inject, ctx)
-            teardown(f"{prepared.disk.instance_id}/disk", ctx)
+            release_devices(f"{prepared.disk.instance_id}/disk", ctx)
 
         return once
 
@@ -240,10 +258,10 @@ def record(fmt: str, method: str, rows: dict[str, list[float]]) -> None:
             unit="ms (median)",
             target="ours/script <= 1.5",
             met=ours <= 1.5 * shell,
-            notes={
-                path: f"median {statistics.median(s):.1f} ms, p90 {percentile(s, 0.9):.1f} ms"
+            notes=dict[str, object](
+                (path, f"median {statistics.median(s):.1f} ms, p90 {percentile(s, 0.9):.1f} ms")
                 for path, s in rows.items()
-            }
+            )
             | {"ours is": ours_path},
         )
     )

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bench.report import Figure, median, report
 from bench.stack import MiB, Stack, stack, write_image
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from worker.logs import configure_logging
 
 DISK = 1024 * MiB

@@ -20,17 +20,18 @@ from pathlib import Path
 import redis
 
 from bench.report import Figure, median, report
-from tasks import qemu_img
-from tasks.cache import FetchOptions, ImageCache, fetch_to_cache
-from tasks.convert import cache_mode_for
-from tasks.fileops import fsync_file
-from tasks.models import ImageSource
-from tasks.networks import loopback_allowed
-from tasks.runner import Limits, Runner
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.locks import LockFactory
+from domain.cache.directory import ImageCache
+from domain.cache.fetch import FetchOptions, fetch_image
+from domain.cache.networks import loopback_allowed
+from domain.core.fileops import fsync_file
+from domain.core.models import ImageSource
+from domain.core.runner import Limits, Runner
+from domain.formats import qemu_img
+from domain.formats.conversion import cache_mode_for
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port
 from worker.logs import configure_logging
+from worker.redis_locks import RedisLockFactory
 from worker.settings import FetchSettings
 
 MiB = 2**20
@@ -68,7 +69,7 @@ def run(repeat: int) -> tuple[Figure, Figure]:
         image = make_qcow2(work)
         server = RedisServer(work / "redis", free_port(), appendonly=False).start()
         try:
-            locks = LockFactory(
+            locks = RedisLockFactory(
                 redis.Redis(host="127.0.0.1", port=server.port), lease=30, renew_every=10, wait=60
             )
             options = FetchOptions(
@@ -77,7 +78,7 @@ def run(repeat: int) -> tuple[Figure, Figure]:
                 force_raw=True,
             )
             with ImageServer(work / "served") as http:
-                cached = fetch_to_cache(
+                cached = fetch_image(
                     ImageSource(url=http.url("image.qcow2"), image_id="sparse"),
                     cache=ImageCache(work / "cache"),
                     options=options,

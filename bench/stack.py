@@ -16,12 +16,12 @@ from pathlib import Path
 
 from celery import Celery
 
-from tasks.networks import loopback_allowed
-from tests.support.redis_server import RedisServer, free_port
+from domain.cache.networks import loopback_allowed
 from worker.app import create_app
 from worker.client import Client
-from worker.imageserver import ImageServer
-from worker.processes import WorkerProcess, start_worker
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.settings import Settings
 
 MiB = 2**20
@@ -77,7 +77,7 @@ def stack(
             **(extra_env or {}),
         }
         settings = Settings(
-            redis_url=redis_server.url,  # type: ignore[arg-type]
+            redis_url=redis_server.url,
             cache_dir=root / "cache",
             instances_dir=root / "instances",
             state_dir=root / "state",

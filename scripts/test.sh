@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Install what the tests need (scripts/install.sh), then lint, type-check and run the suite.
+# Install what the tests need (scripts/install.sh), then lint, check the import contracts,
+# type-check and run the suite.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k locks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 echo "== ruff"
-.venv/bin/ruff check worker tasks tests bench
+.venv/bin/ruff check domain worker tasks tests bench
+echo "== import contracts (tasks → worker → domain)"
+.venv/bin/lint-imports --no-logo
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

@@ -1,1 +1,2 @@
-"""The pipeline: domain steps (no Celery), their thin tasks (tasks.steps), wire models, errors."""
+"""The Celery edge: one module per task, named as the task (tasks.steps, tasks.operations), and
+the canvases. Each task parses its arguments, calls one domain function and returns its result."""

@@ -12,18 +12,12 @@ from collections.abc import Sequence
 
 from celery import Signature, chain, signature
 
-from tasks.models import CachedImage, DeleteDiskRequest, PrepareRequest
-from tasks.snapshot_models import SnapshotRequest
+from domain.core.models import CachedImage, DeleteDiskRequest, PrepareRequest
+from domain.core.snapshot_models import SnapshotRequest
+from worker.routing import DEFAULT_QUEUE, host_queue
 
 # The step that creates an instance disk, by backend (Nova's images_type).
 DISK_STEPS = {"qcow2": "imgprep.create_overlay", "raw": "imgprep.copy_raw_disk"}
-
-DEFAULT_QUEUE = "imgprep"
-
-
-def host_queue(host: str) -> str:
-    """The queue a host's workers consume besides the default one."""
-    return f"imgprep.host.{host}"
 
 
 def prepare_disk_steps(

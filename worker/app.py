@@ -15,16 +15,16 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import structlog
-from celery import Celery, signals
+from celery import Celery
 
-from tasks.canvases import DEFAULT_QUEUE
 from worker.broker import RestoreStranded, use_for_redis_urls
 from worker.hosts import Heartbeat
-from worker.logs import configure_logging
 from worker.pool import POOL
 from worker.results import BACKEND as RESULT_BACKEND
+from worker.routing import DEFAULT_QUEUE
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
+from worker.signals import connect_signals
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,7 @@ TASK_PACKAGES = ("tasks.steps", "tasks.operations")
 
 def task_modules() -> list[str]:
     """Every module that defines tasks: each step and each operation has its own module."""
-    modules = ["worker.health"]
+    modules = ["tasks.ping"]
     for package_name in TASK_PACKAGES:
         package = importlib.import_module(package_name)
         modules += [
@@ -160,18 +160,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery_app.config_from_object(_LazyConfig(lambda: settings or get_settings()))
     celery_app.steps["consumer"].add(RestoreStranded)
     celery_app.steps["worker"].add(Heartbeat)
+    connect_signals()
     return celery_app
 
 
 app = create_app()
-
-
-@signals.setup_logging.connect
-def _setup_logging(loglevel: str | None = None, **_: Any) -> None:
-    settings = get_settings()
-    configure_logging(level=loglevel or settings.log_level, log_format=settings.log_format)
-
-
-# Importing the signal handlers registers them for workers of this app.
-from worker import metrics as _metrics  # noqa: E402, F401
-from worker import signals as _signals  # noqa: E402, F401

@@ -41,6 +41,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -466,7 +467,7 @@ def restore_stranded(channel: Any) -> int:
 
 
 def silences(
-    beats: dict[str, float], now: float, outages: list[tuple[float, ...]]
+    beats: dict[str, float], now: float, outages: Sequence[tuple[float, ...]]
 ) -> dict[str, float]:
     """Seconds each consumer has been silent while Redis was up: nobody can beat while Redis is
     down, so the outages (from the last beat before each to Redis's start again) since a

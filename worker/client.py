@@ -11,9 +11,9 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from tasks.canvases import DEFAULT_QUEUE
-from tasks.models import PreparedDisk, PrepareRequest
-from tasks.redaction import message_reprs
+from domain.core.models import PreparedDisk, PrepareRequest
+from domain.core.redaction import message_reprs
+from worker.routing import DEFAULT_QUEUE
 
 
 class Client:

@@ -21,15 +21,15 @@ from pathlib import Path
 import click
 import redis
 
-from tasks import qemu_img
-from tasks.errors import ImgprepError
-from tasks.models import DiskSpec, FileInjection, ImageSource, PreparedDisk, PrepareRequest
-from tasks.networks import loopback_allowed
-from tasks.runner import Limits, Runner
-from worker.guestread import read_guest_file
-from worker.imageserver import ImageServer
-from worker.processes import WorkerProcess, start_worker
-from worker.sample_images import Partition, partitioned_disk
+from domain.cache.networks import loopback_allowed
+from domain.core.errors import ImgprepError
+from domain.core.models import DiskSpec, FileInjection, ImageSource, PreparedDisk, PrepareRequest
+from domain.core.runner import Limits, Runner
+from domain.formats import qemu_img
+from worker.harness.guest_files import read_guest_file
+from worker.harness.image_server import ImageServer
+from worker.harness.sample_images import Partition, partitioned_disk
+from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.settings import Settings, ensure_directories, get_settings
 from worker.sizes import human
 

@@ -9,9 +9,9 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
-from tasks.errors import CoordinationUnavailable, InvalidRequest
+from domain.core.errors import CoordinationUnavailable, InvalidRequest
+from domain.core.journal import PlannedStep
 from worker.hosts import require_live_host
-from worker.journal import PlannedStep
 from worker.publishing import requeued_unless_published
 from worker.redacting import RedactedArguments
 from worker.runtime import runtime

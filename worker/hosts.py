@@ -34,12 +34,12 @@ from celery import Celery, bootsteps
 from celery.app.task import Context
 from redis.exceptions import RedisError
 
-from tasks.canvases import host_queue
-from tasks.errors import HostUnavailable, LockBusy
-from tasks.redaction import redacted_text
-from tasks.references import pending_holder
-from worker.locks import LeaseLock
-from worker.references import RedisReferences
+from domain.cache.references import pending_holder
+from domain.core.errors import HostUnavailable, LockBusy
+from domain.core.redaction import redacted_text
+from worker.redis_locks import LeaseLock
+from worker.redis_references import RedisReferences
+from worker.routing import host_queue
 from worker.settings import HostSettings, Settings, get_settings
 from worker.signals import announce_failure, operation_id
 

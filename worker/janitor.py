@@ -14,14 +14,13 @@ from dataclasses import replace
 from typing import Any
 
 import structlog
-from celery import Celery, signals
+from celery import Celery
 
-from tasks.errors import ImgprepError, LockBusy
-from tasks.ledger import DeviceRecord
-from tasks.teardown import teardown
-from worker.devicesteps import build_context
-from worker.ledger import RedisLedger
-from worker.locks import LockFactory
+from domain.core.device_records import DeviceRecord
+from domain.core.errors import ImgprepError, LockBusy
+from domain.guest.teardown import release_devices
+from worker.device_steps import build_context
+from worker.redis_locks import RedisLockFactory
 from worker.runtime import Runtime, build_runtime
 from worker.settings import get_settings
 
@@ -45,13 +44,13 @@ def orphans(records: list[DeviceRecord], alive: set[str]) -> list[DeviceRecord]:
 
 def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
     """Release the records of this host whose worker is gone; the disks released."""
-    ledger = RedisLedger(current.redis, current.settings.host_id)
+    ledger = current.devices
     records = ledger.records()
     if not records:
         return []
     alive = live_workers(app, {r.worker for r in records if r.worker != nodename})
     released = []
-    locks = LockFactory(
+    locks = RedisLockFactory(
         current.redis,
         lease=current.settings.lock.lease_seconds,
         renew_every=current.settings.lock.renew_seconds,
@@ -60,7 +59,7 @@ def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
     for record in orphans(records, alive):
         ctx = replace(build_context(current, owner=record.owner, worker=nodename), locks=locks)
         try:
-            if teardown(record.disk, ctx, any_owner=True):
+            if release_devices(record.disk, ctx, any_owner=True):
                 released.append(record.disk)
                 log.warning(
                     "orphaned_devices_released",
@@ -76,8 +75,7 @@ def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
     return released
 
 
-@signals.worker_ready.connect
-def _release_orphans_at_start(sender: Any, **_: Any) -> None:
+def release_orphans_at_start(sender: Any, **_: Any) -> None:
     current = build_runtime(get_settings())
     try:
         release_orphans(sender.app, str(sender.hostname), current)

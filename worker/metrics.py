@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from celery import Task, signals
+from celery import Task
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tasks.ports import Progress
+from domain.core.models import CacheEvictionReport
+from domain.core.ports import Progress
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -87,31 +88,37 @@ class FetchMeter:
         CACHE_REQUESTS.labels("miss" if self.downloaded else "hit").inc()
 
 
-def evicted(reason: str, size: int) -> None:
-    CACHE_EVICTIONS.labels(reason).inc()
-    CACHE_EVICTED_BYTES.inc(size)
+def count_cache_hit() -> None:
+    """An entry task found the image cached (and needs no fetch step)."""
+    CACHE_REQUESTS.labels("hit").inc()
+
+
+def count_evictions(report: CacheEvictionReport) -> None:
+    """The entries a pass of the cache manager removed (none in a dry run)."""
+    if report.dry_run:
+        return
+    for item in report.evicted:
+        CACHE_EVICTIONS.labels(item.reason).inc()
+        CACHE_EVICTED_BYTES.inc(item.size_on_disk)
 
 
 def _step(task: Task) -> str | None:
     return str(task.name).removeprefix("imgprep.") if getattr(task, "journaled", False) else None
 
 
-@signals.task_prerun.connect
-def _step_started(task_id: str, task: Task, **_: Any) -> None:
+def step_started(task_id: str, task: Task, **_: Any) -> None:
     if _step(task):
         _started[task_id] = time.monotonic()
 
 
-@signals.task_postrun.connect
-def _step_ended(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
+def step_ended(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
     started = _started.pop(task_id, None)
     step = _step(task)
     if step and started is not None and state in ("SUCCESS", "FAILURE", "RETRY"):
         STEP_DURATION.labels(step, state.lower()).observe(time.monotonic() - started)
 
 
-@signals.task_retry.connect
-def _step_retried(sender: Task, reason: object = None, **_: Any) -> None:
+def step_retried(sender: Task, reason: object = None, **_: Any) -> None:
     step = _step(sender)
     if step:
         cause = getattr(reason, "exc", None) or reason  # celery.exceptions.Retry wraps the error
@@ -186,8 +193,7 @@ def serve(settings: Settings) -> None:
     )
 
 
-@signals.worker_init.connect
-def _serve_metrics(**_: Any) -> None:
+def serve_metrics(**_: Any) -> None:
     from worker.settings import get_settings
 
     settings = get_settings()
@@ -195,8 +201,7 @@ def _serve_metrics(**_: Any) -> None:
         serve(settings)
 
 
-@signals.worker_process_shutdown.connect
-def _pool_process_ended(pid: int | None = None, **_: Any) -> None:
+def pool_process_ended(pid: int | None = None, **_: Any) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 
 
 class TaskProgress:
-    """A `tasks.ports.Progress` that updates the task's state a few times a second at most."""
+    """A `domain.core.ports.Progress` that updates the task's state a few times a second at most."""
 
     def __init__(self, task: Task, step: str, interval: float = 0.25) -> None:
         self.task = task

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Task
 
-from tasks.redaction import message_reprs
+from domain.core.redaction import message_reprs
 
 
 class RedactedArguments(Task):  # type: ignore[misc]

@@ -3,9 +3,14 @@
 With `result_extended` Celery stores each task's arguments beside its result, and a failure's
 traceback beside its error, in `celery-task-meta-<id>` for `result_expires` (a day by default).
 An image URL may carry user info or a signed query string; this backend stores the arguments
-with every URL redacted (tasks.redaction), and URLs inside error messages and tracebacks too. The
-raw URL lives only in the task messages, for as long as the operation runs. What a client reads
-keeps its shape: the stored record is Celery's, field for field.
+with every URL redacted (domain.core.redaction), and URLs inside error messages and tracebacks
+too. The raw URL lives only in the task messages, for as long as the operation runs. What a
+client reads keeps its shape: the stored record is Celery's, field for field.
+
+Errors keep the module name they have on the wire, `tasks.errors` (`exc_module` in every stored
+failure, README "Wire contract"), although imgprep defines them in domain.core.errors: this
+backend writes that name and reads it back as domain.core.errors (and tasks.errors, an alias
+of domain.core.errors, serves Python clients that use Celery's own backend).
 
 `celery_config` selects it for `redis://` and `rediss://` result backends (`override_backends`).
 """
@@ -16,10 +21,13 @@ from typing import Any
 
 from celery.backends.redis import RedisBackend
 
-from tasks.redaction import redacted, redacted_text
+from domain.core import errors
+from domain.core.redaction import redacted, redacted_text
 
 BACKEND = "worker.results:RedactingRedisBackend"
 ERROR_STATES = frozenset({"FAILURE", "RETRY"})
+# The module imgprep's errors are published under (`exc_module`), and where they are defined.
+ERRORS_WIRE_MODULE = "tasks.errors"
 
 
 def stored_form(meta: dict[str, Any]) -> dict[str, Any]:
@@ -53,3 +61,14 @@ class RedactingRedisBackend(RedisBackend):  # type: ignore[misc]
         # The key-value backends (Redis among them) call this without `encode`: the arguments
         # are still Python values here, and the whole record is encoded once afterwards.
         return stored_form(super()._get_result_meta(*args, **kwargs))
+
+    def prepare_exception(self, exc: BaseException, serializer: Any = None) -> Any:
+        prepared = super().prepare_exception(exc, serializer)
+        if isinstance(prepared, dict) and prepared.get("exc_module") == errors.__name__:
+            prepared["exc_module"] = ERRORS_WIRE_MODULE
+        return prepared
+
+    def exception_to_python(self, exc: Any) -> Any:
+        if isinstance(exc, dict) and exc.get("exc_module") == ERRORS_WIRE_MODULE:
+            exc = {**exc, "exc_module": errors.__name__}
+        return super().exception_to_python(exc)

@@ -11,10 +11,14 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.cache import FetchOptions, ImageCache
-from tasks.runner import Limits, Runner
-from worker.locks import LockFactory
-from worker.references import RedisReferences
+from domain.cache.directory import ImageCache
+from domain.cache.eviction import AgingPolicy, CacheManager
+from domain.cache.fetch import FetchOptions
+from domain.core.runner import Limits, Runner
+from domain.disks.instance_disks import DiskContext
+from worker.redis_ledger import RedisDeviceLedger
+from worker.redis_locks import RedisLockFactory
+from worker.redis_references import RedisReferences
 from worker.settings import Settings, get_settings
 
 
@@ -22,7 +26,7 @@ from worker.settings import Settings, get_settings
 class Runtime:
     settings: Settings
     redis: redis.Redis
-    locks: LockFactory
+    locks: RedisLockFactory
     runner: Runner
 
     @property
@@ -34,9 +38,9 @@ class Runtime:
         return RedisReferences(self.redis)
 
     @property
-    def locks_now(self) -> LockFactory:
+    def locks_now(self) -> RedisLockFactory:
         """Locks that do not wait: for work that skips a busy resource (the cache manager)."""
-        return LockFactory(
+        return RedisLockFactory(
             self.redis,
             lease=self.settings.lock.lease_seconds,
             renew_every=self.settings.lock.renew_seconds,
@@ -51,6 +55,50 @@ class Runtime:
         )
 
     @property
+    def aging_policy(self) -> AgingPolicy:
+        """The cache manager's policy from settings (image_cache.*); references of canvases
+        and disks go stale when results do."""
+        configured = self.settings.image_cache
+        return AgingPolicy(
+            minimum_age_seconds=configured.remove_unused_original_minimum_age_seconds,
+            max_bytes=configured.max_bytes,
+            min_idle_seconds=configured.min_idle_seconds,
+            stale_reference_seconds=float(self.settings.result_expires),
+        )
+
+    @property
+    def cache_manager(self) -> CacheManager:
+        """This host's cache manager; its locks do not wait (a busy entry is skipped)."""
+        return CacheManager(
+            cache=self.cache,
+            references=self.references,
+            locks=self.locks_now,
+            instances_dir=self.settings.instances_dir,
+            host=self.settings.host_id,
+            runner=self.runner,
+            limits=self.qemu_limits,
+        )
+
+    @property
+    def devices(self) -> RedisDeviceLedger:
+        """The device records of this host's instance disks."""
+        return RedisDeviceLedger(self.redis, self.settings.host_id)
+
+    @property
+    def disk_context(self) -> DiskContext:
+        """What the disk steps work with on this host."""
+        return DiskContext(
+            cache=self.cache,
+            instances_dir=self.settings.instances_dir,
+            host=self.settings.host_id,
+            runner=self.runner,
+            locks=self.locks,
+            references=self.references,
+            limits=self.qemu_limits,
+            preallocate=self.settings.preallocate_images == "space",
+        )
+
+    @property
     def fetch_options(self) -> FetchOptions:
         return FetchOptions(
             policy=self.settings.fetch,
@@ -62,7 +110,7 @@ class Runtime:
 # No command of ours takes this long on a healthy Redis: a reply later than this means the
 # connection is dead (a host gone without closing it), and the command fails instead of hanging
 # the step. Blocking waits (lock waiters' BLPOP) block at most half of it at a time
-# (worker.locks.longest_block), so they never run into it.
+# (worker.redis_locks.longest_block), so they never run into it.
 COMMAND_TIMEOUT_SECONDS = 30.0
 
 
@@ -84,7 +132,7 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(
         settings=settings,
         redis=client,
-        locks=LockFactory(
+        locks=RedisLockFactory(
             client,
             lease=settings.lock.lease_seconds,
             renew_every=settings.lock.renew_seconds,

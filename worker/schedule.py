@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.canvases import DEFAULT_QUEUE
+from worker.routing import DEFAULT_QUEUE
 from worker.settings import Settings
 
 EVICT_CACHE = "imgprep.evict_cache"

@@ -2,7 +2,7 @@
 
 `imgprep schemas` writes them into `schemas/` (checked in); a test fails when the files drift
 from the models, so a change to the API shows up in review as a change to these files.
-Every `WireModel` defined in `tasks.models` gets a schema; every entry task must be listed in
+Every `WireModel` defined in `domain.core.models` gets a schema; every entry task must be listed in
 OPERATIONS with its request and result models.
 """
 
@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks import models, snapshot_models
-from tasks.canvases import DEFAULT_QUEUE
-from tasks.models import WireModel
+from domain.core import models, snapshot_models
+from domain.core.models import WireModel
+from worker.routing import DEFAULT_QUEUE
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 REPO_SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"

@@ -31,8 +31,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from tasks.models import HostId
-from tasks.networks import DEFAULT_DENIED_NETWORKS
+from domain.cache.networks import DEFAULT_DENIED_NETWORKS
+from domain.core.models import HostId
 
 ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
@@ -96,7 +96,8 @@ class QemuSettings(_Group):
 
 
 class MountSettings(_Group):
-    """Mapping, mounting and file injection of guest disks (tasks.mapping, tasks.mounting)."""
+    """Mapping, mounting and file injection of guest disks (domain.guest.mapping and
+    domain.guest.mounting)."""
 
     allowed_filesystems: tuple[str, ...] = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
     # never: userspace mounts only (fuse2fs); fallback: kernel mounts for filesystems without a

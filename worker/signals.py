@@ -1,34 +1,40 @@
-"""Worker signal handlers: log context per task, and the step journal.
+"""Worker signal handlers, and `connect_signals`, the one place that connects every handler.
 
 `task_id`, `task_name` and `root_id` are bound to every log line a task writes and cleared when
-it ends. Steps (tasks whose class sets `journaled`) record their start, retries and end.
+it ends. Steps (tasks whose class sets `journaled`) record their start, retries and end in the
+journal. Metrics (worker.metrics) and the janitor (worker.janitor) have handlers of their own,
+connected here too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from celery import Task, signals
+from celery.utils.dispatch import Signal
 
-from tasks.redaction import redacted_text
-from worker.journal import Journal
+from domain.core.redaction import redacted_text
+from worker import janitor, metrics
+from worker.logs import configure_logging
+from worker.redis_journal import RedisJournal
 from worker.runtime import runtime
+from worker.settings import get_settings
 
 log = structlog.get_logger(__name__)
 
 
-def journal() -> Journal:
+def journal() -> RedisJournal:
     current = runtime()
-    return Journal(current.redis, current.settings.result_expires)
+    return RedisJournal(current.redis, current.settings.result_expires)
 
 
 def _root_id(task: Task) -> str:
     return str(task.request.root_id or task.request.id)
 
 
-@signals.task_prerun.connect
-def _task_started(task_id: str, task: Task, **_: Any) -> None:
+def task_started(task_id: str, task: Task, **_: Any) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(
         task_id=task_id, task_name=task.name, root_id=_root_id(task)
@@ -37,8 +43,7 @@ def _task_started(task_id: str, task: Task, **_: Any) -> None:
         journal().started(_root_id(task), task_id, task.name, task.request.hostname or "")
 
 
-@signals.task_failure.connect
-def _task_failed(sender: Task, task_id: str, exception: BaseException, **_: Any) -> None:
+def task_failed(sender: Task, task_id: str, exception: BaseException, **_: Any) -> None:
     if getattr(sender, "journaled", False):
         journal().finished(
             _root_id(sender),
@@ -91,8 +96,7 @@ def announce_failure(
         log.warning("operation_failure_not_announced", task_id=task_id, error=str(error))
 
 
-@signals.task_postrun.connect
-def _task_ended(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
+def task_ended(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
     try:
         if getattr(task, "journaled", False) and state in ("SUCCESS", "RETRY"):
             journal().finished(_root_id(task), task_id, task.name, state)  # type: ignore[arg-type]
@@ -100,5 +104,28 @@ def _task_ended(task_id: str, task: Task, state: str | None = None, **_: Any) ->
         structlog.contextvars.clear_contextvars()
 
 
-# The janitor releases devices that dead workers left on this host when a worker starts.
-from worker import janitor as _janitor  # noqa: E402, F401
+def setup_logging(loglevel: str | None = None, **_: Any) -> None:
+    settings = get_settings()
+    configure_logging(level=loglevel or settings.log_level, log_format=settings.log_format)
+
+
+def connect_signals() -> None:
+    """Connect every handler of the runtime to Celery's signals (once per process: each has a
+    dispatch_uid). `create_app` calls this; nothing is connected by importing a module."""
+    handlers: list[tuple[Signal, Callable[..., Any]]] = [
+        (signals.setup_logging, setup_logging),
+        # log context and the step journal
+        (signals.task_prerun, task_started),
+        (signals.task_failure, task_failed),
+        (signals.task_postrun, task_ended),
+        # metrics
+        (signals.task_prerun, metrics.step_started),
+        (signals.task_postrun, metrics.step_ended),
+        (signals.task_retry, metrics.step_retried),
+        (signals.worker_init, metrics.serve_metrics),
+        (signals.worker_process_shutdown, metrics.pool_process_ended),
+        # the janitor: what dead workers left on this host, released when a worker starts
+        (signals.worker_ready, janitor.release_orphans_at_start),
+    ]
+    for signal, handler in handlers:
+        signal.connect(handler, dispatch_uid=f"imgprep:{handler.__module__}.{handler.__name__}")

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, ConfigDict
 
-from worker.journal import Journal
+from domain.core.ports import StepJournal
 
 
 class StepStatus(BaseModel):
@@ -49,7 +49,7 @@ def error_parts(value: object) -> tuple[str | None, str | None]:
     return None, None
 
 
-def read_status(app: Celery, journal: Journal, task_id: str) -> OperationStatus:
+def read_status(app: Celery, journal: StepJournal, task_id: str) -> OperationStatus:
     """Everything known about operation `task_id`."""
     final = app.AsyncResult(task_id)
     state = final.state

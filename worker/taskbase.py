@@ -13,11 +13,12 @@ import time
 from typing import Any, TypeVar
 
 import structlog
-from celery import signature
+from celery import Task, signature
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
-from tasks.errors import InvalidRequest, StepTimedOut, TransientError
+from domain.cache.references import pending_holder
+from domain.core.errors import InvalidRequest, StepTimedOut, TransientError
 from worker.publishing import requeue, requeued_unless_published
 from worker.redacting import RedactedArguments
 from worker.settings import RetrySettings, get_settings
@@ -39,6 +40,12 @@ def describe_validation(error: ValidationError, what: str = "request") -> str:
         f"{'.'.join(str(p) for p in item['loc']) or what}: {item['msg']}" for item in error.errors()
     )
     return f"invalid {what}: {problems}"
+
+
+def canvas_pin(task: Task) -> str:
+    """The pin the canvas of `task` holds on its cached base, by its root task id
+    (domain.cache.references.pending_holder)."""
+    return pending_holder(str(task.request.root_id or task.request.id))
 
 
 def parse(model: type[M], data: object, what: str = "request") -> M:
@@ -143,6 +150,11 @@ class StepTask(RedactedArguments):
                 root_id=request.root_id or request.id,
             )
         request.chain = None  # sent: Celery must not send it again
+
+    @property
+    def final_attempt(self) -> bool:
+        """Whether this run is the step's last: a transient error now fails it for good."""
+        return bool(self.request.retries >= get_settings().retry.max_retries)
 
     def will_retry(self, error: BaseException) -> bool:
         """Whether this step retries `error` (transient, retries left) instead of failing."""

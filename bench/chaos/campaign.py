@@ -20,7 +20,6 @@ from typing import Any
 import redis
 import structlog
 
-from bench.chaos import machine
 from bench.chaos.catalogue import SourceImage, build_catalogue
 from bench.chaos.checker import Violation, World, check_history
 from bench.chaos.client import PlainClient
@@ -28,10 +27,11 @@ from bench.chaos.cluster import Cluster, Tuning, make_cluster
 from bench.chaos.final_state import check_final_state
 from bench.chaos.history import History
 from bench.chaos.nemesis import Nemesis, NemesisOptions
-from bench.chaos.redis_server import RedisProcess, start_redis
 from bench.chaos.sources import DeniedListener, SourceServer
 from bench.chaos.workload import Places, Workload, WorkloadOptions
-from worker.locks import LOCK_PREFIX
+from worker.harness import machine
+from worker.harness.redis_server import RedisServer, start_redis
+from worker.redis_locks import LOCK_PREFIX
 
 TICK = 0.05
 PROGRESS_EVERY = 15.0
@@ -136,7 +136,7 @@ class Campaign:
         options.root.mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="imgprep-chaos-", dir=options.root))
         self.started = time.monotonic()
-        self.redis_server: RedisProcess | None = None
+        self.redis_server: RedisServer | None = None
         self.catalogue: list[SourceImage] = []
         self.server: SourceServer | None = None
         self.denied: DeniedListener | None = None
@@ -158,7 +158,7 @@ class Campaign:
         outside = self.root / "outside" / "secret.raw"  # under no root a request may name
         outside.parent.mkdir()
         outside.write_bytes(random.Random(f"outside-{options.seed}").randbytes(4 * 2**20))
-        self.redis_server = start_redis(self.root / "redis")
+        self.redis_server = start_redis(self.root / "redis", socket_timeout=5)
         self.cluster = make_cluster(
             self.root,
             self.redis_server,

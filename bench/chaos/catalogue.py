@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tasks.cache import cache_key
-from worker.sample_images import Partition, partitioned_disk
+from domain.cache.directory import cache_key
+from worker.harness.sample_images import Partition, partitioned_disk
 
 MiB = 2**20
 GUEST_FILE = "/etc/chaos-image"

@@ -19,9 +19,10 @@ from pydantic import BaseModel, ValidationError
 from bench.chaos.catalogue import SourceImage
 from bench.chaos.cluster import Host
 from bench.chaos.history import History, Op
-from tasks import errors
-from tasks.models import CacheEvictionReport, DeletedDisk, PreparedDisk
-from tasks.snapshot_models import ConvertedImage
+from domain.core import errors
+from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
+from domain.core.snapshot_models import ConvertedImage
+from worker.results import ERRORS_WIRE_MODULE
 
 # error class → the faults under whose influence it is an acceptable end of a request
 EXPLAINED_BY: dict[str, tuple[str, ...]] = {
@@ -88,7 +89,7 @@ def check_history(history: History, world: World) -> list[Violation]:
 def is_permanent(error_class: str, module: str | None) -> bool:
     cls = getattr(errors, error_class, None)
     return (
-        module == errors.__name__
+        module == ERRORS_WIRE_MODULE
         and isinstance(cls, type)
         and issubclass(cls, errors.PermanentError)
     )
@@ -106,7 +107,7 @@ def check_error(op: Op, history: History) -> list[Violation]:
     if recent is not None and op.complete is not None:
         faults = [f for f in faults if f.overlaps(op.complete - recent, op.complete, GRACE)]
     kinds = {fault.kind for fault in faults}
-    typed = op.error_module == errors.__name__ or error_class == "WorkerLostError"
+    typed = op.error_module == ERRORS_WIRE_MODULE or error_class == "WorkerLostError"
     if typed and kinds & set(EXPLAINED_BY.get(error_class, ())):
         return []
     under = ", ".join(sorted(f"{f.kind}#{f.index}" for f in faults)) or "no fault"

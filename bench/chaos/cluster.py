@@ -18,11 +18,11 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from bench.chaos.redis_server import RedisProcess
 from bench.chaos.sources import DENIED_ADDRESS
-from tasks.networks import loopback_allowed
-from worker.locks import LOCK_PREFIX
-from worker.processes import WorkerProcess, start_worker
+from domain.cache.networks import loopback_allowed
+from worker.harness.redis_server import RedisServer
+from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.redis_locks import LOCK_PREFIX
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ class Slot:
 @dataclass
 class Cluster:
     root: Path
-    redis_server: RedisProcess
+    redis_server: RedisServer
     cache_dir: Path
     hosts: list[Host]
     slots: list[Slot]
@@ -226,7 +226,7 @@ class Cluster:
 
 def make_cluster(
     root: Path,
-    redis_server: RedisProcess,
+    redis_server: RedisServer,
     *,
     hosts: int,
     workers: int,

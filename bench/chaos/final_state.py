@@ -25,16 +25,16 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from bench.chaos import machine
 from bench.chaos.catalogue import sha256_file
 from bench.chaos.checker import Violation, World
 from bench.chaos.history import History
 from bench.chaos.workload import Disk
-from tasks.cache import CacheRecord
-from worker.guestread import read_guest_file
-from worker.ledger import DEVICES_PREFIX
-from worker.locks import LOCK_PREFIX
-from worker.references import REFS_PREFIX
+from domain.cache.directory import CacheRecord
+from worker.harness import machine
+from worker.harness.guest_files import read_guest_file
+from worker.redis_ledger import DEVICES_PREFIX
+from worker.redis_locks import LOCK_PREFIX
+from worker.redis_references import REFS_PREFIX
 
 ENTRY = re.compile(r"^[0-9a-f]{40}$")
 RECORD = re.compile(r"^[0-9a-f]{40}\.json$")
@@ -388,8 +388,14 @@ def check_snapshots(history: History, world: World) -> list[Violation]:
 def check_machine(root: Path) -> list[Violation]:
     return [
         *(Violation("no-mount-left", f"mount {m}") for m in machine.mounts_under(root)),
-        *(Violation("no-loop-left", f"loop device {d}") for d in machine.loop_devices_under(root)),
-        *(Violation("no-daemon-left", f"daemon pid {p}") for p in machine.daemons_under(root)),
+        *(
+            Violation("no-loop-left", f"loop device {d}")
+            for d in machine.loop_devices_backed_by(root)
+        ),
+        *(
+            Violation("no-daemon-left", f"daemon pid {p}")
+            for p in machine.processes_mentioning(root)
+        ),
     ]
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from domain.core.models import DeleteDiskRequest
 from tasks.canvases import delete_disk_steps, with_ids
-from tasks.models import DeleteDiskRequest
 from worker.app import app
 from worker.entry import CanvasEntryTask, hand_over, plan, target_host
 from worker.taskbase import parse

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from domain.core.snapshot_models import SnapshotRequest
 from tasks.canvases import snapshot_steps, with_ids
-from tasks.snapshot_models import SnapshotRequest
 from worker.app import app
 from worker.entry import CanvasEntryTask, hand_over, plan, target_host
 from worker.taskbase import parse

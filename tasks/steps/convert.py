@@ -1,16 +1,14 @@
 """imgprep.convert: one qemu-img convert, with progress as the task's PROGRESS state.
 
-The job comes from the broker: it runs only as a snapshot's conversion (tasks.snapshot.
-confirm_job: an instance disk in its recorded format, to a target under the snapshots
-directory)."""
+The job comes from the broker: it runs only as a snapshot's conversion (domain.formats.snapshot.
+convert: an instance disk in its recorded format, to a target under the snapshots directory)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tasks.convert import convert_image
-from tasks.snapshot import confirm_job
-from tasks.snapshot_models import ConvertJob
+from domain.core.snapshot_models import ConvertJob
+from domain.formats import snapshot
 from worker.app import app
 from worker.progress import TaskProgress
 from worker.runtime import runtime
@@ -19,19 +17,14 @@ from worker.taskbase import StepTask, parse
 
 @app.task(name="imgprep.convert", base=StepTask, bind=True)
 def convert(self: StepTask, job: dict[str, Any]) -> dict[str, Any]:
-    settings = runtime().settings
-    confirmed = confirm_job(
+    current = runtime()
+    converted = snapshot.convert(
         parse(ConvertJob, job, "convert job"),
-        instances_dir=settings.instances_dir,
-        snapshots_dir=settings.snapshots_dir,
-    )
-    converted = convert_image(
-        confirmed,
-        source_roots=(settings.instances_dir,),
-        target_roots=(settings.snapshots_dir,),
-        runner=runtime().runner,
-        locks=runtime().locks,
-        limits=runtime().qemu_limits,
+        instances_dir=current.settings.instances_dir,
+        snapshots_dir=current.settings.snapshots_dir,
+        runner=current.runner,
+        locks=current.locks,
+        limits=current.qemu_limits,
         progress=TaskProgress(self, "convert"),
     )
     return converted.model_dump(mode="json")

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.guest import MountedDisk
-from tasks.inject import inject_files
-from tasks.models import PrepareRequest
+from domain.core.models import PrepareRequest
+from domain.guest import injection
+from domain.guest.context import MountedDisk
 from worker.app import app
-from worker.devicesteps import device_context
+from worker.device_steps import device_context
 from worker.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.inject_files", base=StepTask, bind=True)
-def inject(
+def inject_files(
     self: StepTask, mounted: dict[str, Any], request: dict[str, Any], operation: str
 ) -> dict[str, Any]:
     disk = parse(MountedDisk, mounted, "mounted disk")
     parsed = parse(PrepareRequest, request)
     with device_context(self, parsed, operation) as ctx:
-        return inject_files(disk, parsed.inject, ctx).model_dump(mode="json")
+        return injection.inject_files(disk, parsed.inject, ctx).model_dump(mode="json")

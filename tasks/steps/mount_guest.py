@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.guest import MappedDisk
-from tasks.models import PrepareRequest
-from tasks.mounting import mount_guest
+from domain.core.models import PrepareRequest
+from domain.guest import mounting
+from domain.guest.context import MappedDisk
 from worker.app import app
-from worker.devicesteps import device_context
+from worker.device_steps import device_context
 from worker.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.mount_guest", base=StepTask, bind=True)
-def mount(
+def mount_guest(
     self: StepTask, mapped: dict[str, Any], request: dict[str, Any], operation: str
 ) -> dict[str, Any]:
     disk = parse(MappedDisk, mapped, "mapped disk")
     parsed = parse(PrepareRequest, request)
     with device_context(self, parsed, operation) as ctx:
-        return mount_guest(disk, ctx).model_dump(mode="json")
+        return mounting.mount_guest(disk, ctx).model_dump(mode="json")

@@ -1,28 +1,21 @@
-"""imgprep.remove_disk: an instance disk removed on its host, its base references dropped."""
+"""imgprep.remove_disk: an instance disk removed on its host, its base references dropped
+(domain.disks.removal)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tasks.disk_removal import delete_disk
-from tasks.models import DeleteDiskRequest
+from domain.core.models import DeleteDiskRequest
+from domain.disks import removal
 from worker.app import app
-from worker.ledger import RedisLedger
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.remove_disk", base=StepTask, bind=True)
 def remove_disk(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
-    parsed = parse(DeleteDiskRequest, request)
     current = runtime()
-    deleted = delete_disk(
-        parsed.instance_id,
-        parsed.disk_name,
-        instances_dir=current.settings.instances_dir,
-        host=current.settings.host_id,
-        locks=current.locks,
-        references=current.references,
-        devices=RedisLedger(current.redis, current.settings.host_id),
+    deleted = removal.remove_disk(
+        parse(DeleteDiskRequest, request), current.disk_context, current.devices
     )
     return deleted.model_dump(mode="json")

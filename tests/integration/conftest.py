@@ -23,14 +23,14 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks.networks import loopback_allowed
-from tests.support.machine import leftovers
-from tests.support.redis_server import RedisServer, free_port
+from domain.cache.networks import loopback_allowed
 from worker.app import create_app
 from worker.client import Client
-from worker.imageserver import ImageServer
-from worker.journal import Journal
-from worker.processes import WorkerProcess, start_worker
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import leftovers
+from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.redis_journal import RedisJournal
 from worker.settings import Settings
 
 
@@ -54,8 +54,8 @@ class Cluster:
         return self.redis_server.client()
 
     @property
-    def journal(self) -> Journal:
-        return Journal(self.redis, 3600)
+    def journal(self) -> RedisJournal:
+        return RedisJournal(self.redis, 3600)
 
     def leftovers(self) -> dict[str, list[object]]:
         return leftovers(

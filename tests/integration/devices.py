@@ -8,14 +8,13 @@ import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-import pytest
 from celery import Signature, chain
 from celery.result import AsyncResult
 
-from tasks.cache import CacheRecord, cache_key
-from tasks.canvases import injection_steps, with_ids
-from tasks.models import (
+from domain.cache.directory import CacheRecord, cache_key
+from domain.core.models import (
     CachedImage,
     DiskSpec,
     FileInjection,
@@ -24,11 +23,13 @@ from tasks.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from tasks.publish import FileStamp
-from tasks.tools import mount as mounts
-from tests.conftest import need_root
+from domain.core.publish import FileStamp
+from domain.guest.tools import mount as mounts
+from tasks.canvases import injection_steps, with_ids
+from tests.conftest import need_root, unable
 from tests.integration.conftest import Cluster, unique
 from tests.support.guests import build_guest
+from worker.harness.redis_server import text
 
 MOTD = FileInjection(path="/etc/motd", content="Welcome to the guest.\n", mode=0o640)
 
@@ -36,7 +37,7 @@ MOTD = FileInjection(path="/etc/motd", content="Welcome to the guest.\n", mode=0
 def need_devices() -> None:
     need_root()
     if not Path("/dev/fuse").exists():
-        pytest.skip("needs /dev/fuse for fuse2fs and qemu-storage-daemon exports")
+        unable("needs /dev/fuse for fuse2fs and qemu-storage-daemon exports")
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,9 @@ def step_states(cluster: Cluster, operation: str) -> list[tuple[str, str]]:
     ]
 
 
-def device_records(cluster: Cluster) -> dict[str, dict[bytes, bytes]]:
+def device_records(cluster: Cluster) -> dict[str, dict[Any, Any]]:
     client = cluster.redis
-    return {
-        key.decode(): client.hgetall(key) for key in client.scan_iter(match="imgprep:devices:*")
-    }
+    return {text(key): client.hgetall(key) for key in client.scan_iter(match="imgprep:devices:*")}
 
 
 def mount_dir(cluster: Cluster, key: str) -> Path:

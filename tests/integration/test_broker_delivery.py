@@ -17,7 +17,7 @@ from tests.integration.conftest import ClusterFactory, unique
 from tests.integration.test_redis_outage import stop_redis_for, wait_through_outages
 from tests.integration.test_reliability import request_for
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 

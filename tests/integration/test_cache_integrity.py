@@ -15,17 +15,25 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from tasks.cache import ImageCache, cache_key
-from tasks.canvases import host_queue
-from tasks.errors import BaseImageMissing, DiskConflict, InvalidRequest
-from tasks.models import CacheEvictionReport, DiskSpec, ImageSource, PreparedDisk, PrepareRequest
-from tasks.snapshot_models import ConvertJob
+from domain.cache.directory import ImageCache, cache_key
+from domain.core.errors import BaseImageMissing, DiskConflict, InvalidRequest
+from domain.core.models import (
+    CacheEvictionReport,
+    DiskSpec,
+    ImageSource,
+    PreparedDisk,
+    PrepareRequest,
+)
+from domain.core.snapshot_models import ConvertJob
+from domain.formats.inspection import QCOW2_MAGIC
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
-from worker.locks import LOCK_PREFIX
-from worker.references import REFS_PREFIX
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import text
+from worker.redis_locks import LOCK_PREFIX
+from worker.redis_references import REFS_PREFIX
+from worker.routing import host_queue
 
 MiB = 2**20
 
@@ -61,7 +69,7 @@ def send_step(cluster: Cluster, step: str, *args: Any) -> AsyncResult:
 
 
 def holders(cluster: Cluster, image_id: str) -> list[str]:
-    return sorted(h.decode() for h in cluster.redis.hkeys(REFS_PREFIX + cache_key(image_id)))
+    return sorted(text(h) for h in cluster.redis.hkeys(REFS_PREFIX + cache_key(image_id)))
 
 
 def sha256(path: Path, length: int | None = None) -> str:
@@ -96,7 +104,7 @@ def downloading_holder(cluster: Cluster, key: str) -> int | None:
     parts = [p for p in cache_temporaries(cluster, key) if p.stat().st_size > 0]
     if token is None or not parts:
         return None
-    return int(token.decode().split(":")[1])
+    return int(text(token).split(":")[1])
 
 
 def test_a_holder_paused_past_its_lease_fails_over_with_lock_lost_and_finds_the_entry(
@@ -263,7 +271,7 @@ def test_what_a_guest_writes_into_a_raw_disk_does_not_change_eviction(
     base = Path(prepared.base.path)
     # and a guest that wrote the qcow2 magic and garbage, or a valid qcow2 header naming the
     # base as its backing file, at the start of its raw disk
-    data = b"QFI\xfb" + os.urandom(508) if written == "garbage" else qcow2_header(tmp_path, base)
+    data = QCOW2_MAGIC + os.urandom(508) if written == "garbage" else qcow2_header(tmp_path, base)
     guest_writes(Path(prepared.disk.path), data)
 
     # When the cache manager looks (a dry run, any age)

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from tasks.cache import cache_key
-from tasks.canvases import host_queue
-from tasks.models import CacheEvictionReport, DeletedDisk, PreparedDisk
+from domain.cache.directory import cache_key
+from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.references import REFS_PREFIX
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port, text
+from worker.redis_references import REFS_PREFIX
+from worker.routing import host_queue
 
 MiB = 2**20
 DAY = 86400.0
@@ -67,7 +67,7 @@ class TwoHosts:
 
     def holders(self, image_id: str) -> list[str]:
         raw = self.cluster.redis.hkeys(REFS_PREFIX + cache_key(image_id))
-        return sorted(h.decode() for h in raw)
+        return sorted(text(h) for h in raw)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.cache import cache_key
-from tasks.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
+from domain.cache.directory import cache_key
+from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
-from worker.locks import LOCK_PREFIX
-from worker.processes import WorkerProcess
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import text
+from worker.harness.worker_processes import WorkerProcess
+from worker.redis_locks import LOCK_PREFIX
 
 MiB = 2**20
 ROUNDS = int(os.environ.get("IMGPREP_CHAOS_ROUNDS", "1"))
@@ -56,7 +57,7 @@ def lock_holder_pid(cluster: Cluster, key: str) -> int | None:
     token = cluster.redis.get(f"{LOCK_PREFIX}cache:{key}")
     if not token:
         return None
-    return int(token.decode().split(":")[1])
+    return int(text(token).split(":")[1])
 
 
 def downloading(
@@ -125,7 +126,7 @@ def chaos_round(cluster: Cluster, image_server: ImageServer, tally: Tally, numbe
     # Then every request ends with its disk, on one intact cache entry
     def wait(result: object) -> PreparedDisk | None:
         try:
-            return cluster.client.wait_prepared(result, timeout=180)  # type: ignore[arg-type]
+            return cluster.client.wait_prepared(result, timeout=180)
         except Exception as error:  # counted, and reported by the assertion below
             print(f"round {number}: request failed: {type(error).__name__}: {error}")
             return None

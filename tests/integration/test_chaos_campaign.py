@@ -21,7 +21,7 @@ import pytest
 
 from bench.chaos.nemesis import KINDS
 from tests.conftest import need_tools
-from tests.support.machine import loop_devices_backed_by, mounts_under
+from worker.harness.machine import loop_devices_backed_by, mounts_under
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 11

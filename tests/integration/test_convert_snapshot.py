@@ -21,17 +21,17 @@ from typing import Any
 
 import pytest
 
-from tasks.convert import convert_image
-from tasks.errors import DiskConflict, DiskNotFound, InvalidRequest
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
-from tasks.runner import Limits, Runner
-from tasks.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
-from tests.conftest import need_root, write_raw_image
+from domain.core.errors import DiskConflict, DiskNotFound, InvalidRequest
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
+from domain.core.runner import Limits, Runner
+from domain.core.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
+from domain.formats.conversion import convert_image
+from tests.conftest import need_root, unable, write_raw_image
 from tests.integration.conftest import Cluster, unique
-from tests.support.machine import temp_files
-from tests.support.redis_server import RedisServer
-from worker.imageserver import ImageServer
-from worker.locks import LockFactory
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import temp_files
+from worker.harness.redis_server import RedisServer
+from worker.redis_locks import RedisLockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
@@ -41,7 +41,7 @@ TMPFS = Path("/dev/shm")
 @pytest.fixture
 def tmpfs_dir() -> Iterator[Path]:
     if not TMPFS.is_dir() or "tmpfs" not in Path("/proc/mounts").read_text():
-        pytest.skip("no tmpfs at /dev/shm")
+        unable("no tmpfs at /dev/shm")
     path = TMPFS / f"imgprep-test-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     yield path
@@ -74,8 +74,8 @@ def opens_with_o_direct(directory: Path) -> bool:
 
 
 @pytest.fixture
-def locks(redis_server: RedisServer) -> LockFactory:
-    return LockFactory(redis_server.client(), lease=10.0, renew_every=2.0, wait=30.0)
+def locks(redis_server: RedisServer) -> RedisLockFactory:
+    return RedisLockFactory(redis_server.client(), lease=10.0, renew_every=2.0, wait=30.0)
 
 
 def sha256(path: Path) -> str:
@@ -108,7 +108,7 @@ def test_convert_picks_cache_mode_by_o_direct_and_succeeds(
     request: pytest.FixtureRequest,
     runner: Runner,
     *,
-    locks: LockFactory,
+    locks: RedisLockFactory,
     redis_server: RedisServer,
 ) -> None:
     # Given a raw image with data, and a target directory on tmpfs, ramfs or the regular
@@ -157,7 +157,7 @@ def test_convert_picks_cache_mode_by_o_direct_and_succeeds(
 
 
 def test_convert_refuses_paths_outside_its_roots_and_foreign_targets(
-    tmp_path: Path, runner: Runner, locks: LockFactory
+    tmp_path: Path, runner: Runner, locks: RedisLockFactory
 ) -> None:
     (tmp_path / "in").mkdir()
     source = write_raw_image(tmp_path / "in" / "source.raw", size=MiB, data=b"s")
@@ -208,7 +208,7 @@ def snapshot_with_states(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Send imgprep.snapshot and collect every state the result backend publishes for it."""
     task_id = str(uuid.uuid4())
-    pubsub = cluster.redis.pubsub()
+    pubsub = cluster.redis.pubsub()  # type: ignore[no-untyped-call]
     pubsub.subscribe(f"celery-task-meta-{task_id}")
     try:
         result = cluster.app.send_task(

@@ -3,20 +3,22 @@ keep only the redacted URL; the raw one lives in the task message while the oper
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 
-from tasks.errors import SourceNotFound
+from domain.core.errors import SourceNotFound
 from tests.conftest import write_raw_image
 from tests.integration.conftest import ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 SECRETS = (b"secret", b"token=abc")
 
 
-def values_of(client: redis.Redis, key: bytes) -> list[bytes]:
+def values_of(client: redis.Redis, key: bytes) -> list[Any]:
     """Every value stored under `key`, whatever its type."""
     kind = client.type(key)
     if kind == b"string":
@@ -29,7 +31,7 @@ def values_of(client: redis.Redis, key: bytes) -> list[bytes]:
     if kind == b"set":
         return list(client.smembers(key))
     if kind == b"zset":
-        return [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
+        return [pair[0] for pair in client.zrange(key, 0, -1, withscores=True)]
     return []
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.errors import DiskBusy
-from tasks.models import DeletedDisk, DiskSpec, ImageSource, PrepareRequest
+from domain.core.errors import DiskBusy
+from domain.core.models import DeletedDisk, DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.imageserver import ImageServer
-from worker.ledger import RedisLedger
+from worker.harness.image_server import ImageServer
+from worker.redis_ledger import RedisDeviceLedger
 
 MiB = 2**20
 
@@ -30,7 +30,7 @@ def test_a_disk_in_use_is_not_deleted_under_its_operation(
         ),
         timeout=60,
     )
-    ledger = RedisLedger(clean_cluster.redis, clean_cluster.settings.host_id)
+    ledger = RedisDeviceLedger(clean_cluster.redis, clean_cluster.settings.host_id)
     ledger.claim(f"{instance}/disk", "another-operation", "test")
 
     # When it is deleted, then the operation finishes, and it is deleted again

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import DiskBusy
-from tasks.models import PreparedDisk
-from tasks.runner import Runner
-from tasks.tools import daemons, losetup
+from domain.core.errors import DiskBusy
+from domain.core.models import PreparedDisk
+from domain.core.runner import Runner
+from domain.guest.tools import daemons, losetup
 from tests.integration.conftest import Cluster, unique
 from tests.integration.devices import (
     MOTD,
@@ -27,7 +27,7 @@ from tests.integration.devices import (
     send,
 )
 from tests.support.guests import read_guest_file
-from worker.processes import WorkerProcess
+from worker.harness.worker_processes import WorkerProcess
 
 
 @pytest.fixture(autouse=True)

@@ -10,19 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from tasks import diskinfo
-from tasks.errors import DiskConflict
-from tasks.models import CachedImage, DiskSpec, ImageSource, PrepareRequest
-from tasks.overlay import create_overlay
-from tasks.raw_disk import copy_raw_disk
-from tasks.runner import Limits, Runner
-from tasks.sparse import allocated_bytes
+from domain.cache.directory import ImageCache
+from domain.core.errors import DiskConflict
+from domain.core.models import Backend, CachedImage, DiskSpec, ImageSource, PrepareRequest
+from domain.core.runner import Limits, Runner
+from domain.disks import diskinfo
+from domain.disks.backends import BACKENDS
+from domain.disks.instance_disks import DiskContext, create_disk
+from domain.disks.sparse import allocated_bytes
+from domain.formats.inspection import QCOW2_MAGIC
 from tests.conftest import write_raw_image
+from tests.fakes.references import InMemoryReferences
 from tests.integration.conftest import Cluster, unique
-from tests.support.machine import assert_clean
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.locks import LockFactory
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import assert_clean
+from worker.harness.redis_server import RedisServer, free_port
+from worker.redis_locks import RedisLockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
@@ -105,7 +108,7 @@ def test_another_backend_for_an_existing_disk_is_a_conflict(
 
     # Then the qcow2 disk and its record are untouched
     disk = clean_cluster.settings.instances_dir / instance / "disk"
-    assert disk.read_bytes()[:4] == b"QFI\xfb"
+    assert disk.read_bytes()[:4] == QCOW2_MAGIC
     assert diskinfo.read_format(disk.parent, "disk") == "qcow2"
 
 
@@ -118,8 +121,23 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def locks(own_redis: RedisServer) -> LockFactory:
-    return LockFactory(own_redis.client(), lease=10.0, renew_every=2.0, wait=30.0)
+def locks(own_redis: RedisServer) -> RedisLockFactory:
+    return RedisLockFactory(own_redis.client(), lease=10.0, renew_every=2.0, wait=30.0)
+
+
+def disk_context(
+    cache: Path, instances: Path, runner: Runner, locks: RedisLockFactory, preallocate: bool = False
+) -> DiskContext:
+    return DiskContext(
+        cache=ImageCache(cache),
+        instances_dir=instances,
+        host="here",
+        runner=runner,
+        locks=locks,
+        references=InMemoryReferences(),
+        limits=LIMITS,
+        preallocate=preallocate,
+    )
 
 
 def cached(path: Path, fmt: str, virtual_size: int) -> CachedImage:
@@ -134,7 +152,7 @@ def cached(path: Path, fmt: str, virtual_size: int) -> CachedImage:
 
 
 def test_raw_disk_from_a_qcow2_base_is_converted(
-    tmp_path: Path, runner: Runner, locks: LockFactory, own_redis: RedisServer
+    tmp_path: Path, runner: Runner, locks: RedisLockFactory, own_redis: RedisServer
 ) -> None:
     # Given a qcow2 base in a cache kept as downloaded (force_raw off)
     source = write_raw_image(tmp_path / "src.raw", size=8 * MiB, data=b"\x11" * 65536)
@@ -145,19 +163,16 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
     instances.mkdir()
 
     # When a raw disk of 32 MiB is created from it
-    disk = copy_raw_disk(
+    disk = create_disk(
+        BACKENDS["raw"],
         cached(base, "qcow2", 8 * MiB),
         DiskSpec(instance_id="vm", size_bytes=32 * MiB, backend="raw"),
-        instances_dir=instances,
-        host="here",
-        runner=runner,
-        locks=locks,
-        limits=LIMITS,
+        disk_context(tmp_path, instances, runner, locks),
     )
 
     # Then it is raw, grown, and holds the base's guest view
     path = Path(disk.path)
-    assert path.stat().st_size == 32 * MiB and path.read_bytes()[:4] != b"QFI\xfb"
+    assert path.stat().st_size == 32 * MiB and path.read_bytes()[:4] != QCOW2_MAGIC
     qemu_compare(base, "qcow2", path, "raw")
     assert_clean(
         client=own_redis.client(),
@@ -169,26 +184,21 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
 
 @pytest.mark.parametrize("backend", ["raw", "qcow2"])
 def test_preallocation_reserves_the_full_size(
-    backend: str, tmp_path: Path, runner: Runner, locks: LockFactory
+    backend: Backend, tmp_path: Path, runner: Runner, locks: RedisLockFactory
 ) -> None:
     # Given a small raw base
     base = write_raw_image(tmp_path / "base", size=4 * MiB, data=b"p" * 4096)
     instances = tmp_path / "instances"
     instances.mkdir()
-    make = copy_raw_disk if backend == "raw" else create_overlay
 
     # When disks of 48 MiB are created with and without preallocation
     disks = {
         reserve: Path(
-            make(
+            create_disk(
+                BACKENDS[backend],
                 cached(base, "raw", 4 * MiB),
-                DiskSpec(instance_id=f"vm-{reserve}", size_bytes=48 * MiB, backend=backend),  # type: ignore[arg-type]
-                instances_dir=instances,
-                host="here",
-                runner=runner,
-                locks=locks,
-                limits=LIMITS,
-                preallocate_space=reserve,
+                DiskSpec(instance_id=f"vm-{reserve}", size_bytes=48 * MiB, backend=backend),
+                disk_context(tmp_path, instances, runner, locks, preallocate=reserve),
             ).path
         )
         for reserve in (False, True)

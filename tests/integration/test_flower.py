@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,8 +17,8 @@ from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.support.browser import ARTIFACTS, rendered_dom, screenshot
 from tests.support.flower import FlowerProcess, start_flower
-from tests.support.redis_server import free_port
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import free_port
 
 MiB = 2**20
 SECRET_PASSWORD = "s3cretPassw0rd"
@@ -154,7 +155,7 @@ def test_flower_shows_a_failed_step_and_the_skipped_rest(
 
 def wait_for_states(
     flower: FlowerProcess, wanted: dict[str, str], timeout: float = 30
-) -> dict[str, dict[str, object]]:
+) -> dict[str, dict[str, Any]]:
     """Flower's tasks once every id in `wanted` has its state (events arrive asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -7,11 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from tasks.cache import cache_key
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
-from tasks.sparse import allocated_bytes
+from domain.cache.directory import cache_key
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
+from domain.disks.sparse import allocated_bytes
 from tests.integration.conftest import Cluster, unique
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 GiB = 2**30

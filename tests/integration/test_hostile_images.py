@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cache import cache_key
-from tasks.errors import ImageRefused
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from domain.cache.directory import cache_key
+from domain.core.errors import ImageRefused
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.integration.conftest import Cluster, unique
 from tests.support.hostile_images import HOSTILE, Hostile, build, qcow2_image
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]

@@ -8,17 +8,18 @@ import time
 
 import pytest
 
-from tasks.canvases import host_queue
-from tasks.errors import HostUnavailable
-from tasks.models import DiskSpec
-from tasks.overlay import disk_lock_name
+from domain.core.errors import HostUnavailable
+from domain.core.models import DiskSpec
+from domain.disks.instance_disks import disk_lock_name
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import text
+from worker.harness.worker_processes import WorkerProcess
 from worker.hosts import HOSTS_KEY
-from worker.imageserver import ImageServer
-from worker.locks import LeaseLock
-from worker.processes import WorkerProcess
+from worker.redis_locks import LeaseLock
+from worker.routing import host_queue
 
 MiB = 2**20
 # Short enough for a test, in the same proportions as the defaults (10 s, 30 s, 300 s).
@@ -29,7 +30,9 @@ FAST_HOSTS = {
 }
 
 
-def prepare_payload(image_server: ImageServer, name: str, image_id: str, **extra: object) -> dict:
+def prepare_payload(
+    image_server: ImageServer, name: str, image_id: str, **extra: object
+) -> dict[str, object]:
     return {
         "image": {"url": image_server.url(name), "image_id": image_id},
         "disk": {"instance_id": unique("vm"), "size_bytes": 64 * MiB},
@@ -39,10 +42,10 @@ def prepare_payload(image_server: ImageServer, name: str, image_id: str, **extra
 
 def pins(cluster: Cluster) -> list[str]:
     return [
-        f"{key.decode()} {holder.decode()}"
+        f"{text(key)} {text(holder)}"
         for key in cluster.redis.scan_iter(match="imgprep:refs:*")
         for holder in cluster.redis.hkeys(key)
-        if holder.startswith(b"pending/")
+        if text(holder).startswith("pending/")
     ]
 
 

@@ -8,14 +8,14 @@ import os
 import threading
 import time
 
-from tasks.errors import CoordinationUnavailable
+from domain.core.errors import CoordinationUnavailable
 from tests.conftest import write_raw_image
 from tests.integration.conftest import ClusterFactory, unique
 from tests.integration.test_reliability import attempts, request_for
-from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
-from worker.locks import LeaseLock
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer
+from worker.redis_locks import LeaseLock
 from worker.runtime import redis_client
 
 MiB = 2**20

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.errors import LockLost
-from tasks.publish import Staged, publish_once
-from tests.support.redis_server import RedisServer
-from worker.locks import LeaseLock
+from domain.core.errors import LockLost
+from domain.core.publish import Staged, publish_once
+from worker.harness.redis_server import RedisServer
+from worker.redis_locks import LeaseLock
 
 
 def make(
@@ -82,7 +82,7 @@ def test_hand_off_latency_is_well_under_100ms(redis_server: RedisServer) -> None
     assert max(latencies) < 0.1
 
 
-def _hold_forever(url: str, name: str, ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+def _hold_forever(url: str, name: str, ready: multiprocessing.synchronize.Event) -> None:
     client = redis.Redis.from_url(url)
     LeaseLock(client, name, lease=1.0, renew_every=0.3, wait=5.0).acquire()
     ready.set()
@@ -99,6 +99,7 @@ def test_lock_of_a_killed_holder_expires_within_one_lease(redis_server: RedisSer
     assert ready.wait(30)
     # When it is killed with SIGKILL (no release, no more renewals)
     time.sleep(1.5)  # longer than the lease: only renewal kept it alive so far
+    assert proc.pid is not None
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
     killed = time.monotonic()

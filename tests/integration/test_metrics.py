@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import need_root, write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
-from tests.support.redis_server import RedisServer, free_port
-from worker.imageserver import ImageServer
-from worker.processes import WorkerProcess
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import RedisServer, free_port
+from worker.harness.worker_processes import WorkerProcess
 
 MiB = 2**20
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cache import cache_key
-from tasks.errors import ChecksumMismatch, DiskTooSmall, InvalidRequest
-from tasks.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
+from domain.cache.directory import cache_key
+from domain.core.errors import ChecksumMismatch, DiskTooSmall, InvalidRequest
+from domain.core.journal import StepRecord
+from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
-from worker.journal import StepRecord
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 
@@ -85,7 +85,7 @@ def test_eight_concurrent_prepares_download_once(
     assert image_server.gets(name) == 1
     base = clean_cluster.settings.cache_dir / cache_key(image_id)
     assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
-    workers_seen = set()
+    workers_seen: set[str] = set()
     for request, disk in zip(requests, prepared, strict=True):
         info = qemu_info(disk.disk.path)
         assert info["backing-filename"] == str(base)
@@ -96,7 +96,7 @@ def test_eight_concurrent_prepares_download_once(
         )
         view = clean_cluster.journal.read(results[requests.index(request)].id)
         assert view is not None
-        workers_seen.update(rec.worker for rec in view.records.values())
+        workers_seen.update(rec.worker for rec in view.records.values() if rec.worker is not None)
     # both worker processes took part
     assert len(workers_seen) == 2
 
@@ -191,7 +191,7 @@ def test_invalid_request_fails_fast_with_its_field(clean_cluster: Cluster) -> No
 def test_existing_overlay_with_other_backing_is_a_conflict(
     clean_cluster: Cluster, image_server: ImageServer
 ) -> None:
-    from tasks.errors import DiskConflict
+    from domain.core.errors import DiskConflict
 
     # Given an instance disk prepared from one image
     instance = unique("vm")
@@ -228,6 +228,7 @@ def test_result_is_plain_json_for_any_client(
     raw = clean_cluster.redis.get(f"celery-task-meta-{result.id}")
 
     # Then it is JSON that validates as the documented result model
+    assert raw is not None
     record = json.loads(raw)
     assert record["status"] == "SUCCESS"
     assert (
@@ -236,7 +237,7 @@ def test_result_is_plain_json_for_any_client(
 
 
 def test_sources_outside_file_roots_are_refused(clean_cluster: Cluster, tmp_path: Path) -> None:
-    from tasks.errors import SourceNotAllowed
+    from domain.core.errors import SourceNotAllowed
 
     outside = write_raw_image(tmp_path / "outside.raw", size=MiB, data=b"x" * 512)
     request = PrepareRequest(

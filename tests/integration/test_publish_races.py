@@ -21,20 +21,21 @@ from types import TracebackType
 import pytest
 import redis
 
-import tasks.publish
-from tasks.errors import LockLost
-from tasks.publish import Staged, publish_once
+import domain.core.fileops
+import domain.core.publish
+from domain.core.errors import LockLost
+from domain.core.publish import Staged, publish_once
 from tests.integration.conftest import unique
-from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_for
-from worker.locks import LOCK_PREFIX, LeaseLock
+from worker.harness.redis_server import RedisServer
+from worker.redis_locks import LOCK_PREFIX, LeaseLock
 
 MiB = 2**20
 PAUSED_LEASE = 1.0  # seconds; the paused holder's lease lapses quickly
 
 
 def stamp(path: Path) -> dict[str, int]:
-    """What a record says of its file (tasks.publish.FileStamp), computed here on its own."""
+    """What a record says of its file (domain.core.publish.FileStamp), computed here on its own."""
     stat = path.stat()
     return {"size": stat.st_size, "inode": stat.st_ino}
 
@@ -182,6 +183,8 @@ def test_a_holder_paused_after_its_fence_never_publishes_the_next_holder_s_part(
         args=(redis_server.url, name, str(target), str(workdir), with_record),
     )
     paused.start()
+    assert paused.pid is not None
+    pid = paused.pid
     try:
         wait_for(
             lambda: (workdir / "fenced").exists() or (workdir / "outcome").exists(),
@@ -189,7 +192,7 @@ def test_a_holder_paused_after_its_fence_never_publishes_the_next_holder_s_part(
             what="A's fence check",
         )
         assert (workdir / "fenced").exists(), (workdir / "outcome").read_text()
-        wait_for(lambda: process_state(paused.pid) == "T", timeout=10, what="A to stop")
+        wait_for(lambda: process_state(pid) == "T", timeout=10, what="A to stop")
         # and its lease lapsed (its renewal thread is stopped with it)
         wait_for(
             lambda: not client.exists(LOCK_PREFIX + name), timeout=10, what="A's lease to lapse"
@@ -201,7 +204,7 @@ def test_a_holder_paused_after_its_fence_never_publishes_the_next_holder_s_part(
         thread.start()
         assert b.half_written.wait(60)
         # ... and A resumes and runs to its end
-        os.kill(paused.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
         paused.join(timeout=60)
         outcome = (workdir / "outcome").read_text()
 
@@ -210,7 +213,7 @@ def test_a_holder_paused_after_its_fence_never_publishes_the_next_holder_s_part(
         assert outcome.startswith("LockLost"), outcome
     finally:
         if paused.is_alive():
-            os.kill(paused.pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
             paused.join(timeout=30)
     # And B, once done, published its own complete file (and record), nothing else is left
     b.go_on.set()
@@ -235,7 +238,7 @@ def test_a_holder_paused_between_its_record_and_its_file_leaves_a_record_the_nex
     a = LeaseLock(client, name, lease=5.0, renew_every=1.0, wait=30)
     between = threading.Event()
     resume = threading.Event()
-    real_rename = tasks.publish.rename_new
+    real_rename = domain.core.fileops.rename_new
 
     # Given holder A held (like a paused process) right after it renamed its record into place
     def rename_then_pause(source: Path, destination: Path) -> None:
@@ -244,7 +247,7 @@ def test_a_holder_paused_between_its_record_and_its_file_leaves_a_record_the_nex
             between.set()
             assert resume.wait(60)
 
-    monkeypatch.setattr(tasks.publish, "rename_new", rename_then_pause)
+    monkeypatch.setattr(domain.core.publish, "rename_new", rename_then_pause)
 
     def stage_a(part: Path) -> Staged[str]:
         part.write_bytes(holder_bytes("A"))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import qemu_img
-from tasks.errors import DiskFull, ImageInUse, ImageRefused
-from tasks.runner import Limits, Runner
+from domain.core.errors import DiskFull, ImageInUse, ImageRefused
+from domain.core.runner import Limits, Runner
+from domain.formats import qemu_img
 from tests.conftest import need_root, write_raw_image
 
 MiB = 2**20

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from celery.result import AsyncResult
 
-from tasks.cache import cache_key
-from tasks.models import PreparedDisk
+from domain.cache.directory import cache_key
+from domain.core.models import PreparedDisk
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.integration.test_reliability import request_for
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 OUTAGE_SECONDS = 6.0

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from celery.result import AsyncResult
 
-from tasks.cache import cache_key
-from tasks.errors import DiskFull, SourceNotFound
-from tasks.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
+from domain.cache.directory import cache_key
+from domain.core.errors import DiskFull, SourceNotFound
+from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
 from tests.conftest import need_root, write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 
@@ -85,7 +85,7 @@ def test_retries_run_out_with_the_error_class(
     result = cluster.client.prepare_disk(request_for(image_server.url(name), unique("img")))
 
     # Then after three attempts the final failure is the transient class with its message
-    from tasks.errors import SourceUnavailable
+    from domain.core.errors import SourceUnavailable
 
     with pytest.raises(SourceUnavailable, match="HTTP 503"):
         cluster.client.wait_prepared(result, timeout=60)

@@ -12,13 +12,13 @@ import pytest
 from celery.exceptions import TimeLimitExceeded
 from celery.result import AsyncResult
 
-from tasks.errors import SourceNotAllowed, SourceTooSlow, StepTimedOut
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from domain.core.errors import SourceNotAllowed, SourceTooSlow, StepTimedOut
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import DENIED_ADDRESS, Cluster, ClusterFactory, unique
-from tests.support.machine import lock_keys
 from tests.support.waiting import wait_for
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import lock_keys
 
 MiB = 2**20
 

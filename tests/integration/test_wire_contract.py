@@ -8,13 +8,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tasks.errors import InvalidRequest
+from domain.core.errors import InvalidRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.imageserver import ImageServer
+from worker.harness.image_server import ImageServer
 
 MiB = 2**20
 
@@ -66,7 +67,9 @@ print(json.dumps({"task_id": task_id, "status": meta.get("status"), "result": me
 """
 
 
-def run_outside(script: str, cluster: Cluster, request: dict[str, object], cwd: Path) -> dict:
+def run_outside(
+    script: str, cluster: Cluster, request: dict[str, object], cwd: Path
+) -> dict[str, Any]:
     """Run `script` in a fresh interpreter whose path does not hold this checkout."""
     env = {k: v for k, v in cluster.env.items() if not k.startswith(("IMGPREP_", "PYTHON"))}
     done = subprocess.run(

@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from tasks.cache import cache_key
-from tasks.errors import InvalidRequest
-from tasks.models import DiskSpec, ImageSource, PrepareRequest
+from domain.cache.directory import cache_key
+from domain.core.errors import InvalidRequest
+from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.imageserver import ImageServer
-from worker.references import REFS_PREFIX
+from worker.harness.image_server import ImageServer
+from worker.harness.redis_server import text
+from worker.redis_references import REFS_PREFIX
 
 MiB = 2**20
 
@@ -78,7 +79,7 @@ def test_a_bad_url_for_a_cached_image_fails_at_once_and_pins_nothing(
 
     # Then no canvas pinned the cached image (the first disk's reference is the only one)
     holders = clean_cluster.redis.hkeys(REFS_PREFIX + key)
-    assert [h.decode() for h in holders] == [
+    assert [text(h) for h in holders] == [
         f"{clean_cluster.settings.host_id}/{request.disk.instance_id}/disk"
     ]
     clean_cluster.client.send("imgprep.delete_disk", {"instance_id": request.disk.instance_id}).get(

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from tests.integration.conftest import Cluster, ClusterFactory
-from worker.processes import WorkerProcess, start_worker
+from worker.harness.worker_processes import WorkerProcess, start_worker
 
 
 def starting_worker(cluster: Cluster, name: str) -> WorkerProcess:

@@ -9,7 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.02) -> T:
+def wait_for(
+    condition: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.02
+) -> T:
     """Return the first truthy value of `condition()`; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -23,9 +23,9 @@ def cache() -> None:
 def list_entries(as_json: bool) -> None:
     """Every cached base: key, image id, format, size on disk, virtual size, references, last
     use. Reads the cache directory and the references in Redis."""
-    from tasks.cache import ImageCache
-    from tasks.cache_entries import read_entries
-    from worker.references import RedisReferences
+    from domain.cache.directory import ImageCache
+    from domain.cache.inventory import read_entries
+    from worker.redis_references import RedisReferences
     from worker.runtime import redis_client
     from worker.settings import get_settings
 
@@ -80,7 +80,7 @@ def evict(
     dry_run: bool, older_than: float | None, max_bytes: int | None, timeout: float, as_json: bool
 ) -> None:
     """Run the cache manager now (imgprep.evict_cache on a worker) and print its report."""
-    from tasks.models import CacheEvictionReport, EvictCacheRequest
+    from domain.core.models import CacheEvictionReport, EvictCacheRequest
     from worker.client import Client
 
     request = EvictCacheRequest(

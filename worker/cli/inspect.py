@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from tasks.errors import ImageRefused
+from domain.core.errors import ImageRefused
 from worker.cli import EXIT_FAILED, main
 from worker.settings import get_settings
 from worker.sizes import human
@@ -33,9 +33,9 @@ from worker.sizes import human
 @click.option("--json", "as_json", is_flag=True, help="Print format, size and verdict as JSON.")
 def inspect(file: Path, declared: str, as_json: bool) -> None:
     """Check FILE as imgprep checks every image before qemu-img opens it."""
-    from tasks import qemu_img
-    from tasks.inspection import detected_format, inspect_image, verify_info
-    from tasks.runner import Limits, Runner
+    from domain.core.runner import Limits, Runner
+    from domain.formats import qemu_img
+    from domain.formats.inspection import detected_format, inspect_image, verify_info
 
     settings = get_settings().qemu
     runner = Runner(default_timeout=settings.command_timeout_seconds)

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from tasks.errors import ImgprepError
-from tasks.models import PrepareRequest
+from domain.core.errors import ImgprepError
+from domain.core.models import PrepareRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main
 from worker.cli.injection import InjectionType, PartitionType
 from worker.cli.watch import follow

@@ -6,8 +6,8 @@ import os
 
 import click
 
-from tasks.canvases import DEFAULT_QUEUE, host_queue
 from worker.cli import main
+from worker.routing import DEFAULT_QUEUE, host_queue
 from worker.settings import ensure_directories, get_settings
 
 

@@ -8,8 +8,8 @@ import sys
 import click
 from pydantic import ValidationError
 
-from tasks.errors import ImgprepError
-from tasks.snapshot_models import ConvertedImage, SnapshotRequest
+from domain.core.errors import ImgprepError
+from domain.core.snapshot_models import ConvertedImage, SnapshotRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, main
 from worker.sizes import human
 

@@ -1,0 +1,170 @@
+"""The fetch step: an image into the shared cache (domain.cache.directory), downloaded once.
+
+`fetch_image` downloads an image once however many workers ask for it at once: the entry is
+looked up, then produced under the lease lock `cache:<key>`, verified (checksum, format
+inspection, qemu-img info with the format pinned), optionally converted to raw, and published
+(domain.core.publish: the record, then the image, each renamed into place without replacing
+anything). `fetch_to_cache`, the step, also pins the entry for the canvas until its disk
+references it (domain.cache.references).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from domain.cache.directory import CONVERTED, CacheRecord, ImageCache, cache_key, find_cached
+from domain.cache.download import SourcePolicy, download
+from domain.cache.references import fetch_pinned
+from domain.core.errors import (
+    ChecksumMismatch,
+    ImageRefused,
+    ImageTooLarge,
+)
+from domain.core.models import CachedImage, ImageSource
+from domain.core.ports import LockFactory, Progress, References, no_progress
+from domain.core.publish import (
+    FileStamp,
+    Staged,
+    publish_once,
+    temporary_path,
+)
+from domain.core.runner import Limits, Runner
+from domain.core.urls import redact
+from domain.formats import qemu_img
+from domain.formats.conversion import cache_mode_for
+from domain.formats.inspection import Inspection, inspect_image, verify_info
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How fetch_to_cache treats an image: what it may download, and whether to make it raw."""
+
+    policy: SourcePolicy
+    limits: Limits
+    force_raw: bool = True
+
+
+def fetch_to_cache(
+    source: ImageSource,
+    pin: str,
+    *,
+    cache: ImageCache,
+    options: FetchOptions,
+    runner: Runner,
+    locks: LockFactory,
+    references: References,
+    progress: Progress = no_progress,
+) -> CachedImage:
+    """The image's cache entry, fetched if it is not there, and pinned for the canvas (`pin`,
+    domain.cache.references.pending_holder) until its disk references it; fetched again if it
+    was removed in between."""
+    structlog.contextvars.bind_contextvars(image_key=cache_key(source.image_id))
+    return fetch_pinned(
+        lambda: fetch_image(
+            source, cache=cache, options=options, runner=runner, locks=locks, progress=progress
+        ),
+        pin,
+        locks=locks,
+        references=references,
+    )
+
+
+def fetch_image(
+    source: ImageSource,
+    *,
+    cache: ImageCache,
+    options: FetchOptions,
+    runner: Runner,
+    locks: LockFactory,
+    progress: Progress = no_progress,
+) -> CachedImage:
+    """Make sure the image is in the cache and return its entry."""
+    key = cache_key(source.image_id)
+    entry = cache.entry(key)
+
+    def find() -> CachedImage | None:
+        return find_cached(source, cache)
+
+    def stage(part: Path) -> Staged[CachedImage]:
+        log.info("image_download_started", source=redact(source.url))
+        fetched = download(source.url, part, options.policy, progress)
+        if source.checksum is not None and source.checksum != f"sha256:{fetched.sha256}":
+            raise ChecksumMismatch(
+                f"image {source.image_id} from {redact(source.url)} has sha256:{fetched.sha256}, "
+                f"the request expected {source.checksum}"
+            )
+        inspected, info = _inspect(part, source, options, runner)
+        published, fmt = part, inspected.format
+        if options.force_raw and fmt != "raw":
+            published = temporary_path(entry, CONVERTED, lease.fence)
+            qemu_img.convert(
+                runner,
+                part,
+                published,
+                source_format=fmt,
+                target_format="raw",
+                cache_mode=cache_mode_for(cache.root),
+                needed=info.virtual_size,
+                on_progress=lambda percent: progress(
+                    int(info.virtual_size * percent / 100), info.virtual_size
+                ),
+            )
+            part.unlink()
+            fmt = "raw"
+            log.info("image_converted", source_format=inspected.format, format=fmt)
+        image = CachedImage(
+            key=key,
+            image_id=source.image_id,
+            path=str(entry),
+            format=fmt,
+            virtual_size=info.virtual_size,
+            source_sha256=fetched.sha256,
+        )
+        record = CacheRecord(
+            image=image,
+            source=redact(source.url),
+            source_format=inspected.format,
+            source_bytes=fetched.size,
+            fence=lease.fence,
+            fetched_at=datetime.now(UTC),
+            file=FileStamp.of(published),
+        )
+        log.info("image_fetched", bytes=fetched.size, format=inspected.format, cached_format=fmt)
+        return Staged(file=published, result=image, record=record.model_dump_json(indent=1))
+
+    lease = locks(f"cache:{key}")
+    return publish_once(
+        entry,
+        find=find,
+        lease=lease,
+        stage=stage,
+        with_record=True,
+        extra_temporaries=(CONVERTED,),
+    )
+
+
+def _inspect(
+    part: Path, source: ImageSource, options: FetchOptions, runner: Runner
+) -> tuple[Inspection, qemu_img.ImageInfo]:
+    """Inspect the downloaded bytes, then ask qemu-img with the format pinned, under limits."""
+    try:
+        inspected = inspect_image(part, source.declared_format)
+        info = qemu_img.info(runner, part, inspected.format, options.limits)
+        verify_info(info, inspected)
+    except ImageRefused as error:
+        log.warning("image_refused", reason=str(error), declared=source.declared_format)
+        raise ImageRefused(
+            f"image {source.image_id} from {redact(source.url)} is refused: {error}"
+        ) from None
+    if info.virtual_size > options.policy.max_image_bytes:
+        raise ImageTooLarge(
+            f"image {source.image_id} has a virtual size of {info.virtual_size} bytes, over the "
+            f"limit of {options.policy.max_image_bytes} bytes (fetch.max_image_bytes)"
+        )
+    return inspected, info

@@ -1,0 +1,134 @@
+"""What domain code needs from the runtime, as protocols: every port of the domain.
+
+Locks with a lease (`Lease`, `LockFactory`), progress reports (`Progress`), references to cached
+bases (`References`), the device records of a host (`DeviceLedger`) and the step journal
+(`StepJournal`). Domain functions take these as arguments; worker/ supplies the Redis adapters
+side by side (worker.redis_locks, worker.redis_references, worker.redis_ledger,
+worker.redis_journal) and tests/fakes the in-memory ones. Nothing here imports Celery or Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Protocol
+
+from domain.core.device_records import DeviceRecord
+from domain.core.journal import CanvasView, PlannedStep, StepState
+
+
+class Lease(Protocol):
+    """A lock held for a lease that is renewed while the holder works."""
+
+    @property
+    def fence(self) -> int:
+        """A number that grows with every acquisition of any lock: recorded beside what the
+        holder publishes, so a later reader can tell which holder wrote it."""
+        ...
+
+    def __enter__(self) -> Lease: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def ensure_held(self) -> None:
+        """Raise LockLost unless this holder still owns the lock, and extend the lease so that
+        it stays owned for the commit that follows (the fence before a rename)."""
+        ...
+
+
+LockFactory = Callable[[str], Lease]
+"""Makes the lease lock for a resource name such as ``cache:<key>``."""
+
+
+class Progress(Protocol):
+    """Receives progress of a long step; implementations throttle as they see fit."""
+
+    def __call__(self, done: int, total: int | None) -> None: ...
+
+
+def no_progress(done: int, total: int | None) -> None:
+    """A progress sink that ignores reports."""
+
+
+class References(Protocol):
+    """Which holders use each cached base, across every host: instance disks whose backing file
+    it is, and pins of canvases between fetching the base and creating the disk."""
+
+    def add(self, key: str, holder: str) -> None:
+        """Record that `holder` uses the base `key` (idempotent)."""
+        ...
+
+    def discard(self, key: str, holder: str) -> None: ...
+
+    def add_unless_evicting(self, key: str, holder: str) -> bool:
+        """Atomically: record `holder` unless the cache manager is removing `key` right now
+        (`begin_eviction` without `end_eviction` yet); whether it was recorded."""
+        ...
+
+    def begin_eviction(self, key: str, lease_seconds: float) -> bool:
+        """Atomically: if nothing holds `key`, mark it as being removed (for at most
+        `lease_seconds`) and return True; False when a holder appeared."""
+        ...
+
+    def end_eviction(self, key: str) -> None: ...
+
+    def holders(self, key: str) -> dict[str, float]:
+        """Each holder of `key` and when (epoch seconds) it was recorded."""
+        ...
+
+    def forget(self, holder: str) -> list[str]:
+        """Drop `holder` from every base; the keys it held."""
+        ...
+
+
+class DeviceLedger(Protocol):
+    """Records of one host's instance disks (worker.redis_ledger.RedisDeviceLedger)."""
+
+    def claim(self, disk: str, owner: str, worker: str) -> DeviceRecord:
+        """The record of `disk` for `owner`, created if there is none; DiskBusy when another
+        owner holds it."""
+        ...
+
+    def get(self, disk: str) -> DeviceRecord | None: ...
+
+    def put(self, record: DeviceRecord) -> None:
+        """Store `record`, replacing the one of its disk."""
+        ...
+
+    def drop(self, disk: str, owner: str) -> None:
+        """Remove the record of `disk` if `owner` still holds it."""
+        ...
+
+    def records(self) -> list[DeviceRecord]:
+        """Every record of this host, for the janitor."""
+        ...
+
+
+class StepJournal(Protocol):
+    """Which steps a canvas has, and when each started, ended, retried or failed; keyed by the
+    canvas's root task id (the id the caller holds). Writes never fail a step."""
+
+    def plan(
+        self,
+        root_id: str,
+        steps: list[PlannedStep],
+        *,
+        done: Sequence[PlannedStep] = (),
+        worker: str = "",
+    ) -> None:
+        """The canvas's steps, in order; `done`: steps found already done (recorded as
+        succeeded)."""
+        ...
+
+    def started(self, root_id: str, task_id: str, name: str, worker: str) -> None: ...
+
+    def finished(
+        self, root_id: str, task_id: str, name: str, state: StepState, error: str | None = None
+    ) -> None: ...
+
+    def read(self, root_id: str) -> CanvasView | None: ...

@@ -1,0 +1,2 @@
+"""Image formats: qemu-img, inspection of untrusted bytes, conversion, snapshots, partition
+tables."""

@@ -1,0 +1,332 @@
+"""Redis lease locks: SET NX PX with a random token, owner-only release and extension in Lua,
+background renewal, a fence check before publishing, and waiters woken by the release itself.
+
+Waiting is not polling. A releasing holder pushes one element on `imgprep:wake:<name>`; a waiter
+blocks on that list with BLPOP for at most the lock's remaining lease, so it wakes within a
+Redis round-trip of a release, and within one lease period of a holder that died without
+releasing (its key expires). This is the signal-list technique of python-redis-lock.
+
+A blocking command must end before its client's own socket timeout (redis-py 8 gives every
+client 5 s unless told otherwise), or the client reports "Timeout reading from socket" on a
+healthy Redis. Each BLPOP therefore blocks at most half of the client's socket timeout; a wait
+longer than that is several BLPOPs, each followed by another attempt to take the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import redis
+import structlog
+from redis.exceptions import RedisError
+
+from domain.core.errors import CoordinationUnavailable, LockBusy, LockLost
+from worker.metrics import lock_waited
+
+log = structlog.get_logger(__name__)
+
+LOCK_PREFIX = "imgprep:lock:"
+WAKE_PREFIX = "imgprep:wake:"  # one-element lists that wake a waiter; they expire with the lease
+FENCE_KEY = "imgprep:fence"
+
+# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] lease ms.
+# Returns {fence, 0} when acquired, {0, pttl} when held by someone else.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {redis.call('INCR', KEYS[2]), 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS[1] lock, KEYS[2] signal list; ARGV[1] token, ARGV[2] signal expiry ms.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[2])
+  redis.call('RPUSH', KEYS[2], 1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
+_REDIS_PAUSE = 1.0  # between attempts of a waiter that cannot reach Redis
+
+
+def longest_block(client: redis.Redis) -> float | None:
+    """The longest BLPOP `client` can wait for: half its socket timeout (None: no limit)."""
+    timeout = client.get_connection_kwargs().get("socket_timeout")
+    return float(timeout) / 2 if timeout else None
+
+
+def holder_identity() -> str:
+    """host:pid, the human-readable part of a lock token."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseLock:
+    """A lease lock on one resource name; use as a context manager or acquire/release."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        lease: float,
+        renew_every: float,
+        wait: float,
+    ) -> None:
+        if renew_every >= lease:
+            raise ValueError("renew_every must be shorter than the lease")
+        self.client = client
+        self.name = name
+        self.key = LOCK_PREFIX + name
+        self.signal_key = WAKE_PREFIX + name
+        self.lease_ms = max(1, int(lease * 1000))
+        self.renew_every = renew_every
+        self.wait = wait
+        self.token = f"{holder_identity()}:{uuid.uuid4().hex}"
+        self._fence: int | None = None
+        self._lost = threading.Event()
+        self._last_renewed = 0.0
+        self._acquire_script = client.register_script(_ACQUIRE)
+        self._release_script = client.register_script(_RELEASE)
+        self._extend_script = client.register_script(_EXTEND)
+        self._longest_block = longest_block(client)
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    @property
+    def fence(self) -> int:
+        if self._fence is None:
+            raise LockLost(f"lock {self.name} is not held")
+        return self._fence
+
+    @property
+    def lost(self) -> bool:
+        """True once renewal found the lease gone (expired, or taken over)."""
+        return self._lost.is_set()
+
+    def acquire(self, wait: float | None = None) -> int:
+        """Take the lock, waiting up to `wait` seconds; return the fencing token.
+
+        A Redis that stops answering meanwhile (a restart) is waited for too, within the same
+        budget: the waiter tries again every second, and only a budget spent without Redis
+        ends in CoordinationUnavailable."""
+        budget = self.wait if wait is None else wait
+        started = time.monotonic()
+        deadline = started + budget
+        while True:
+            try:
+                fence, pttl = self._redis(
+                    self._acquire_script,
+                    keys=[self.key, FENCE_KEY],
+                    args=[self.token, self.lease_ms],
+                )
+            except CoordinationUnavailable as error:
+                self._pause_for_redis(error, deadline)
+                continue
+            if fence:
+                lock_waited(self.name, time.monotonic() - started, acquired=True)
+                self._fence = int(fence)
+                self._lost.clear()
+                self._start_renewing()
+                log.debug(
+                    "lock_acquired",
+                    lock=self.name,
+                    fence=self._fence,
+                    waited_seconds=round(time.monotonic() - started, 4),
+                )
+                return self._fence
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                lock_waited(self.name, time.monotonic() - started, acquired=False)
+                raise LockBusy(
+                    f"lock {self.name} is still held by another worker after {budget:.0f} s; "
+                    "the step will retry"
+                )
+            # pttl -2: released between SET and PTTL, try again at once; -1: no expiry (never
+            # set by us), wait a lease at most.
+            expires_in = pttl / 1000 if pttl > 0 else (self.lease_ms / 1000 if pttl == -1 else 0)
+            block = max(
+                _SHORTEST_BLOCK, min(remaining, expires_in, self._longest_block or remaining)
+            )
+            if pttl != -2:
+                try:
+                    self._redis(self.client.blpop, [self.signal_key], timeout=block)
+                except CoordinationUnavailable as error:
+                    self._pause_for_redis(error, deadline)
+
+    def _pause_for_redis(self, error: CoordinationUnavailable, deadline: float) -> None:
+        """Wait a moment for Redis to come back, or give up when the wait's budget is spent."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise error
+        log.info("lock_wait_redis_unavailable", lock=self.name, error=str(error))
+        time.sleep(min(_REDIS_PAUSE, remaining))
+
+    def release(self) -> bool:
+        """Release if still the owner and wake one waiter; False when the lease was already lost."""
+        self._stop_renewing()
+        if self._fence is None:
+            return False
+        self._fence = None
+        released = bool(
+            self._redis(
+                self._release_script,
+                keys=[self.key, self.signal_key],
+                args=[self.token, self.lease_ms],
+            )
+        )
+        if not released:
+            log.warning("lock_release_found_lease_lost", lock=self.name)
+        return released
+
+    def ensure_held(self) -> None:
+        """The fence before a commit: atomically check ownership and extend the lease."""
+        if self._fence is None or self._lost.is_set():
+            raise LockLost(f"lock {self.name} was lost before the result could be published")
+        if not self._redis(self._extend_script, keys=[self.key], args=[self.token, self.lease_ms]):
+            self._lost.set()
+            raise LockLost(
+                f"lock {self.name} was taken over by another worker; this worker's result is "
+                "discarded"
+            )
+
+    def __enter__(self) -> LeaseLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.release()
+        except CoordinationUnavailable:
+            # The lease expires on its own; the original error, if any, matters more.
+            if exc is None:
+                raise
+            log.warning("lock_release_failed", lock=self.name)
+
+    # -- renewal -------------------------------------------------------------------------------
+
+    def _start_renewing(self) -> None:
+        self._last_renewed = time.monotonic()
+        RENEWER.add(self)
+
+    def _stop_renewing(self) -> None:
+        RENEWER.remove(self)
+
+    def _renew(self) -> bool:
+        """Extend the lease once (the renewer calls this); False when renewal should stop."""
+        if self._fence is None:
+            return False
+        try:
+            extended = self._extend_script(keys=[self.key], args=[self.token, self.lease_ms])
+        except RedisError as error:
+            if time.monotonic() - self._last_renewed > self.lease_ms / 1000:
+                log.warning("lock_lease_lapsed", lock=self.name, error=str(error))
+                self._lost.set()
+                return False
+            log.info("lock_renewal_retrying", lock=self.name, error=str(error))
+            return True
+        if not extended:
+            if self._fence is not None:  # not a release that raced the renewal
+                log.warning("lock_lease_lost", lock=self.name)
+                self._lost.set()
+            return False
+        self._last_renewed = time.monotonic()
+        return True
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _redis(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except RedisError as error:
+            raise CoordinationUnavailable(
+                f"Redis unavailable for lock {self.name}: {error}"
+            ) from None
+
+
+class _Renewer:
+    """One thread per process renews every lease the process holds, each every
+    `renew_every` seconds. A short critical section (most of them) ends before its first
+    renewal, so taking a lock costs no thread of its own."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._due: dict[LeaseLock, float] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, lock: LeaseLock) -> None:
+        with self._wake:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._start()
+            self._due[lock] = time.monotonic() + lock.renew_every
+            self._wake.notify()
+
+    def remove(self, lock: LeaseLock) -> None:
+        with self._wake:
+            self._due.pop(lock, None)
+
+    def _start(self) -> None:
+        # after a fork the parent's thread and leases are not this process's
+        self._pid = os.getpid()
+        self._due = {}
+        self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                due = [lock for lock, at in self._due.items() if at <= now]
+                if not due:
+                    self._wake.wait(min(self._due.values()) - now if self._due else None)
+                    continue
+                for lock in due:
+                    self._due[lock] = now + lock.renew_every
+            for lock in due:
+                if not lock._renew():
+                    self.remove(lock)
+
+
+RENEWER = _Renewer()
+
+
+class RedisLockFactory:
+    """Makes LeaseLocks with the configured lease, renewal and wait."""
+
+    def __init__(
+        self, client: redis.Redis, *, lease: float, renew_every: float, wait: float
+    ) -> None:
+        self.client = client
+        self.lease = lease
+        self.renew_every = renew_every
+        self.wait = wait
+
+    def __call__(self, name: str) -> LeaseLock:
+        return LeaseLock(
+            self.client, name, lease=self.lease, renew_every=self.renew_every, wait=self.wait
+        )
