@@ -16,6 +16,7 @@ from worker.publishing import requeued_unless_published
 from worker.redacting import RedactedArguments
 from worker.runtime import runtime
 from worker.signals import journal
+from worker.taskbase import skip_if_ended_before
 
 REQUEST = "request"
 
@@ -58,6 +59,7 @@ class EntryTask(RedactedArguments):
     request_required = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        skip_if_ended_before(self)  # the operation ended: its message came back after all
         request = the_request(self.name, args, kwargs, required=self.request_required)
         if request is None and not self.request_required:
             return super().__call__()

@@ -21,7 +21,9 @@ from domain.cache.references import pending_holder
 from domain.core.errors import InvalidRequest, StepTimedOut, TransientError
 from worker.publishing import requeue, requeued_unless_published
 from worker.redacting import RedactedArguments
+from worker.redelivery import ended_before
 from worker.settings import RetrySettings, get_settings
+from worker.signals import journal
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +77,7 @@ class StepTask(RedactedArguments):
         return get_settings().retry.max_retries
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        skip_if_ended_before(self)
         started = time.monotonic()
         try:
             result = super().__call__(*args, **kwargs)
@@ -163,6 +166,24 @@ class StepTask(RedactedArguments):
             and not self.request.called_directly
             and self.request.retries < get_settings().retry.max_retries
         )
+
+
+def skip_if_ended_before(task: Task) -> None:
+    """Raise Ignore (the message is acknowledged, nothing runs, nothing is stored) when the
+    message is a redelivery of a task that already ended (worker.redelivery)."""
+    ended = ended_before(task)
+    if ended is not None:
+        log.warning("redelivered_message_skipped", state=ended)
+        if getattr(task, "journaled", False) and ended in ("SUCCESS", "FAILURE"):
+            # the journal took this run for a start: it shows the step as it ended again
+            request = task.request
+            journal().finished(
+                str(request.root_id or request.id),
+                request.id,
+                task.name,
+                ended,  # type: ignore[arg-type]
+            )
+        raise Ignore()
 
 
 def _since(started: float) -> float:

@@ -33,7 +33,13 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--concurrency", type=int, default=2, help="pool size of each worker")
     parser.add_argument("--in-flight", type=int, default=8, help="operations at once")
     parser.add_argument(
-        "--op-timeout", type=float, default=240.0, help="seconds before a request counts as lost"
+        "--op-timeout", type=float, default=240.0, help="seconds before a request counts as late"
+    )
+    parser.add_argument(
+        "--late-allowance",
+        type=float,
+        default=600.0,
+        help="seconds a late request is still followed before it counts as lost",
     )
     parser.add_argument("--min-gap", type=float, default=2.0, help="seconds between faults, min")
     parser.add_argument("--max-gap", type=float, default=6.0, help="seconds between faults, max")
@@ -67,7 +73,10 @@ def parse(argv: list[str] | None = None) -> Options:
         report=args.report,
         tuning=Tuning(lease_seconds=args.lease, renew_seconds=args.lease / 3),
         workload=WorkloadOptions(
-            in_flight=args.in_flight, op_timeout=args.op_timeout, hostile=not args.no_hostile
+            in_flight=args.in_flight,
+            op_timeout=args.op_timeout,
+            late_allowance=args.late_allowance,
+            hostile=not args.no_hostile,
         ),
         nemesis=NemesisOptions(min_gap=args.min_gap, max_gap=args.max_gap, kinds=kinds),
     )

@@ -66,6 +66,8 @@ class Summary:
     skipped_faults: int
     outcomes: dict[str, int]
     seconds: float
+    late: int = 0  # ended, after their deadline
+    longest: float = 0.0  # seconds of the longest request that ended
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -85,6 +87,8 @@ class Summary:
             f"run: {self.seconds:.0f} s",
             f"faults by kind: {kinds} (skipped for want of a victim: {self.skipped_faults})",
             f"outcomes: {outcomes}",
+            f"ended late (after their deadline, within its allowance): {self.late}; "
+            f"longest request: {self.longest:.0f} s",
             *self.notes,
         ]
         by_invariant: dict[str, list[Violation]] = {}
@@ -110,6 +114,8 @@ class Summary:
             "skipped_faults": self.skipped_faults,
             "outcomes": self.outcomes,
             "seconds": round(self.seconds, 1),
+            "late": self.late,
+            "longest": round(self.longest, 1),
             "notes": self.notes,
         }
 
@@ -251,6 +257,11 @@ class Campaign:
             skipped_faults=self.nemesis.skipped,
             outcomes=dict(Counter(history.outcomes_by_class())),
             seconds=time.monotonic() - self.started,
+            late=sum(1 for op in history.ops if op.late),
+            longest=max(
+                (op.complete - op.invoke for op in history.ops if op.complete is not None),
+                default=0.0,
+            ),
             notes=self.notes,
         )
 

@@ -26,7 +26,7 @@ class Op:
     task: str  # imgprep.prepare_disk, ...
     request: dict[str, Any]
     invoke: float
-    deadline: float  # after this the operation counts as lost
+    deadline: float  # after this the operation is late (lost once the late allowance is over)
     disk: str | None = None  # "<host>/<instance>/<disk>" for operations on one disk
     image: str | None = None  # catalogue name of the image, for prepares
     complete: float | None = None
@@ -41,6 +41,11 @@ class Op:
     @property
     def ended(self) -> bool:
         return self.outcome in ("ok", "error")
+
+    @property
+    def late(self) -> bool:
+        """Ended after its deadline."""
+        return self.ended and self.complete is not None and self.complete > self.deadline
 
     def window(self, now: float) -> tuple[float, float]:
         """When the operation could be affected by a fault: from invoke to its end (or now)."""

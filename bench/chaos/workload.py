@@ -123,7 +123,12 @@ class Places:
 class WorkloadOptions:
     in_flight: int = 8
     stuck_after: float = 30.0
+    # a request running past its deadline is late, and still followed: lost is a request that
+    # has not ended `late_allowance` seconds after its deadline (a whole retry budget of steps
+    # at their time limit: under continuous faults and a queue of work, a request may take that
+    # long and still end)
     op_timeout: float = 240.0
+    late_allowance: float = 600.0
     unknown_host_timeout: float = 60.0
     max_disks: int = 30
     hostile: bool = True
@@ -446,7 +451,7 @@ class Workload:
         for task_id, outcome in found.items():
             self._ended(self.in_flight.pop(task_id), outcome)
         for task_id, op in list(self.in_flight.items()):
-            if now > op.deadline:
+            if now > op.deadline + self.options.late_allowance:
                 del self.in_flight[task_id]
                 self._unsent.pop(task_id, None)
                 self.history.end_op(op, "lost")
