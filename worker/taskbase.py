@@ -23,7 +23,6 @@ from worker.publishing import requeue, requeued_unless_published
 from worker.redacting import RedactedArguments
 from worker.redelivery import ended_before
 from worker.settings import RetrySettings, get_settings
-from worker.signals import journal
 
 log = structlog.get_logger(__name__)
 
@@ -176,6 +175,8 @@ def skip_if_ended_before(task: Task) -> None:
         log.warning("redelivered_message_skipped", state=ended)
         if getattr(task, "journaled", False) and ended in ("SUCCESS", "FAILURE"):
             # the journal took this run for a start: it shows the step as it ended again
+            from worker.signals import journal  # the signals' module imports the task bases
+
             request = task.request
             journal().finished(
                 str(request.root_id or request.id),
