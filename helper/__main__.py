@@ -11,19 +11,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import grp
-import logging
 import os
 import pwd
+import select
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 
 import structlog
 
-from helper import capabilities
 from helper.checks import Roots
+from helper.logs import configure_logging
 from helper.server import HelperConfig, serve
+
+log = structlog.get_logger(__name__)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -39,17 +42,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure_logging() -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+def watch_parent() -> None:
+    """Stop when the process that started this one ends. PR_SET_PDEATHSIG cannot do it here:
+    the worker that started the helper drops to an unprivileged user, and the kernel checks
+    that user's right to signal root when it sends the parent-death signal (it has none)."""
+    parent = os.pidfd_open(os.getppid())
+
+    def wait() -> None:
+        poller = select.poll()
+        poller.register(parent, select.POLLIN)
+        poller.poll()
+        log.info("helper_parent_exited")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print("imgprep-helper must run as root", file=sys.stderr)
         return 1
     if args.die_with_parent:
-        capabilities.die_with_parent(signal.SIGTERM)
+        watch_parent()
     user = pwd.getpwnam(args.user)
     config = HelperConfig(
         socket_path=args.socket,
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=args.helper_state_dir,
         allowed_uids=frozenset({0, user.pw_uid}),
         socket_gid=user.pw_gid,
+        worker=(user.pw_uid, user.pw_gid) if user.pw_uid != 0 else None,
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:

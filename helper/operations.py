@@ -50,8 +50,9 @@ CAPABILITIES: dict[str, tuple[int, ...]] = {
     "unmount": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_READ_SEARCH),
     # statvfs(2) of a FUSE mount answers only its mounter (root) with the truth
     "is_live_mount": (caps.CAP_DAC_READ_SEARCH,),
-    # the FUSE export's mount(2); open the worker's overlay; write the pid file
-    "start_storage_daemon": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE),
+    # the FUSE export's mount(2); open the worker's overlay; write the pid file; hand the export
+    # to the workers' user
+    "start_storage_daemon": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN),
     # the daemons run as root, like the child: signalling them needs no capability
     "stop_daemons": (),
     "kill_daemons": (),
@@ -111,9 +112,9 @@ def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa
     raise Refused(f"unknown operation {request!r}")  # pragma: no cover - the union is closed
 
 
-def run(request: Request, timeout: float) -> Reply:
+def run(request: Request, timeout: float, export_owner: tuple[int, int] | None = None) -> Reply:
     """Run a checked request in this (child) process."""
-    ops = InProcessPrivileged(Runner(default_timeout=timeout))
+    ops = InProcessPrivileged(Runner(default_timeout=timeout), export_owner)
     match request:
         case AttachLoop():
             device = ops.attach_loop(

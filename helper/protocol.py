@@ -143,3 +143,5 @@ class Reply(BaseModel):
     ok: bool
     result: str | bool | list[int] | list[InjectedFile] | dict[str, str] | None = None
     error: ErrorReply | None = None
+    # what the operation's process held, read from /proc after dropping: effective, bounding
+    capabilities: dict[str, list[str]] | None = None

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from domain.core.errors import PrivilegeRefused
 from helper.checks import Refused, Roots
 from helper.loop_ledger import LoopLedger
-from helper.operations import CAPABILITIES, check
+from helper.operations import check
 from helper.protocol import MAX_REQUEST_BYTES, OPERATIONS, REQUEST, ErrorReply, Reply, Request
 
 log = structlog.get_logger(__name__)
@@ -51,6 +51,7 @@ class HelperConfig:
     state_dir: Path  # the helper's own (root, 0700): its loop ledger
     allowed_uids: frozenset[int]
     socket_gid: int
+    worker: tuple[int, int] | None = None  # the workers' uid and gid: owner of FUSE exports
 
 
 class Helper:
@@ -60,7 +61,7 @@ class Helper:
         self.config = config
         self.loops = LoopLedger(config.state_dir)
 
-    def handle(self, raw: bytes, peer: Peer) -> Reply:
+    def handle(self, raw: bytes, peer: Peer) -> Reply:  # noqa: PLR0911 - a refusal per check
         if peer.uid not in self.config.allowed_uids:
             return self._refuse("?", f"uid {peer.uid} is not served by this helper", peer)
         op = "?"
@@ -70,10 +71,12 @@ class Helper:
                 op = str(document.get("op", "?"))
             if op not in OPERATIONS:
                 return self._refuse(op, f"unknown operation {op!r}", peer)
-            request = REQUEST.validate_python(document)
+            request = REQUEST.validate_json(raw)
             checked = check(request, self.config.roots, self.loops)
-        except (ValueError, ValidationError) as error:
-            return self._refuse(op, f"malformed request: {_first_line(error)}", peer)
+        except ValidationError as error:
+            return self._refuse(op, f"malformed request: {_describe(error)}", peer)
+        except ValueError as error:
+            return self._refuse(op, f"malformed request: {error}", peer)
         except Refused as error:
             return self._refuse(op, str(error), peer)
         if request.op == "ping":
@@ -93,6 +96,8 @@ class Helper:
     def _run_child(self, request: Request, peer: Peer) -> Reply:
         started = time.monotonic()
         argv = [sys.executable, "-m", "helper.child", request.op, str(OPERATION_TIMEOUT)]
+        if self.config.worker is not None:
+            argv += [str(part) for part in self.config.worker]
         try:
             done = subprocess.run(
                 argv,
@@ -117,7 +122,8 @@ class Helper:
             op=request.op,
             ok=reply.ok,
             error_class=reply.error.error_class if reply.error else None,
-            capabilities=[c for cap in CAPABILITIES[request.op] for c in _names(cap)],
+            capabilities=(reply.capabilities or {}).get("effective"),
+            bounding=(reply.capabilities or {}).get("bounding"),
             caller_uid=peer.uid,
             caller_pid=peer.pid,
             seconds=round(time.monotonic() - started, 4),
@@ -131,14 +137,10 @@ class Helper:
         return _error(PrivilegeRefused.__name__, f"the privileged helper refused {op}: {reason}")
 
 
-def _names(cap: int) -> list[str]:
-    from helper.capabilities import NAMES
-
-    return [NAMES.get(cap, str(cap))]
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"][1:]) or "request"
+    return f"{where}: {first['msg']}"
 
 
 def _error(error_class: str, message: str) -> Reply:

@@ -23,10 +23,15 @@ KERNEL_OPTIONS = "nosuid,nodev,noexec"
 
 
 class InProcessPrivileged:
-    """PrivilegedOperations in the calling process (which must hold the privileges)."""
+    """PrivilegedOperations in the calling process (which must hold the privileges).
 
-    def __init__(self, runner: Runner) -> None:
+    `export_owner` (uid, gid): the user that reads the FUSE exports besides root (the workers'
+    user, when this runs in the privileged helper): each export is mounted with allow_other and
+    handed to that user (mode 0600), so the unprivileged worker can read its partition table."""
+
+    def __init__(self, runner: Runner, export_owner: tuple[int, int] | None = None) -> None:
         self.runner = runner
+        self.export_owner = export_owner
 
     def attach_loop(self, backing: Path, *, offset: int, size: int) -> str:
         return losetup.attach(self.runner, backing, offset=offset, size=size)
@@ -68,7 +73,10 @@ class InProcessPrivileged:
             backing_format=backing_format,
             export=export,
             pidfile=pidfile,
+            allow_other=self.export_owner is not None,
         )
+        if self.export_owner is not None:  # a FUSE setattr: the daemon keeps mode 0600
+            os.chown(export, *self.export_owner)
 
     def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
         return daemons.stop(daemons.find(program, path), timeout)

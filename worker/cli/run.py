@@ -23,6 +23,9 @@ def worker(celery_args: tuple[str, ...]) -> None:
     """
     settings = get_settings()
     ensure_directories(settings)
+    from worker.privileges import separate
+
+    separate(settings)  # the helper as root, then the workers' user (privileges.*)
     from worker.metrics_dir import use_metrics_dir
 
     use_metrics_dir(settings)  # before prometheus_client is imported: multiprocess mode
