@@ -13,8 +13,11 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,17 +93,40 @@ def drop_to(user: str, settings: Settings) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def separate(settings: Settings) -> None:
+class HelperWatch:
+    """Stops this worker when the helper it started exits: the worker, now unprivileged, cannot
+    start a root helper again, so both end and the supervisor starts them again (systemd's
+    Restart=, compose's restart:, bench.chaos), and the new worker's janitor releases what the
+    operations of the old one held."""
+
+    def __init__(self, helper: subprocess.Popen[bytes]) -> None:
+        self.helper = helper
+        self.exited = False
+        self._pidfd = os.pidfd_open(helper.pid)
+        threading.Thread(target=self._wait, name="helper-watch", daemon=True).start()
+
+    def _wait(self) -> None:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        poller.poll()
+        self.exited = True
+        log.error("privileged_helper_exited", pid=self.helper.pid, action="worker stops")
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown
+
+
+def separate(settings: Settings) -> HelperWatch | None:
     """What `imgprep worker` does before Celery starts (nothing with the default settings)."""
     privileges = settings.privileges
+    watch = None
     if os.geteuid() == 0 and privileges.helper_socket and privileges.start_helper:
-        start_helper(settings)
+        watch = HelperWatch(start_helper(settings))
         log.info("helper_started_by_worker", socket=privileges.helper_socket)
     if os.geteuid() == 0 and privileges.user:
         drop_to(privileges.user, settings)
         log.info("privileges_dropped", user=privileges.user, uid=os.getuid())
     if privileges.helper_socket:
         check_helper(settings)
+    return watch
 
 
 def check_helper(settings: Settings) -> bool:
