@@ -10,8 +10,11 @@ and offset recorded here. Detaching drops the entry.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
@@ -42,13 +45,20 @@ def kernel_view(device: str) -> tuple[str, int] | None:
 
 
 class LoopLedger:
-    """`loops.json` in the helper's state directory (0700, root)."""
+    """`loops.json` in the helper's state directory (0700, root); changes are serialised by a
+    thread lock and, across helpers of one host sharing the directory, by flock(2)."""
 
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
         self.path = state_dir / "loops.json"
-        self._lock = threading.Lock()
+        self._threads = threading.Lock()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with self._threads, open(self.path.with_suffix(".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def entries(self) -> list[LoopEntry]:
         try:
@@ -57,22 +67,22 @@ class LoopLedger:
             return []
 
     def _write(self, entries: list[LoopEntry]) -> None:
-        temporary = self.path.with_suffix(".tmp")
+        temporary = self.path.with_suffix(f".tmp.{os.getpid()}")
         temporary.write_bytes(_ENTRIES.dump_json(entries))
         os.replace(temporary, self.path)
 
     def intend(self, backing: str, offset: int) -> None:
-        with self._lock:
+        with self._lock():
             entries = [e for e in self.entries() if (e.backing, e.offset) != (backing, offset)]
             self._write([*entries, LoopEntry(backing=backing, offset=offset)])
 
     def attached(self, backing: str, offset: int, device: str) -> None:
-        with self._lock:
+        with self._lock():
             entries = [e for e in self.entries() if (e.backing, e.offset) != (backing, offset)]
             self._write([*entries, LoopEntry(backing=backing, offset=offset, device=device)])
 
     def forget(self, backing: str, offset: int) -> None:
-        with self._lock:
+        with self._lock():
             entries = self.entries()
             kept = [e for e in entries if (e.backing, e.offset) != (backing, offset)]
             if len(kept) != len(entries):
