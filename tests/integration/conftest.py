@@ -160,6 +160,32 @@ def settings_from(env: dict[str, str]) -> Settings:
         os.environ.update(saved)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reachable_temporaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Separated, the workers' user must reach the directories tests give their clusters:
+    pytest makes its temporary directories 0700 for root; these are made 0755 (search and read,
+    nothing more), the base directories searchable."""
+    if not PRIVSEP:
+        yield
+        return
+    unprivileged_user()
+    base = tmp_path_factory.getbasetemp()
+    for directory in (base.parent, base):
+        directory.chmod(directory.stat().st_mode | 0o055)
+    original = pytest.TempPathFactory.mktemp
+
+    def mktemp(self: pytest.TempPathFactory, basename: str, numbered: bool = True) -> Path:
+        made = original(self, basename, numbered)
+        made.chmod(0o755)
+        return made
+
+    pytest.TempPathFactory.mktemp = mktemp  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        pytest.TempPathFactory.mktemp = original  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session")
 def session_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with contextlib.ExitStack() as stack:
