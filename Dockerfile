@@ -10,8 +10,15 @@ COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY domain ./domain
 COPY tasks ./tasks
+COPY helper ./helper
 COPY config ./config
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
+# Privilege separation: the worker starts as root, starts the privileged helper, and runs as
+# imgprep, which owns the work directories (README, "Privileges"); beat and Flower run as imgprep.
+RUN useradd --system --user-group --no-create-home --home-dir /var/lib/imgprep \
+      --shell /usr/sbin/nologin imgprep \
+ && install -d -o imgprep -g imgprep /var/lib/imgprep/cache /var/lib/imgprep/instances \
+      /var/lib/imgprep/state /var/lib/imgprep/snapshots
 ENV PATH=/opt/venv/bin:$PATH \
     IMGPREP_CONFIG=/opt/imgprep/config/imgprep.toml
 ENTRYPOINT ["imgprep"]

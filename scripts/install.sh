@@ -46,6 +46,33 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   touch "$stamp"
 fi
 
+# Privilege separation (README, "Privileges"): workers run as the system user imgprep, which
+# owns the work directories and reaches the interpreter and this checkout; only the privileged
+# helper runs as root.
+if ! id imgprep >/dev/null 2>&1; then
+  echo "== useradd imgprep (the workers' user)"
+  useradd --system --user-group --no-create-home --home-dir /var/lib/imgprep \
+    --shell /usr/sbin/nologin imgprep
+fi
+for dir in cache instances state snapshots; do
+  install -d -o imgprep -g imgprep -m 0755 "/var/lib/imgprep/$dir"
+done
+install -d -o root -g root -m 0700 /run/imgprep-helper
+if ! runuser -u imgprep -- .venv/bin/python -c 'import pkgutil, worker.cli' >/dev/null 2>&1; then
+  # The interpreter or the checkout lies under a directory the user cannot enter (pyenv under
+  # /root): grant search (x, not read) on each such directory, nothing more.
+  for target in "$(readlink -f .venv/bin/python)" "$(pwd)/.venv/bin/python"; do
+    dir=$(dirname "$target")
+    while [[ $dir != / ]]; do
+      if [[ $(stat -c %A "$dir") != *x ]]; then
+        echo "== chmod o+x $dir (so that imgprep can reach ${target})"
+        chmod o+x "$dir"
+      fi
+      dir=$(dirname "$dir")
+    done
+  done
+fi
+
 # A redis-server for the demo and for operators trying imgprep on one machine. The tests start
 # their own on a free port. Production runs it with AOF (appendonly yes): without it, a restart
 # loses queued and unacknowledged messages.

@@ -37,6 +37,7 @@ def build_context(current: Runtime, *, owner: str, worker: str) -> DeviceContext
         host=settings.host_id,
         owner=owner,
         worker=worker,
+        privileged=current.privileged,
     )
 
 

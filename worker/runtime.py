@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
 from domain.cache.directory import ImageCache
 from domain.cache.eviction import AgingPolicy, CacheManager
 from domain.cache.fetch import FetchOptions
+from domain.core.ports import PrivilegedOperations
 from domain.core.runner import Limits, Runner
 from domain.disks.instance_disks import DiskContext
+from worker.helper_client import HelperClient
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
 from worker.redis_references import RedisReferences
@@ -83,6 +86,13 @@ class Runtime:
     def devices(self) -> RedisDeviceLedger:
         """The device records of this host's instance disks."""
         return RedisDeviceLedger(self.redis, self.settings.host_id)
+
+    @property
+    def privileged(self) -> PrivilegedOperations | None:
+        """The privileged helper's client when privileges.helper_socket is set; None: the device
+        steps run their privileged operations in this process."""
+        socket_path = self.settings.privileges.helper_socket
+        return HelperClient(Path(socket_path)) if socket_path else None
 
     @property
     def disk_context(self) -> DiskContext:

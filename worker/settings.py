@@ -149,6 +149,23 @@ class MetricsSettings(_Group):
     port: int = Field(default=9808, ge=1, le=65535)
 
 
+class PrivilegeSettings(_Group):
+    """Privilege separation (helper/): who runs the workers, and where the privileged helper
+    listens. Both empty: today's behaviour, one root process does everything."""
+
+    # The Unix socket of the privileged helper; empty: device steps run their privileged
+    # operations in the worker's own process (which must then run as root).
+    helper_socket: str = ""
+    # The unprivileged user `imgprep worker`, started as root, runs the worker as (after starting
+    # the helper, when helper_socket is set); empty: the worker keeps the user it was started as.
+    user: str = ""
+    # The helper's own state (its ledger of the loop devices it attached): root only, 0700.
+    helper_state_dir: Path = Path("/run/imgprep-helper")
+    # Whether `imgprep worker`, started as root, starts the helper itself (False: the helper is
+    # a service of its own, `imgprep helper`).
+    start_helper: bool = True
+
+
 class Settings(BaseSettings):
     """Every setting imgprep reads: IMGPREP_<NAME>, and IMGPREP_<GROUP>__<NAME> for groups."""
 
@@ -185,6 +202,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     mount: MountSettings = MountSettings()
     hosts: HostSettings = HostSettings()
+    privileges: PrivilegeSettings = PrivilegeSettings()
 
     @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod

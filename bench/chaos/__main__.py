@@ -20,7 +20,7 @@ from types import FrameType
 
 from bench.chaos.campaign import Options, run_campaign
 from bench.chaos.cluster import Tuning
-from bench.chaos.nemesis import KINDS, NemesisOptions
+from bench.chaos.nemesis import KINDS, PRIVSEP_KINDS, NemesisOptions
 from bench.chaos.workload import WorkloadOptions
 
 
@@ -48,6 +48,11 @@ def parse(argv: list[str] | None = None) -> Options:
         default=",".join(KINDS),
         help=f"fault kinds to inject, or none (default {','.join(KINDS)})",
     )
+    parser.add_argument(
+        "--privsep",
+        action="store_true",
+        help="workers run as the unprivileged user with a helper each; adds kill_helper",
+    )
     parser.add_argument("--lease", type=float, default=6.0, help="lock.lease_seconds")
     parser.add_argument(
         "--no-hostile", action="store_true", help="no requests that must fail (bad checksum, …)"
@@ -57,9 +62,12 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--report", type=Path, help="write the summary and history as JSON")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.faults.split(",") if k and k != "none")
-    unknown = set(kinds) - set(KINDS)
+    known = PRIVSEP_KINDS if args.privsep else KINDS
+    if args.privsep and args.faults == ",".join(KINDS):
+        kinds = PRIVSEP_KINDS
+    unknown = set(kinds) - set(known)
     if unknown:
-        parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+        parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(known)}")
     if args.hosts < 2 or args.workers < args.hosts:
         parser.error("a campaign needs two or more hosts and a worker on each")
     return Options(
@@ -71,6 +79,7 @@ def parse(argv: list[str] | None = None) -> Options:
         root=args.root,
         keep=args.keep,
         report=args.report,
+        privsep=args.privsep,
         tuning=Tuning(lease_seconds=args.lease, renew_seconds=args.lease / 3),
         workload=WorkloadOptions(
             in_flight=args.in_flight,

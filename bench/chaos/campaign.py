@@ -49,6 +49,7 @@ class Options:
     root: Path = Path("/var/tmp")
     keep: bool = False
     report: Path | None = None
+    privsep: bool = False  # workers unprivileged, a helper each (kill_helper among the faults)
     tuning: Tuning = field(default_factory=Tuning)
     workload: WorkloadOptions = field(default_factory=WorkloadOptions)
     nemesis: NemesisOptions = field(default_factory=NemesisOptions)
@@ -172,6 +173,7 @@ class Campaign:
             workers=options.workers,
             concurrency=options.concurrency,
             tuning=options.tuning,
+            privsep=options.privsep,
         )
         for slot in self.cluster.slots:
             self.cluster.start(slot)

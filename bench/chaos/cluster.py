@@ -20,6 +20,7 @@ from celery import Celery
 
 from bench.chaos.sources import DENIED_ADDRESS
 from domain.cache.networks import loopback_allowed
+from worker.harness.privileges import privileged_overrides, unprivileged_user
 from worker.harness.redis_server import RedisServer
 from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.redis_locks import LOCK_PREFIX
@@ -101,6 +102,9 @@ class Cluster:
     control: Celery  # a plain app on the broker, for control pings
     stopped: list[WorkerProcess] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
+    # privilege separation: each worker starts its own helper and runs as the workers' user
+    privsep: bool = False
+    helper_killed: set[str] = field(default_factory=set)  # slots whose worker will stop
 
     # -- starting and stopping -------------------------------------------------------------
 
@@ -117,10 +121,16 @@ class Cluster:
         """Start the slot's worker (a new node name each life) without waiting for it."""
         slot.generation += 1
         nodename = f"chaos-{slot.name}-g{slot.generation}@{socket.gethostname()}"
+        env = self.host_env(slot.host)
+        if self.privsep:  # a socket per worker, the loop ledger per host
+            run = self.root / "run"
+            env.update(privileged_overrides(run))
+            env["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(run / f"{nodename}.sock")
+            env["IMGPREP_PRIVILEGES__HELPER_STATE_DIR"] = str(run / f"{slot.host.id}-helper")
         slot.worker = start_worker(
             nodename=nodename,
             log_path=self.root / "logs" / f"{slot.name}-g{slot.generation}.log",
-            env=self.host_env(slot.host),
+            env=env,
             concurrency=self.concurrency,
         )
         return slot.worker
@@ -150,7 +160,12 @@ class Cluster:
         for slot in self.live_slots():
             assert slot.worker is not None
             code = slot.worker.process.poll()
-            if code is not None:
+            if code is not None and slot.name in self.helper_killed:
+                self.helper_killed.discard(slot.name)  # it stops when its helper dies
+                self.stopped.append(slot.worker)
+                slot.worker = None
+                self.start(slot)
+            elif code is not None:
                 self.unexpected_exits.append(
                     f"worker {slot.worker.nodename} exited on its own with status {code} "
                     f"({when}); see {slot.worker.log_path}"
@@ -232,8 +247,10 @@ def make_cluster(
     workers: int,
     concurrency: int,
     tuning: Tuning,
+    privsep: bool = False,
 ) -> Cluster:
-    """Describe the cluster (directories made, settings validated); no worker started yet."""
+    """Describe the cluster (directories made, settings validated); no worker started yet.
+    With `privsep`, workers run as the unprivileged user with a helper each."""
     cache_dir = root / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
@@ -272,7 +289,11 @@ def make_cluster(
         base_env=base_env,
         concurrency=concurrency,
         control=control,
+        privsep=privsep,
     )
+    if privsep:
+        unprivileged_user()
+        root.chmod(0o755)  # the workers' user reaches its directories below
     for host in made_hosts:
         validate(cluster.host_env(host))
     return cluster

@@ -14,7 +14,10 @@ injects every kind):
 * stall_source: a source (preferably one being downloaded) stops sending mid-body for 3 to 12 s,
   which may be longer than the workers' read timeout;
 * trickle_source: a source (preferably one being downloaded) sends one byte a second for 4 to
-  20 s: no read timeout ends that, only the workers' minimum transfer rate (issue 11, #5).
+  20 s: no read timeout ends that, only the workers' minimum transfer rate (issue 11, #5);
+* kill_helper (with --privsep only): SIGKILL of a worker's privileged helper, preferably while
+  one of its operations runs; the worker then stops itself and is started again (with a new
+  helper, whose janitor releases what the killed operations held).
 
 The schedule (kinds, gaps, durations, which victim by rank) comes from the seed; the victims
 themselves depend on what runs at that moment. Faults overlap: a pause may still last while the
@@ -32,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 
@@ -49,6 +53,7 @@ KINDS = (
     "stall_source",
     "trickle_source",
 )
+PRIVSEP_KINDS = (*KINDS, "kill_helper")
 RETRY_EVERY = 0.5
 GIVE_UP_AFTER = 10  # tries (5 s) to find a victim before a fault is skipped
 
@@ -91,6 +96,7 @@ class Schedule:
             "redis_restart": 2.0 + 4.0 * spread,
             "stall_source": 3.0 + 9.0 * spread,
             "trickle_source": 4.0 + 16.0 * spread,
+            "kill_helper": 0.0,
         }[kind]
         return Planned(kind, gap, duration, (self.rng.random(), self.rng.random()))
 
@@ -201,6 +207,7 @@ class Nemesis:
             "redis_restart": self._redis_restart,
             "stall_source": self._stall_source,
             "trickle_source": self._trickle_source,
+            "kill_helper": self._kill_helper,
         }[planned.kind](planned, client)
 
     def _holders(self, client: redis.Redis) -> list[tuple[str, int, Slot]]:
@@ -344,3 +351,34 @@ class Nemesis:
 
         self._later(planned.duration, fault, untrickle)
         return True
+
+    def _kill_helper(self, planned: Planned, client: redis.Redis) -> bool:
+        helpers = [
+            (slot, pid)
+            for slot in self.cluster.live_slots()
+            if slot.worker is not None and slot.name not in self.cluster.helper_killed
+            for pid in slot.worker.helper_pids()
+        ]
+        busy = [(slot, pid) for slot, pid in helpers if _has_children(pid)]
+        if not helpers:
+            return False
+        slot, pid = pick(busy if busy and planned.draws[1] < 0.8 else helpers, planned.draws[0])
+        self.cluster.helper_killed.add(slot.name)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        assert slot.worker is not None
+        fault = self.history.begin_fault(
+            "kill_helper", f"{slot.worker.nodename} helper pid {pid}", pid=pid, busy=bool(busy)
+        )
+        self.history.end_fault(fault)
+        return True
+
+
+def _has_children(pid: int) -> bool:
+    """Whether `pid` has a child: for a helper, an operation running."""
+    try:
+        return any(
+            (task / "children").read_text().split() for task in Path(f"/proc/{pid}/task").iterdir()
+        )
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -67,6 +67,10 @@ class DeviceBusy(TransientError):
     """A mount or device could not be released yet (still in use); teardown retries."""
 
 
+class HelperUnavailable(TransientError):
+    """The privileged helper (privileges.helper_socket) does not answer; device steps retry."""
+
+
 # --- permanent -------------------------------------------------------------------------------
 
 
@@ -157,3 +161,8 @@ class InjectionRefused(PermanentError):
 
 class BaseImageMissing(PermanentError):
     """The cached base an instance disk needs is no longer in the cache (removed meanwhile)."""
+
+
+class PrivilegeRefused(PermanentError):
+    """The privileged helper refused a request: a path outside the roots, a device it did not
+    attach, an operation it does not know, or a caller it does not serve."""

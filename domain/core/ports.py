@@ -1,8 +1,10 @@
 """What domain code needs from the runtime, as protocols: every port of the domain.
 
 Locks with a lease (`Lease`, `LockFactory`), progress reports (`Progress`), references to cached
-bases (`References`), the device records of a host (`DeviceLedger`) and the step journal
-(`StepJournal`). Domain functions take these as arguments; worker/ supplies the Redis adapters
+bases (`References`), the device records of a host (`DeviceLedger`), the step journal
+(`StepJournal`) and the operations that need root (`PrivilegedOperations`: in process, or
+worker.helper_client for the privileged helper). Domain functions take these as arguments;
+worker/ supplies the Redis adapters
 side by side (worker.redis_locks, worker.redis_references, worker.redis_ledger,
 worker.redis_journal) and tests/fakes the in-memory ones. Nothing here imports Celery or Redis.
 """
@@ -10,11 +12,15 @@ worker.redis_journal) and tests/fakes the in-memory ones. Nothing here imports C
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from domain.core.device_records import DeviceRecord
 from domain.core.journal import CanvasView, PlannedStep, StepState
+
+if TYPE_CHECKING:  # models import publish, which imports this module
+    from domain.core.models import FileInjection, InjectedFile
 
 
 class Lease(Protocol):
@@ -132,3 +138,66 @@ class StepJournal(Protocol):
     ) -> None: ...
 
     def read(self, root_id: str) -> CanvasView | None: ...
+
+
+class PrivilegedOperations(Protocol):
+    """Everything the device steps do that needs root: loop devices, mounts (kernel and FUSE),
+    the FUSE daemons' processes, and files written as root into a mounted guest.
+
+    Device code calls these and nothing else for privileged work. domain.guest.privileged
+    runs them in this process (a worker running as root); worker.helper_client sends each to the
+    privileged helper (`helper/`), which checks every argument again against the configured
+    roots and runs it with only the capabilities it needs."""
+
+    def attach_loop(self, backing: Path, *, offset: int, size: int) -> str:
+        """A free loop device over `size` bytes of `backing` from `offset`; its /dev path.
+        NoFreeDevice when none is free."""
+        ...
+
+    def detach_loop(self, device: str) -> None: ...
+
+    def mount_fuse2fs(self, image: Path, target: Path, *, offset: int) -> None: ...
+
+    def mount_kernel(self, device: str, target: Path, *, fstype: str) -> None:
+        """Mount `device` at `target` with nosuid,nodev,noexec."""
+        ...
+
+    def unmount(self, target: Path) -> None:
+        """DeviceBusy when the mount is still in use."""
+        ...
+
+    def is_live_mount(self, target: Path) -> bool:
+        """Mounted and answering (a FUSE mount whose daemon died is not live)."""
+        ...
+
+    def start_storage_daemon(
+        self,
+        overlay: Path,
+        *,
+        backing: Path | None,
+        backing_format: str | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        """Export the qcow2 `overlay` as a raw file at `export` (qemu-storage-daemon, FUSE)."""
+        ...
+
+    def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
+        """SIGTERM the `program` processes serving `path`, SIGKILL those still running after
+        `timeout`; the pids that had to be killed."""
+        ...
+
+    def kill_daemons(self, program: str, path: Path) -> list[int]:
+        """SIGKILL the `program` processes serving `path`; the pids killed."""
+        ...
+
+    def write_files(
+        self,
+        root: Path,
+        files: Sequence[FileInjection],
+        *,
+        disk: str,
+        use_openat2: bool | None = None,
+    ) -> list[InjectedFile]:
+        """Write `files` (owner root) under the mounted guest root `root`, never outside it."""
+        ...

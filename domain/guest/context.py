@@ -17,9 +17,10 @@ from domain.core.device_records import DeviceRecord, Resource
 from domain.core.errors import DeviceError, InvalidRequest
 from domain.core.models import FROM_JSON_ARRAY, InjectedFile, InstanceDisk, PreparedDisk, WireModel
 from domain.core.paths import child
-from domain.core.ports import DeviceLedger, LockFactory
+from domain.core.ports import DeviceLedger, LockFactory, PrivilegedOperations
 from domain.core.runner import Runner
 from domain.disks import diskinfo
+from domain.guest.privileged import InProcessPrivileged
 
 MountMethod = Literal["fuse2fs", "kernel"]
 KernelMount = Literal["never", "fallback", "always"]
@@ -125,6 +126,13 @@ class DeviceContext:
     host: str
     owner: str  # the operation: the caller's task id
     worker: str  # this worker's node name
+    # loop devices, mounts, FUSE daemons, root-owned guest files; None: in this process
+    privileged: PrivilegedOperations | None = None
+
+    @property
+    def ops(self) -> PrivilegedOperations:
+        """The privileged operations: the helper's client, or this process's own."""
+        return self.privileged or InProcessPrivileged(self.runner)
 
     def lock_name(self, disk: str) -> str:
         return f"devices:{self.host}:{disk}"

@@ -17,7 +17,6 @@ before it creates it, and reuses what an earlier attempt of the same operation l
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -113,13 +112,12 @@ class StorageDaemonView:
         if mounts.is_mounted(export):
             if daemons.find(storage_daemon.STORAGE_DAEMON, export):
                 return export  # an earlier attempt of this operation started it
-            mounts.unmount(ctx.runner, export)  # the daemon died: its export is a dead mount
+            ctx.ops.unmount(export)  # the daemon died: its export is a dead mount
         claim.note(StorageDaemon(export=str(export), pidfile=str(area.pidfile)))
         export.touch(mode=0o600, exist_ok=True)
         started = time.monotonic()
         try:
-            storage_daemon.start(
-                ctx.runner,
+            ctx.ops.start_storage_daemon(
                 Path(disk.path),
                 backing=Path(disk.backing_file) if disk.backing_file else None,
                 backing_format=disk.backing_format,
@@ -182,7 +180,7 @@ class LoopPartition:
                 return existing.name
         claim.note(LoopDevice(backing=str(view), offset=offset, size=size))
         device = allocate(
-            lambda: losetup.attach(ctx.runner, view, offset=offset, size=size),
+            lambda: ctx.ops.attach_loop(view, offset=offset, size=size),
             ctx.policy.device_wait_seconds,
         )
         claim.note(LoopDevice(backing=str(view), offset=offset, size=size, device=device))
@@ -215,12 +213,7 @@ def allocate(attempt: Callable[[], str], wait_seconds: float, pause: float = 2.0
             time.sleep(min(pause, left))
 
 
-def is_live_mount(path: Path) -> bool:
-    """Mounted and answering: a FUSE mount whose daemon died fails statvfs with ENOTCONN."""
-    if not mounts.is_mounted(path):
-        return False
-    try:
-        os.statvfs(path)
-    except OSError:
-        return False
-    return True
+def is_live_mount(path: Path, ctx: DeviceContext) -> bool:
+    """Mounted and answering: a FUSE mount whose daemon died fails statvfs with ENOTCONN (asked
+    of the privileged side: a FUSE mount answers only the user that mounted it)."""
+    return mounts.is_mounted(path) and ctx.ops.is_live_mount(path)

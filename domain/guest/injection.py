@@ -1,195 +1,26 @@
 """inject_files: write files into the mounted guest without ever leaving the guest root.
 
-Every path is resolved by the kernel relative to the guest root with openat2(2) and
-RESOLVE_IN_ROOT: an absolute link in the guest (`/etc/x -> /root`) and a `..` link
-(`../../..`) resolve inside the guest, as they would for the guest itself, so no link can lead
-to a host file. Missing parent directories are created (0755, root). The file is written under a
-temporary name in its directory and renamed over the final name, so the last component is never
-followed: a link there is replaced, not written through.
-
-On kernels without openat2 (before 5.6) the walk opens one component at a time with O_NOFOLLOW
-and refuses any link on the way. Either way nothing here takes a path string to the host's
-`open()`.
+The disk's claim is checked and its mount found live here; the writing itself (openat2 with
+RESOLVE_IN_ROOT, files owned by root, renamed into place) is domain.guest.guest_writes, run by
+the device context's privileged operations: in this process, or in the privileged helper.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import hashlib
-import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
 
-from domain.core.errors import DeviceError, DiskFull, InjectionRefused, InvalidRequest
-from domain.core.models import FileInjection, InjectedFile
+from domain.core.errors import DeviceError, InvalidRequest
+from domain.core.models import FileInjection
 from domain.guest.context import Claim, DeviceContext, InjectedDisk, MountedDisk, disk_key
+from domain.guest.guest_writes import GuestRoot, have_openat2, openat2, write_file
 from domain.guest.tools import mount as mounts
 
+__all__ = ["GuestRoot", "have_openat2", "inject_files", "openat2", "write_file"]
+
 log = structlog.get_logger(__name__)
-
-SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic table)
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_IN_ROOT = 0x10
-DIRECTORY_MODE = 0o755
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = (
-        ("flags", ctypes.c_uint64),
-        ("mode", ctypes.c_uint64),
-        ("resolve", ctypes.c_uint64),
-    )
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
-    """openat2(2) with RESOLVE_IN_ROOT: `path` resolved as if `dir_fd` were `/`."""
-    how = _OpenHow(
-        flags | os.O_CLOEXEC, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
-    )
-    fd = int(
-        _libc.syscall(SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
-    )
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return fd
-
-
-def have_openat2() -> bool:
-    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
-    try:
-        os.close(openat2(root, ".", os.O_PATH))
-    except OSError as error:
-        if error.errno in (errno.ENOSYS, errno.EPERM):
-            return False
-        raise
-    finally:
-        os.close(root)
-    return True
-
-
-class GuestRoot:
-    """A directory fd standing for the guest's `/`; opens directories below it safely."""
-
-    def __init__(self, root: Path, *, use_openat2: bool | None = None) -> None:
-        self.fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self.use_openat2 = have_openat2() if use_openat2 is None else use_openat2
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self) -> GuestRoot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def directory(self, parts: Sequence[str]) -> int:
-        """An O_PATH fd of the guest directory `/parts...`, created as needed."""
-        if self.use_openat2:
-            return self._directory_in_root(parts)
-        return self._directory_no_links(parts)
-
-    def _directory_in_root(self, parts: Sequence[str]) -> int:
-        flags = os.O_PATH | os.O_DIRECTORY
-        for depth in range(len(parts) + 1):
-            prefix = "/".join(parts[:depth]) or "."
-            try:
-                fd = openat2(self.fd, prefix, flags)
-            except FileNotFoundError:
-                parent = openat2(self.fd, "/".join(parts[: depth - 1]) or ".", flags)
-                try:
-                    _make_directory(parent, parts[depth - 1])
-                finally:
-                    os.close(parent)
-                try:
-                    fd = openat2(self.fd, prefix, flags)
-                except FileNotFoundError:
-                    raise InjectionRefused(
-                        f"/{prefix} in the guest is a link to something that does not exist"
-                    ) from None
-            if depth == len(parts):
-                return fd
-            os.close(fd)
-        raise AssertionError("unreachable")
-
-    def _directory_no_links(self, parts: Sequence[str]) -> int:
-        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        current = os.dup(self.fd)
-        try:
-            for part in parts:
-                try:
-                    following = os.open(part, flags, dir_fd=current)
-                except FileNotFoundError:
-                    _make_directory(current, part)
-                    following = os.open(part, flags, dir_fd=current)
-                except OSError as error:
-                    if error.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise InjectionRefused(
-                            f"{part!r} in the guest is a link or not a directory; without "
-                            "openat2 links are not followed"
-                        ) from None
-                    raise
-                os.close(current)
-                current = following
-        except BaseException:
-            os.close(current)
-            raise
-        return current
-
-
-def _make_directory(parent: int, name: str) -> None:
-    try:
-        os.mkdir(name, DIRECTORY_MODE, dir_fd=parent)
-    except FileExistsError:
-        return  # made meanwhile, or a link: the caller opens it again, resolved in the root
-    os.chown(name, 0, 0, dir_fd=parent, follow_symlinks=False)
-
-
-def write_file(root: GuestRoot, item: FileInjection) -> InjectedFile:
-    """Write one file at its guest path, replacing whatever is at the last component."""
-    *parents, name = item.path.strip("/").split("/")
-    data = item.data()
-    directory = root.directory(parents)
-    temporary = f".imgprep-{secrets.token_hex(8)}"
-    try:
-        fd = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=directory,
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchown(fd, 0, 0)
-            os.fchmod(fd, item.mode)
-        finally:
-            os.close(fd)
-        os.rename(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
-    except BaseException:
-        _remove_quietly(directory, temporary)
-        raise
-    finally:
-        os.close(directory)
-    return InjectedFile(
-        path=item.path, size=len(data), mode=item.mode, sha256=hashlib.sha256(data).hexdigest()
-    )
-
-
-def _remove_quietly(directory: int, name: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(name, dir_fd=directory)
 
 
 def inject_files(
@@ -208,33 +39,6 @@ def inject_files(
         Claim.resume(ctx, key)
         if not mounts.is_mounted(target):
             raise DeviceError(f"the guest filesystem of {key} is no longer mounted at {target}")
-        written: list[InjectedFile] = []
-        item: FileInjection | None = None
-        try:
-            with GuestRoot(target, use_openat2=use_openat2) as root:
-                for item in files:
-                    written.append(write_file(root, item))
-        except OSError as error:
-            raise _typed(error, key, item) from None
+        written = ctx.ops.write_files(target, files, disk=key, use_openat2=use_openat2)
     log.info("files_injected", disk=key, files=[f.path for f in written])
     return InjectedDisk(mounted=mounted, files=tuple(written))
-
-
-def _typed(error: OSError, key: str, item: FileInjection | None) -> Exception:
-    """The imgprep error for an OSError met while writing `item` into the guest of `key`."""
-    what = item.path if item else "the guest root"
-    code = error.errno
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        size = len(item.data()) if item else 0
-        return DiskFull(f"the guest filesystem of {key} has no room for {what} ({size} bytes)")
-    if code == errno.EROFS:
-        return DeviceError(
-            f"the guest filesystem of {key} is read-only (does its journal need recovery?)"
-        )
-    if code in (errno.ENOTCONN, errno.EIO):
-        return DeviceError(
-            f"the guest filesystem of {key} failed while writing {what}: {error.strerror}"
-        )
-    if code in (errno.EISDIR, errno.ENOTEMPTY, errno.ENOTDIR, errno.EXDEV, errno.ELOOP):
-        return InjectionRefused(f"cannot write {what} into {key}: {error.strerror}")
-    return DeviceError(f"cannot write {what} into {key}: {error.strerror}")

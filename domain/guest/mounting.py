@@ -42,7 +42,6 @@ from domain.guest.tools import mount as mounts
 
 log = structlog.get_logger(__name__)
 
-KERNEL_OPTIONS = "nosuid,nodev,noexec"
 EXT_MAGIC = 0xEF53
 EXT_INCOMPAT_RECOVER = 0x4  # "needs_recovery": the journal holds transactions not yet replayed
 EXT_INCOMPAT_64BIT = 0x80
@@ -140,10 +139,10 @@ def _check_mapped(mapped: MappedDisk, area: WorkArea, claim: Claim) -> None:
 
 
 def _ensure_mounted(mapped: MappedDisk, target: Path, claim: Claim, ctx: DeviceContext) -> None:
-    if is_live_mount(target):
+    if is_live_mount(target, ctx):
         return
     if mounts.is_mounted(target):  # a dead FUSE mount left by a crashed daemon
-        mounts.unmount(ctx.runner, target)
+        ctx.ops.unmount(target)
     part = mapped.partition
     where = _describe(mapped)
     claim.note(Mount(mount_dir=str(target), method=mapped.method))
@@ -151,20 +150,18 @@ def _ensure_mounted(mapped: MappedDisk, target: Path, claim: Claim, ctx: DeviceC
     try:
         if mapped.method == "fuse2fs":
             check_ext_fits(Path(mapped.view), offset=part.offset, size=part.size, where=where)
-            fuse2fs.mount(ctx.runner, Path(mapped.view), target, offset=part.offset)
+            ctx.ops.mount_fuse2fs(Path(mapped.view), target, offset=part.offset)
         else:
             if mapped.device is None:
                 raise FilesystemRefused(f"{where} has no block device for a kernel mount")
-            mounts.mount(
-                ctx.runner, mapped.device, target, fstype=mapped.filesystem, options=KERNEL_OPTIONS
-            )
+            ctx.ops.mount_kernel(mapped.device, target, fstype=mapped.filesystem)
     except CommandError as error:
         raise FilesystemRefused(f"cannot mount {mapped.filesystem} on {where}: {error}") from None
     if not mounts.is_mounted(target):
         raise FilesystemRefused(
             f"{mapped.method} reported success but nothing is mounted at {target} for {where}"
         )
-    if not is_live_mount(target):  # the driver died after mounting: a dead FUSE mount
+    if not is_live_mount(target, ctx):  # the driver died after mounting: a dead FUSE mount
         raise FilesystemRefused(
             f"{mapped.method} mounted {mapped.filesystem} on {where} but stopped answering; "
             "the guest filesystem may be damaged (check it with e2fsck or fsck)"

@@ -106,10 +106,10 @@ def _release_mount(resource: Mount, ctx: DeviceContext) -> str | None:
     target = Path(resource.mount_dir)
     pids = daemons.find(fuse2fs.FUSE2FS, target) if resource.method == "fuse2fs" else []
     if mounts.is_mounted(target):
-        mounts.unmount(ctx.runner, target)
+        ctx.ops.unmount(target)
         log.info("guest_unmounted", mount_dir=str(target), method=resource.method)
     if pids and daemons.wait_gone(pids, ctx.policy.stop_timeout_seconds):
-        daemons.kill(pids)
+        ctx.ops.kill_daemons(fuse2fs.FUSE2FS, target)
         return (
             f"fuse2fs did not exit within {ctx.policy.stop_timeout_seconds:.0f} s of the unmount "
             "and was killed; files written to the guest may be incomplete"
@@ -119,7 +119,7 @@ def _release_mount(resource: Mount, ctx: DeviceContext) -> str | None:
 
 def _release_loop(resource: LoopDevice, ctx: DeviceContext) -> None:
     for device in losetup.backed_by(ctx.runner, Path(resource.backing), resource.offset):
-        losetup.detach(ctx.runner, device.name)
+        ctx.ops.detach_loop(device.name)
         log.info("loop_device_detached", device=device.name)
 
 
@@ -128,14 +128,15 @@ def _release_storage_daemon(resource: StorageDaemon, ctx: DeviceContext) -> str 
     pids = daemons.find(storage_daemon.STORAGE_DAEMON, export)
     problem = None
     if pids:
-        if daemons.stop(pids, ctx.policy.stop_timeout_seconds):
+        timeout = ctx.policy.stop_timeout_seconds
+        if ctx.ops.stop_daemons(storage_daemon.STORAGE_DAEMON, export, timeout=timeout):
             problem = (
                 f"qemu-storage-daemon did not stop within {ctx.policy.stop_timeout_seconds:.0f} s "
                 "and was killed; writes to the overlay may be incomplete"
             )
         log.info("storage_daemon_stopped", export=str(export), pids=pids)
     if mounts.is_mounted(export):  # the daemon died without unmounting its export
-        mounts.unmount(ctx.runner, export)
+        ctx.ops.unmount(export)
     with contextlib.suppress(FileNotFoundError):
         Path(resource.pidfile).unlink()
     return problem

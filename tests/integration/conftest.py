@@ -1,6 +1,9 @@
 """Real parts for integration tests: a redis-server of our own, real `imgprep worker`
 processes, a local HTTP image server, real directories for cache, instances and state.
 
+With IMGPREP_TEST_PRIVSEP=1 every cluster's workers start their privileged helper (a socket
+each) and run as the unprivileged user `imgprep`, in directories that user can reach.
+
 The session's redis-server and two workers are shared; tests use their own image ids and
 instance ids, and each ends by checking that the machine is clean. Tests that kill workers or
 restart Redis start their own.
@@ -8,6 +11,7 @@ restart Redis start their own.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -28,6 +32,7 @@ from worker.app import create_app
 from worker.client import Client
 from worker.harness.image_server import ImageServer
 from worker.harness.machine import leftovers
+from worker.harness.privileges import open_directory, privileged_overrides, unprivileged_user
 from worker.harness.redis_server import RedisServer, free_port
 from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.redis_journal import RedisJournal
@@ -96,16 +101,22 @@ class Cluster:
         extra_args: tuple[str, ...] = (),
     ) -> WorkerProcess:
         nodename = f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        own = {}
+        if self.env.get("IMGPREP_PRIVILEGES__HELPER_SOCKET") == SHARED_SOCKET:
+            own["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(self.root / "run" / f"{nodename}.sock")
         worker = start_worker(
             nodename=nodename,
             log_path=self.root / "logs" / f"{nodename}.log",
-            env={**self.env, **(env or {})},
+            env={**self.env, **own, **(env or {})},
             concurrency=concurrency,
             extra_args=extra_args,
         )
         worker.wait_ready(self.app, timeout=60)
         return worker
 
+
+PRIVSEP = os.environ.get("IMGPREP_TEST_PRIVSEP", "") == "1"
+SHARED_SOCKET = "per-worker"  # the placeholder each started worker replaces with its own socket
 
 # Images are served on 127.0.0.1; 127.0.0.2 stands for an address images may not come from
 # (a test never sends anything off this machine, not even to see it refused).
@@ -149,12 +160,43 @@ def settings_from(env: dict[str, str]) -> Settings:
         os.environ.update(saved)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reachable_temporaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Separated, the workers' user must reach the directories tests give their clusters:
+    pytest makes its temporary directories 0700 for root; these are made 0755 (search and read,
+    nothing more), the base directories searchable."""
+    if not PRIVSEP:
+        yield
+        return
+    unprivileged_user()
+    base = tmp_path_factory.getbasetemp()
+    for directory in (base.parent, base):
+        directory.chmod(directory.stat().st_mode | 0o055)
+    original = pytest.TempPathFactory.mktemp
+
+    def mktemp(self: pytest.TempPathFactory, basename: str, numbered: bool = True) -> Path:
+        made = original(self, basename, numbered)
+        made.chmod(0o755)
+        return made
+
+    pytest.TempPathFactory.mktemp = mktemp  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        pytest.TempPathFactory.mktemp = original  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session")
-def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("imgprep")
-    for sub in ("cache", "instances", "state", "snapshots", "sources", "served", "logs"):
-        (root / sub).mkdir()
-    return root
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with contextlib.ExitStack() as stack:
+        if PRIVSEP:
+            unprivileged_user()
+            root = stack.enter_context(open_directory("session"))
+        else:
+            root = tmp_path_factory.mktemp("imgprep")
+        for sub in ("cache", "instances", "state", "snapshots", "sources", "served", "logs"):
+            (root / sub).mkdir()
+        yield root
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +212,11 @@ def make_cluster(
     """A cluster description (no workers yet) whose processes share `root` and `redis_server`."""
     for sub in ("cache", "instances", "state", "sources", "logs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    env = {**cluster_env(root, redis_server.url), **(overrides or {})}
+    separated: dict[str, str] = {}
+    if PRIVSEP:
+        separated = privileged_overrides(root)
+        separated["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = SHARED_SOCKET
+    env = {**cluster_env(root, redis_server.url), **separated, **(overrides or {})}
     settings = settings_from(env)
     return Cluster(
         redis_server=redis_server,
@@ -226,11 +272,13 @@ class ClusterFactory:
 
 @pytest.fixture
 def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
-    factory = ClusterFactory(tmp_path)
-    try:
-        yield factory
-    finally:
-        factory.stop_all()
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(open_directory("cluster")) if PRIVSEP else tmp_path
+        factory = ClusterFactory(root)
+        try:
+            yield factory
+        finally:
+            factory.stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ from worker.cli import (  # noqa: E402, F401
     cache,
     demo,
     flower,
+    helper,
     inspect,
     prepare,
     run,

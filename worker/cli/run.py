@@ -23,6 +23,9 @@ def worker(celery_args: tuple[str, ...]) -> None:
     """
     settings = get_settings()
     ensure_directories(settings)
+    from worker.privileges import separate
+
+    helper = separate(settings)  # the helper as root, then the workers' user (privileges.*)
     from worker.metrics_dir import use_metrics_dir
 
     use_metrics_dir(settings)  # before prometheus_client is imported: multiprocess mode
@@ -39,7 +42,15 @@ def worker(celery_args: tuple[str, ...]) -> None:
     from celery.bin.celery import celery as celery_command
 
     celery_command.params[0].default = app  # --app: this one (what app.start does)
-    celery_command.main(args=argv, prog_name="imgprep")
+    try:
+        celery_command.main(args=argv, prog_name="imgprep")
+    except SystemExit as done:
+        if helper is not None and helper.exited:  # a failure, so the supervisor restarts it
+            raise SystemExit(EXIT_HELPER_EXITED) from None
+        raise done
+
+
+EXIT_HELPER_EXITED = 3
 
 
 def _given(args: tuple[str, ...], short: str, long: str) -> bool:

@@ -33,12 +33,23 @@ class WorkerProcess:
         return self.process.pid
 
     def pool_pids(self) -> list[int]:
-        """The pids of the worker's pool processes (children of the main process)."""
+        """The pids of the worker's pool processes: children of the main process forked from it
+        (the same command line), not the privileged helper it may have started."""
+        pids: list[int] = []
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            main = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+            for task in Path(f"/proc/{self.pid}/task").iterdir():
+                text = (task / "children").read_text()
+                pids.extend(int(pid) for pid in text.split() if _cmdline(int(pid)) == main)
+        return pids
+
+    def helper_pids(self) -> list[int]:
+        """The pids of the privileged helpers this worker started (children running `helper`)."""
         pids: list[int] = []
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             for task in Path(f"/proc/{self.pid}/task").iterdir():
                 text = (task / "children").read_text()
-                pids.extend(int(pid) for pid in text.split())
+                pids.extend(int(pid) for pid in text.split() if b"\0helper\0" in _cmdline(int(pid)))
         return pids
 
     def wait_ready(self, celery_app: Celery, timeout: float = 60.0) -> None:
@@ -69,6 +80,13 @@ class WorkerProcess:
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def start_worker(

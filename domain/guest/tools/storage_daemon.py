@@ -17,9 +17,15 @@ STORAGE_DAEMON = "qemu-storage-daemon"
 
 
 def export_arguments(
-    overlay: Path, *, backing: Path | None, backing_format: str | None, export: Path
+    overlay: Path,
+    *,
+    backing: Path | None,
+    backing_format: str | None,
+    export: Path,
+    allow_other: bool = False,
 ) -> list[str]:
-    """The command line that exports `overlay` (qcow2) writable at the file `export`."""
+    """The command line that exports `overlay` (qcow2) writable at the file `export`; with
+    `allow_other`, users other than the daemon's may open it (as its owner and mode allow)."""
     nodes: list[dict[str, object]] = []
     backing_node: str | None = None
     if backing is not None:
@@ -51,7 +57,7 @@ def export_arguments(
         "node-name": "disk",
         "mountpoint": str(export),
         "writable": True,
-        "allow-other": "off",
+        "allow-other": "on" if allow_other else "off",
     }
     argv = [STORAGE_DAEMON]
     for node in nodes:
@@ -67,7 +73,14 @@ def start(
     backing_format: str | None,
     export: Path,
     pidfile: Path,
+    allow_other: bool = False,
 ) -> None:
     """Start the daemon; it returns once the export is mounted and the pid file written."""
-    argv = export_arguments(overlay, backing=backing, backing_format=backing_format, export=export)
+    argv = export_arguments(
+        overlay,
+        backing=backing,
+        backing_format=backing_format,
+        export=export,
+        allow_other=allow_other,
+    )
     runner.run([*argv, "--daemonize", "--pidfile", str(pidfile)], timeout=120)

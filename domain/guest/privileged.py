@@ -1,0 +1,95 @@
+"""The privileged operations run in this process: what a worker running as root does, and what
+the privileged helper (`helper/`) runs once it has checked a request and dropped to the
+operation's capabilities.
+
+Each method is one tool call (domain.guest.tools) or the guest writer
+(domain.guest.guest_writes); none of them decides anything about disks, records or paths: the
+device steps decide, and the helper checks again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from domain.core.models import FileInjection, InjectedFile
+from domain.core.runner import Runner
+from domain.guest import guest_writes
+from domain.guest.tools import daemons, fuse2fs, losetup, storage_daemon
+from domain.guest.tools import mount as mounts
+
+KERNEL_OPTIONS = "nosuid,nodev,noexec"
+
+
+class InProcessPrivileged:
+    """PrivilegedOperations in the calling process (which must hold the privileges).
+
+    `export_owner` (uid, gid): the user that reads the FUSE exports besides root (the workers'
+    user, when this runs in the privileged helper): each export is mounted with allow_other and
+    handed to that user (mode 0600), so the unprivileged worker can read its partition table."""
+
+    def __init__(self, runner: Runner, export_owner: tuple[int, int] | None = None) -> None:
+        self.runner = runner
+        self.export_owner = export_owner
+
+    def attach_loop(self, backing: Path, *, offset: int, size: int) -> str:
+        return losetup.attach(self.runner, backing, offset=offset, size=size)
+
+    def detach_loop(self, device: str) -> None:
+        losetup.detach(self.runner, device)
+
+    def mount_fuse2fs(self, image: Path, target: Path, *, offset: int) -> None:
+        fuse2fs.mount(self.runner, image, target, offset=offset)
+
+    def mount_kernel(self, device: str, target: Path, *, fstype: str) -> None:
+        mounts.mount(self.runner, device, target, fstype=fstype, options=KERNEL_OPTIONS)
+
+    def unmount(self, target: Path) -> None:
+        mounts.unmount(self.runner, target)
+
+    def is_live_mount(self, target: Path) -> bool:
+        if not mounts.is_mounted(target):
+            return False
+        try:
+            os.statvfs(target)
+        except OSError:
+            return False
+        return True
+
+    def start_storage_daemon(
+        self,
+        overlay: Path,
+        *,
+        backing: Path | None,
+        backing_format: str | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        storage_daemon.start(
+            self.runner,
+            overlay,
+            backing=backing,
+            backing_format=backing_format,
+            export=export,
+            pidfile=pidfile,
+            allow_other=self.export_owner is not None,
+        )
+        if self.export_owner is not None:  # a FUSE setattr: the daemon keeps mode 0600
+            os.chown(export, *self.export_owner)
+
+    def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
+        return daemons.stop(daemons.find(program, path), timeout)
+
+    def kill_daemons(self, program: str, path: Path) -> list[int]:
+        return daemons.kill(daemons.find(program, path))
+
+    def write_files(
+        self,
+        root: Path,
+        files: Sequence[FileInjection],
+        *,
+        disk: str,
+        use_openat2: bool | None = None,
+    ) -> list[InjectedFile]:
+        return guest_writes.write_files(root, files, disk=disk, use_openat2=use_openat2)

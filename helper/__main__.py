@@ -1,0 +1,91 @@
+"""`python -m helper`: run the privileged helper (as root).
+
+Everything it may touch comes from its own command line, never from a caller: `imgprep worker`
+(started as root) passes the worker's settings when it starts the helper, and a systemd unit or
+compose service passes them itself (`imgprep helper` builds the same command line from the
+settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import os
+import pwd
+import select
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from helper.checks import Roots
+from helper.logs import configure_logging
+from helper.server import HelperConfig, serve
+
+log = structlog.get_logger(__name__)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="imgprep-helper", description=__doc__)
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--instances-dir", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--helper-state-dir", type=Path, required=True)
+    parser.add_argument("--user", required=True, help="the workers' user: served, owns the socket")
+    parser.add_argument("--allowed-filesystem", action="append", default=[])
+    parser.add_argument("--die-with-parent", action="store_true")
+    return parser.parse_args(argv)
+
+
+def watch_parent() -> None:
+    """Stop when the process that started this one ends. PR_SET_PDEATHSIG cannot do it here:
+    the worker that started the helper drops to an unprivileged user, and the kernel checks
+    that user's right to signal root when it sends the parent-death signal (it has none)."""
+    parent = os.pidfd_open(os.getppid())
+
+    def wait() -> None:
+        poller = select.poll()
+        poller.register(parent, select.POLLIN)
+        poller.poll()
+        log.info("helper_parent_exited")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    configure_logging()
+    if os.geteuid() != 0:
+        print("imgprep-helper must run as root", file=sys.stderr)
+        return 1
+    if args.die_with_parent:
+        watch_parent()
+    user = pwd.getpwnam(args.user)
+    config = HelperConfig(
+        socket_path=args.socket,
+        roots=Roots.of(
+            args.cache_dir, args.instances_dir, args.state_dir, tuple(args.allowed_filesystem)
+        ),
+        state_dir=args.helper_state_dir,
+        allowed_uids=frozenset({0, user.pw_uid}),
+        socket_gid=user.pw_gid,
+        worker=(user.pw_uid, user.pw_gid) if user.pw_uid != 0 else None,
+    )
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    with contextlib.suppress(SystemExit, KeyboardInterrupt):
+        serve(config, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

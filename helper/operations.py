@@ -1,0 +1,159 @@
+"""One entrypoint per operation: the capabilities it holds, the check of its arguments, and what
+it runs.
+
+Nova marks each privileged function with a privsep context that names its capabilities
+(`sys_admin_pctxt`: CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_NET_ADMIN,
+CAP_SYS_ADMIN for all of them). Here each operation has its own, smallest set, and runs in a
+child process that holds nothing else (helper.child): what it executes inherits at most that
+set, because the rest is gone from the bounding set too.
+
+`check` runs in the server (root, before the child exists) and raises Refused; `run` runs in the
+child, with the checked request, through domain.guest.privileged.InProcessPrivileged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from domain.core.runner import Runner
+from domain.guest.privileged import InProcessPrivileged
+from domain.guest.tools import daemons
+from helper import capabilities as caps
+from helper.checks import Refused, Roots
+from helper.loop_ledger import LoopLedger
+from helper.protocol import (
+    AttachLoop,
+    DetachLoop,
+    IsLiveMount,
+    KillDaemons,
+    MountFuse2fs,
+    MountKernel,
+    Ping,
+    Reply,
+    Request,
+    StartStorageDaemon,
+    StopDaemons,
+    Unmount,
+    WriteFiles,
+)
+
+# The capabilities of each operation (README, "Privileges").
+CAPABILITIES: dict[str, tuple[int, ...]] = {
+    # LOOP_CTL_GET_FREE/LOOP_CONFIGURE; open the worker's disk or the export read-write
+    "attach_loop": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE),
+    "detach_loop": (caps.CAP_SYS_ADMIN,),
+    # mount(2) of /dev/fuse; fuse2fs opens the worker's disk read-write (it keeps this set)
+    "mount_fuse2fs": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE),
+    # mount(2); look up the mount point inside the worker's 0700 directories
+    "mount_kernel": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_READ_SEARCH),
+    "unmount": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_READ_SEARCH),
+    # statvfs(2) of a FUSE mount answers only its mounter (root) with the truth
+    "is_live_mount": (caps.CAP_DAC_READ_SEARCH,),
+    # the FUSE export's mount(2); open the worker's overlay; write the pid file; hand the export
+    # to the workers' user
+    "start_storage_daemon": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN),
+    # the daemons run as root, like the child: signalling them needs no capability
+    "stop_daemons": (),
+    "kill_daemons": (),
+    # files owned by root, in guest directories owned by anyone, with any mode
+    "write_files": (caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN, caps.CAP_FOWNER),
+    "ping": (),
+}
+DAEMON_ENTRY = {"fuse2fs": "root", "qemu-storage-daemon": "export"}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A request the server will run, and what to note in the loop ledger around it."""
+
+    request: Request
+    loop: tuple[str, int] | None = None  # (backing, offset) attached or detached
+
+
+def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa: PLR0911 - one branch per operation
+    """Refused unless every argument is where imgprep keeps such things."""
+    match request:
+        case AttachLoop():
+            return Checked(request, (str(roots.disk_bytes(request.backing)), request.offset))
+        case DetachLoop():
+            backing, offset = loops.recorded(request.device)
+            roots.disk_bytes(backing)
+            return Checked(request, (backing, offset))
+        case MountFuse2fs():
+            roots.disk_bytes(request.image)
+            roots.work_area_entry(request.target, ("root",))
+            return Checked(request)
+        case MountKernel():
+            roots.disk_bytes(loops.recorded(request.device)[0])
+            roots.work_area_entry(request.target, ("root",))
+            roots.filesystem(request.fstype)
+            return Checked(request)
+        case Unmount() | IsLiveMount():
+            roots.work_area_entry(request.target, ("root", "export"))
+            return Checked(request)
+        case StartStorageDaemon():
+            roots.instance_disk(request.overlay)
+            if request.backing is not None:
+                roots.cached_base(request.backing)
+            export = roots.work_area_entry(request.export, ("export",))
+            pidfile = roots.work_area_entry(request.pidfile, ("storage-daemon.pid",))
+            if export.parent != pidfile.parent:
+                raise Refused("the export and the pid file are in different work areas")
+            return Checked(request)
+        case StopDaemons() | KillDaemons():
+            roots.work_area_entry(request.path, (DAEMON_ENTRY[request.program],))
+            return Checked(request)
+        case WriteFiles():
+            roots.mounted_guest(request.root)
+            return Checked(request)
+        case Ping():
+            return Checked(request)
+    raise Refused(f"unknown operation {request!r}")  # pragma: no cover - the union is closed
+
+
+def run(request: Request, timeout: float, export_owner: tuple[int, int] | None = None) -> Reply:
+    """Run a checked request in this (child) process."""
+    ops = InProcessPrivileged(Runner(default_timeout=timeout), export_owner)
+    match request:
+        case AttachLoop():
+            device = ops.attach_loop(
+                Path(request.backing), offset=request.offset, size=request.size
+            )
+            return Reply(ok=True, result=device)
+        case DetachLoop():
+            ops.detach_loop(request.device)
+        case MountFuse2fs():
+            ops.mount_fuse2fs(Path(request.image), Path(request.target), offset=request.offset)
+        case MountKernel():
+            ops.mount_kernel(request.device, Path(request.target), fstype=request.fstype)
+        case Unmount():
+            ops.unmount(Path(request.target))
+        case IsLiveMount():
+            return Reply(ok=True, result=ops.is_live_mount(Path(request.target)))
+        case StartStorageDaemon():
+            ops.start_storage_daemon(
+                Path(request.overlay),
+                backing=Path(request.backing) if request.backing else None,
+                backing_format=request.backing_format,
+                export=Path(request.export),
+                pidfile=Path(request.pidfile),
+            )
+        case StopDaemons():
+            pids = daemons.find(request.program, Path(request.path))
+            return Reply(ok=True, result=daemons.stop(pids, request.timeout))
+        case KillDaemons():
+            return Reply(
+                ok=True, result=daemons.kill(daemons.find(request.program, Path(request.path)))
+            )
+        case WriteFiles():
+            written = ops.write_files(
+                Path(request.root),
+                request.files,
+                disk=request.disk,
+                use_openat2=request.use_openat2,
+            )
+            return Reply(ok=True, result=written)
+        case Ping():
+            pass
+    return Reply(ok=True)

@@ -1,0 +1,228 @@
+"""The helper's server: a Unix socket, one request per connection, each run in its own child.
+
+The socket is mode 0660, owned by root and the group of the workers' user; on top of that each
+connection's peer is read with SO_PEERCRED, and only root and the workers' uid are served. A
+request is parsed strictly (helper.protocol), checked against the roots (helper.checks), run in
+a child process that holds only its operation's capabilities (helper.child), and answered.
+Every refusal is logged as `request_refused` with the operation, the reason and the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import socketserver
+import stat
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from domain.core.errors import PrivilegeRefused
+from helper.checks import Refused, Roots
+from helper.loop_ledger import LoopLedger
+from helper.operations import check
+from helper.protocol import MAX_REQUEST_BYTES, OPERATIONS, REQUEST, ErrorReply, Reply, Request
+
+log = structlog.get_logger(__name__)
+
+OPERATION_TIMEOUT = 300.0  # the longest any one tool call may take (mounts wait up to 120 s)
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class HelperConfig:
+    socket_path: Path
+    roots: Roots
+    state_dir: Path  # the helper's own (root, 0700): its loop ledger
+    allowed_uids: frozenset[int]
+    socket_gid: int
+    worker: tuple[int, int] | None = None  # the workers' uid and gid: owner of FUSE exports
+
+
+class Helper:
+    """Checks and runs requests; the transport is HelperServer."""
+
+    def __init__(self, config: HelperConfig) -> None:
+        self.config = config
+        self.loops = LoopLedger(config.state_dir)
+
+    def handle(self, raw: bytes, peer: Peer) -> Reply:  # noqa: PLR0911 - a refusal per check
+        if peer.uid not in self.config.allowed_uids:
+            return self._refuse("?", f"uid {peer.uid} is not served by this helper", peer)
+        op = "?"
+        try:
+            document = json.loads(raw)
+            if isinstance(document, dict):
+                op = str(document.get("op", "?"))
+            if op not in OPERATIONS:
+                return self._refuse(op, f"unknown operation {op!r}", peer)
+            request = REQUEST.validate_json(raw)
+            checked = check(request, self.config.roots, self.loops)
+        except ValidationError as error:
+            return self._refuse(op, f"malformed request: {_describe(error)}", peer)
+        except ValueError as error:
+            return self._refuse(op, f"malformed request: {error}", peer)
+        except Refused as error:
+            return self._refuse(op, str(error), peer)
+        if request.op == "ping":
+            return Reply(ok=True, result={"state_dir": str(self.config.roots.state_dir)})
+        if request.op == "attach_loop" and checked.loop:
+            self.loops.intend(*checked.loop)
+        reply = self._run_child(request, peer)
+        if checked.loop and request.op == "attach_loop":
+            if reply.ok and isinstance(reply.result, str):
+                self.loops.attached(*checked.loop, reply.result)
+            else:
+                self.loops.forget(*checked.loop)
+        if checked.loop and request.op == "detach_loop" and reply.ok:
+            self.loops.forget(*checked.loop)
+        return reply
+
+    def _run_child(self, request: Request, peer: Peer) -> Reply:
+        started = time.monotonic()
+        argv = [sys.executable, "-m", "helper.child", request.op, str(OPERATION_TIMEOUT)]
+        if self.config.worker is not None:
+            argv += [str(part) for part in self.config.worker]
+        try:
+            done = subprocess.run(
+                argv,
+                input=request.model_dump_json().encode(),
+                capture_output=True,
+                timeout=OPERATION_TIMEOUT + 30,
+                check=False,
+                cwd="/",
+            )
+        except subprocess.TimeoutExpired:
+            return _error("DeviceError", f"{request.op} did not finish within the helper's limit")
+        try:
+            reply = Reply.model_validate_json(done.stdout)
+        except ValidationError:
+            reply = _error(
+                "DeviceError",
+                f"{request.op} failed in the helper (exit {done.returncode}): "
+                f"{done.stderr.decode(errors='replace').strip()[-500:]}",
+            )
+        log.info(
+            "operation_run",
+            op=request.op,
+            ok=reply.ok,
+            error_class=reply.error.error_class if reply.error else None,
+            capabilities=(reply.capabilities or {}).get("effective"),
+            bounding=(reply.capabilities or {}).get("bounding"),
+            caller_uid=peer.uid,
+            caller_pid=peer.pid,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        return reply
+
+    def _refuse(self, op: str, reason: str, peer: Peer) -> Reply:
+        log.warning(
+            "request_refused", op=op, reason=reason, caller_uid=peer.uid, caller_pid=peer.pid
+        )
+        return _error(PrivilegeRefused.__name__, f"the privileged helper refused {op}: {reason}")
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"][1:]) or "request"
+    return f"{where}: {first['msg']}"
+
+
+def _error(error_class: str, message: str) -> Reply:
+    return Reply(ok=False, error=ErrorReply(error_class=error_class, message=message))
+
+
+def peer_of(connection: socket.socket) -> Peer:
+    raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
+
+
+def read_request(connection: socket.socket) -> bytes:
+    """One request: everything up to the first newline (or the end), at most MAX_REQUEST_BYTES."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            chunks.append(chunk[:newline])
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise ValueError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+    return b"".join(chunks)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: HelperServer
+
+    def handle(self) -> None:
+        connection: socket.socket = self.request
+        peer = peer_of(connection)
+        try:
+            raw = read_request(connection)
+        except (OSError, ValueError) as error:
+            reply = self.server.helper._refuse("?", str(error), peer)
+        else:
+            reply = self.server.helper.handle(raw, peer)
+        with contextlib.suppress(OSError):  # the caller gave up (its step ended)
+            connection.sendall(reply.model_dump_json().encode() + b"\n")
+
+
+class HelperServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, helper: Helper) -> None:
+        self.helper = helper
+        path = helper.config.socket_path
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # a socket a dead helper left; anything else is an error below
+        old_umask = os.umask(0o177)
+        try:
+            super().__init__(str(path), _Handler)
+        finally:
+            os.umask(old_umask)
+        os.chown(path, 0, helper.config.socket_gid)
+        os.chmod(path, 0o660)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.helper.config.socket_path.unlink()
+
+
+def serve(config: HelperConfig, **context: Any) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    server = HelperServer(Helper(config))
+    log.info(
+        "helper_started",
+        socket=str(config.socket_path),
+        uids=sorted(config.allowed_uids),
+        state_dir=str(config.roots.state_dir),
+        **context,
+    )
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
