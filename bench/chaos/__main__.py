@@ -20,7 +20,7 @@ from types import FrameType
 
 from bench.chaos.campaign import Options, run_campaign
 from bench.chaos.cluster import Tuning
-from bench.chaos.nemesis import KINDS, NemesisOptions
+from bench.chaos.nemesis import KINDS, SENTINEL_KINDS, NemesisOptions
 from bench.chaos.workload import WorkloadOptions
 
 
@@ -39,8 +39,14 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--max-gap", type=float, default=6.0, help="seconds between faults, max")
     parser.add_argument(
         "--faults",
-        default=",".join(KINDS),
-        help=f"fault kinds to inject, or none (default {','.join(KINDS)})",
+        default=None,
+        help=f"fault kinds to inject, or none (default {','.join(KINDS)}; with --sentinel "
+        "failover instead of redis_restart)",
+    )
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="Redis as a master, two replicas and three Sentinels; workers on the Sentinel URL",
     )
     parser.add_argument("--lease", type=float, default=6.0, help="lock.lease_seconds")
     parser.add_argument(
@@ -50,10 +56,18 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--report", type=Path, help="write the summary and history as JSON")
     args = parser.parse_args(argv)
-    kinds = tuple(k for k in args.faults.split(",") if k and k != "none")
-    unknown = set(kinds) - set(KINDS)
+    known = (*KINDS, *SENTINEL_KINDS)
+    default = [k for k in KINDS if k != "redis_restart"] + ["failover"] if args.sentinel else KINDS
+    kinds = tuple(k for k in (args.faults or ",".join(default)).split(",") if k and k != "none")
+    unknown = set(kinds) - set(known)
     if unknown:
-        parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+        parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(known)}")
+    if not args.sentinel and set(kinds) & set(SENTINEL_KINDS):
+        parser.error("the failover fault needs --sentinel (Redis behind Sentinel)")
+    if args.sentinel and "redis_restart" in kinds:
+        parser.error(
+            "with --sentinel, Redis goes away by failover (redis_restart restarts one server)"
+        )
     if args.hosts < 2 or args.workers < args.hosts:
         parser.error("a campaign needs two or more hosts and a worker on each")
     return Options(
@@ -70,6 +84,7 @@ def parse(argv: list[str] | None = None) -> Options:
             in_flight=args.in_flight, op_timeout=args.op_timeout, hostile=not args.no_hostile
         ),
         nemesis=NemesisOptions(min_gap=args.min_gap, max_gap=args.max_gap, kinds=kinds),
+        sentinel=args.sentinel,
     )
 
 

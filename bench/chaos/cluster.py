@@ -21,6 +21,7 @@ from celery import Celery
 from bench.chaos.sources import DENIED_ADDRESS
 from domain.cache.networks import loopback_allowed
 from worker.harness.redis_server import RedisServer
+from worker.harness.sentinel import SentinelRedis
 from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.redis_locks import LOCK_PREFIX
 from worker.settings import Settings
@@ -92,7 +93,7 @@ class Slot:
 @dataclass
 class Cluster:
     root: Path
-    redis_server: RedisServer
+    redis_server: RedisServer | SentinelRedis
     cache_dir: Path
     hosts: list[Host]
     slots: list[Slot]
@@ -226,7 +227,7 @@ class Cluster:
 
 def make_cluster(
     root: Path,
-    redis_server: RedisServer,
+    redis_server: RedisServer | SentinelRedis,
     *,
     hosts: int,
     workers: int,
@@ -247,7 +248,7 @@ def make_cluster(
     base_env = {
         **os.environ,
         "IMGPREP_CONFIG": str(REPO / "config" / "imgprep.toml"),
-        "IMGPREP_REDIS_URL": redis_server.url,
+        **redis_server.env(),
         "IMGPREP_CACHE_DIR": str(cache_dir),
         "IMGPREP_LOG_FORMAT": "json",
         "IMGPREP_LOG_LEVEL": "INFO",
@@ -262,7 +263,11 @@ def make_cluster(
         loopback_allowed((f"{DENIED_ADDRESS}/32",))
     )
     control = Celery("chaos-control", broker=redis_server.url, set_as_current=False)
-    control.conf.update(accept_content=["json"], task_serializer="json")
+    control.conf.update(
+        accept_content=["json"],
+        task_serializer="json",
+        broker_transport_options=redis_server.transport_options(),
+    )
     cluster = Cluster(
         root=root,
         redis_server=redis_server,

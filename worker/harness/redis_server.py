@@ -40,6 +40,14 @@ class RedisServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def env(self) -> dict[str, str]:
+        """The settings a worker needs to use it."""
+        return {"IMGPREP_REDIS_URL": self.url}
+
+    def transport_options(self) -> dict[str, object]:
+        """What a plain Celery app needs beside the URL (nothing, for one server)."""
+        return {}
+
     def client(self) -> redis.Redis:
         return redis.Redis(
             host="127.0.0.1",

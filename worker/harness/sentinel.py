@@ -83,6 +83,15 @@ class SentinelRedis:
         """The settings a worker needs to use it."""
         return {"IMGPREP_REDIS_URL": self.url, "IMGPREP_REDIS__MASTER_NAME": MASTER_NAME}
 
+    def transport_options(self) -> dict[str, object]:
+        """What a plain Celery app needs beside the URL: the master's name."""
+        return {"master_name": MASTER_NAME}
+
+    @property
+    def running(self) -> bool:
+        """Whether the Sentinels agree on a master."""
+        return self.master_port() is not None
+
     def client(self) -> redis.Redis:
         """A client of whichever server is the master (asks the Sentinels on each connect)."""
         return redis_client(self.url, self.settings, socket_timeout=10)
@@ -219,6 +228,10 @@ class SentinelRedis:
             )
         except (redis.RedisError, KeyError, TypeError, ValueError):
             return False
+
+    def ready_for_failover(self) -> bool:
+        """Whether a failover could happen now (see `_healthy`)."""
+        return self._healthy()
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Wait until a failover could happen again: see `_healthy`."""
