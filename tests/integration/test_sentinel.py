@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery.result import AsyncResult
@@ -27,7 +28,7 @@ from domain.core.models import PreparedDisk
 from domain.core.publish import Staged, publish_once, stale_temporaries
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, cluster_env, settings_from, unique
-from tests.integration.test_reliability import request_for
+from tests.integration.test_reliability import attempts, request_for
 from tests.support.waiting import wait_for
 from worker.app import create_app
 from worker.harness.image_server import ImageServer
@@ -253,3 +254,62 @@ def test_a_fence_is_never_handed_out_twice_across_a_failover(ha: SentinelRedis) 
     second.release()
     assert first.release() is False  # the new master never knew it
     client.close()
+
+
+def test_an_acknowledgement_the_failover_lost_runs_the_step_again_with_the_same_result(
+    ha: SentinelRedis, ha_cluster: Cluster, image_server: ImageServer
+) -> None:
+    # Given a worker on the Sentinel URL preparing a disk from an image that takes seconds,
+    cluster = ha_cluster
+    cluster.add_worker("a1")
+    name = unique("acked") + ".raw"
+    write_raw_image(image_server.root / name, size=16 * MiB, data=os.urandom(2 * MiB))
+    image_server.bytes_per_second = 4 * MiB
+    try:
+        result = cluster.client.prepare_disk(request_for(image_server.url(name), unique("img")))
+        wait_for(lambda: image_server.gets(name), timeout=60, what="the download to start")
+        # and the record of its fetch step's message as Redis holds it while the step runs
+        master = cluster.redis
+        index: Any = master.zrange("unacked_index", 0, -1, withscores=True)
+        held: dict[str, Any] = {
+            "unacked": master.hgetall("unacked"),
+            "unacked_owner": master.hgetall("unacked_owner"),
+            "unacked_index": dict(index),
+        }
+        assert held["unacked"] and held["unacked_owner"]
+        first = cluster.client.wait_prepared(result, timeout=120)
+    finally:
+        image_server.bytes_per_second = None
+    fetches = attempts(cluster, result, "fetch_to_cache")
+    wait_for(lambda: master.hlen("unacked") == 0, timeout=60, what="every step acknowledged")
+    master.execute_command("WAIT", 2, 10000)  # type: ignore[no-untyped-call]
+
+    # When the master dies after acknowledging, before its replicas got the acknowledgement
+    for server in ha.servers:
+        if server.port == ha.master().port or not server.running:
+            continue
+        replica = server.client()
+        try:
+            replica.config_set("replica-read-only", "no")
+            replica.hset("unacked", mapping=held["unacked"])
+            replica.hset("unacked_owner", mapping=held["unacked_owner"])
+            replica.zadd("unacked_index", held["unacked_index"])
+            replica.config_set("replica-read-only", "yes")
+        finally:
+            replica.close()
+    ha.kill_master()
+
+    # Then the worker, reconnected to the new master, puts the message back and runs the step
+    # again; it finds its artifact, the operation's result is the same, nothing downloads again
+    wait_for(
+        lambda: attempts(cluster, result, "fetch_to_cache") > fetches,
+        timeout=120,
+        what="the step whose acknowledgement was lost to run again",
+    )
+    client = cluster.redis
+    wait_for(lambda: client.hlen("unacked") == 0, timeout=120, what="it to be acknowledged")
+    again = wait_through_failovers(cluster, result.id, 120)
+    assert again == first
+    assert image_server.gets(name) == 1
+    assert round_trip(cluster) == {w.nodename for w in cluster.workers}
+    cluster.assert_clean()
