@@ -1,7 +1,7 @@
 """Redis URLs as imgprep accepts them: one server (`redis://`, `rediss://`, `unix://`), or the
 Sentinels of a replicated Redis in Celery's form, `sentinel://h1:26379;sentinel://h2:26379/0`
-(each Sentinel a `;`-separated URL, the database number on any of them; the master's name is a
-setting of its own, `redis.master_name`).
+(each Sentinel a `;`-separated URL, the database number on any of them, put on each by
+`normalised`; the master's name is a setting of its own, `redis.master_name`).
 """
 
 from __future__ import annotations
@@ -71,6 +71,14 @@ def parse_sentinel(url: str) -> SentinelUrl:
         username=username or None,
         password=password,
     )
+
+
+def normalised(url: str) -> str:
+    """A Sentinel URL with its database on every part: kombu takes the database from the first
+    URL only, Celery's result backend from the first, and a reader from the last."""
+    db = parse_sentinel(url).db
+    parts = [urlsplit(chunk.strip()) for chunk in url.split(SEPARATOR) if chunk.strip()]
+    return SEPARATOR.join(part._replace(path=f"/{db}").geturl() for part in parts)
 
 
 def with_password(url: str, password: str | None, username: str | None = None) -> str:

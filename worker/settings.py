@@ -36,7 +36,7 @@ from pydantic_settings import (
 
 from domain.cache.networks import DEFAULT_DENIED_NETWORKS
 from domain.core.models import HostId
-from worker.redis_urls import is_sentinel, parse_sentinel
+from worker.redis_urls import is_sentinel, normalised
 
 ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
@@ -52,8 +52,7 @@ def _redis_url(value: str) -> str:
     """A `redis://`, `rediss://` or `unix://` URL (normalised as pydantic's RedisDsn does), or
     Sentinels in Celery's form `sentinel://h1:26379;sentinel://h2:26379/0`."""
     if is_sentinel(value):
-        parse_sentinel(value)
-        return value.strip()
+        return normalised(value)
     return str(_REDIS_DSN.validate_python(value))
 
 

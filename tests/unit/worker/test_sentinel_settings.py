@@ -30,7 +30,13 @@ def test_a_sentinel_url_with_its_master_name_is_accepted(clean_env: pytest.Monke
     clean_env.setenv("IMGPREP_REDIS__SENTINEL_PASSWORD", "watch")
     settings = load_settings()
     assert settings.sentinel
-    assert settings.broker == settings.results == settings.coordination == SENTINELS
+    # the database on every Sentinel's URL: kombu reads it from the first, Celery too
+    assert (
+        settings.broker
+        == settings.results
+        == settings.coordination
+        == ("sentinel://10.0.0.1:26379/2;sentinel://10.0.0.2:26380/2;sentinel://s3/2")
+    )
     assert parse_sentinel(SENTINELS).sentinels == (
         ("10.0.0.1", 26379),
         ("10.0.0.2", 26380),
@@ -76,7 +82,7 @@ def test_celery_gets_the_master_name_and_sentinel_options(clean_env: pytest.Monk
     )
     config = celery_config(settings)
     assert config["broker_url"] == (
-        "sentinel://:pw@10.0.0.1:26379;sentinel://:pw@10.0.0.2:26380;sentinel://:pw@s3/2"
+        "sentinel://:pw@10.0.0.1:26379/2;sentinel://:pw@10.0.0.2:26380/2;sentinel://:pw@s3/2"
     )
     assert config["result_backend"] == config["broker_url"]
     options = config["broker_transport_options"]
@@ -114,3 +120,29 @@ def test_the_factory_makes_a_master_client_with_todays_timeouts() -> None:
     plain = redis_client("redis://127.0.0.1:1/0", RedisSettings(password="pw"))
     assert plain.get_connection_kwargs()["socket_timeout"] == 30.0
     assert plain.get_connection_kwargs()["password"] == "pw"
+
+
+def test_kombu_flower_and_beat_read_the_sentinels_from_the_app(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    from flower.utils.broker import Broker, RedisSentinel
+
+    from worker.app import create_app
+    from worker.broker import SentinelTransport
+
+    settings = Settings(
+        redis_url="sentinel://127.0.0.1:1;sentinel://127.0.0.1:2/3",
+        redis={"master_name": "imgprep"},
+    )
+    app = create_app(settings)
+    with app.connection_for_write() as connection:
+        assert connection.transport_cls == "sentinel"
+        assert isinstance(connection.transport, SentinelTransport)
+        assert connection.alt == ["sentinel://127.0.0.1:1/3", "sentinel://127.0.0.1:2/3"]
+        uri = connection.as_uri(include_password=True)
+    # Flower's queue view (what `imgprep flower` shows as broker queues)
+    broker = Broker(uri, http_api=None, broker_options=app.conf.broker_transport_options)
+    assert isinstance(broker, RedisSentinel)
+    assert (broker.master_name, broker.vhost) == ("imgprep", 3)
+    # beat publishes with the same app configuration
+    assert app.conf.broker_transport_options["master_name"] == "imgprep"
