@@ -78,6 +78,9 @@ return 0
 
 _SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
 _REDIS_PAUSE = 1.0  # between attempts of a waiter that cannot reach Redis
+# A renewal that could not reach Redis (a restart, a failover) is tried again this soon, not a
+# whole renewal period later: the lease must be extended on the new master before it runs out.
+_RENEW_RETRY = 0.5
 _ROLE_CACHE_SECONDS = 10.0  # how long a master's count of replicas is trusted
 _replicas_seen: dict[int, tuple[float, int]] = {}  # connection pool → (until, replicas)
 
@@ -141,6 +144,7 @@ class LeaseLock:
         self._fence: int | None = None
         self._lost = threading.Event()
         self._last_renewed = 0.0
+        self._renewal_failed = False
         self._acquire_script = client.register_script(_ACQUIRE)
         self._release_script = client.register_script(_RELEASE)
         self._extend_script = client.register_script(_EXTEND)
@@ -305,7 +309,9 @@ class LeaseLock:
                 self._lost.set()
                 return False
             log.info("lock_renewal_retrying", lock=self.name, error=str(error))
+            self._renewal_failed = True
             return True
+        self._renewal_failed = False
         if not extended:
             if self._fence is not None:  # not a release that raced the renewal
                 log.warning("lock_lease_lost", lock=self.name)
@@ -367,6 +373,14 @@ class _Renewer:
             for lock in due:
                 if not lock._renew():
                     self.remove(lock)
+                elif lock._renewal_failed:
+                    self.soon(lock)
+
+    def soon(self, lock: LeaseLock) -> None:
+        """Renew `lock` again shortly (its last renewal could not reach Redis)."""
+        with self._wake:
+            if lock in self._due:
+                self._due[lock] = time.monotonic() + min(lock.renew_every, _RENEW_RETRY)
 
 
 RENEWER = _Renewer()
