@@ -23,7 +23,7 @@ import pytest
 from celery.result import AsyncResult
 
 from domain.cache.directory import cache_key
-from domain.core.errors import LockLost
+from domain.core.errors import LockBusy, LockLost
 from domain.core.models import PreparedDisk
 from domain.core.publish import Staged, publish_once, stale_temporaries
 from tests.conftest import write_raw_image
@@ -313,3 +313,29 @@ def test_an_acknowledgement_the_failover_lost_runs_the_step_again_with_the_same_
     assert image_server.gets(name) == 1
     assert round_trip(cluster) == {w.nodename for w in cluster.workers}
     cluster.assert_clean()
+
+
+def test_a_lock_a_replica_confirmed_outlives_a_failover(ha: SentinelRedis) -> None:
+    # Given a lock taken on the master and confirmed by a replica (WAIT 1), renewed every 3 s
+    client = ha.client()
+    lock = LeaseLock(client, unique("lock"), lease=10, renew_every=3, wait=5, replica_ack=1)
+    lock.acquire()
+    try:
+        # When the master dies and a replica takes over
+        ha.kill_master()
+
+        # Then the lock is still its holder's on the new master: its renewal reached the new
+        # master within the lease, and the fence check before publishing passes
+        wait_for(
+            lambda: client.pttl(lock.key) > 10_000 - 3_500,
+            timeout=30,
+            what="the lease to be renewed on the new master",
+        )
+        assert not lock.lost
+        lock.ensure_held()
+        other = LeaseLock(ha.client(), lock.name, lease=10, renew_every=3, wait=0.5)
+        with pytest.raises(LockBusy):
+            other.acquire()
+    finally:
+        assert lock.release() is True
+        client.close()
