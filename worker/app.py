@@ -20,7 +20,10 @@ from celery import Celery
 from worker.broker import RestoreStranded, use_for_redis_urls
 from worker.hosts import Heartbeat
 from worker.pool import POOL
+from worker.redis_connect import sentinel_options
+from worker.redis_urls import is_sentinel, with_password
 from worker.results import BACKEND as RESULT_BACKEND
+from worker.results import SENTINEL_BACKEND as RESULT_SENTINEL_BACKEND
 from worker.routing import DEFAULT_QUEUE
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
@@ -69,8 +72,27 @@ def result_write_retries(outage_seconds: float) -> dict[str, int]:
     }
 
 
+def redis_urls(settings: Settings) -> dict[str, Any]:
+    """The broker's and the result backend's URLs, with the Redis password of the settings when
+    they carry none, and for Sentinel URLs the master's name and how to reach the Sentinels
+    (kombu's and Celery's `master_name` and `sentinel_kwargs` transport options)."""
+    password = settings.redis.password.get_secret_value() or None
+    config: dict[str, Any] = {
+        "broker_url": with_password(settings.broker, password),
+        "result_backend": with_password(settings.results, password),
+    }
+    sentinels = {
+        "master_name": settings.redis.master_name,
+        "sentinel_kwargs": sentinel_options(settings.redis),
+    }
+    if is_sentinel(settings.results):
+        config["result_backend_transport_options"] = sentinels
+    return config | ({"sentinel": sentinels} if is_sentinel(settings.broker) else {})
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from imgprep settings."""
+    urls = redis_urls(settings)
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         # How often a worker looks for messages whose worker died (unacknowledged for longer
@@ -78,13 +100,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": min(60, max(1, settings.visibility_timeout // 20)),
         "unacked_restore_throttle": 1,
         "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        # Sentinel URLs (sentinel://h1:26379;...): the master's name, the Sentinels' options
+        **urls.pop("sentinel", {}),
     }
     return {
-        "broker_url": settings.broker,
-        "result_backend": settings.results,
+        **urls,
         # Results are stored without credentials: arguments and error texts with every URL
         # redacted (worker.results); a client reads the same records as from Celery's backend.
-        "override_backends": {"redis": RESULT_BACKEND, "rediss": RESULT_BACKEND},
+        "override_backends": {
+            "redis": RESULT_BACKEND,
+            "rediss": RESULT_BACKEND,
+            "sentinel": RESULT_SENTINEL_BACKEND,
+        },
         # JSON only: a pickle payload from the broker would be code execution.
         "task_serializer": "json",
         "result_serializer": "json",

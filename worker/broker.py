@@ -29,6 +29,12 @@ Upstream behaviours, checked in kombu 5.7 and Celery 5.7, that lose or strand me
   bootstep that runs each time the worker has connected again, puts back every message this
   process owns that no running step holds.
 
+Sentinel URLs (`sentinel://h1:26379;sentinel://h2:26379/0`, with `master_name` and
+`sentinel_kwargs` in `broker_transport_options`) get the same fixes over kombu's Sentinel
+transport (`SentinelTransport`): the channel asks the Sentinels for the master each time it
+connects, so after a failover the worker reconnects to the new master, restores what the lost
+connection stranded, and takes messages with the same claim script.
+
 Consumers with `no_ack` (Flower's and `celery inspect`'s replies), a `global_keyprefix`, or a
 Redis older than 6.2 (no BLMOVE) keep kombu's BRPOP. Publishing is kombu's, so plain Celery
 clients in any language are unaffected. `create_app` makes `redis://` URLs use this transport
@@ -45,6 +51,7 @@ from collections.abc import Sequence
 from queue import Empty
 from time import monotonic, time
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from celery import bootsteps
@@ -52,10 +59,15 @@ from celery.worker.state import active_requests
 from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from redis import Redis
+from redis.sentinel import Sentinel
+
+from worker.redis_urls import DEFAULT_SENTINEL_PORT
 
 log = structlog.get_logger(__name__)
 
 TRANSPORT = "worker.broker:Transport"
+SENTINEL_TRANSPORT = "worker.broker:SentinelTransport"
 OWNER_KEY = "unacked_owner"  # delivery tag → the consumer process that took it
 CONSUMERS_KEY = "unacked_consumers"  # consumer process → its last beat, Redis's clock
 CLOCK_KEY = "unacked_clock"  # Redis's run id at the last beat, and that beat's time
@@ -133,11 +145,13 @@ _consumer_ids: dict[int, str] = {}  # pid → id: a forked child is a consumer o
 
 
 def use_for_redis_urls() -> None:
-    """Make kombu use `Transport` for `redis://` URLs in this process."""
-    if kombu_transports.TRANSPORT_ALIASES.get("redis") != TRANSPORT:
-        kombu_transports.TRANSPORT_ALIASES["redis"] = TRANSPORT
-        # kombu caches the class of each alias it resolved; forget one resolved before this
-        kombu_transports._transport_cache.pop("redis", None)
+    """Make kombu use `Transport` for `redis://` URLs, and `SentinelTransport` for
+    `sentinel://` ones, in this process."""
+    for alias, transport in (("redis", TRANSPORT), ("sentinel", SENTINEL_TRANSPORT)):
+        if kombu_transports.TRANSPORT_ALIASES.get(alias) != transport:
+            kombu_transports.TRANSPORT_ALIASES[alias] = transport
+            # kombu caches the class of each alias it resolved; forget one resolved before this
+            kombu_transports._transport_cache.pop(alias, None)
 
 
 def consumer_id() -> str:
@@ -422,6 +436,59 @@ class Transport(kombu_redis.Transport):
             except Exception as error:  # the heartbeat must outlive any one failure
                 log.error("consumer_heartbeat_crashed", error=str(error), exc_info=True)
             return
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """`Channel` over kombu's Sentinel channel: the master is asked of the Sentinels each time
+    a connection is made, so the channel follows a failover."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *Channel.from_transport_options,
+        "master_name",
+        "min_other_sentinels",
+        "sentinel_kwargs",
+        "sentinel_fanout_compat",
+    )
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        # kombu reads the Sentinels from the connection, which is gone once the transport
+        # closed (a channel closed after a lost connection still restores its messages, as
+        # `Channel._connparams` allows): keep them from the first time.
+        known: list[str] = self.__dict__.setdefault("_known_sentinel_urls", [])
+        if self.connection.client is not None:
+            known[:] = list(self.connection.client.alt)
+        connparams = self._connparams(asynchronous)
+        params = {k: v for k, v in connparams.items() if k not in ("host", "port")}
+        sentinels = []
+        for url in known:
+            parsed = urlsplit(url)
+            if parsed.scheme == "sentinel" and parsed.hostname:
+                sentinels.append((parsed.hostname, parsed.port or DEFAULT_SENTINEL_PORT))
+        if not sentinels:
+            sentinels.append((connparams["host"], connparams["port"]))
+        manager = Sentinel(  # type: ignore[no-untyped-call]
+            sentinels,
+            min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **params,
+        )
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        master_name = getattr(self, "master_name", None)
+        if not master_name:
+            raise ValueError("'master_name' transport option must be specified.")
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        master = manager.master_for(master_name, Redis, **credentials)  # type: ignore[no-untyped-call]
+        return master.connection_pool
+
+
+class SentinelTransport(Transport, kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with the fixes of `Transport`."""
+
+    Channel = SentinelChannel
+    default_port = DEFAULT_SENTINEL_PORT
 
 
 class RestoreStranded(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -30,6 +30,7 @@ from worker.harness.guest_files import read_guest_file
 from worker.harness.image_server import ImageServer
 from worker.harness.sample_images import Partition, partitioned_disk
 from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.redis_connect import redis_client
 from worker.settings import Settings, ensure_directories, get_settings
 from worker.sizes import human
 
@@ -59,8 +60,9 @@ def build_image(directory: Path) -> tuple[Path, str]:
 
 def redis_answers(settings: Settings) -> bool:
     try:
-        return bool(redis.Redis.from_url(settings.coordination, socket_connect_timeout=3).ping())
-    except redis.RedisError:
+        client = redis_client(settings.coordination, settings.redis, socket_connect_timeout=3)
+        return bool(client.ping())
+    except (redis.RedisError, ValueError):
         return False
 
 

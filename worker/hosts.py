@@ -300,9 +300,9 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = get_settings()
         consumes = host_queue(settings.host_id) in worker.app.amqp.queues.consume_from
         if consumes:  # announced before the worker reports ready, so its host is live by then
-            from worker.runtime import redis_client
+            from worker.redis_connect import redis_client
 
-            client = redis_client(settings.coordination)
+            client = redis_client(settings.coordination, settings.redis)
             try:
                 HostRegistry(client, settings.hosts, settings.result_expires).beat(settings.host_id)
             except RedisError as error:
@@ -324,9 +324,9 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
             self._thread.join(timeout=5)
 
     def _run(self, app: Celery, settings: Settings, consumes: bool) -> None:
-        from worker.runtime import redis_client
+        from worker.redis_connect import redis_client
 
-        client = redis_client(settings.coordination)
+        client = redis_client(settings.coordination, settings.redis)
         registry = HostRegistry(client, settings.hosts, settings.result_expires)
         try:
             while True:

@@ -38,9 +38,20 @@ FENCE_KEY = "imgprep:fence"
 
 # KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] lease ms.
 # Returns {fence, 0} when acquired, {0, pttl} when held by someone else.
+# A fence is never below Redis's clock in microseconds: a failover to a replica that had not
+# received the last increments would otherwise hand out a fence again (and two holders would
+# share temporaries, `<target>.part.<fence>`); a new master's clock is past every fence the old
+# one gave (a failover takes seconds), so fences stay unique and growing across failovers.
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {redis.call('INCR', KEYS[2]), 0}
+  local fence = redis.call('INCR', KEYS[2])
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if fence < floor then
+    fence = floor
+    redis.call('SET', KEYS[2], string.format('%d', floor))
+  end
+  return {fence, 0}
 end
 return {0, redis.call('PTTL', KEYS[1])}
 """
@@ -67,6 +78,32 @@ return 0
 
 _SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
 _REDIS_PAUSE = 1.0  # between attempts of a waiter that cannot reach Redis
+# A renewal that could not reach Redis (a restart, a failover) is tried again this soon, not a
+# whole renewal period later: the lease must be extended on the new master before it runs out.
+_RENEW_RETRY = 0.5
+_ROLE_CACHE_SECONDS = 10.0  # how long a master's count of replicas is trusted
+_replicas_seen: dict[int, tuple[float, int]] = {}  # connection pool → (until, replicas)
+
+
+def attached_replicas(client: redis.Redis) -> int:
+    """How many replicas the master `client` talks to has (ROLE; trusted for 10 s). 0 when it
+    cannot tell: a lock is then not held up waiting for replicas."""
+    key = id(client.connection_pool)
+    now = time.monotonic()
+    cached = _replicas_seen.get(key)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    try:
+        role = client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+        replicas = len(role[2]) if _text(role[0]) == "master" else 0
+    except (RedisError, IndexError, TypeError):
+        replicas = 0
+    _replicas_seen[key] = (now + _ROLE_CACHE_SECONDS, replicas)
+    return replicas
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def longest_block(client: redis.Redis) -> float | None:
@@ -91,10 +128,12 @@ class LeaseLock:
         lease: float,
         renew_every: float,
         wait: float,
+        replica_ack: float = 0.0,
     ) -> None:
         if renew_every >= lease:
             raise ValueError("renew_every must be shorter than the lease")
         self.client = client
+        self.replica_ack = replica_ack
         self.name = name
         self.key = LOCK_PREFIX + name
         self.signal_key = WAKE_PREFIX + name
@@ -105,6 +144,7 @@ class LeaseLock:
         self._fence: int | None = None
         self._lost = threading.Event()
         self._last_renewed = 0.0
+        self._renewal_failed = False
         self._acquire_script = client.register_script(_ACQUIRE)
         self._release_script = client.register_script(_RELEASE)
         self._extend_script = client.register_script(_EXTEND)
@@ -147,6 +187,7 @@ class LeaseLock:
                 self._fence = int(fence)
                 self._lost.clear()
                 self._start_renewing()
+                self._confirm_replicated()
                 log.debug(
                     "lock_acquired",
                     lock=self.name,
@@ -172,6 +213,26 @@ class LeaseLock:
                     self._redis(self.client.blpop, [self.signal_key], timeout=block)
                 except CoordinationUnavailable as error:
                     self._pause_for_redis(error, deadline)
+
+    def _confirm_replicated(self) -> None:
+        """Wait (up to `replica_ack` s) for a replica to have the lock (WAIT 1), so that a
+        failover just after taking it does not forget it; only when the master has replicas.
+        A lock no replica confirmed is still used: the fence check before publishing, on
+        whichever server is the master then, decides (README, "Redis with Sentinel")."""
+        if self.replica_ack <= 0 or not attached_replicas(self.client):
+            return
+        wait = self.replica_ack
+        if self._longest_block is not None:
+            wait = min(wait, self._longest_block)
+        try:
+            acknowledged = self.client.execute_command(  # type: ignore[no-untyped-call]
+                "WAIT", 1, max(1, int(wait * 1000))
+            )
+        except RedisError as error:
+            log.info("lock_replication_unconfirmed", lock=self.name, error=str(error))
+            return
+        if not acknowledged:
+            log.warning("lock_replication_unconfirmed", lock=self.name, waited_seconds=wait)
 
     def _pause_for_redis(self, error: CoordinationUnavailable, deadline: float) -> None:
         """Wait a moment for Redis to come back, or give up when the wait's budget is spent."""
@@ -248,7 +309,9 @@ class LeaseLock:
                 self._lost.set()
                 return False
             log.info("lock_renewal_retrying", lock=self.name, error=str(error))
+            self._renewal_failed = True
             return True
+        self._renewal_failed = False
         if not extended:
             if self._fence is not None:  # not a release that raced the renewal
                 log.warning("lock_lease_lost", lock=self.name)
@@ -310,6 +373,14 @@ class _Renewer:
             for lock in due:
                 if not lock._renew():
                     self.remove(lock)
+                elif lock._renewal_failed:
+                    self.soon(lock)
+
+    def soon(self, lock: LeaseLock) -> None:
+        """Renew `lock` again shortly (its last renewal could not reach Redis)."""
+        with self._wake:
+            if lock in self._due:
+                self._due[lock] = time.monotonic() + min(lock.renew_every, _RENEW_RETRY)
 
 
 RENEWER = _Renewer()
@@ -319,14 +390,26 @@ class RedisLockFactory:
     """Makes LeaseLocks with the configured lease, renewal and wait."""
 
     def __init__(
-        self, client: redis.Redis, *, lease: float, renew_every: float, wait: float
+        self,
+        client: redis.Redis,
+        *,
+        lease: float,
+        renew_every: float,
+        wait: float,
+        replica_ack: float = 0.0,
     ) -> None:
         self.client = client
         self.lease = lease
         self.renew_every = renew_every
         self.wait = wait
+        self.replica_ack = replica_ack
 
     def __call__(self, name: str) -> LeaseLock:
         return LeaseLock(
-            self.client, name, lease=self.lease, renew_every=self.renew_every, wait=self.wait
+            self.client,
+            name,
+            lease=self.lease,
+            renew_every=self.renew_every,
+            wait=self.wait,
+            replica_ack=self.replica_ack,
         )

@@ -12,19 +12,22 @@ failure, README "Wire contract"), although imgprep defines them in domain.core.e
 backend writes that name and reads it back as domain.core.errors (and tasks.errors, an alias
 of domain.core.errors, serves Python clients that use Celery's own backend).
 
-`celery_config` selects it for `redis://` and `rediss://` result backends (`override_backends`).
+`celery_config` selects it for `redis://` and `rediss://` result backends, and its Sentinel
+variant (Celery's SentinelBackend: the master found through the Sentinels, again after a
+failover) for `sentinel://` ones (`override_backends`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from domain.core import errors
 from domain.core.redaction import redacted, redacted_text
 
 BACKEND = "worker.results:RedactingRedisBackend"
+SENTINEL_BACKEND = "worker.results:RedactingSentinelBackend"
 ERROR_STATES = frozenset({"FAILURE", "RETRY"})
 # The module imgprep's errors are published under (`exc_module`), and where they are defined.
 ERRORS_WIRE_MODULE = "tasks.errors"
@@ -54,16 +57,17 @@ def stored_form(meta: dict[str, Any]) -> dict[str, Any]:
     return safe
 
 
-class RedactingRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis result backend; every record it writes goes through `stored_form`."""
+class Redacting:
+    """What imgprep's result backends store and read back: every record through `stored_form`,
+    errors under their wire module."""
 
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # The key-value backends (Redis among them) call this without `encode`: the arguments
         # are still Python values here, and the whole record is encoded once afterwards.
-        return stored_form(super()._get_result_meta(*args, **kwargs))
+        return stored_form(super()._get_result_meta(*args, **kwargs))  # type: ignore[misc]
 
     def prepare_exception(self, exc: BaseException, serializer: Any = None) -> Any:
-        prepared = super().prepare_exception(exc, serializer)
+        prepared = super().prepare_exception(exc, serializer)  # type: ignore[misc]
         if isinstance(prepared, dict) and prepared.get("exc_module") == errors.__name__:
             prepared["exc_module"] = ERRORS_WIRE_MODULE
         return prepared
@@ -71,4 +75,12 @@ class RedactingRedisBackend(RedisBackend):  # type: ignore[misc]
     def exception_to_python(self, exc: Any) -> Any:
         if isinstance(exc, dict) and exc.get("exc_module") == ERRORS_WIRE_MODULE:
             exc = {**exc, "exc_module": errors.__name__}
-        return super().exception_to_python(exc)
+        return super().exception_to_python(exc)  # type: ignore[misc]
+
+
+class RedactingRedisBackend(Redacting, RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend; every record it writes goes through `stored_form`."""
+
+
+class RedactingSentinelBackend(Redacting, SentinelBackend):  # type: ignore[misc]
+    """Celery's Redis Sentinel result backend, redacting as `RedactingRedisBackend` does."""

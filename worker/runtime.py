@@ -19,6 +19,7 @@ from domain.core.ports import PrivilegedOperations
 from domain.core.runner import Limits, Runner
 from domain.disks.instance_disks import DiskContext
 from worker.helper_client import HelperClient
+from worker.redis_connect import COMMAND_TIMEOUT_SECONDS, redis_client
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
 from worker.redis_references import RedisReferences
@@ -48,6 +49,7 @@ class Runtime:
             lease=self.settings.lock.lease_seconds,
             renew_every=self.settings.lock.renew_seconds,
             wait=0.0,
+            replica_ack=self.settings.lock.replica_ack_seconds,
         )
 
     @property
@@ -117,28 +119,8 @@ class Runtime:
         )
 
 
-# No command of ours takes this long on a healthy Redis: a reply later than this means the
-# connection is dead (a host gone without closing it), and the command fails instead of hanging
-# the step. Blocking waits (lock waiters' BLPOP) block at most half of it at a time
-# (worker.redis_locks.longest_block), so they never run into it.
-COMMAND_TIMEOUT_SECONDS = 30.0
-
-
-def redis_client(url: str) -> redis.Redis:
-    """A client for coordination: an explicit read timeout (redis-py 8 would give it 5 s),
-    quick connects, keep-alive, and a health check of connections idle for 15 s."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=COMMAND_TIMEOUT_SECONDS,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-        health_check_interval=15,
-        decode_responses=False,
-    )
-
-
 def build_runtime(settings: Settings) -> Runtime:
-    client = redis_client(settings.coordination)
+    client = redis_client(settings.coordination, settings.redis)
     return Runtime(
         settings=settings,
         redis=client,
@@ -147,9 +129,13 @@ def build_runtime(settings: Settings) -> Runtime:
             lease=settings.lock.lease_seconds,
             renew_every=settings.lock.renew_seconds,
             wait=settings.lock.wait_seconds,
+            replica_ack=settings.lock.replica_ack_seconds,
         ),
         runner=Runner(default_timeout=settings.qemu.command_timeout_seconds),
     )
+
+
+__all__ = ["COMMAND_TIMEOUT_SECONDS", "Runtime", "build_runtime", "redis_client", "runtime"]
 
 
 @functools.cache

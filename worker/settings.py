@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     IPvAnyNetwork,
     RedisDsn,
+    SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -33,6 +36,7 @@ from pydantic_settings import (
 
 from domain.cache.networks import DEFAULT_DENIED_NETWORKS
 from domain.core.models import HostId
+from worker.redis_urls import is_sentinel, normalised
 
 ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
@@ -40,6 +44,20 @@ CONFIG_ENV = "IMGPREP_CONFIG"
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "imgprep.toml"
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+
+_REDIS_DSN: TypeAdapter[RedisDsn] = TypeAdapter(RedisDsn)
+
+
+def _redis_url(value: str) -> str:
+    """A `redis://`, `rediss://` or `unix://` URL (normalised as pydantic's RedisDsn does), or
+    Sentinels in Celery's form `sentinel://h1:26379;sentinel://h2:26379/0`."""
+    if is_sentinel(value):
+        return normalised(value)
+    return str(_REDIS_DSN.validate_python(value))
+
+
+# Where Redis is: one server, or the Sentinels of a replicated one (redis.master_name).
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 
 class _Group(BaseModel):
@@ -52,6 +70,10 @@ class LockSettings(_Group):
     lease_seconds: PositiveSeconds = 30.0
     renew_seconds: PositiveSeconds = 10.0
     wait_seconds: PositiveSeconds = 900.0
+    # After taking a lock, wait up to this long for a replica to confirm it (WAIT 1), so a
+    # failover right after is less likely to forget it; only while the master has replicas.
+    # 0: never wait.
+    replica_ack_seconds: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="after")
     def _renew_within_lease(self) -> LockSettings:
@@ -141,6 +163,20 @@ class HostSettings(_Group):
         return self
 
 
+class RedisSettings(_Group):
+    """A replicated Redis behind Sentinel (the URLs are `sentinel://...`), and passwords."""
+
+    # The name the Sentinels know the master by (their `sentinel monitor <name> ...`); required
+    # with a sentinel:// URL ("" otherwise).
+    master_name: str = ""
+    # Password of the Redis servers (master and replicas), when the URLs carry none ("": none).
+    password: SecretStr = SecretStr("")
+    # Password of the Sentinels themselves (their `requirepass`; "": none).
+    sentinel_password: SecretStr = SecretStr("")
+    # Seconds a Sentinel may take to answer which server is the master.
+    sentinel_timeout_seconds: PositiveSeconds = 5.0
+
+
 class MetricsSettings(_Group):
     """The Prometheus endpoint each worker serves."""
 
@@ -176,9 +212,9 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    redis_url: RedisDsn = RedisDsn("redis://localhost:6379/0")
-    broker_url: RedisDsn | None = None
-    result_backend: RedisDsn | None = None
+    redis_url: RedisUrl = "redis://localhost:6379/0"
+    broker_url: RedisUrl | None = None
+    result_backend: RedisUrl | None = None
     cache_dir: Path = Path("/var/lib/imgprep/cache")
     instances_dir: Path = Path("/var/lib/imgprep/instances")
     state_dir: Path = Path("/var/lib/imgprep/state")
@@ -203,6 +239,7 @@ class Settings(BaseSettings):
     mount: MountSettings = MountSettings()
     hosts: HostSettings = HostSettings()
     privileges: PrivilegeSettings = PrivilegeSettings()
+    redis: RedisSettings = RedisSettings()
 
     @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod
@@ -227,6 +264,29 @@ class Settings(BaseSettings):
         if self.lock.wait_seconds >= self.step_time_limit:
             raise ValueError("lock.wait_seconds must be shorter than step_time_limit")
         return self
+
+    @model_validator(mode="after")
+    def _sentinel_has_master(self) -> Settings:
+        named = [
+            env
+            for env, url in (
+                ("IMGPREP_REDIS_URL", self.redis_url),
+                ("IMGPREP_BROKER_URL", self.broker_url),
+                ("IMGPREP_RESULT_BACKEND", self.result_backend),
+            )
+            if url and is_sentinel(url)
+        ]
+        if named and not self.redis.master_name:
+            raise ValueError(
+                f"{named[0]} names Sentinels: set IMGPREP_REDIS__MASTER_NAME to the name they "
+                "monitor the master by (their 'sentinel monitor <name> ...')"
+            )
+        return self
+
+    @property
+    def sentinel(self) -> bool:
+        """Whether any of the URLs is a Sentinel URL."""
+        return any(is_sentinel(url) for url in (self.broker, self.results, self.coordination))
 
     @property
     def soft_time_limit(self) -> float:

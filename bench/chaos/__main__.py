@@ -20,7 +20,7 @@ from types import FrameType
 
 from bench.chaos.campaign import Options, run_campaign
 from bench.chaos.cluster import Tuning
-from bench.chaos.nemesis import KINDS, PRIVSEP_KINDS, NemesisOptions
+from bench.chaos.nemesis import KINDS, PRIVSEP_KINDS, SENTINEL_KINDS, NemesisOptions
 from bench.chaos.workload import WorkloadOptions
 
 
@@ -45,8 +45,14 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--max-gap", type=float, default=6.0, help="seconds between faults, max")
     parser.add_argument(
         "--faults",
-        default=",".join(KINDS),
-        help=f"fault kinds to inject, or none (default {','.join(KINDS)})",
+        default=None,
+        help=f"fault kinds to inject, or none (default {','.join(KINDS)}; with --sentinel "
+        "failover instead of redis_restart)",
+    )
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="Redis as a master, two replicas and three Sentinels; workers on the Sentinel URL",
     )
     parser.add_argument(
         "--privsep",
@@ -61,13 +67,22 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--report", type=Path, help="write the summary and history as JSON")
     args = parser.parse_args(argv)
-    kinds = tuple(k for k in args.faults.split(",") if k and k != "none")
-    known = PRIVSEP_KINDS if args.privsep else KINDS
-    if args.privsep and args.faults == ",".join(KINDS):
-        kinds = PRIVSEP_KINDS
+    known = (*PRIVSEP_KINDS, *SENTINEL_KINDS)
+    default = [k for k in KINDS if k != "redis_restart"] + ["failover"] if args.sentinel else KINDS
+    if args.privsep:
+        default = [*default, "kill_helper"]
+    kinds = tuple(k for k in (args.faults or ",".join(default)).split(",") if k and k != "none")
     unknown = set(kinds) - set(known)
     if unknown:
         parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(known)}")
+    if not args.privsep and "kill_helper" in kinds:
+        parser.error("the kill_helper fault needs --privsep (workers with a privileged helper)")
+    if not args.sentinel and set(kinds) & set(SENTINEL_KINDS):
+        parser.error("the failover fault needs --sentinel (Redis behind Sentinel)")
+    if args.sentinel and "redis_restart" in kinds:
+        parser.error(
+            "with --sentinel, Redis goes away by failover (redis_restart restarts one server)"
+        )
     if args.hosts < 2 or args.workers < args.hosts:
         parser.error("a campaign needs two or more hosts and a worker on each")
     return Options(
@@ -88,6 +103,7 @@ def parse(argv: list[str] | None = None) -> Options:
             hostile=not args.no_hostile,
         ),
         nemesis=NemesisOptions(min_gap=args.min_gap, max_gap=args.max_gap, kinds=kinds),
+        sentinel=args.sentinel,
     )
 
 

@@ -31,6 +31,7 @@ from bench.chaos.sources import DeniedListener, SourceServer
 from bench.chaos.workload import Places, Workload, WorkloadOptions
 from worker.harness import machine
 from worker.harness.redis_server import RedisServer, start_redis
+from worker.harness.sentinel import SentinelRedis
 from worker.redis_locks import LOCK_PREFIX
 
 TICK = 0.05
@@ -53,6 +54,9 @@ class Options:
     tuning: Tuning = field(default_factory=Tuning)
     workload: WorkloadOptions = field(default_factory=WorkloadOptions)
     nemesis: NemesisOptions = field(default_factory=NemesisOptions)
+    # Redis with a master, two replicas and three Sentinels (worker.harness.sentinel): the
+    # workers and the client on the Sentinel URL, and the `failover` fault possible
+    sentinel: bool = False
 
 
 @dataclass
@@ -143,7 +147,7 @@ class Campaign:
         options.root.mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="imgprep-chaos-", dir=options.root))
         self.started = time.monotonic()
-        self.redis_server: RedisServer | None = None
+        self.redis_server: RedisServer | SentinelRedis | None = None
         self.catalogue: list[SourceImage] = []
         self.server: SourceServer | None = None
         self.denied: DeniedListener | None = None
@@ -165,7 +169,10 @@ class Campaign:
         outside = self.root / "outside" / "secret.raw"  # under no root a request may name
         outside.parent.mkdir()
         outside.write_bytes(random.Random(f"outside-{options.seed}").randbytes(4 * 2**20))
-        self.redis_server = start_redis(self.root / "redis", socket_timeout=5)
+        if options.sentinel:
+            self.redis_server = SentinelRedis(self.root / "redis").start()
+        else:
+            self.redis_server = start_redis(self.root / "redis", socket_timeout=5)
         self.cluster = make_cluster(
             self.root,
             self.redis_server,
@@ -178,7 +185,10 @@ class Campaign:
         for slot in self.cluster.slots:
             self.cluster.start(slot)
         self.cluster.wait_ready()
-        self.client = PlainClient(self.redis_server.url)
+        self.client = PlainClient(
+            self.redis_server.url,
+            self.redis_server.master_name if isinstance(self.redis_server, SentinelRedis) else None,
+        )
         self.history = History(options.seed)
         self.workload = Workload(
             seed=options.seed,

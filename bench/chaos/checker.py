@@ -29,14 +29,14 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     # a pool process killed mid-step counts as a retry; kills may exhaust the budget
     "WorkerLostError": ("kill_pool", "kill_worker"),
     # a holder paused or killed past its lease, or cut off from Redis, must not publish
-    "LockLost": ("pause_holder", "kill_pool", "kill_worker", "redis_restart"),
+    "LockLost": ("pause_holder", "kill_pool", "kill_worker", "redis_restart", "failover"),
     # a holder kept its lock past lock.wait_seconds: paused, or downloading a stalled source
     "LockBusy": ("pause_holder", "stall_source", "trickle_source"),
     "DiskBusy": ("pause_holder", "kill_pool", "kill_worker"),
     # a restarted worker's janitor released the devices of an injection whose worker died: the
     # redelivered step cannot go on, and says to prepare the disk again
     "DeviceError": ("kill_worker",),
-    "CoordinationUnavailable": ("redis_restart",),
+    "CoordinationUnavailable": ("redis_restart", "failover"),
     "SourceUnavailable": ("stall_source",),
     # the source sent less than fetch.min_bytes_per_second over fetch.rate_window_seconds
     "SourceTooSlow": ("trickle_source", "stall_source"),

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
+import redis.sentinel
 from celery import Celery
 
 META_PREFIX = "celery-task-meta-"
@@ -31,16 +33,32 @@ class Outcome:
 
 
 class PlainClient:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, master_name: str | None = None) -> None:
+        """`redis_url` is one server, or Sentinels (`sentinel://h:p;sentinel://h:p/0`) that know
+        the master as `master_name` (kombu's Sentinel transport; redis-py's `master_for`)."""
         self.app = Celery("chaos-client", broker=redis_url, set_as_current=False)
         self.app.conf.update(
             task_serializer="json",
             accept_content=["json"],
             broker_connection_retry_on_startup=True,
+            broker_transport_options={"master_name": master_name} if master_name else {},
         )
-        self.redis = redis.Redis.from_url(
-            redis_url, socket_timeout=3, socket_connect_timeout=1, health_check_interval=5
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": 3,
+            "socket_connect_timeout": 1,
+            "health_check_interval": 5,
+        }
+        if master_name:
+            parts = [urlsplit(part) for part in redis_url.split(";")]
+            sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                [(p.hostname, p.port or 26379) for p in parts],
+                sentinel_kwargs={"socket_timeout": 3, "socket_connect_timeout": 1},
+                db=int(parts[-1].path.strip("/") or 0),
+                **options,
+            )
+            self.redis = sentinels.master_for(master_name)  # type: ignore[no-untyped-call]
+        else:
+            self.redis = redis.Redis.from_url(redis_url, **options)
 
     def send(self, task: str, payload: dict[str, Any], task_id: str, queue: str) -> None:
         """Publish one message; raises when the broker cannot take it now."""

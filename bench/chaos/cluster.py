@@ -22,6 +22,7 @@ from bench.chaos.sources import DENIED_ADDRESS
 from domain.cache.networks import loopback_allowed
 from worker.harness.privileges import privileged_overrides, unprivileged_user
 from worker.harness.redis_server import RedisServer
+from worker.harness.sentinel import SentinelRedis
 from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.redis_locks import LOCK_PREFIX
 from worker.settings import Settings
@@ -93,7 +94,7 @@ class Slot:
 @dataclass
 class Cluster:
     root: Path
-    redis_server: RedisServer
+    redis_server: RedisServer | SentinelRedis
     cache_dir: Path
     hosts: list[Host]
     slots: list[Slot]
@@ -241,7 +242,7 @@ class Cluster:
 
 def make_cluster(
     root: Path,
-    redis_server: RedisServer,
+    redis_server: RedisServer | SentinelRedis,
     *,
     hosts: int,
     workers: int,
@@ -264,7 +265,7 @@ def make_cluster(
     base_env = {
         **os.environ,
         "IMGPREP_CONFIG": str(REPO / "config" / "imgprep.toml"),
-        "IMGPREP_REDIS_URL": redis_server.url,
+        **redis_server.env(),
         "IMGPREP_CACHE_DIR": str(cache_dir),
         "IMGPREP_LOG_FORMAT": "json",
         "IMGPREP_LOG_LEVEL": "INFO",
@@ -279,7 +280,11 @@ def make_cluster(
         loopback_allowed((f"{DENIED_ADDRESS}/32",))
     )
     control = Celery("chaos-control", broker=redis_server.url, set_as_current=False)
-    control.conf.update(accept_content=["json"], task_serializer="json")
+    control.conf.update(
+        accept_content=["json"],
+        task_serializer="json",
+        broker_transport_options=redis_server.transport_options(),
+    )
     cluster = Cluster(
         root=root,
         redis_server=redis_server,

@@ -18,6 +18,10 @@ injects every kind):
 * kill_helper (with --privsep only): SIGKILL of a worker's privileged helper, preferably while
   one of its operations runs; the worker then stops itself and is started again (with a new
   helper, whose janitor releases what the killed operations held).
+* failover (campaigns on Sentinel only, `--sentinel`): SIGKILL of the Redis master; the fault
+  lasts until the Sentinels have promoted a replica, then the killed server starts again as a
+  replica of the new master. A failover waits until the previous one has healed (both replicas
+  in sync, every Sentinel sees them), so that a replica is there to take over.
 
 The schedule (kinds, gaps, durations, which victim by rank) comes from the seed; the victims
 themselves depend on what runs at that moment. Faults overlap: a pause may still last while the
@@ -44,6 +48,7 @@ from bench.chaos.cluster import Cluster, Slot
 from bench.chaos.history import Fault, History
 from bench.chaos.sources import SourceServer
 from bench.chaos.workload import pick
+from worker.harness.sentinel import SentinelRedis
 
 KINDS = (
     "kill_pool",
@@ -54,6 +59,8 @@ KINDS = (
     "trickle_source",
 )
 PRIVSEP_KINDS = (*KINDS, "kill_helper")
+# faults that need Redis behind Sentinel (bench.chaos --sentinel)
+SENTINEL_KINDS = ("failover",)
 RETRY_EVERY = 0.5
 GIVE_UP_AFTER = 10  # tries (5 s) to find a victim before a fault is skipped
 
@@ -97,6 +104,7 @@ class Schedule:
             "stall_source": 3.0 + 9.0 * spread,
             "trickle_source": 4.0 + 16.0 * spread,
             "kill_helper": 0.0,
+            "failover": 0.0,  # as long as the Sentinels take
         }[kind]
         return Planned(kind, gap, duration, (self.rng.random(), self.rng.random()))
 
@@ -208,6 +216,7 @@ class Nemesis:
             "stall_source": self._stall_source,
             "trickle_source": self._trickle_source,
             "kill_helper": self._kill_helper,
+            "failover": self._failover,
         }[planned.kind](planned, client)
 
     def _holders(self, client: redis.Redis) -> list[tuple[str, int, Slot]]:
@@ -292,8 +301,8 @@ class Nemesis:
 
     def _redis_restart(self, planned: Planned, client: redis.Redis) -> bool:
         server = self.cluster.redis_server
-        if not server.running:
-            return False
+        if isinstance(server, SentinelRedis) or not server.running:
+            return False  # behind Sentinel, Redis goes away by `failover`
         server.stop()
         fault = self.history.begin_fault(
             "redis_restart", f"redis :{server.port}", down_seconds=round(planned.duration, 1)
@@ -312,6 +321,16 @@ class Nemesis:
             return {}
 
         self._later(planned.duration, fault, start)
+        return True
+
+    def _failover(self, planned: Planned, client: redis.Redis) -> bool:
+        ha = self.cluster.redis_server
+        if not isinstance(ha, SentinelRedis) or not ha.ready_for_failover():
+            return False
+        master = ha.master()
+        fault = self.history.begin_fault("failover", f"redis master :{master.port}")
+        promoted = ha.kill_master(wait_healthy=False)
+        self.history.end_fault(fault, promoted=promoted.port, failovers=ha.failovers)
         return True
 
     def _stall_source(self, planned: Planned, client: redis.Redis) -> bool:

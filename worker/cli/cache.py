@@ -25,12 +25,12 @@ def list_entries(as_json: bool) -> None:
     use. Reads the cache directory and the references in Redis."""
     from domain.cache.directory import ImageCache
     from domain.cache.inventory import read_entries
+    from worker.redis_connect import redis_client
     from worker.redis_references import RedisReferences
-    from worker.runtime import redis_client
     from worker.settings import get_settings
 
     settings = get_settings()
-    references = RedisReferences(redis_client(settings.coordination))
+    references = RedisReferences(redis_client(settings.coordination, settings.redis))
     rows = [
         {
             "key": entry.key,

@@ -30,6 +30,7 @@ class RedisServer:
     appendonly: bool = True
     process: subprocess.Popen[bytes] | None = None
     socket_timeout: float | None = None  # of the clients `client()` makes
+    extra_args: tuple[str, ...] = ()  # more redis-server options (a replica's `--replicaof`)
 
     @property
     def url(self) -> str:
@@ -38,6 +39,14 @@ class RedisServer:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def env(self) -> dict[str, str]:
+        """The settings a worker needs to use it."""
+        return {"IMGPREP_REDIS_URL": self.url}
+
+    def transport_options(self) -> dict[str, object]:
+        """What a plain Celery app needs beside the URL (nothing, for one server)."""
+        return {}
 
     def client(self) -> redis.Redis:
         return redis.Redis(
@@ -64,6 +73,7 @@ class RedisServer:
             "--daemonize", "no",
             "--loglevel", "warning",
             "--logfile", str(self.directory / "redis.log"),
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         try:
@@ -100,6 +110,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a host that dies: nothing is flushed, nobody is told."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
         self.process = None
 
     def restart(self) -> None:

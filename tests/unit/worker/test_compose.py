@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from worker.cli import main
+from worker.redis_urls import parse_sentinel
 from worker.settings import ENV_PREFIX, NESTED_DELIMITER, Settings
 
 REPO = Path(__file__).resolve().parents[3]
@@ -105,7 +107,7 @@ def test_each_services_environment_loads_as_valid_settings(
         for variable, value in env.items():
             monkeypatch.setenv(variable, value)
         settings = Settings()
-        assert settings.redis_url.host == "redis", name
+        assert urlsplit(settings.redis_url).hostname == "redis", name
 
 
 def test_worker_has_its_host_queue_shared_cache_and_metrics_port(
@@ -133,3 +135,40 @@ def test_flower_api_is_reachable_and_beat_keeps_its_schedule(compose: dict[str, 
     assert "5555:5555" in services["flower"]["ports"]
     beat_targets = [m.split(":")[1] for m in services["beat"]["volumes"]]
     assert service_env(services["beat"])["IMGPREP_STATE_DIR"] in beat_targets
+
+
+HA_SERVICES = ("worker-ha", "beat-ha", "flower-ha")
+
+
+def test_profile_ha_runs_redis_with_a_replica_three_sentinels_and_imgprep_on_them(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    sentinels = [name for name in services if name.startswith("sentinel-")]
+    assert len(sentinels) == 3
+    master, replica = services["redis-ha-1"], services["redis-ha-2"]
+    assert "--replicaof" not in master["command"]
+    assert replica["command"][replica["command"].index("--replicaof") + 1 :] == [
+        "redis-ha-1",
+        "6379",
+    ]
+    for name in ("redis-ha-1", "redis-ha-2", *sentinels, *HA_SERVICES):
+        assert services[name]["profiles"] == ["ha"], name
+    for name in ("redis", *IMGPREP_SERVICES):  # today's stack stays the default
+        assert "profiles" not in services[name], name
+    for name in sentinels:
+        script = services[name]["command"][-1]
+        assert "sentinel monitor imgprep redis-ha-1 6379 2" in script  # a quorum of 2 of 3
+        assert services[name]["environment"]["SENTINEL_HOST"] == name
+    for name in HA_SERVICES:
+        for variable in list(os.environ):
+            if variable.startswith(ENV_PREFIX):
+                monkeypatch.delenv(variable)
+        for variable, value in service_env(services[name]).items():
+            monkeypatch.setenv(variable, value)
+        settings = Settings()
+        assert settings.sentinel and settings.redis.master_name == "imgprep", name
+        named = {host for host, _ in parse_sentinel(settings.coordination).sentinels}
+        assert named == set(sentinels), name
+        assert set(services[name]["depends_on"]) == set(sentinels), name
+        assert services[name]["command"][0] in main.commands, name
