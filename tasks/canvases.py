@@ -14,7 +14,7 @@ from celery import Signature, chain, signature
 
 from domain.core.models import CachedImage, DeleteDiskRequest, PrepareRequest
 from domain.core.snapshot_models import SnapshotRequest
-from worker.routing import DEFAULT_QUEUE, host_queue
+from worker.routing import fetch_queue, host_queue
 
 # The step that creates an instance disk, by backend (Nova's images_type).
 DISK_STEPS = {"qcow2": "imgprep.create_overlay", "raw": "imgprep.copy_raw_disk"}
@@ -26,9 +26,11 @@ def prepare_disk_steps(
     host: str,
     operation: str | None = None,
     cached: CachedImage | None = None,
+    scope: str = "shared",
 ) -> list[Signature]:
-    """fetch_to_cache on any worker, then the instance disk on the host that will hold it;
-    with files to inject, then map, mount, inject and teardown on that host too.
+    """fetch_to_cache on any worker (shared scope) or on the host (host scope: its own cache),
+    then the instance disk on the host that will hold it; with files to inject, then map, mount,
+    inject and teardown on that host too.
 
     `cached`: the image is already in the cache (the entry task looked, and pinned it): the
     fetch step's postcondition holds, so the canvas starts with the disk step.
@@ -38,7 +40,7 @@ def prepare_disk_steps(
             raise ValueError("injection steps need the operation id that owns the disk")
         return [
             *prepare_disk_steps(
-                request.model_copy(update={"inject": ()}), host=host, cached=cached
+                request.model_copy(update={"inject": ()}), host=host, cached=cached, scope=scope
             ),
             *injection_steps(request, host=host, operation=operation),
         ]
@@ -48,7 +50,12 @@ def prepare_disk_steps(
         base = cached.model_dump(mode="json")
         return [signature(disk_step, args=(base, payload), queue=host_queue(host))]
     return [
-        signature("imgprep.fetch_to_cache", args=(payload,), immutable=True, queue=DEFAULT_QUEUE),
+        signature(
+            "imgprep.fetch_to_cache",
+            args=(payload,),
+            immutable=True,
+            queue=fetch_queue(scope, host),
+        ),
         signature(disk_step, args=(payload,), queue=host_queue(host)),
     ]
 

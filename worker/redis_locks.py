@@ -319,14 +319,26 @@ class RedisLockFactory:
     """Makes LeaseLocks with the configured lease, renewal and wait."""
 
     def __init__(
-        self, client: redis.Redis, *, lease: float, renew_every: float, wait: float
+        self,
+        client: redis.Redis,
+        *,
+        lease: float,
+        renew_every: float,
+        wait: float,
+        namespace: str = "",
     ) -> None:
         self.client = client
         self.lease = lease
         self.renew_every = renew_every
         self.wait = wait
+        # prefixed to every name: "<host>/" in host scope, so each host's cache has its own locks
+        self.namespace = namespace
 
     def __call__(self, name: str) -> LeaseLock:
         return LeaseLock(
-            self.client, name, lease=self.lease, renew_every=self.renew_every, wait=self.wait
+            self.client,
+            self.namespace + name,
+            lease=self.lease,
+            renew_every=self.renew_every,
+            wait=self.wait,
         )

@@ -35,11 +35,32 @@ class Runtime:
 
     @property
     def references(self) -> RedisReferences:
-        return RedisReferences(self.redis)
+        return RedisReferences(self.redis, self.settings.cache_namespace)
 
     @property
     def locks_now(self) -> RedisLockFactory:
         """Locks that do not wait: for work that skips a busy resource (the cache manager)."""
+        return RedisLockFactory(
+            self.redis,
+            lease=self.settings.lock.lease_seconds,
+            renew_every=self.settings.lock.renew_seconds,
+            wait=0.0,
+            namespace=self.settings.cache_namespace,
+        )
+
+    @property
+    def fleet_locks(self) -> RedisLockFactory:
+        """Locks of the whole fleet (no host namespace), that wait: host scope's peer choice."""
+        return RedisLockFactory(
+            self.redis,
+            lease=self.settings.lock.lease_seconds,
+            renew_every=self.settings.lock.renew_seconds,
+            wait=self.settings.lock.wait_seconds,
+        )
+
+    @property
+    def fleet_locks_now(self) -> RedisLockFactory:
+        """Locks of the whole fleet that do not wait: host scope's origin lease."""
         return RedisLockFactory(
             self.redis,
             lease=self.settings.lock.lease_seconds,
@@ -137,6 +158,7 @@ def build_runtime(settings: Settings) -> Runtime:
             lease=settings.lock.lease_seconds,
             renew_every=settings.lock.renew_seconds,
             wait=settings.lock.wait_seconds,
+            namespace=settings.cache_namespace,
         ),
         runner=Runner(default_timeout=settings.qemu.command_timeout_seconds),
     )

@@ -30,7 +30,7 @@ def list_entries(as_json: bool) -> None:
     from worker.settings import get_settings
 
     settings = get_settings()
-    references = RedisReferences(redis_client(settings.coordination))
+    references = RedisReferences(redis_client(settings.coordination), settings.cache_namespace)
     rows = [
         {
             "key": entry.key,
