@@ -19,6 +19,7 @@ from celery import Celery
 
 from worker.broker import RestoreStranded, use_for_redis_urls
 from worker.hosts import Heartbeat
+from worker.peer_server import PeerServerStep
 from worker.pool import POOL
 from worker.results import BACKEND as RESULT_BACKEND
 from worker.routing import DEFAULT_QUEUE
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery_app.config_from_object(_LazyConfig(lambda: settings or get_settings()))
     celery_app.steps["consumer"].add(RestoreStranded)
     celery_app.steps["worker"].add(Heartbeat)
+    celery_app.steps["worker"].add(PeerServerStep)  # serves only in host scope
     connect_signals()
     return celery_app
 

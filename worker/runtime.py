@@ -14,10 +14,13 @@ import redis
 from domain.cache.directory import ImageCache
 from domain.cache.eviction import AgingPolicy, CacheManager
 from domain.cache.fetch import FetchOptions
+from domain.cache.fleet import Fleet
+from domain.cache.peer_client import PeerOptions
 from domain.core.runner import Limits, Runner
 from domain.disks.instance_disks import DiskContext
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
+from worker.redis_peers import RedisPeerRegistry
 from worker.redis_references import RedisReferences
 from worker.settings import Settings, get_settings
 
@@ -117,6 +120,25 @@ class Runtime:
             references=self.references,
             limits=self.qemu_limits,
             preallocate=self.settings.preallocate_images == "space",
+        )
+
+    @property
+    def fleet(self) -> Fleet | None:
+        """This host in the fleet (host scope), None in shared scope."""
+        if self.settings.image_cache.scope != "host":
+            return None
+        peer = self.settings.peer
+        return Fleet(
+            host=self.settings.host_id,
+            url=self.settings.peer_url,
+            registry=RedisPeerRegistry(self.redis, self.settings.result_expires),
+            origin_locks=self.fleet_locks_now,
+            choice_locks=self.fleet_locks,
+            peers=PeerOptions(
+                secret=peer.secret,
+                connect_timeout_seconds=peer.connect_timeout_seconds,
+                stall_seconds=peer.stall_seconds,
+            ),
         )
 
     @property

@@ -233,13 +233,12 @@ class _HttpSource:
             self.total = None if body is None else body + self.start - skip
             _check_length(self.total, self.policy)
             size = 0
-            for chunk in self._read(response, arrived):
-                size += len(chunk)
-                if skip:
-                    dropped = min(skip, len(chunk))
-                    chunk, skip = chunk[dropped:], skip - dropped
-                if chunk:
-                    yield chunk
+            for piece in self._read(response, arrived):
+                size += len(piece)
+                dropped = min(skip, len(piece))
+                skip -= dropped
+                if dropped < len(piece):
+                    yield piece[dropped:]
             if body is not None and size != body:
                 raise SourceUnavailable(
                     f"download of {self.shown} ended after {size} of {body} bytes"
@@ -257,7 +256,7 @@ class _HttpSource:
             return self.start
         content_range = response.headers.get("Content-Range", "")
         unit, _, spec = content_range.partition(" ")
-        first, _, rest = spec.partition("-")
+        first = spec.partition("-")[0]
         if unit != "bytes" or first != str(self.start):
             raise SourceUnavailable(
                 f"{self.shown} answered a resumed download from byte {self.start} with "

@@ -29,7 +29,7 @@ def signed_headers(secret: str, method: str, path: str, byte_range: str) -> dict
     }
 
 
-def verify(
+def verify(  # noqa: PLR0917 - the parts of the request, in the order they are signed
     secret: str,
     method: str,
     path: str,

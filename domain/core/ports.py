@@ -2,7 +2,8 @@
 
 Locks with a lease (`Lease`, `LockFactory`), progress reports (`Progress`), references to cached
 bases (`References`), the device records of a host (`DeviceLedger`), the step journal
-(`StepJournal`) and, in host scope, the copies of cache entries on peers (`PeerRegistry`). Domain functions take these as arguments; worker/ supplies the Redis adapters
+(`StepJournal`) and, in host scope, the copies of cache entries on peers (`PeerRegistry`).
+Domain functions take these as arguments; worker/ supplies the Redis adapters
 side by side (worker.redis_locks, worker.redis_references, worker.redis_ledger,
 worker.redis_journal) and tests/fakes the in-memory ones. Nothing here imports Celery or Redis.
 """
