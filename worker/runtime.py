@@ -101,7 +101,14 @@ class Runtime:
             host=self.settings.host_id,
             runner=self.runner,
             limits=self.qemu_limits,
+            removed=self._withdraw_copy,
         )
+
+    def _withdraw_copy(self, key: str) -> None:
+        """Host scope: peers stop asking this host for an entry its cache manager removed."""
+        fleet = self.fleet
+        if fleet is not None:
+            fleet.registry.withdraw(key, fleet.host)
 
     @property
     def devices(self) -> RedisDeviceLedger:

@@ -305,6 +305,8 @@ class Transfer:
                 except PeerFailed as error:
                     self.excluded[peer.host] = time.monotonic() + error.cooldown
                     log.info("peer_dropped", peer=peer.host, at=writer.size, reason=str(error))
+                    if error.gone and peer.complete:  # evicted there: nobody need ask again
+                        self.registry.withdraw(self.key, peer.host)
                     continue
                 finally:
                     if writer.size:

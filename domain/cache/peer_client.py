@@ -23,9 +23,10 @@ CHUNK = 256 * 2**10
 class PeerFailed(Exception):
     """A peer could not serve what was asked; `cooldown` seconds before it is asked again."""
 
-    def __init__(self, message: str, cooldown: float) -> None:
+    def __init__(self, message: str, cooldown: float, *, gone: bool = False) -> None:
         super().__init__(message)
         self.cooldown = cooldown
+        self.gone = gone  # the peer answered that it does not have it
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ class PeerClient:
         if status == 503:
             raise PeerFailed(f"peer {copy.host} is busy", cooldown=0.5)
         if status in (404, 416):
-            raise PeerFailed(f"peer {copy.host} no longer has those bytes", cooldown=0.2)
+            raise PeerFailed(
+                f"peer {copy.host} no longer has those bytes", cooldown=0.2, gone=status == 404
+            )
         if status != 206:
             raise PeerFailed(
                 f"peer {copy.host} answered HTTP {status}", cooldown=self.options.stall_seconds
