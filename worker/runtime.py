@@ -6,7 +6,10 @@ connections. Tasks call `runtime()`; domain functions receive the pieces they ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import redis
@@ -132,10 +135,17 @@ class Runtime:
     @property
     def fleet(self) -> Fleet | None:
         """This host in the fleet (host scope), None in shared scope."""
+        return self.fleet_with()
+
+    def fleet_with(
+        self, origin_gate: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    ) -> Fleet | None:
+        """This host in the fleet (host scope), each origin download inside `origin_gate`."""
         if self.settings.image_cache.scope != "host":
             return None
         peer = self.settings.peer
         return Fleet(
+            origin_gate=origin_gate,
             host=self.settings.host_id,
             url=self.settings.peer_url,
             registry=RedisPeerRegistry(self.redis, self.settings.result_expires),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -38,6 +39,9 @@ from domain.formats import qemu_img
 from domain.formats.conversion import cache_mode_for
 from domain.formats.inspection import Inspection, inspect_image, verify_info
 
+if TYPE_CHECKING:
+    from domain.cache.fleet import Fleet
+
 log = structlog.get_logger(__name__)
 
 
@@ -60,19 +64,32 @@ def fetch_to_cache(
     locks: LockFactory,
     references: References,
     progress: Progress = no_progress,
+    fleet: Fleet | None = None,
 ) -> CachedImage:
     """The image's cache entry, fetched if it is not there, and pinned for the canvas (`pin`,
     domain.cache.references.pending_holder) until its disk references it; fetched again if it
-    was removed in between."""
+    was removed in between. With `fleet` (host scope) the entry is this host's, taken from
+    peers or the origin (domain.cache.fleet)."""
     structlog.contextvars.bind_contextvars(image_key=cache_key(source.image_id))
-    return fetch_pinned(
-        lambda: fetch_image(
-            source, cache=cache, options=options, runner=runner, locks=locks, progress=progress
-        ),
-        pin,
-        locks=locks,
-        references=references,
-    )
+
+    def fetch() -> CachedImage:
+        if fleet is None:
+            return fetch_image(
+                source, cache=cache, options=options, runner=runner, locks=locks, progress=progress
+            )
+        from domain.cache import fleet as peers
+
+        return peers.fetch_image(
+            source,
+            cache=cache,
+            options=options,
+            runner=runner,
+            locks=locks,
+            fleet=fleet,
+            progress=progress,
+        )
+
+    return fetch_pinned(fetch, pin, locks=locks, references=references)
 
 
 def fetch_image(

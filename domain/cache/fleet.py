@@ -26,11 +26,13 @@ concurrent choices see each other and never form a cycle.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,12 +42,11 @@ from domain.cache.directory import CONVERTED, ImageCache, cache_key, find_cached
 from domain.cache.download import download_into
 from domain.cache.fetch import FetchOptions, Verified, check_checksum, stage_entry
 from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
-from domain.cache.references import fetch_pinned
 from domain.cache.writer import ImageWriter
 from domain.core.errors import ChecksumMismatch, LockBusy, SourceUnavailable
 from domain.core.models import CachedImage, ImageSource
 from domain.core.peers import ORIGIN, Content, ImageDigests, PeerCopy, compatible
-from domain.core.ports import LockFactory, PeerRegistry, Progress, References, no_progress
+from domain.core.ports import LockFactory, PeerRegistry, Progress, no_progress
 from domain.core.publish import Staged, publish_once
 from domain.core.runner import Runner
 from domain.core.urls import redact
@@ -70,37 +71,8 @@ class Fleet:
     peers: PeerOptions
     poll_seconds: float = 0.02
     rng: random.Random = field(default_factory=random.Random)
-
-
-def fetch_to_cache(
-    source: ImageSource,
-    pin: str,
-    *,
-    cache: ImageCache,
-    options: FetchOptions,
-    runner: Runner,
-    locks: LockFactory,
-    references: References,
-    fleet: Fleet,
-    progress: Progress = no_progress,
-) -> CachedImage:
-    """The image's entry in this host's cache, taken from peers or the origin if it is not
-    there, pinned for the canvas (domain.cache.fetch.fetch_to_cache in host scope)."""
-    structlog.contextvars.bind_contextvars(image_key=cache_key(source.image_id))
-    return fetch_pinned(
-        lambda: fetch_image(
-            source,
-            cache=cache,
-            options=options,
-            runner=runner,
-            locks=locks,
-            fleet=fleet,
-            progress=progress,
-        ),
-        pin,
-        locks=locks,
-        references=references,
-    )
+    # held around each download from the origin (imgprep.precache: precache_concurrency slots)
+    origin_gate: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
 
 def fetch_image(
@@ -319,7 +291,8 @@ class Transfer:
                 time.sleep(self.fleet.poll_seconds * 5)  # the holder announces its copy soon
                 continue
             try:
-                return self._from_origin(writer, have)
+                with self.fleet.origin_gate():
+                    return self._from_origin(writer, have)
             finally:
                 origin.__exit__(None, None, None)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.cache import fetch, fleet
+from domain.cache import fetch
 from domain.core.models import PrepareRequest
 from worker.app import app
 from worker.metrics import FetchMeter
@@ -20,29 +20,16 @@ def fetch_to_cache(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     source = parse(PrepareRequest, request).image
     current = runtime()
     meter = FetchMeter(TaskProgress(self, "fetch_to_cache"))
-    fleet_member = current.fleet
-    if fleet_member is None:
-        cached = fetch.fetch_to_cache(
-            source,
-            canvas_pin(self),
-            cache=current.cache,
-            options=current.fetch_options,
-            runner=current.runner,
-            locks=current.locks,
-            references=current.references,
-            progress=meter,
-        )
-    else:  # host scope: this host's own cache, filled from peers or the origin
-        cached = fleet.fetch_to_cache(
-            source,
-            canvas_pin(self),
-            cache=current.cache,
-            options=current.fetch_options,
-            runner=current.runner,
-            locks=current.locks,
-            references=current.references,
-            fleet=fleet_member,
-            progress=meter,
-        )
+    cached = fetch.fetch_to_cache(
+        source,
+        canvas_pin(self),
+        cache=current.cache,
+        options=current.fetch_options,
+        runner=current.runner,
+        locks=current.locks,
+        references=current.references,
+        progress=meter,
+        fleet=current.fleet,  # host scope: this host's cache, from peers or the origin
+    )
     meter.count_request()
     return cached.model_dump(mode="json")

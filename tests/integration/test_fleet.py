@@ -25,6 +25,7 @@ from celery.result import AsyncResult
 from domain.cache.directory import ImageCache, cache_key
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from domain.core.peers import PeerCopy
+from domain.core.precache_models import PrecacheReport
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
 from worker.harness.image_server import ImageServer
@@ -297,4 +298,31 @@ def test_host_cache_manager_keeps_a_base_a_local_disk_uses(fleet: Fleet) -> None
         "imgprep.delete_disk", {"instance_id": on_h1.disk.instance_id, "host": "h1"}, "h1"
     )
     DeletedDisk.model_validate(deleted.get(timeout=60))
+    fleet.assert_clean()
+
+
+def test_precache_fills_every_live_host_once_from_the_origin(fleet: Fleet) -> None:
+    size = 16 * MiB
+    name, checksum = image_file(fleet.origin.root, "pre.raw", size, seed=5)
+    fleet.origin.bytes_per_second = 16 * MiB
+    image_id = unique("img")
+    image = {"url": fleet.origin.url(name), "image_id": image_id, "checksum": checksum}
+    result = fleet.cluster.client.send("imgprep.precache", {"images": [image]})
+    report = PrecacheReport.model_validate(result.get(timeout=180))
+    assert [(r.host, r.outcome) for r in report.results] == [(h, "cached") for h in HOSTS]
+    assert fleet.origin.bytes_sent <= 1.05 * size
+    for host in HOSTS:
+        assert f"sha256:{fleet.entry_sha256(host, image_id)}" == checksum
+
+    status = fleet.cluster.cli("status", result.id)
+    assert status.returncode == 0, status.stderr
+    for host in HOSTS:
+        assert f"precache_host@{host}" in status.stdout
+
+    again = fleet.cluster.client.send(
+        "imgprep.precache", {"images": [image], "hosts": ["h2", "gone"]}
+    )
+    report = PrecacheReport.model_validate(again.get(timeout=120))
+    outcomes = {(r.host, r.outcome, r.error_class) for r in report.results}
+    assert outcomes == {("h2", "already_cached", None), ("gone", "failed", "HostUnavailable")}
     fleet.assert_clean()
