@@ -325,4 +325,14 @@ def test_precache_fills_every_live_host_once_from_the_origin(fleet: Fleet) -> No
     report = PrecacheReport.model_validate(again.get(timeout=120))
     outcomes = {(r.host, r.outcome, r.error_class) for r in report.results}
     assert outcomes == {("h2", "already_cached", None), ("gone", "failed", "HostUnavailable")}
+
+    # the command: a line per host's step while it runs (no terminal here), then the outcomes
+    other = unique("img")
+    shown = fleet.cluster.cli(
+        "precache", fleet.origin.url(name), "--image-id", other, "--hosts", "h1,h3", "--wait"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "precache_host@h1" in shown.stderr and "precache_host@h3" in shown.stderr
+    lines = sorted(line.split() for line in shown.stdout.splitlines() if other in line)
+    assert lines == [["h1", other, "cached"], ["h3", other, "cached"]]
     fleet.assert_clean()

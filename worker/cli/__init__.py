@@ -46,6 +46,7 @@ from worker.cli import (  # noqa: E402, F401
     demo,
     flower,
     inspect,
+    precache,
     prepare,
     run,
     schemas,
