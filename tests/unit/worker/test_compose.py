@@ -155,7 +155,8 @@ def test_second_host_has_its_own_cache_and_takes_images_from_the_first(
     assert one.image_cache.scope == two.image_cache.scope == "host"
 
     def volume(service: dict[str, Any], target: Path) -> str:
-        return next(m.split(":")[0] for m in service["volumes"] if m.split(":")[1] == str(target))
+        mounts = [str(m) for m in service["volumes"]]
+        return next(m.split(":")[0] for m in mounts if m.split(":")[1] == str(target))
 
     for directory in ("cache_dir", "instances_dir", "state_dir"):
         a, b = volume(first, getattr(one, directory)), volume(second, getattr(two, directory))
