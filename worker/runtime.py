@@ -146,6 +146,7 @@ class Runtime:
         peer = self.settings.peer
         return Fleet(
             origin_gate=origin_gate,
+            wait_seconds=self.settings.lock.wait_seconds,
             host=self.settings.host_id,
             url=self.settings.peer_url,
             registry=RedisPeerRegistry(self.redis, self.settings.result_expires),

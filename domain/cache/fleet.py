@@ -43,7 +43,12 @@ from domain.cache.download import download_into
 from domain.cache.fetch import FetchOptions, Verified, check_checksum, stage_entry
 from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
 from domain.cache.writer import ImageWriter
-from domain.core.errors import ChecksumMismatch, LockBusy, SourceUnavailable
+from domain.core.errors import (
+    ChecksumMismatch,
+    CoordinationUnavailable,
+    LockBusy,
+    SourceUnavailable,
+)
 from domain.core.models import CachedImage, ImageSource
 from domain.core.peers import ORIGIN, Content, ImageDigests, PeerCopy, compatible
 from domain.core.ports import LockFactory, PeerRegistry, Progress, no_progress
@@ -70,6 +75,8 @@ class Fleet:
     choice_locks: LockFactory  # fleet-wide, waiting: peer choices one at a time per image
     peers: PeerOptions
     poll_seconds: float = 0.02
+    # how long a host waits for the holder of the origin lease to show its copy (lock.wait_seconds)
+    wait_seconds: float = 900.0
     rng: random.Random = field(default_factory=random.Random)
     # held around each download from the origin (imgprep.precache: precache_concurrency slots)
     origin_gate: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
@@ -116,8 +123,12 @@ def announce_complete(key: str, cache: ImageCache, fleet: Fleet) -> None:
     if record is None or record.file is None:
         return
     digests = fleet.registry.digests(key)
-    if digests is None or digests.source_sha256 != record.image.source_sha256:
-        return  # nothing to verify a copy of it against: peers take it from the origin
+    if digests is None:  # forgotten (they expire): this host verified its entry, it vouches
+        digests = ImageDigests(
+            source_sha256=record.image.source_sha256, source_size=record.source_bytes
+        )
+    elif digests.source_sha256 != record.image.source_sha256:
+        return  # another version of the image: this copy is not offered
     if digests.entry_sha256 is None:
         # the first host to publish it records the entry's digest: the source's, or, when it
         # converted the image, the digest of what it converted (its own, verified, bytes)
@@ -130,7 +141,7 @@ def announce_complete(key: str, cache: ImageCache, fleet: Fleet) -> None:
             entry_format=record.image.format,
             source_format=record.source_format,
         )
-        fleet.registry.record_digests(key, digests)
+    fleet.registry.record_digests(key, digests)  # kept as long as copies are announced
     fleet.registry.announce(
         key,
         PeerCopy(
@@ -259,7 +270,10 @@ class Transfer:
                 "times; will retry"
             )
         except BaseException:
-            self.registry.withdraw(self.key, self.fleet.host)
+            try:
+                self.registry.withdraw(self.key, self.fleet.host)
+            except CoordinationUnavailable:  # the registry forgets it in time; the error matters
+                log.warning("peer_copy_not_withdrawn")
             raise
         finally:
             self.client.close()
@@ -268,9 +282,11 @@ class Transfer:
         """Bytes into `writer` until they are complete and verified."""
         have: Content | None = None
         contributors: set[str] = set()
+        waited_since: float | None = None
         while True:
             peer = self._choose(have, writer.size)
             if peer is not None:
+                waited_since = None
                 have = have or peer.content
                 try:
                     self._stream(peer, writer, have)
@@ -288,6 +304,12 @@ class Transfer:
             try:
                 origin.__enter__()
             except LockBusy:
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > self.fleet.wait_seconds:
+                    raise LockBusy(
+                        f"image {self.source.image_id}: another host holds its origin lease and "
+                        f"offered no copy for {self.fleet.wait_seconds:.0f} s; will retry"
+                    ) from None
                 time.sleep(self.fleet.poll_seconds * 5)  # the holder announces its copy soon
                 continue
             try:
