@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "full_prepare": ["bench.full_prepare"],
     "mount_inject": ["bench.mount_inject", "--runs", "30"],
     "scale": ["bench.scale"],
+    "fleet": ["bench.fleet"],
 }
 
 

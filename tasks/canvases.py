@@ -10,11 +10,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from celery import Signature, chain, signature
+from celery import Signature, chain, chord, signature
 
-from domain.core.models import CachedImage, DeleteDiskRequest, PrepareRequest
+from domain.core.models import CachedImage, DeleteDiskRequest, ImageSource, PrepareRequest
+from domain.core.precache_models import PrecacheReport
 from domain.core.snapshot_models import SnapshotRequest
-from worker.routing import DEFAULT_QUEUE, host_queue
+from worker.routing import DEFAULT_QUEUE, fetch_queue, host_queue
 
 # The step that creates an instance disk, by backend (Nova's images_type).
 DISK_STEPS = {"qcow2": "imgprep.create_overlay", "raw": "imgprep.copy_raw_disk"}
@@ -26,9 +27,11 @@ def prepare_disk_steps(
     host: str,
     operation: str | None = None,
     cached: CachedImage | None = None,
+    scope: str = "shared",
 ) -> list[Signature]:
-    """fetch_to_cache on any worker, then the instance disk on the host that will hold it;
-    with files to inject, then map, mount, inject and teardown on that host too.
+    """fetch_to_cache on any worker (shared scope) or on the host (host scope: its own cache),
+    then the instance disk on the host that will hold it; with files to inject, then map, mount,
+    inject and teardown on that host too.
 
     `cached`: the image is already in the cache (the entry task looked, and pinned it): the
     fetch step's postcondition holds, so the canvas starts with the disk step.
@@ -38,7 +41,7 @@ def prepare_disk_steps(
             raise ValueError("injection steps need the operation id that owns the disk")
         return [
             *prepare_disk_steps(
-                request.model_copy(update={"inject": ()}), host=host, cached=cached
+                request.model_copy(update={"inject": ()}), host=host, cached=cached, scope=scope
             ),
             *injection_steps(request, host=host, operation=operation),
         ]
@@ -48,7 +51,12 @@ def prepare_disk_steps(
         base = cached.model_dump(mode="json")
         return [signature(disk_step, args=(base, payload), queue=host_queue(host))]
     return [
-        signature("imgprep.fetch_to_cache", args=(payload,), immutable=True, queue=DEFAULT_QUEUE),
+        signature(
+            "imgprep.fetch_to_cache",
+            args=(payload,),
+            immutable=True,
+            queue=fetch_queue(scope, host),
+        ),
         signature(disk_step, args=(payload,), queue=host_queue(host)),
     ]
 
@@ -95,3 +103,29 @@ def delete_disk_steps(request: DeleteDiskRequest, *, host: str) -> list[Signatur
     """The disk is removed on the host that holds it."""
     payload = request.model_dump(mode="json")
     return [signature("imgprep.remove_disk", args=(payload,), queue=host_queue(host))]
+
+
+def precache_steps(
+    images: Sequence[ImageSource], hosts: Sequence[str], *, refused: PrecacheReport, final_id: str
+) -> tuple[Signature, list[Signature]]:
+    """One imgprep.precache_host per host, on its queue, at once; then imgprep.precache_report
+    (under `final_id`) with their reports and `refused` (hosts that could not be asked). The
+    canvas, and its steps in the order a journal shows them."""
+    payload = [image.model_dump(mode="json") for image in images]
+    body = signature(
+        "imgprep.precache_report",
+        args=(refused.model_dump(mode="json"),),
+        queue=DEFAULT_QUEUE,
+    ).set(task_id=final_id)
+    header = [
+        signature(
+            "imgprep.precache_host",
+            args=({"images": payload, "host": host},),
+            queue=host_queue(host),
+        ).set(task_id=str(uuid.uuid4()))
+        for host in hosts
+    ]
+    if not header:  # nothing to wait for: the report of the refused hosts alone
+        body.args = ([], *body.args)
+        return body, [body]
+    return chord(header, body).set(task_id=final_id), [*header, body]

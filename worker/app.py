@@ -19,6 +19,7 @@ from celery import Celery
 
 from worker.broker import RestoreStranded, use_for_redis_urls
 from worker.hosts import Heartbeat
+from worker.peer_server import PeerServerStep
 from worker.pool import POOL
 from worker.redis_connect import sentinel_options
 from worker.redis_urls import is_sentinel, with_password
@@ -187,6 +188,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery_app.config_from_object(_LazyConfig(lambda: settings or get_settings()))
     celery_app.steps["consumer"].add(RestoreStranded)
     celery_app.steps["worker"].add(Heartbeat)
+    celery_app.steps["worker"].add(PeerServerStep)  # serves only in host scope
     connect_signals()
     return celery_app
 

@@ -146,6 +146,16 @@ def require_live_host(host: str, settings: Settings, client: redis.Redis) -> Non
         )
 
 
+def live_hosts(settings: Settings, client: redis.Redis) -> list[str]:
+    """Every host a live worker announced within `hosts.silent_after_seconds`."""
+    silences = HostRegistry(client, settings.hosts, settings.result_expires).silences()
+    return sorted(
+        host
+        for host, silence in silences.items()
+        if silence.seconds <= settings.hosts.silent_after_seconds
+    )
+
+
 # -- the sweep ---------------------------------------------------------------------------------
 
 

@@ -397,17 +397,20 @@ class RedisLockFactory:
         renew_every: float,
         wait: float,
         replica_ack: float = 0.0,
+        namespace: str = "",
     ) -> None:
         self.client = client
         self.lease = lease
         self.renew_every = renew_every
         self.wait = wait
         self.replica_ack = replica_ack
+        # prefixed to every name: "<host>/" in host scope, so each host's cache has its own locks
+        self.namespace = namespace
 
     def __call__(self, name: str) -> LeaseLock:
         return LeaseLock(
             self.client,
-            name,
+            self.namespace + name,
             lease=self.lease,
             renew_every=self.renew_every,
             wait=self.wait,

@@ -1,7 +1,8 @@
 """References to cached bases in Redis: one hash per cache entry, holder → when recorded.
 
 `imgprep:refs:<key>` has no expiry on purpose: a reference lives as long as its disk. The cache
-manager drops references that went stale (their disk or canvas is gone).
+manager drops references that went stale (their disk or canvas is gone). In host scope each
+host's cache has its own references: `imgprep:refs:<host>/<key>` (the namespace `<host>/`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ return 1
 class RedisReferences:
     """A `domain.core.ports.References` in Redis."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, namespace: str = "") -> None:
         self.client = client
+        self.namespace = namespace
         self._add_unless_evicting = client.register_script(_ADD_UNLESS_EVICTING)
         self._begin_eviction = client.register_script(_BEGIN_EVICTION)
 
     def key(self, cache_key: str) -> str:
-        return REFS_PREFIX + cache_key
+        return REFS_PREFIX + self.namespace + cache_key
 
     def add(self, key: str, holder: str) -> None:
         self._call(self.client.hset, self.key(key), holder, repr(time.time()))
@@ -58,7 +60,7 @@ class RedisReferences:
         return bool(
             self._call(
                 self._add_unless_evicting,
-                keys=[self.key(key), EVICTING_PREFIX + key],
+                keys=[self.key(key), EVICTING_PREFIX + self.namespace + key],
                 args=[holder, repr(time.time())],
             )
         )
@@ -67,13 +69,13 @@ class RedisReferences:
         return bool(
             self._call(
                 self._begin_eviction,
-                keys=[self.key(key), EVICTING_PREFIX + key],
+                keys=[self.key(key), EVICTING_PREFIX + self.namespace + key],
                 args=[max(1, int(lease_seconds * 1000))],
             )
         )
 
     def end_eviction(self, key: str) -> None:
-        self._call(self.client.delete, EVICTING_PREFIX + key)
+        self._call(self.client.delete, EVICTING_PREFIX + self.namespace + key)
 
     def holders(self, key: str) -> dict[str, float]:
         raw = self._call(self.client.hgetall, self.key(key))
@@ -83,20 +85,20 @@ class RedisReferences:
         released = []
         for redis_key in self._keys():
             if self._call(self.client.hdel, redis_key, holder):
-                released.append(_text(redis_key).removeprefix(REFS_PREFIX))
+                released.append(_text(redis_key).removeprefix(REFS_PREFIX + self.namespace))
         return sorted(released)
 
     def counts(self) -> dict[str, int]:
         """Number of holders of every referenced key."""
         counts = {}
         for redis_key in self._keys():
-            counts[_text(redis_key).removeprefix(REFS_PREFIX)] = int(
+            counts[_text(redis_key).removeprefix(REFS_PREFIX + self.namespace)] = int(
                 self._call(self.client.hlen, redis_key)
             )
         return counts
 
     def _keys(self) -> list[bytes | str]:
-        return list(self._call(lambda: list(self.client.scan_iter(REFS_PREFIX + "*", count=500))))
+        return list(self._call(lambda: list(self.client.scan_iter(self.key("*"), count=500))))
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:

@@ -6,7 +6,10 @@ connections. Tasks call `runtime()`; domain functions receive the pieces they ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import redis
 from domain.cache.directory import ImageCache
 from domain.cache.eviction import AgingPolicy, CacheManager
 from domain.cache.fetch import FetchOptions
+from domain.cache.fleet import Fleet
+from domain.cache.peer_client import PeerOptions
 from domain.core.ports import PrivilegedOperations
 from domain.core.runner import Limits, Runner
 from domain.disks.instance_disks import DiskContext
@@ -22,6 +27,7 @@ from worker.helper_client import HelperClient
 from worker.redis_connect import COMMAND_TIMEOUT_SECONDS, redis_client
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
+from worker.redis_peers import RedisPeerRegistry
 from worker.redis_references import RedisReferences
 from worker.settings import Settings, get_settings
 
@@ -39,11 +45,34 @@ class Runtime:
 
     @property
     def references(self) -> RedisReferences:
-        return RedisReferences(self.redis)
+        return RedisReferences(self.redis, self.settings.cache_namespace)
 
     @property
     def locks_now(self) -> RedisLockFactory:
         """Locks that do not wait: for work that skips a busy resource (the cache manager)."""
+        return RedisLockFactory(
+            self.redis,
+            lease=self.settings.lock.lease_seconds,
+            renew_every=self.settings.lock.renew_seconds,
+            wait=0.0,
+            replica_ack=self.settings.lock.replica_ack_seconds,
+            namespace=self.settings.cache_namespace,
+        )
+
+    @property
+    def fleet_locks(self) -> RedisLockFactory:
+        """Locks of the whole fleet (no host namespace), that wait: host scope's peer choice."""
+        return RedisLockFactory(
+            self.redis,
+            lease=self.settings.lock.lease_seconds,
+            renew_every=self.settings.lock.renew_seconds,
+            wait=self.settings.lock.wait_seconds,
+            replica_ack=self.settings.lock.replica_ack_seconds,
+        )
+
+    @property
+    def fleet_locks_now(self) -> RedisLockFactory:
+        """Locks of the whole fleet that do not wait: host scope's origin lease."""
         return RedisLockFactory(
             self.redis,
             lease=self.settings.lock.lease_seconds,
@@ -82,7 +111,14 @@ class Runtime:
             host=self.settings.host_id,
             runner=self.runner,
             limits=self.qemu_limits,
+            removed=self._withdraw_copy,
         )
+
+    def _withdraw_copy(self, key: str) -> None:
+        """Host scope: peers stop asking this host for an entry its cache manager removed."""
+        fleet = self.fleet
+        if fleet is not None:
+            fleet.registry.withdraw(key, fleet.host)
 
     @property
     def devices(self) -> RedisDeviceLedger:
@@ -111,6 +147,33 @@ class Runtime:
         )
 
     @property
+    def fleet(self) -> Fleet | None:
+        """This host in the fleet (host scope), None in shared scope."""
+        return self.fleet_with()
+
+    def fleet_with(
+        self, origin_gate: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    ) -> Fleet | None:
+        """This host in the fleet (host scope), each origin download inside `origin_gate`."""
+        if self.settings.image_cache.scope != "host":
+            return None
+        peer = self.settings.peer
+        return Fleet(
+            origin_gate=origin_gate,
+            wait_seconds=self.settings.lock.wait_seconds,
+            host=self.settings.host_id,
+            url=self.settings.peer_url,
+            registry=RedisPeerRegistry(self.redis, self.settings.result_expires),
+            origin_locks=self.fleet_locks_now,
+            choice_locks=self.fleet_locks,
+            peers=PeerOptions(
+                secret=peer.secret,
+                connect_timeout_seconds=peer.connect_timeout_seconds,
+                stall_seconds=peer.stall_seconds,
+            ),
+        )
+
+    @property
     def fetch_options(self) -> FetchOptions:
         return FetchOptions(
             policy=self.settings.fetch,
@@ -130,6 +193,7 @@ def build_runtime(settings: Settings) -> Runtime:
             renew_every=settings.lock.renew_seconds,
             wait=settings.lock.wait_seconds,
             replica_ack=settings.lock.replica_ack_seconds,
+            namespace=settings.cache_namespace,
         ),
         runner=Runner(default_timeout=settings.qemu.command_timeout_seconds),
     )

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from domain.core import models, snapshot_models
+from domain.core import models, precache_models, snapshot_models
 from domain.core.models import WireModel
 from worker.routing import DEFAULT_QUEUE
 
@@ -26,10 +26,11 @@ OPERATIONS: dict[str, tuple[type[WireModel], type[WireModel]]] = {
     "imgprep.delete_disk": (models.DeleteDiskRequest, models.DeletedDisk),
     "imgprep.evict_cache": (models.EvictCacheRequest, models.CacheEvictionReport),
     "imgprep.snapshot": (snapshot_models.SnapshotRequest, snapshot_models.ConvertedImage),
+    "imgprep.precache": (precache_models.PrecacheRequest, precache_models.PrecacheReport),
 }
 
 # The modules whose wire models are published as schemas.
-WIRE_MODULES = (models, snapshot_models)
+WIRE_MODULES = (models, snapshot_models, precache_models)
 
 
 def wire_models() -> list[type[WireModel]]:

@@ -144,6 +144,27 @@ class ImageCacheSettings(_Group):
     max_bytes: int = Field(default=0, ge=0)  # 0: no size cap
     min_idle_seconds: float = Field(default=600.0, ge=0)
     manager_interval_seconds: PositiveSeconds = 2400.0
+    # shared: one cache directory every host mounts (one lock, one set of references, any worker
+    # fetches); host: each host keeps its own cache, fetches on its own queue, and takes images
+    # from peers that have them (PeerSettings) instead of the origin.
+    scope: Literal["shared", "host"] = "shared"
+
+
+class PeerSettings(_Group):
+    """Host scope: each host serves its cache read-only to the other hosts (worker.peer_server)
+    and takes images from them (domain.cache.fleet)."""
+
+    # The address other hosts reach this host's peer server on ("": the host id, which must
+    # resolve); the server listens on it, or on every address when it is empty.
+    address: str = ""
+    port: int = Field(default=9809, ge=1, le=65535)
+    # Shared by every host: requests are signed with an HMAC of it (required in host scope).
+    secret: str = ""
+    max_bytes_per_second: int = Field(default=0, ge=0)  # upload rate limit; 0: none
+    max_connections: int = Field(default=8, gt=0)  # transfers served at once
+    # A peer that brings no byte for this long is dropped (another peer or the origin resumes).
+    stall_seconds: PositiveSeconds = 10.0
+    connect_timeout_seconds: PositiveSeconds = 3.0
 
 
 class HostSettings(_Group):
@@ -240,6 +261,9 @@ class Settings(BaseSettings):
     hosts: HostSettings = HostSettings()
     privileges: PrivilegeSettings = PrivilegeSettings()
     redis: RedisSettings = RedisSettings()
+    peer: PeerSettings = PeerSettings()
+    # imgprep.precache: at most this many images are fetched from their origin at once.
+    precache_concurrency: int = Field(default=1, gt=0)
 
     @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod
@@ -263,6 +287,11 @@ class Settings(BaseSettings):
             )
         if self.lock.wait_seconds >= self.step_time_limit:
             raise ValueError("lock.wait_seconds must be shorter than step_time_limit")
+        if self.image_cache.scope == "host" and not self.peer.secret:
+            raise ValueError(
+                "image_cache.scope host needs peer.secret (IMGPREP_PEER__SECRET), the key "
+                "every host signs its peer requests with"
+            )
         return self
 
     @model_validator(mode="after")
@@ -287,6 +316,20 @@ class Settings(BaseSettings):
     def sentinel(self) -> bool:
         """Whether any of the URLs is a Sentinel URL."""
         return any(is_sentinel(url) for url in (self.broker, self.results, self.coordination))
+
+    @property
+    def cache_namespace(self) -> str:
+        """Prefixed to cache lock names and reference keys: "<host>/" in host scope, where each
+        host's cache is its own; "" in shared scope."""
+        return f"{self.host_id}/" if self.image_cache.scope == "host" else ""
+
+    @property
+    def peer_url(self) -> str:
+        """The base URL other hosts reach this host's peer server at."""
+        address = self.peer.address or self.host_id
+        if ":" in address:
+            address = f"[{address}]"
+        return f"http://{address}:{self.peer.port}"
 
     @property
     def soft_time_limit(self) -> float:

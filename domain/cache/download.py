@@ -99,27 +99,40 @@ def download(
 ) -> Downloaded:
     """Stream `url` into a new file `dest`; the caller removes `dest` on any error."""
     check_source(url, policy)
+    with ImageWriter(dest, None) as writer:
+        return download_into(url, writer, policy, progress)
+
+
+def download_into(
+    url: str,
+    writer: ImageWriter,
+    policy: SourcePolicy,
+    progress: Progress = no_progress,
+    *,
+    start: int = 0,
+) -> Downloaded:
+    """Stream `url` from byte `start` into `writer`, which holds the bytes before it (a
+    download resumed with a Range request), and finish the file: its size and the sha256 of all
+    its bytes."""
+    check_source(url, policy)
     source: _Source
     if urlsplit(url).scheme.lower() == "file":
-        source = _FileSource(url, policy)
+        source = _FileSource(url, policy, start)
     else:
-        source = _HttpSource(url, policy)
-    return _stream(source, redact(url), dest, policy, progress)
+        source = _HttpSource(url, policy, start)
+    return _stream(source, redact(url), writer, policy, progress)
 
 
 def _stream(
-    source: _Source, shown: str, dest: Path, policy: SourcePolicy, progress: Progress
+    source: _Source, shown: str, writer: ImageWriter, policy: SourcePolicy, progress: Progress
 ) -> Downloaded:
     rate = MinimumRate(
         policy.min_bytes_per_second, policy.rate_window_seconds, what=f"the source {shown}"
     )
     tick = min(1.0, policy.rate_window_seconds / 4)
-    with (
-        ImageWriter(dest, None) as writer,
-        ReadAhead(
-            source.chunks(rate.arrived), watch=rate.check, abort=source.abort, tick=tick
-        ) as chunks,
-    ):
+    with ReadAhead(
+        source.chunks(rate.arrived), watch=rate.check, abort=source.abort, tick=tick
+    ) as chunks:
         for chunk in chunks:
             if writer.size + len(chunk) > policy.max_image_bytes:
                 raise ImageTooLarge(
@@ -143,7 +156,8 @@ def _check_length(total: int | None, policy: SourcePolicy) -> None:
 
 
 class _FileSource:
-    def __init__(self, url: str, policy: SourcePolicy) -> None:
+    def __init__(self, url: str, policy: SourcePolicy, start: int = 0) -> None:
+        self.start = start
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise SourceNotAllowed(f"file URL names a remote host {parts.netloc!r}")
@@ -154,6 +168,7 @@ class _FileSource:
     def chunks(self, arrived: Callable[[int], None]) -> Iterator[bytes]:
         with os.fdopen(self._open(), "rb", buffering=0) as source:
             _check_length(self.total, self.policy)
+            source.seek(self.start)
             while chunk := source.read(CHUNK):
                 arrived(len(chunk))
                 yield chunk
@@ -190,8 +205,9 @@ class _FileSource:
 class _HttpSource:
     """One GET, its redirects followed hop by hop, over connections checked by a guard."""
 
-    def __init__(self, url: str, policy: SourcePolicy) -> None:
+    def __init__(self, url: str, policy: SourcePolicy, start: int = 0) -> None:
         self.url = url
+        self.start = start  # resumed: the bytes before it are on disk already
         self.shown = redact(url)
         self.policy = policy
         self.total: int | None = None
@@ -212,19 +228,41 @@ class _HttpSource:
         try:
             _check_status(response.status, self.shown)
             length = response.headers.get("Content-Length")
-            self.total = int(length) if length and length.isdigit() else None
+            body = int(length) if length and length.isdigit() else None
+            skip = self._skip(response)
+            self.total = None if body is None else body + self.start - skip
             _check_length(self.total, self.policy)
             size = 0
-            for chunk in self._read(response, arrived):
-                size += len(chunk)
-                yield chunk
-            if self.total is not None and size != self.total:
+            for piece in self._read(response, arrived):
+                size += len(piece)
+                dropped = min(skip, len(piece))
+                skip -= dropped
+                if dropped < len(piece):
+                    yield piece[dropped:]
+            if body is not None and size != body:
                 raise SourceUnavailable(
-                    f"download of {self.shown} ended after {size} of {self.total} bytes"
+                    f"download of {self.shown} ended after {size} of {body} bytes"
                 )
         finally:
             response.close()
             self.pool.clear()
+
+    def _skip(self, response: urllib3.BaseHTTPResponse) -> int:
+        """Bytes of the body already on disk: all `start` of them when the server ignored the
+        Range request (200), none when it honoured it (206, checked to start where asked)."""
+        if not self.start:
+            return 0
+        if response.status != 206:
+            return self.start
+        content_range = response.headers.get("Content-Range", "")
+        unit, _, spec = content_range.partition(" ")
+        first = spec.partition("-")[0]
+        if unit != "bytes" or first != str(self.start):
+            raise SourceUnavailable(
+                f"{self.shown} answered a resumed download from byte {self.start} with "
+                f"Content-Range {content_range!r}"
+            )
+        return 0
 
     def _read(
         self, response: urllib3.BaseHTTPResponse, arrived: Callable[[int], None]
@@ -286,6 +324,9 @@ class _HttpSource:
 
     def _get(self, url: str) -> urllib3.BaseHTTPResponse:
         shown = redact(url)
+        headers = {"Accept-Encoding": "identity", "User-Agent": "imgprep"}
+        if self.start:
+            headers["Range"] = f"bytes={self.start}-"
         try:
             return self.pool.request(
                 "GET",
@@ -293,7 +334,7 @@ class _HttpSource:
                 redirect=False,
                 preload_content=False,
                 decode_content=False,
-                headers={"Accept-Encoding": "identity", "User-Agent": "imgprep"},
+                headers=headers,
             )
         except HTTPError as error:
             reason = (error.reason or error) if isinstance(error, MaxRetryError) else error

@@ -84,6 +84,8 @@ class CacheManager:
     runner: Runner
     limits: Limits
     clock: Callable[[], float] = time.time
+    # told of every entry removed (host scope: its copy is withdrawn from the peer registry)
+    removed: Callable[[str], None] = lambda key: None
     _in_use_here: dict[str, list[Path]] = field(default_factory=dict)
 
     def run(self, policy: AgingPolicy, *, dry_run: bool = False) -> CacheEvictionReport:
@@ -142,6 +144,7 @@ class CacheManager:
                 fsync_directory(entry.path.parent)
             finally:
                 self.references.end_eviction(key)
+        self.removed(key)
         log.info(
             "cache_entry_removed",
             key=key,

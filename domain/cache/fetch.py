@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -38,6 +39,9 @@ from domain.formats import qemu_img
 from domain.formats.conversion import cache_mode_for
 from domain.formats.inspection import Inspection, inspect_image, verify_info
 
+if TYPE_CHECKING:
+    from domain.cache.fleet import Fleet
+
 log = structlog.get_logger(__name__)
 
 
@@ -60,19 +64,32 @@ def fetch_to_cache(
     locks: LockFactory,
     references: References,
     progress: Progress = no_progress,
+    fleet: Fleet | None = None,
 ) -> CachedImage:
     """The image's cache entry, fetched if it is not there, and pinned for the canvas (`pin`,
     domain.cache.references.pending_holder) until its disk references it; fetched again if it
-    was removed in between."""
+    was removed in between. With `fleet` (host scope) the entry is this host's, taken from
+    peers or the origin (domain.cache.fleet)."""
     structlog.contextvars.bind_contextvars(image_key=cache_key(source.image_id))
-    return fetch_pinned(
-        lambda: fetch_image(
-            source, cache=cache, options=options, runner=runner, locks=locks, progress=progress
-        ),
-        pin,
-        locks=locks,
-        references=references,
-    )
+
+    def fetch() -> CachedImage:
+        if fleet is None:
+            return fetch_image(
+                source, cache=cache, options=options, runner=runner, locks=locks, progress=progress
+            )
+        from domain.cache import fleet as peers
+
+        return peers.fetch_image(
+            source,
+            cache=cache,
+            options=options,
+            runner=runner,
+            locks=locks,
+            fleet=fleet,
+            progress=progress,
+        )
+
+    return fetch_pinned(fetch, pin, locks=locks, references=references)
 
 
 def fetch_image(
@@ -94,49 +111,23 @@ def fetch_image(
     def stage(part: Path) -> Staged[CachedImage]:
         log.info("image_download_started", source=redact(source.url))
         fetched = download(source.url, part, options.policy, progress)
-        if source.checksum is not None and source.checksum != f"sha256:{fetched.sha256}":
-            raise ChecksumMismatch(
-                f"image {source.image_id} from {redact(source.url)} has sha256:{fetched.sha256}, "
-                f"the request expected {source.checksum}"
-            )
-        inspected, info = _inspect(part, source, options, runner)
-        published, fmt = part, inspected.format
-        if options.force_raw and fmt != "raw":
-            published = temporary_path(entry, CONVERTED, lease.fence)
-            qemu_img.convert(
-                runner,
-                part,
-                published,
-                source_format=fmt,
-                target_format="raw",
-                cache_mode=cache_mode_for(cache.root),
-                needed=info.virtual_size,
-                on_progress=lambda percent: progress(
-                    int(info.virtual_size * percent / 100), info.virtual_size
-                ),
-            )
-            part.unlink()
-            fmt = "raw"
-            log.info("image_converted", source_format=inspected.format, format=fmt)
-        image = CachedImage(
-            key=key,
-            image_id=source.image_id,
-            path=str(entry),
-            format=fmt,
-            virtual_size=info.virtual_size,
-            source_sha256=fetched.sha256,
-        )
-        record = CacheRecord(
-            image=image,
-            source=redact(source.url),
-            source_format=inspected.format,
-            source_bytes=fetched.size,
+        check_checksum(source, fetched.sha256)
+        return stage_entry(
+            part,
+            Verified(
+                sha256=fetched.sha256,
+                size=fetched.size,
+                declared_format=source.declared_format,
+                shown_source=redact(source.url),
+            ),
+            source=source,
+            entry=entry,
             fence=lease.fence,
-            fetched_at=datetime.now(UTC),
-            file=FileStamp.of(published),
+            cache=cache,
+            options=options,
+            runner=runner,
+            progress=progress,
         )
-        log.info("image_fetched", bytes=fetched.size, format=inspected.format, cached_format=fmt)
-        return Staged(file=published, result=image, record=record.model_dump_json(indent=1))
 
     lease = locks(f"cache:{key}")
     return publish_once(
@@ -149,18 +140,97 @@ def fetch_image(
     )
 
 
+def check_checksum(source: ImageSource, sha256: str) -> None:
+    """ChecksumMismatch unless the bytes have the checksum the request names (if it does)."""
+    if source.checksum is not None and source.checksum != f"sha256:{sha256}":
+        raise ChecksumMismatch(
+            f"image {source.image_id} from {redact(source.url)} has sha256:{sha256}, "
+            f"the request expected {source.checksum}"
+        )
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Bytes on disk whose digest was checked: the source's as served (a download, or a peer's
+    copy of them), or a peer's copy of a published entry (`source_*` then describe the source
+    the verifying host downloaded)."""
+
+    sha256: str
+    size: int
+    declared_format: str
+    shown_source: str
+    source_sha256: str | None = None  # None: these bytes are the source's
+    source_size: int | None = None
+    source_format: str | None = None
+
+
+def stage_entry(
+    part: Path,
+    verified: Verified,
+    *,
+    source: ImageSource,
+    entry: Path,
+    fence: int,
+    cache: ImageCache,
+    options: FetchOptions,
+    runner: Runner,
+    progress: Progress = no_progress,
+) -> Staged[CachedImage]:
+    """Inspect verified bytes as today (format inspector, then qemu-img info with the format
+    pinned), convert them to raw with force_raw, and stage the entry with its record."""
+    inspected, info = _inspect(part, source, verified, options, runner)
+    published, fmt = part, inspected.format
+    if options.force_raw and fmt != "raw":
+        published = temporary_path(entry, CONVERTED, fence)
+        qemu_img.convert(
+            runner,
+            part,
+            published,
+            source_format=fmt,
+            target_format="raw",
+            cache_mode=cache_mode_for(cache.root),
+            needed=info.virtual_size,
+            on_progress=lambda percent: progress(
+                int(info.virtual_size * percent / 100), info.virtual_size
+            ),
+        )
+        part.unlink()
+        fmt = "raw"
+        log.info("image_converted", source_format=inspected.format, format=fmt)
+    image = CachedImage(
+        key=cache_key(source.image_id),
+        image_id=source.image_id,
+        path=str(entry),
+        format=fmt,
+        virtual_size=info.virtual_size,
+        source_sha256=verified.source_sha256 or verified.sha256,
+    )
+    record = CacheRecord(
+        image=image,
+        source=verified.shown_source,
+        source_format=verified.source_format or inspected.format,
+        source_bytes=verified.source_size or verified.size,
+        fence=fence,
+        fetched_at=datetime.now(UTC),
+        file=FileStamp.of(published),
+    )
+    log.info("image_fetched", bytes=verified.size, format=inspected.format, cached_format=fmt)
+    return Staged(file=published, result=image, record=record.model_dump_json(indent=1))
+
+
 def _inspect(
-    part: Path, source: ImageSource, options: FetchOptions, runner: Runner
+    part: Path, source: ImageSource, verified: Verified, options: FetchOptions, runner: Runner
 ) -> tuple[Inspection, qemu_img.ImageInfo]:
     """Inspect the downloaded bytes, then ask qemu-img with the format pinned, under limits."""
+    declared = verified.declared_format
     try:
-        inspected = inspect_image(part, source.declared_format)
+        inspected = inspect_image(part, declared)
         info = qemu_img.info(runner, part, inspected.format, options.limits)
         verify_info(info, inspected)
     except ImageRefused as error:
-        log.warning("image_refused", reason=str(error), declared=source.declared_format)
+        log.warning("image_refused", reason=str(error), declared=declared)
         raise ImageRefused(
-            f"image {source.image_id} from {redact(source.url)} is refused: {error}"
+            f"image {source.image_id} from {verified.shown_source} is refused: {error}"
         ) from None
     if info.virtual_size > options.policy.max_image_bytes:
         raise ImageTooLarge(

@@ -2,9 +2,10 @@
 
 Locks with a lease (`Lease`, `LockFactory`), progress reports (`Progress`), references to cached
 bases (`References`), the device records of a host (`DeviceLedger`), the step journal
-(`StepJournal`) and the operations that need root (`PrivilegedOperations`: in process, or
-worker.helper_client for the privileged helper). Domain functions take these as arguments;
-worker/ supplies the Redis adapters
+(`StepJournal`), the operations that need root (`PrivilegedOperations`: in process, or
+worker.helper_client for the privileged helper) and, in host scope, the copies of cache entries
+on peers (`PeerRegistry`). Domain functions take these as arguments; worker/ supplies the Redis
+adapters
 side by side (worker.redis_locks, worker.redis_references, worker.redis_ledger,
 worker.redis_journal) and tests/fakes the in-memory ones. Nothing here imports Celery or Redis.
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from domain.core.device_records import DeviceRecord
 from domain.core.journal import CanvasView, PlannedStep, StepState
+from domain.core.peers import ImageDigests, PeerCopy
 
 if TYPE_CHECKING:  # models import publish, which imports this module
     from domain.core.models import FileInjection, InjectedFile
@@ -200,4 +202,31 @@ class PrivilegedOperations(Protocol):
         use_openat2: bool | None = None,
     ) -> list[InjectedFile]:
         """Write `files` (owner root) under the mounted guest root `root`, never outside it."""
+        ...
+
+
+class PeerRegistry(Protocol):
+    """Which hosts hold (or are fetching) each cache entry, and the digests it is verified
+    against (host scope; worker.redis_peers.RedisPeerRegistry)."""
+
+    def copies(self, key: str) -> list[PeerCopy]:
+        """Every host's copy of `key`, complete or in progress."""
+        ...
+
+    def copy(self, key: str, host: str) -> PeerCopy | None: ...
+
+    def announce(self, key: str, copy: PeerCopy) -> None:
+        """Record `copy` (replacing the host's previous one)."""
+        ...
+
+    def progress(self, key: str, host: str, size: int) -> None:
+        """The host's copy in progress now has `size` bytes on disk."""
+        ...
+
+    def withdraw(self, key: str, host: str) -> None: ...
+
+    def digests(self, key: str) -> ImageDigests | None: ...
+
+    def record_digests(self, key: str, digests: ImageDigests) -> None:
+        """Record what a verifying host found (replacing what was there)."""
         ...

@@ -3,6 +3,8 @@
 Celery beat sends it every `image_cache.manager_interval_seconds` (`imgprep beat`);
 `imgprep cache evict` sends it on demand. It runs on the worker that receives it: the cache is
 shared, and that worker's own disks are checked with qemu-img besides the references in Redis.
+In host scope every host has its own cache: a pass taken from the shared queue also sends one
+to the queue of every other live host (its result is the receiving host's report).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from domain.cache import eviction
 from domain.core.models import EvictCacheRequest
 from worker.app import app
 from worker.entry import EntryTask
+from worker.hosts import live_hosts
 from worker.metrics import count_evictions
+from worker.routing import DEFAULT_QUEUE, host_queue
 from worker.runtime import runtime
 from worker.taskbase import parse
 
@@ -22,6 +26,12 @@ from worker.taskbase import parse
 def evict_cache(self: EntryTask, request: dict[str, Any] | None = None) -> dict[str, Any]:
     """Remove cached bases no instance disk uses; result: CacheEvictionReport."""
     current = runtime()
+    routed = (self.request.delivery_info or {}).get("routing_key")
+    if current.settings.image_cache.scope == "host" and routed == DEFAULT_QUEUE:
+        # each host's cache is its own: a pass from the shared queue (beat) runs on every host
+        for host in live_hosts(current.settings, current.redis):
+            if host != current.settings.host_id:
+                app.send_task("imgprep.evict_cache", args=[request or {}], queue=host_queue(host))
     report = eviction.evict_cache(
         parse(EvictCacheRequest, request or {}), current.cache_manager, current.aging_policy
     )

@@ -30,13 +30,23 @@ def prepare_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     parsed = parse(PrepareRequest, request)
     host = target_host(parsed.host)  # before the pin: a refused host must pin nothing
     current, pin = runtime(), canvas_pin(self)
-    cached = references.pin_if_cached(
-        parsed.image, pin, cache=current.cache, locks=current.locks, references=current.references
-    )
+    scope = current.settings.image_cache.scope
+    cached = None
+    # in host scope only the host's own cache counts: another host's entry task cannot look
+    if scope == "shared" or host == current.settings.host_id:
+        cached = references.pin_if_cached(
+            parsed.image,
+            pin,
+            cache=current.cache,
+            locks=current.locks,
+            references=current.references,
+        )
     if cached is not None:
         count_cache_hit()
     try:
-        steps = prepare_disk_steps(parsed, host=host, operation=self.request.id, cached=cached)
+        steps = prepare_disk_steps(
+            parsed, host=host, operation=self.request.id, cached=cached, scope=scope
+        )
         canvas = with_ids(steps, self.request.id)
         plan(self, canvas, done=["imgprep.fetch_to_cache"] if cached else [])
         hand_over(self, canvas)

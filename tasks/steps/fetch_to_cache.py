@@ -1,5 +1,6 @@
 """imgprep.fetch_to_cache: the image into the shared cache, downloaded once, and pinned for the
-canvas until its disk references it (domain.cache.fetch)."""
+canvas until its disk references it (domain.cache.fetch); in host scope into this host's cache,
+from peers or the origin (domain.cache.fleet)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def fetch_to_cache(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
         locks=current.locks,
         references=current.references,
         progress=meter,
+        fleet=current.fleet,  # host scope: this host's cache, from peers or the origin
     )
     meter.count_request()
     return cached.model_dump(mode="json")

@@ -47,6 +47,7 @@ from worker.cli import (  # noqa: E402, F401
     flower,
     helper,
     inspect,
+    precache,
     prepare,
     run,
     schemas,

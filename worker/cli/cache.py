@@ -30,7 +30,9 @@ def list_entries(as_json: bool) -> None:
     from worker.settings import get_settings
 
     settings = get_settings()
-    references = RedisReferences(redis_client(settings.coordination, settings.redis))
+    references = RedisReferences(
+        redis_client(settings.coordination, settings.redis), settings.cache_namespace
+    )
     rows = [
         {
             "key": entry.key,

@@ -50,7 +50,8 @@ class ImageServer:
         self._redirects: dict[str, tuple[int, str]] = {}
         self._trickles: dict[str, tuple[int, float]] = {}
         self._stopping = threading.Event()
-        self.bytes_per_second: int | None = None
+        self.bytes_per_second: int | None = None  # of each response; None: as fast as it goes
+        self.bytes_sent = 0  # body bytes sent, every file together (what "origin bytes" count)
         self._httpd = _QuietServer((host, port), self._handler())
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="image-server", daemon=True
@@ -149,12 +150,18 @@ class ImageServer:
                     return
                 with open(path, "rb") as source:
                     size = os.fstat(source.fileno()).st_size
-                    self.send_response(HTTPStatus.OK)
+                    start = _range_start(self.headers.get("Range"), size)
+                    if start:
+                        source.seek(start)
+                        self.send_response(HTTPStatus.PARTIAL_CONTENT)
+                        self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+                    else:
+                        self.send_response(HTTPStatus.OK)
                     self.send_header("Content-Type", "application/octet-stream")
-                    self.send_header("Content-Length", str(size))
+                    self.send_header("Content-Length", str(size - start))
                     self.end_headers()
                     try:
-                        self._send_body(source, size)
+                        self._send_body(source, size - start)
                     except (BrokenPipeError, ConnectionResetError):
                         return
 
@@ -167,7 +174,9 @@ class ImageServer:
                 rate = server.bytes_per_second
                 if rate is None:
                     self.wfile.flush()
-                    self.connection.sendfile(source)
+                    sent = self.connection.sendfile(source)
+                    with server._lock:
+                        server.bytes_sent += sent
                     return
                 sent = 0
                 started = time.monotonic()
@@ -177,6 +186,8 @@ class ImageServer:
                         break
                     self.wfile.write(chunk)
                     sent += len(chunk)
+                    with server._lock:
+                        server.bytes_sent += len(chunk)
                     ahead = sent / rate - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)
@@ -192,3 +203,11 @@ class ImageServer:
                     self.wfile.flush()
 
         return Handler
+
+
+def _range_start(header: str | None, size: int) -> int:
+    """Where a `Range: bytes=N-` request starts (0 without one, or one this server ignores)."""
+    if not header or not header.startswith("bytes=") or not header.endswith("-"):
+        return 0
+    first = header.removeprefix("bytes=").removesuffix("-")
+    return int(first) if first.isdigit() and int(first) < size else 0

@@ -172,3 +172,36 @@ def test_profile_ha_runs_redis_with_a_replica_three_sentinels_and_imgprep_on_the
         assert named == set(sentinels), name
         assert set(services[name]["depends_on"]) == set(sentinels), name
         assert services[name]["command"][0] in main.commands, name
+
+
+def test_second_host_has_its_own_cache_and_takes_images_from_the_first(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    first, second = services["worker"], services["worker-2"]
+    assert second["command"] == first["command"] and second["privileged"] is True
+    loaded = []
+    for service in (first, second):
+        for variable in list(os.environ):
+            if variable.startswith(ENV_PREFIX):
+                monkeypatch.delenv(variable)
+        for variable, value in service_env(service).items():
+            monkeypatch.setenv(variable, value)
+        loaded.append(Settings())
+    one, two = loaded
+    # two hosts, each in host scope with its own cache volume
+    assert one.host_id != two.host_id
+    assert one.image_cache.scope == two.image_cache.scope == "host"
+
+    def volume(service: dict[str, Any], target: Path) -> str:
+        mounts = [str(m) for m in service["volumes"]]
+        return next(m.split(":")[0] for m in mounts if m.split(":")[1] == str(target))
+
+    for directory in ("cache_dir", "instances_dir", "state_dir"):
+        a, b = volume(first, getattr(one, directory)), volume(second, getattr(two, directory))
+        assert a != b and a in compose["volumes"] and b in compose["volumes"], directory
+    # each reaches the other's peer server by its service name, with the same secret
+    assert one.peer.secret == two.peer.secret != ""
+    assert one.peer_url == f"http://worker:{one.peer.port}"
+    assert two.peer_url == f"http://worker-2:{two.peer.port}"
+    assert set(first["ports"]).isdisjoint(second["ports"])

@@ -11,14 +11,17 @@ import pytest
 from domain.core.device_records import WorkDir
 from domain.core.errors import DiskBusy, LockBusy, LockLost
 from domain.core.journal import PlannedStep
-from domain.core.ports import DeviceLedger, LockFactory, References, StepJournal
+from domain.core.peers import ImageDigests, PeerCopy
+from domain.core.ports import DeviceLedger, LockFactory, PeerRegistry, References, StepJournal
 from tests.fakes.device_ledger import InMemoryDeviceLedger
 from tests.fakes.journal import InMemoryJournal
 from tests.fakes.locks import InMemoryLocks
+from tests.fakes.peers import InMemoryPeerRegistry
 from tests.fakes.references import InMemoryReferences
 from worker.redis_journal import RedisJournal
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import LOCK_PREFIX, RedisLockFactory
+from worker.redis_peers import RedisPeerRegistry
 from worker.redis_references import RedisReferences
 
 
@@ -125,3 +128,38 @@ def test_locks(make: Callable[[float], tuple[LockFactory, Callable[[str], None]]
         take_over("cache:k")
         with pytest.raises(LockLost):
             second.ensure_held()
+
+
+PEER_REGISTRIES: dict[str, Callable[[], PeerRegistry]] = {
+    "fake": InMemoryPeerRegistry,
+    "redis": lambda: RedisPeerRegistry(fake_redis(), 3600),
+}
+
+
+@pytest.mark.parametrize("make", PEER_REGISTRIES.values(), ids=PEER_REGISTRIES.keys())
+def test_peer_registry(make: Callable[[], PeerRegistry]) -> None:
+    registry = make()
+    assert registry.copies("k") == [] and registry.digests("k") is None
+    partial = PeerCopy("h1", "http://h1:9809", "source", False, 0, None, 7, "origin")
+    registry.announce("k", partial)
+    registry.progress("k", "h1", 4096)
+    assert registry.copy("k", "h1") == PeerCopy(
+        "h1", "http://h1:9809", "source", False, 4096, None, 7, "origin"
+    )
+    complete = PeerCopy("h2", "http://h2:9809", "entry", True, 8192, 8192)
+    registry.announce("k", complete)
+    assert sorted(c.host for c in registry.copies("k")) == ["h1", "h2"]
+    registry.withdraw("k", "h1")
+    assert registry.copies("k") == [complete]
+    assert registry.copy("k", "h1") is None
+    digests = ImageDigests("a" * 64, 8192, "a" * 64, 8192, "raw", "raw")
+    registry.record_digests("k", digests)
+    assert registry.digests("k") == digests and digests.same_bytes()
+
+
+def test_peer_registry_keys_expire() -> None:
+    client = fake_redis()
+    registry = RedisPeerRegistry(client, 3600)
+    registry.announce("k", PeerCopy("h1", "http://h1:9809", "entry", True, 1, 1))
+    registry.record_digests("k", ImageDigests("a" * 64, 1))
+    assert all(0 < client.ttl(key) <= 3600 for key in client.scan_iter("imgprep:peers:*"))

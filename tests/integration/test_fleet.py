@@ -1,0 +1,342 @@
+"""Host scope as a fleet on one machine: four host ids, each with its own worker process, its own
+cache, instances and state directories and its own peer port on loopback; one Redis; an origin
+image server with a bandwidth limit that counts the bytes it sends.
+
+A burst of prepares on every host takes the image once from the origin; a peer killed in the
+middle of serving leaves the others to resume elsewhere with whole entries; a peer that serves
+wrong bytes is caught by the digest and withdrawn; the cache manager of a host never removes a
+base one of its disks uses. Every test ends with the machine clean on every host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.result import AsyncResult
+
+from domain.cache.directory import ImageCache, cache_key
+from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
+from domain.core.peers import PeerCopy
+from domain.core.precache_models import PrecacheReport
+from tests.integration.conftest import Cluster, ClusterFactory, unique
+from tests.support.waiting import wait_for
+from worker.harness.image_server import ImageServer
+from worker.harness.machine import leftovers
+from worker.harness.redis_server import free_port
+from worker.harness.worker_processes import WorkerProcess
+from worker.redis_peers import RedisPeerRegistry
+from worker.routing import host_queue
+
+MiB = 2**20
+SECRET = "fleet-test-secret"
+HOSTS = ("h1", "h2", "h3", "h4")
+
+
+@dataclass
+class Host:
+    name: str
+    root: Path
+    port: int
+    worker: WorkerProcess | None = None
+
+    @property
+    def cache(self) -> ImageCache:
+        return ImageCache(self.root / "cache")
+
+    def env(self) -> dict[str, str]:
+        return {
+            "IMGPREP_HOST_ID": self.name,
+            "IMGPREP_CACHE_DIR": str(self.root / "cache"),
+            "IMGPREP_INSTANCES_DIR": str(self.root / "instances"),
+            "IMGPREP_STATE_DIR": str(self.root / "state"),
+            "IMGPREP_PEER__PORT": str(self.port),
+        }
+
+
+@dataclass
+class Fleet:
+    cluster: Cluster
+    hosts: dict[str, Host]
+    origin: ImageServer
+
+    @property
+    def registry(self) -> RedisPeerRegistry:
+        return RedisPeerRegistry(self.cluster.redis, 3600)
+
+    def start(self, host: Host) -> None:
+        host.worker = self.cluster.add_worker(host.name, env=host.env())
+
+    def prepare(
+        self, name: str, image_id: str, host: str, checksum: str | None = None
+    ) -> AsyncResult:
+        image: dict[str, Any] = {"url": self.origin.url(name), "image_id": image_id}
+        if checksum is not None:
+            image["checksum"] = checksum
+        request = {
+            "image": image,
+            "disk": {"instance_id": unique("vm"), "size_bytes": 64 * MiB},
+            "host": host,
+        }
+        return self.cluster.client.send("imgprep.prepare_disk", request)
+
+    def send(self, task: str, payload: dict[str, Any], host: str) -> Any:
+        return self.cluster.app.send_task(task, args=[payload], queue=host_queue(host))
+
+    def entry_sha256(self, host: str, image_id: str) -> str:
+        path = self.hosts[host].cache.entry(cache_key(image_id))
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def assert_clean(self) -> None:
+        self.cluster.assert_clean()
+        everywhere = self.cluster.root / "hosts"
+        found = leftovers(
+            client=self.cluster.redis,
+            cache_dir=everywhere,
+            instances_dir=everywhere,
+            state_dir=everywhere,
+        )
+        assert not {kind: items for kind, items in found.items() if items}
+
+
+def image_file(root: Path, name: str, size: int, seed: int) -> tuple[str, str]:
+    """A raw image of random bytes (no format's magic: inspected as raw); (name, checksum)."""
+    data = random.Random(seed).randbytes(size)  # noqa: S311 - test data, not secrets
+    (root / name).write_bytes(data)
+    return name, f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+@pytest.fixture
+def fleet(cluster_factory: ClusterFactory, tmp_path: Path) -> Iterator[Fleet]:
+    overrides = {
+        "IMGPREP_IMAGE_CACHE__SCOPE": "host",
+        "IMGPREP_PEER__SECRET": SECRET,
+        "IMGPREP_PEER__ADDRESS": "127.0.0.1",
+        "IMGPREP_PEER__STALL_SECONDS": "3",
+        "IMGPREP_PEER__CONNECT_TIMEOUT_SECONDS": "2",
+        "IMGPREP_LOCK__LEASE_SECONDS": "4",
+        "IMGPREP_LOCK__RENEW_SECONDS": "1",
+        "IMGPREP_HOSTS__HEARTBEAT_SECONDS": "1",
+        "IMGPREP_HOSTS__SILENT_AFTER_SECONDS": "30",
+    }
+    cluster = cluster_factory("fleet", overrides)
+    hosts = {}
+    for name in HOSTS:
+        root = cluster.root / "hosts" / name
+        for sub in ("cache", "instances", "state"):
+            (root / sub).mkdir(parents=True)
+        hosts[name] = Host(name, root, free_port())
+    served = tmp_path / "origin"
+    served.mkdir()
+    with ImageServer(served) as origin:
+        made = Fleet(cluster, hosts, origin)
+        for host in hosts.values():
+            made.start(host)
+        yield made
+
+
+def test_burst_on_every_host_takes_the_image_once_from_the_origin(fleet: Fleet) -> None:
+    size = 24 * MiB
+    name, checksum = image_file(fleet.origin.root, "burst.raw", size, seed=1)
+    fleet.origin.bytes_per_second = 12 * MiB  # 2 s from the origin
+    image_id = unique("img")
+    results = [fleet.prepare(name, image_id, host) for host in HOSTS for _ in range(2)]
+    prepared = [PreparedDisk.model_validate(r.get(timeout=180)) for r in results]
+
+    assert fleet.origin.bytes_sent <= 1.05 * size, fleet.origin.bytes_sent
+    assert sorted({p.disk.host for p in prepared}) == sorted(HOSTS)
+    for host in HOSTS:
+        assert f"sha256:{fleet.entry_sha256(host, image_id)}" == checksum
+        assert all(
+            Path(p.disk.backing_file or "").parent == fleet.hosts[host].root / "cache"
+            for p in prepared
+            if p.disk.host == host
+        )
+    copies = fleet.registry.copies(cache_key(image_id))
+    assert sorted(c.host for c in copies if c.complete) == sorted(HOSTS)
+    for p in prepared:
+        deleted = fleet.send(
+            "imgprep.delete_disk",
+            {"instance_id": p.disk.instance_id, "host": p.disk.host},
+            p.disk.host,
+        )
+        DeletedDisk.model_validate(deleted.get(timeout=60))
+    fleet.assert_clean()
+
+
+def test_a_peer_killed_mid_transfer_leaves_the_others_whole_entries(fleet: Fleet) -> None:
+    size = 32 * MiB
+    name, checksum = image_file(fleet.origin.root, "killed.raw", size, seed=2)
+    fleet.origin.bytes_per_second = 4 * MiB  # 8 s from the origin
+    image_id = unique("img")
+    key = cache_key(image_id)
+    first = fleet.prepare(name, image_id, "h1", checksum)
+
+    def h1_has(bytes_: int) -> bool:
+        copy = fleet.registry.copy(key, "h1")
+        return copy is not None and copy.size >= bytes_
+
+    wait_for(lambda: h1_has(4 * MiB), timeout=60, what="h1 downloading from the origin")
+    others = [fleet.prepare(name, image_id, host, checksum) for host in ("h2", "h3", "h4")]
+
+    def streaming_from_h1() -> bool:
+        copies = {c.host: c for c in fleet.registry.copies(key)}
+        return any(c.upstream == "h1" and c.size >= 8 * MiB for c in copies.values())
+
+    wait_for(streaming_from_h1, timeout=60, what="a host with 8 MiB streamed from h1")
+    h1 = fleet.hosts["h1"]
+    assert h1.worker is not None
+    h1_copy = fleet.registry.copy(key, "h1")
+    assert h1_copy is not None
+    h1.worker.kill()  # its peer server and its download die with it
+
+    for result in others:
+        PreparedDisk.model_validate(result.get(timeout=180))
+    for host in ("h2", "h3", "h4"):
+        assert f"sha256:{fleet.entry_sha256(host, image_id)}" == checksum
+    # the origin sent h1's part once and the rest once: the host that took over resumed from
+    # the byte where its transfer from h1 stopped (8 MiB or more), not from the first byte
+    # (which would make it h1's part plus the whole image again)
+    assert fleet.origin.bytes_sent < size + h1_copy.size, (fleet.origin.bytes_sent, h1_copy)
+
+    # h1 comes back: its interrupted prepare ends (from a peer), its temporaries are removed
+    fleet.start(h1)
+    PreparedDisk.model_validate(first.get(timeout=180))
+    assert f"sha256:{fleet.entry_sha256('h1', image_id)}" == checksum
+    fleet.assert_clean()
+
+
+class LyingPeer:
+    """A peer server on loopback that answers every range with the right length of wrong
+    bytes (and any signature: it does not check)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        lying = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+            def do_GET(self) -> None:
+                lying.requests += 1
+                spec = self.headers.get("Range", "bytes=0-0").removeprefix("bytes=")
+                first, _, last = spec.partition("-")
+                start, end = int(first), int(last) + 1
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/*")
+                self.send_header("Content-Length", str(end - start))
+                self.end_headers()
+                self.wfile.write(b"\x5a" * (end - start))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_peer_serving_wrong_bytes_is_caught_and_avoided(fleet: Fleet) -> None:
+    size = 8 * MiB
+    name, checksum = image_file(fleet.origin.root, "lied.raw", size, seed=3)
+    image_id = unique("img")
+    key = cache_key(image_id)
+    PreparedDisk.model_validate(fleet.prepare(name, image_id, "h1").get(timeout=120))
+    liar = LyingPeer()
+    try:
+        # only the liar claims the complete entry (h1's copy is withdrawn)
+        fleet.registry.withdraw(key, "h1")
+        fleet.registry.announce(key, PeerCopy("liar", liar.url, "entry", True, size, size))
+        PreparedDisk.model_validate(fleet.prepare(name, image_id, "h2").get(timeout=120))
+        assert liar.requests >= 1  # it was asked, and caught
+        assert f"sha256:{fleet.entry_sha256('h2', image_id)}" == checksum
+        assert fleet.registry.copy(key, "liar") is None  # withdrawn: nobody asks it again
+        asked = liar.requests
+        PreparedDisk.model_validate(fleet.prepare(name, image_id, "h3").get(timeout=120))
+        assert liar.requests == asked
+        assert f"sha256:{fleet.entry_sha256('h3', image_id)}" == checksum
+    finally:
+        liar.stop()
+    fleet.assert_clean()
+
+
+def test_host_cache_manager_keeps_a_base_a_local_disk_uses(fleet: Fleet) -> None:
+    name, _ = image_file(fleet.origin.root, "evict.raw", 4 * MiB, seed=4)
+    image_id = unique("img")
+    key = cache_key(image_id)
+    on_h1 = PreparedDisk.model_validate(fleet.prepare(name, image_id, "h1").get(timeout=120))
+    on_h2 = PreparedDisk.model_validate(fleet.prepare(name, image_id, "h2").get(timeout=120))
+    deleted = fleet.send(
+        "imgprep.delete_disk", {"instance_id": on_h2.disk.instance_id, "host": "h2"}, "h2"
+    )
+    DeletedDisk.model_validate(deleted.get(timeout=60))
+    # h1's references are dropped too: only its disk, read with qemu-img, says the base is used
+    fleet.cluster.redis.delete(f"imgprep:refs:h1/{key}")
+
+    def evict(host: str) -> CacheEvictionReport:
+        result = fleet.send(
+            "imgprep.evict_cache", {"remove_unused_original_minimum_age_seconds": 0}, host
+        )
+        return CacheEvictionReport.model_validate(result.get(timeout=120))
+
+    assert evict("h1").evicted == []
+    assert fleet.hosts["h1"].cache.lookup(key) is not None
+    assert [e.key for e in evict("h2").evicted] == [key]
+    assert fleet.hosts["h2"].cache.lookup(key) is None
+    deleted = fleet.send(
+        "imgprep.delete_disk", {"instance_id": on_h1.disk.instance_id, "host": "h1"}, "h1"
+    )
+    DeletedDisk.model_validate(deleted.get(timeout=60))
+    fleet.assert_clean()
+
+
+def test_precache_fills_every_live_host_once_from_the_origin(fleet: Fleet) -> None:
+    size = 16 * MiB
+    name, checksum = image_file(fleet.origin.root, "pre.raw", size, seed=5)
+    fleet.origin.bytes_per_second = 16 * MiB
+    image_id = unique("img")
+    image = {"url": fleet.origin.url(name), "image_id": image_id, "checksum": checksum}
+    result = fleet.cluster.client.send("imgprep.precache", {"images": [image]})
+    report = PrecacheReport.model_validate(result.get(timeout=180))
+    assert [(r.host, r.outcome) for r in report.results] == [(h, "cached") for h in HOSTS]
+    assert fleet.origin.bytes_sent <= 1.05 * size
+    for host in HOSTS:
+        assert f"sha256:{fleet.entry_sha256(host, image_id)}" == checksum
+
+    status = fleet.cluster.cli("status", result.id)
+    assert status.returncode == 0, status.stderr
+    for host in HOSTS:
+        assert f"precache_host@{host}" in status.stdout
+
+    again = fleet.cluster.client.send(
+        "imgprep.precache", {"images": [image], "hosts": ["h2", "gone"]}
+    )
+    report = PrecacheReport.model_validate(again.get(timeout=120))
+    outcomes = {(r.host, r.outcome, r.error_class) for r in report.results}
+    assert outcomes == {("h2", "already_cached", None), ("gone", "failed", "HostUnavailable")}
+
+    # the command: a line per host's step while it runs (no terminal here), then the outcomes
+    other = unique("img")
+    shown = fleet.cluster.cli(
+        "precache", fleet.origin.url(name), "--image-id", other, "--hosts", "h1,h3", "--wait"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "precache_host@h1" in shown.stderr and "precache_host@h3" in shown.stderr
+    lines = sorted(line.split() for line in shown.stdout.splitlines() if other in line)
+    assert lines == [["h1", other, "cached"], ["h3", other, "cached"]]
+    fleet.assert_clean()

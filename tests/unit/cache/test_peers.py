@@ -1,0 +1,76 @@
+"""Choosing a peer, and signing peer requests (domain.cache.fleet, domain.cache.peer_auth)."""
+
+from __future__ import annotations
+
+import random
+
+from domain.cache.fleet import choose_peer
+from domain.cache.peer_auth import signed_headers, verify
+from domain.core.peers import ImageDigests, PeerCopy
+
+DIGESTS = ImageDigests("a" * 64, 100, "a" * 64, 100, "raw", "raw")
+
+
+def partial(host: str, size: int, upstream: str) -> PeerCopy:
+    return PeerCopy(host, f"http://{host}", "source", False, size, None, 1, upstream)
+
+
+def complete(host: str) -> PeerCopy:
+    return PeerCopy(host, f"http://{host}", "entry", True, 100, 100)
+
+
+def choose(
+    copies: list[PeerCopy], me: str = "me", excluded: frozenset[str] = frozenset()
+) -> PeerCopy | None:
+    return choose_peer(
+        copies,
+        me=me,
+        have=None,
+        digests=DIGESTS,
+        excluded=lambda host: host in excluded,
+        rng=random.Random(0),  # noqa: S311 - a seeded choice, not a secret
+    )
+
+
+def test_complete_copies_come_first_the_least_loaded_of_them() -> None:
+    copies = [complete("a"), complete("b"), partial("c", 90, "a"), partial("d", 5, "origin")]
+    assert choose(copies) == complete("b")  # a already serves c
+    assert choose(copies, excluded=frozenset({"b"})) == complete("a")
+
+
+def test_a_burst_forms_a_chain_and_never_a_cycle() -> None:
+    # h1 fetches from the origin; each newcomer streams from the one nobody streams from yet
+    copies = [partial("h1", 40, "origin")]
+    for host in ("h2", "h3", "h4"):
+        chosen = choose(copies, me=host)
+        assert chosen is not None and chosen.host == copies[-1].host
+        copies.append(partial(host, 0, chosen.host))
+    # a copy that streams from this host (even through others) is never chosen by it
+    assert choose([partial("x", 50, "y"), partial("y", 10, "me")], me="me") is None
+
+
+def test_without_digests_only_source_bytes_are_taken() -> None:
+    # an entry's bytes can be checked only against a recorded digest
+    chosen = choose_peer(
+        [complete("a"), partial("b", 10, "origin")],
+        me="me",
+        have=None,
+        digests=None,
+        excluded=lambda host: False,
+        rng=random.Random(0),  # noqa: S311 - a seeded choice, not a secret
+    )
+    assert chosen is not None and chosen.host == "b"
+
+
+def test_signatures_cover_method_path_range_and_time() -> None:
+    headers = signed_headers("s3cret", "GET", "/v1/" + "0" * 40, "bytes=0-99")
+    stamp, signature = headers["X-Imgprep-Timestamp"], headers["X-Imgprep-Signature"]
+    path = "/v1/" + "0" * 40
+    assert verify("s3cret", "GET", path, "bytes=0-99", stamp, signature) is None
+    assert verify("other", "GET", path, "bytes=0-99", stamp, signature) == "bad signature"
+    assert verify("s3cret", "GET", path, "bytes=0-", stamp, signature) == "bad signature"
+    assert verify("s3cret", "GET", path + "x", "bytes=0-99", stamp, signature) == "bad signature"
+    stale = verify("s3cret", "GET", path, "bytes=0-99", stamp, signature, now=float(stamp) + 61)
+    assert stale is not None and stale.startswith("stale timestamp")
+    assert verify("s3cret", "GET", path, "bytes=0-99", None, None) == "unsigned request"
+    assert verify("", "GET", path, "bytes=0-99", stamp, signature) is not None
