@@ -10,6 +10,7 @@ base one of its disks uses. Every test ends with the machine clean on every host
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import threading
@@ -113,8 +114,11 @@ def image_file(root: Path, name: str, size: int, seed: int) -> tuple[str, str]:
     return name, f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-@pytest.fixture
-def fleet(cluster_factory: ClusterFactory, tmp_path: Path) -> Iterator[Fleet]:
+@contextlib.contextmanager
+def make_fleet(
+    cluster_factory: ClusterFactory, tmp_path: Path, extra: dict[str, str] | None = None
+) -> Iterator[Fleet]:
+    """Four hosts, each with one worker, on one Redis; `extra` settings over the fleet's."""
     overrides = {
         "IMGPREP_IMAGE_CACHE__SCOPE": "host",
         "IMGPREP_PEER__SECRET": SECRET,
@@ -125,6 +129,7 @@ def fleet(cluster_factory: ClusterFactory, tmp_path: Path) -> Iterator[Fleet]:
         "IMGPREP_LOCK__RENEW_SECONDS": "1",
         "IMGPREP_HOSTS__HEARTBEAT_SECONDS": "1",
         "IMGPREP_HOSTS__SILENT_AFTER_SECONDS": "30",
+        **(extra or {}),
     }
     cluster = cluster_factory("fleet", overrides)
     hosts = {}
@@ -139,6 +144,12 @@ def fleet(cluster_factory: ClusterFactory, tmp_path: Path) -> Iterator[Fleet]:
         made = Fleet(cluster, hosts, origin)
         for host in hosts.values():
             made.start(host)
+        yield made
+
+
+@pytest.fixture
+def fleet(cluster_factory: ClusterFactory, tmp_path: Path) -> Iterator[Fleet]:
+    with make_fleet(cluster_factory, tmp_path) as made:
         yield made
 
 
@@ -340,3 +351,80 @@ def test_precache_fills_every_live_host_once_from_the_origin(fleet: Fleet) -> No
     lines = sorted(line.split() for line in shown.stdout.splitlines() if other in line)
     assert lines == [["h1", other, "cached"], ["h3", other, "cached"]]
     fleet.assert_clean()
+
+
+# Short enough for a test, in the same proportions as the defaults (10 s, 30 s, 300 s), with
+# room for heartbeats delayed on a loaded machine.
+ABANDON_AFTER = 12.0
+FAST_HOSTS = {
+    "IMGPREP_HOSTS__HEARTBEAT_SECONDS": "0.5",
+    "IMGPREP_HOSTS__SILENT_AFTER_SECONDS": "5",
+    "IMGPREP_HOSTS__ABANDON_AFTER_SECONDS": str(int(ABANDON_AFTER)),
+}
+
+
+def test_a_precache_ends_with_a_report_when_a_host_dies_during_its_step(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    with make_fleet(cluster_factory, tmp_path, FAST_HOSTS) as fleet:
+        # Given a precache of an image that takes a while (8 s from the origin) on every host
+        size = 32 * MiB
+        name, checksum = image_file(fleet.origin.root, "dies.raw", size, seed=6)
+        fleet.origin.bytes_per_second = 4 * MiB
+        image_id = unique("img")
+        key = cache_key(image_id)
+        image = {"url": fleet.origin.url(name), "image_id": image_id, "checksum": checksum}
+        result = fleet.cluster.client.send("imgprep.precache", {"images": [image]})
+
+        # When h4's only worker is SIGKILLed while its step is writing the image
+        h4 = fleet.hosts["h4"]
+        assert h4.worker is not None
+
+        def h4_writing() -> bool:
+            copy = fleet.registry.copy(key, "h4")
+            return copy is not None and not copy.complete and copy.size >= 2 * MiB
+
+        wait_for(h4_writing, timeout=120, what="h4's precache step to be writing the image")
+        h4.worker.kill()
+
+        # Then the caller's id ends, within the abandon bound, with a report: the other hosts
+        # cached the image, h4 failed with HostUnavailable naming it and its abandoned queue
+        report = PrecacheReport.model_validate(result.get(timeout=ABANDON_AFTER + 120))
+        outcomes = {r.host: r for r in report.results}
+        assert sorted(outcomes) == sorted(HOSTS)
+        assert [outcomes[h].outcome for h in ("h1", "h2", "h3")] == ["cached"] * 3
+        failed = outcomes["h4"]
+        assert (failed.outcome, failed.error_class) == ("failed", "HostUnavailable")
+        assert "h4" in (failed.error_message or "")
+        assert f"{host_queue('h4')} was abandoned" in (failed.error_message or "")
+        for host in ("h1", "h2", "h3"):
+            assert f"sha256:{fleet.entry_sha256(host, image_id)}" == checksum
+        assert fleet.cluster.redis.hlen("unacked") == 0
+        assert fleet.cluster.redis.llen(host_queue("h4")) == 0
+
+        # And a precache for the silent host now is reported failed at once, on the command
+        # line too (nothing is sent to h4)
+        shown = fleet.cluster.cli(
+            "precache",
+            fleet.origin.url(name),
+            "--image-id",
+            image_id,
+            "--hosts",
+            "h1,h4",
+            "--wait",
+            timeout=60,
+        )
+        assert shown.returncode == 1, shown.stderr
+        lines = {line.split()[0]: line for line in shown.stdout.splitlines() if image_id in line}
+        assert lines["h1"].split()[2] == "already_cached"
+        assert lines["h4"].split()[2:4] == ["failed", "HostUnavailable:"]
+        assert "host h4 has had no live imgprep worker" in lines["h4"]
+        assert fleet.cluster.redis.llen(host_queue("h4")) == 0
+
+        # And h4 back: a precache caches the image there (its dead step's temporaries removed)
+        fleet.start(h4)
+        again = fleet.cluster.client.send("imgprep.precache", {"images": [image], "hosts": ["h4"]})
+        report = PrecacheReport.model_validate(again.get(timeout=120))
+        assert [(r.host, r.outcome) for r in report.results] == [("h4", "cached")]
+        assert f"sha256:{fleet.entry_sha256('h4', image_id)}" == checksum
+        fleet.assert_clean()
