@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 from domain.cache.references import pending_holder
 from domain.core.errors import HostUnavailable, LockBusy
 from domain.core.redaction import redacted_text
+from worker.redis_journal import RedisJournal
 from worker.redis_locks import LeaseLock
 from worker.redis_references import RedisReferences
 from worker.routing import host_queue
@@ -228,7 +229,7 @@ def _sweep_host(app: Celery, client: redis.Redis, settings: Settings, silence: S
     # Queued: the oldest is at the right (kombu pushes left, pops right). The message is failed
     # before it is removed, so a sweeper that dies between the two leaves it to the next one.
     while (raw := client.lindex(queue, -1)) is not None:
-        _fail(app, client, _bytes(raw), error)
+        _fail(app, client, settings, _bytes(raw), error)
         client.lrem(queue, -1, _bytes(raw))  # type: ignore[arg-type]
         failed += 1
     # Delivered to a worker of the host that died before acknowledging it.
@@ -238,14 +239,16 @@ def _sweep_host(app: Celery, client: redis.Redis, settings: Settings, silence: S
         if routing_key != queue:
             continue
         if take(keys=[UNACKED_KEY, UNACKED_INDEX_KEY], args=[tag]) is not None:
-            _fail(app, client, json.dumps(payload).encode(), error)
+            _fail(app, client, settings, json.dumps(payload).encode(), error)
             failed += 1
     if failed:
         log.warning("abandoned_host_swept", host=silence.host, queue=queue, failed=failed)
     return failed
 
 
-def _fail(app: Celery, client: redis.Redis, raw: bytes, error: HostUnavailable) -> None:
+def _fail(
+    app: Celery, client: redis.Redis, settings: Settings, raw: bytes, error: HostUnavailable
+) -> None:
     """Store `error` as the failure of the message's step and of every step after it."""
     try:
         message = parse_message(raw)
@@ -279,6 +282,14 @@ def _fail(app: Celery, client: redis.Redis, raw: bytes, error: HostUnavailable) 
     # the pins first: once the failure is stored, the caller may look at the cache
     released = RedisReferences(client).forget(pending_holder(message.root_id))
     result = _abandoned_result(app, message, error)
+    # what `imgprep status` shows for the step (its dead worker's record says it started)
+    RedisJournal(client, settings.result_expires).finished(
+        message.root_id,
+        message.task_id,
+        message.task,
+        "FAILURE",
+        redacted_text(f"{type(error).__name__}: {error}"),
+    )
     if result is not None:
         app.backend.mark_as_done(message.task_id, result, request=request)
     else:

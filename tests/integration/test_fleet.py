@@ -409,6 +409,13 @@ def test_a_precache_ends_with_a_report_when_hosts_die_before_and_during_their_st
         for host in ("h1", "h2"):
             assert f"sha256:{fleet.entry_sha256(host, image_id)}" == checksum
         assert fleet.cluster.redis.hlen("unacked") == 0
+        status = fleet.cluster.cli("status", result.id)
+        assert status.returncode == 0, status.stderr
+        steps = {line.split()[1]: line for line in status.stdout.splitlines() if "@h" in line}
+        assert steps["precache_host@h1"].split()[2] == "SUCCESS"
+        for host in ("h3", "h4"):
+            assert steps[f"precache_host@{host}"].split()[2] == "FAILURE"
+            assert "HostUnavailable: " in steps[f"precache_host@{host}"]
 
         # And a precache for the silent host now is reported failed at once, on the command
         # line too (nothing is sent to h4)
