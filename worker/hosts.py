@@ -290,8 +290,9 @@ def _fail(
         "FAILURE",
         redacted_text(f"{type(error).__name__}: {error}"),
     )
-    if result is not None:
+    if result is not None:  # the chord's body runs with it, and announces the operation
         app.backend.mark_as_done(message.task_id, result, request=request)
+        announce_failure(app, message.task_id, error)
     else:
         app.backend.mark_as_failure(message.task_id, error, request=request, call_errbacks=False)
         for task_id in {message.task_id, message.operation_id}:  # what Flower knows, by events
