@@ -15,7 +15,10 @@ hosts.
   every host silent for `hosts.abandon_after_seconds` — in its queue, or delivered to one of its
   dead workers and still unacknowledged — are failed with `HostUnavailable` under their
   operation's id (the step's own id and every step chained after it, the caller's among them),
-  and the pending references of their canvases are released. Celery's own message expiry
+  and the pending references of their canvases are released. A step of a chord is counted in
+  its chord, so the chord's body runs (or fails) once its other steps have ended; a chord's step
+  whose task names a result for a failure (`failed_result`, e.g. a precache host's report with
+  every image failed) ends with that result instead. Celery's own message expiry
   (`expires`) does not do this: it marks only the expired step as revoked and leaves the
   caller's id pending forever, and nothing reads a queue whose host is gone.
 """
@@ -25,18 +28,20 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 import structlog
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, states
 from celery.app.task import Context
 from redis.exceptions import RedisError
 
 from domain.cache.references import pending_holder
 from domain.core.errors import HostUnavailable, LockBusy
 from domain.core.redaction import redacted_text
+from worker.redis_journal import RedisJournal
 from worker.redis_locks import LeaseLock
 from worker.redis_references import RedisReferences
 from worker.routing import host_queue
@@ -135,15 +140,32 @@ class HostRegistry:
 def require_live_host(host: str, settings: Settings, client: redis.Redis) -> None:
     """Refuse (HostUnavailable) a request for a host no live worker has announced. The entry
     worker's own host is live by definition: this worker is of it."""
-    if host == settings.host_id:
-        return
+    why = unavailable_hosts([host], settings, client).get(host)
+    if why is not None:
+        raise HostUnavailable(f"{why}; the request was refused and nothing was done")
+
+
+def unavailable_hosts(
+    hosts: Sequence[str], settings: Settings, client: redis.Redis
+) -> dict[str, str]:
+    """The hosts of `hosts` that no live worker serves (never announced, or silent for
+    `hosts.silent_after_seconds`), each with why, in words naming the host and the setting. The
+    entry worker's own host is live by definition."""
     policy = settings.hosts
-    silence = HostRegistry(client, policy, settings.result_expires).silence(host)
-    if silence.never or silence.seconds > policy.silent_after_seconds:
-        raise HostUnavailable(
-            silence.describe(policy.silent_after_seconds, "IMGPREP_HOSTS__SILENT_AFTER_SECONDS")
-            + "; the request was refused and nothing was done"
-        )
+    registry = HostRegistry(client, policy, settings.result_expires)
+    others = [host for host in dict.fromkeys(hosts) if host != settings.host_id]
+    if len(others) == 1:
+        heard = {others[0]: registry.silence(others[0])}
+    else:
+        heard = registry.silences() if others else {}
+    down = {}
+    for host in others:
+        silence = heard.get(host) or Silence(host, float("inf"), never=True)
+        if silence.never or silence.seconds > policy.silent_after_seconds:
+            down[host] = silence.describe(
+                policy.silent_after_seconds, "IMGPREP_HOSTS__SILENT_AFTER_SECONDS"
+            )
+    return down
 
 
 def live_hosts(settings: Settings, client: redis.Redis) -> list[str]:
@@ -207,7 +229,7 @@ def _sweep_host(app: Celery, client: redis.Redis, settings: Settings, silence: S
     # Queued: the oldest is at the right (kombu pushes left, pops right). The message is failed
     # before it is removed, so a sweeper that dies between the two leaves it to the next one.
     while (raw := client.lindex(queue, -1)) is not None:
-        _fail(app, client, _bytes(raw), error)
+        _fail(app, client, settings, _bytes(raw), error)
         client.lrem(queue, -1, _bytes(raw))  # type: ignore[arg-type]
         failed += 1
     # Delivered to a worker of the host that died before acknowledging it.
@@ -217,42 +239,92 @@ def _sweep_host(app: Celery, client: redis.Redis, settings: Settings, silence: S
         if routing_key != queue:
             continue
         if take(keys=[UNACKED_KEY, UNACKED_INDEX_KEY], args=[tag]) is not None:
-            _fail(app, client, json.dumps(payload).encode(), error)
+            _fail(app, client, settings, json.dumps(payload).encode(), error)
             failed += 1
     if failed:
         log.warning("abandoned_host_swept", host=silence.host, queue=queue, failed=failed)
     return failed
 
 
-def _fail(app: Celery, client: redis.Redis, raw: bytes, error: HostUnavailable) -> None:
+def _fail(
+    app: Celery, client: redis.Redis, settings: Settings, raw: bytes, error: HostUnavailable
+) -> None:
     """Store `error` as the failure of the message's step and of every step after it."""
     try:
         message = parse_message(raw)
     except (ValueError, KeyError, TypeError) as problem:
         log.error("abandoned_message_unreadable", error=str(problem))
         return
+    # A chord member's request names its group and the chord's body, so that storing its end
+    # also counts it in the chord (Celery's on_chord_part_return): the body runs, or fails with
+    # ChordError, once every member has ended; without them the body would wait for ever.
     request = Context(
         id=message.task_id,
         task=message.task,
         root_id=message.root_id,
         chain=message.chain,
+        group=message.group,
+        group_index=message.group_index,
+        chord=message.chord,
         args=message.args,
         kwargs=message.kwargs,
         delivery_info={"routing_key": message.queue},
     )
+    meta = app.backend.get_task_meta(message.task_id)
+    if meta.get("status") in states.READY_STATES:
+        # The step ended before its worker died unacknowledged: its result stands (a step
+        # chained after it is in the queue, swept in turn). Counted in its chord again, in case
+        # the worker died between the two: Celery counts a chord's part once per task id.
+        if request.chord:
+            app.backend.on_chord_part_return(request, meta["status"], meta.get("result"))
+        log.info("abandoned_message_had_ended", task_id=message.task_id, state=meta["status"])
+        return
     # the pins first: once the failure is stored, the caller may look at the cache
     released = RedisReferences(client).forget(pending_holder(message.root_id))
-    app.backend.mark_as_failure(message.task_id, error, request=request, call_errbacks=False)
-    for task_id in {message.task_id, message.operation_id}:  # what Flower knows of, by events
-        announce_failure(app, task_id, error)
+    result = _abandoned_result(app, message, error)
+    # what `imgprep status` shows for the step (its dead worker's record says it started)
+    RedisJournal(client, settings.result_expires).finished(
+        message.root_id,
+        message.task_id,
+        message.task,
+        "FAILURE",
+        redacted_text(f"{type(error).__name__}: {error}"),
+    )
+    if result is not None:  # the chord's body runs with it, and announces the operation
+        app.backend.mark_as_done(message.task_id, result, request=request)
+        announce_failure(app, message.task_id, error)
+    else:
+        app.backend.mark_as_failure(message.task_id, error, request=request, call_errbacks=False)
+        for task_id in {message.task_id, message.operation_id}:  # what Flower knows, by events
+            announce_failure(app, task_id, error)
     log.warning(
         "abandoned_request_failed",
         task_id=message.task_id,
         task_name=message.task,
         operation=message.operation_id,
+        reported=result is not None,
         released_bases=released,
         error=redacted_text(str(error)),
     )
+
+
+def _abandoned_result(app: Celery, message: QueuedMessage, error: HostUnavailable) -> Any:
+    """What the message's step ends with instead of `error` as a part of a chord (the task's
+    `failed_result`, e.g. a precache host's report with every image failed), or None: the step
+    fails with `error`."""
+    task = app.tasks.get(message.task)
+    if task is None or message.chain or not message.chord:
+        return None
+    try:
+        return task.failed_result(message.args, message.kwargs, error)
+    except Exception as problem:  # an unreadable request: the step fails with `error` instead
+        log.error(
+            "abandoned_result_failed",
+            task_name=message.task,
+            error_class=type(problem).__name__,
+            error=redacted_text(str(problem)),
+        )
+        return None
 
 
 @dataclass(frozen=True)
@@ -266,11 +338,15 @@ class QueuedMessage:
     args: list[Any]
     kwargs: dict[str, Any]
     chain: list[dict[str, Any]]
+    group: str | None = None
+    group_index: int | None = None
+    chord: dict[str, Any] | None = None
 
     @property
     def operation_id(self) -> str:
-        """The id the caller waits on: the last step's."""
-        return operation_id(self.chain) or self.task_id
+        """The id the caller waits on: the last step's, or the chord's body's."""
+        body = (self.chord or {}).get("options", {}).get("task_id")
+        return operation_id(self.chain) or (str(body) if body else None) or self.task_id
 
 
 def parse_message(raw: bytes) -> QueuedMessage:
@@ -281,6 +357,7 @@ def parse_message(raw: bytes) -> QueuedMessage:
         body = base64.b64decode(body)
     args, kwargs, embed = json.loads(body)
     routing = envelope.get("properties", {}).get("delivery_info", {})
+    group_index = headers.get("group_index")
     return QueuedMessage(
         task_id=str(headers["id"]),
         task=str(headers["task"]),
@@ -289,6 +366,9 @@ def parse_message(raw: bytes) -> QueuedMessage:
         args=list(args),
         kwargs=dict(kwargs),
         chain=list((embed or {}).get("chain") or []),
+        group=str(headers["group"]) if headers.get("group") else None,
+        group_index=int(group_index) if group_index is not None else None,
+        chord=dict((embed or {}).get("chord") or {}) or None,
     )
 
 

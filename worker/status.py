@@ -71,6 +71,8 @@ def read_status(app: Celery, journal: StepJournal, task_id: str) -> OperationSta
                 step_state = "SKIPPED"
             elif record is not None and step_state == "PENDING":
                 step_state = record.state  # running, or retrying: the journal knows first
+            elif record is not None and record.state == "FAILURE" and step_state == "SUCCESS":
+                step_state = "FAILURE"  # a failure the step reported as its result (a chord's)
             steps.append(
                 StepStatus(
                     name=planned.name.removeprefix("imgprep."),

@@ -13,7 +13,7 @@ import time
 from typing import Any, TypeVar
 
 import structlog
-from celery import Task, signature
+from celery import Task, signature, states
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
@@ -153,6 +153,13 @@ class StepTask(RedactedArguments):
             )
         request.chain = None  # sent: Celery must not send it again
 
+    def failed_result(self, args: list[Any], kwargs: dict[str, Any], error: BaseException) -> Any:
+        """The result this step ends with instead of failing with `error` when it is a part of a
+        chord whose body reports every part's outcome (a failed part would fail the body with
+        ChordError instead of running it); None, as here: the step fails. Used by
+        `FailureAsResult` and by the sweep of abandoned hosts (worker.hosts)."""
+        return None
+
     @property
     def final_attempt(self) -> bool:
         """Whether this run is the step's last: a transient error now fails it for good."""
@@ -193,3 +200,50 @@ def _since(started: float) -> float:
 
 def _is_control_flow(error: BaseException) -> bool:
     return isinstance(error, Ignore | Retry)
+
+
+class FailureAsResult:
+    """A step's result backend that stores the failure of a chord's part as the part's
+    `failed_result` when it names one (e.g. a precache host's report with every image failed),
+    counted in the chord as a success: its body runs with every part's outcome. Every path
+    Celery fails a task by goes through `mark_as_failure`: an error raised by the step, its
+    pool process lost once its retries are spent, a hard time limit."""
+
+    def __init__(self, backend: Any, task: StepTask) -> None:
+        self._backend = backend
+        self._task = task
+
+    def mark_as_failure(
+        self,
+        task_id: str,
+        exc: BaseException,
+        traceback: Any = None,
+        *,
+        request: Any = None,
+        store_result: bool = True,
+        call_errbacks: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        result = None
+        if request is not None and request.chord and not request.chain:
+            args, kwargs = list(request.args or ()), dict(request.kwargs or {})
+            try:
+                result = self._task.failed_result(args, kwargs, exc)
+            except Exception as problem:  # an unreadable request: the part fails as it would
+                log.error("failure_not_reported", error_class=type(problem).__name__)
+        if result is None:
+            self._backend.mark_as_failure(
+                task_id,
+                exc,
+                traceback=traceback,
+                request=request,
+                store_result=store_result,
+                call_errbacks=call_errbacks,
+                state=state,
+            )
+            return
+        log.warning("step_failure_reported", error_class=type(exc).__name__, error=str(exc))
+        self._backend.mark_as_done(task_id, result, request=request, store_result=store_result)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 
@@ -68,6 +68,24 @@ def precache_host(
             )
         results.append(outcome)
     return PrecacheReport(results=results)
+
+
+def host_failed(host: str, images: Sequence[ImageSource], error: BaseException) -> PrecacheReport:
+    """The report of a host whose step could not run or did not end (no live worker, its
+    workers died, its time limit): every image `failed` with `error`."""
+    return PrecacheReport(
+        results=[
+            PrecacheOutcome(
+                host=host,
+                image_id=image.image_id,
+                key=cache_key(image.image_id),
+                outcome="failed",
+                error_class=type(error).__name__,
+                error_message=str(error),
+            )
+            for image in images
+        ]
+    )
 
 
 def precache_report(reports: list[PrecacheReport]) -> PrecacheReport:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.cache.directory import cache_key
+from domain.cache.precache import host_failed, precache_report
 from domain.core.errors import HostUnavailable
 from domain.core.journal import PlannedStep
 from domain.core.models import ImageSource
-from domain.core.precache_models import PrecacheOutcome, PrecacheReport, PrecacheRequest
+from domain.core.precache_models import PrecacheReport, PrecacheRequest
 from tasks.canvases import precache_steps
 from worker.app import app
 from worker.entry import CanvasEntryTask, hand_over
-from worker.hosts import live_hosts
+from worker.hosts import live_hosts, unavailable_hosts
 from worker.runtime import runtime
 from worker.signals import journal
 from worker.taskbase import parse
@@ -33,8 +33,9 @@ def precache(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     current = runtime()
     live = {*live_hosts(current.settings, current.redis), current.settings.host_id}
     wanted = list(dict.fromkeys(parsed.hosts or sorted(live)))
-    hosts = [host for host in wanted if host in live]
-    refused = _refused([host for host in wanted if host not in live], parsed.images)
+    down = unavailable_hosts(wanted, current.settings, current.redis)
+    hosts = [host for host in wanted if host not in down]
+    refused = _refused(down, parsed.images)
     canvas, steps = precache_steps(parsed.images, hosts, refused=refused, final_id=self.request.id)
     journal().plan(
         self.request.id,
@@ -58,19 +59,11 @@ def _step_name(task: str, args: Any) -> str:
     return str(task)
 
 
-def _refused(hosts: list[str], images: tuple[ImageSource, ...]) -> PrecacheReport:
-    error = HostUnavailable("no live imgprep worker announced this host; nothing was sent to it")
-    return PrecacheReport(
-        results=[
-            PrecacheOutcome(
-                host=host,
-                image_id=image.image_id,
-                key=cache_key(image.image_id),
-                outcome="failed",
-                error_class=type(error).__name__,
-                error_message=f"host {host}: {error}",
-            )
-            for host in hosts
-            for image in images
+def _refused(down: dict[str, str], images: tuple[ImageSource, ...]) -> PrecacheReport:
+    """The report of the hosts no live worker serves, each with why: nothing is sent to them."""
+    return precache_report(
+        [
+            host_failed(host, images, HostUnavailable(f"{why}; nothing was sent to it"))
+            for host, why in down.items()
         ]
     )

@@ -1,7 +1,10 @@
 """imgprep.precache_host: the images of a precache into this host's cache (domain.cache.precache),
 each fetched as a prepare would (in host scope from peers when it can), at most
 `precache_concurrency` of them from their origin at once across the fleet. Progress per host as
-the custom state PROGRESS."""
+the custom state PROGRESS. As a part of a precache (a chord), a step that fails — its host dead
+before it ended (swept by worker.hosts: HostUnavailable), its pool process lost too often, its
+time limit — ends with its host's report, every image failed with that error, so the precache's
+body still runs and reports every host."""
 
 from __future__ import annotations
 
@@ -13,12 +16,32 @@ from domain.core.models import CachedImage, ImageSource
 from domain.core.ports import Progress
 from domain.core.precache_models import PrecacheHostRequest
 from worker.app import app
+from worker.entry import the_request
 from worker.progress import TaskProgress
 from worker.runtime import runtime
-from worker.taskbase import StepTask, parse
+from worker.taskbase import FailureAsResult, StepTask, parse
 
 
-@app.task(name="imgprep.precache_host", base=StepTask, bind=True)
+class PrecacheHostTask(StepTask):
+    """A precache host step: whatever becomes of it as a part of its precache, it ends with its
+    host's report, so the precache's report has an entry per host and image."""
+
+    abstract = True
+
+    @property
+    def backend(self) -> Any:
+        return FailureAsResult(self.app.backend, self)
+
+    def failed_result(
+        self, args: list[Any], kwargs: dict[str, Any], error: BaseException
+    ) -> dict[str, Any] | None:
+        """Every image of the host failed with `error` (HostUnavailable naming the host when it
+        died with the step queued or running, WorkerLostError, StepTimedOut, ...)."""
+        parsed = parse(PrecacheHostRequest, the_request(self.name, args, kwargs, required=True))
+        return precache.host_failed(parsed.host, parsed.images, error).model_dump(mode="json")
+
+
+@app.task(name="imgprep.precache_host", base=PrecacheHostTask, bind=True)
 def precache_host(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     parsed = parse(PrecacheHostRequest, request)
     current = runtime()
