@@ -51,6 +51,9 @@ RECENT: dict[str, float] = {
 }
 GRACE = 2.0  # seconds a fault's effects outlast its end
 PREPARES = ("prepare", "prepare_inject", "prepare_again", "burst")
+# faults after which a step may run again (its message put back): a delete's second run finds
+# the disk its first run removed, and reports existed: false
+RERUN_BY = ("kill_pool", "kill_worker", "redis_restart", "failover", "kill_helper")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def check_history(history: History, world: World) -> list[Violation]:
         if op.outcome == "error":
             found += check_error(op, history)
         elif op.outcome == "ok":
-            found += check_result(op, world)
+            found += check_result(op, world, history)
     found += check_evictions(history, world)
     return found
 
@@ -132,7 +135,7 @@ def _parse(model: type[BaseModel], op: Op) -> tuple[Any, list[Violation]]:
         return None, [Violation("result-schema", text[:600], op.index)]
 
 
-def check_result(op: Op, world: World) -> list[Violation]:
+def check_result(op: Op, world: World, history: History | None = None) -> list[Violation]:
     if "expect" in op.context:
         return [
             Violation(
@@ -150,7 +153,10 @@ def check_result(op: Op, world: World) -> list[Violation]:
     if op.kind == "delete":
         deleted, found = _parse(DeletedDisk, op)
         was_present = op.context.get("state_before") == "present"
-        if deleted is not None and was_present and not deleted.existed:
+        rerun = history is not None and any(
+            fault.kind in RERUN_BY for fault in history.faults_during(op, GRACE)
+        )
+        if deleted is not None and was_present and not deleted.existed and not rerun:
             found.append(
                 Violation(
                     "prepared-disk-exists",

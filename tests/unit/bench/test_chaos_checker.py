@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos.catalogue import SourceImage
-from bench.chaos.checker import World, check_error, check_evictions
+from bench.chaos.checker import World, check_error, check_evictions, check_result
 from bench.chaos.cluster import Host
 from bench.chaos.final_state import check_cache
 from bench.chaos.history import History, Op
@@ -142,3 +142,31 @@ def test_a_partial_entry_a_lone_record_and_a_temporary_are_violations(tmp_path: 
     found = {v.invariant for v in check_cache(world(tmp_path, source))}
 
     assert found == {"cache-entry", "cache-record", "no-temporary"}
+
+
+def test_a_delete_that_finds_no_disk_is_explained_only_by_a_fault_that_reruns_steps(
+    tmp_path: Path,
+) -> None:
+    history = History(seed=1)
+    places = world(tmp_path, image(b"x" * SIZE))
+    deleted = {
+        "host": "h0",
+        "instance_id": "vm-1",
+        "disk_name": "disk",
+        "path": str(tmp_path / "i" / "vm-1" / "disk"),
+        "existed": False,
+        "released_bases": [],
+    }
+
+    def delete(start: float, end: float) -> Op:
+        made = op(history, "delete", start=start, end=end, result=deleted)
+        made.context["state_before"] = "present"
+        return made
+
+    fault(history, "kill_worker", 10, 11)
+    # a delete of a disk a prepare made, that found nothing while Redis and workers were up
+    assert [v.invariant for v in check_result(delete(40, 50), places, history)] == [
+        "prepared-disk-exists"
+    ]
+    # the same under a worker kill: its first run removed the disk, a second run found nothing
+    assert not check_result(delete(9, 20), places, history)
