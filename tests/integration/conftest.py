@@ -1,8 +1,9 @@
 """Real parts for integration tests: a redis-server of our own, real `imgprep worker`
 processes, a local HTTP image server, real directories for cache, instances and state.
 
-With IMGPREP_TEST_PRIVSEP=1 every cluster's workers start their privileged helper (a socket
-each) and run as the unprivileged user `imgprep`, in directories that user can reach.
+Every cluster's workers start their privileged helper (a socket each) and run as the
+unprivileged user `imgprep`, in directories that user can reach, as scripts/install.sh sets up a
+host; with IMGPREP_TEST_PRIVSEP=0 they run as root and do their privileged work themselves.
 
 The session's redis-server and two workers are shared; tests use their own image ids and
 instance ids, and each ends by checking that the machine is clean. Tests that kill workers or
@@ -119,7 +120,8 @@ class Cluster:
         return worker
 
 
-PRIVSEP = os.environ.get("IMGPREP_TEST_PRIVSEP", "") == "1"
+# Separated unless IMGPREP_TEST_PRIVSEP=0 (then workers run as root and do everything in process)
+PRIVSEP = os.environ.get("IMGPREP_TEST_PRIVSEP", "1") != "0"
 
 # Images are served on 127.0.0.1; 127.0.0.2 stands for an address images may not come from
 # (a test never sends anything off this machine, not even to see it refused).
