@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos.nemesis import KINDS, PRIVSEP_KINDS
+from bench.chaos.nemesis import KINDS
 from tests.conftest import need_tools
-from tests.integration.conftest import PRIVSEP
 from worker.harness.machine import loop_devices_backed_by, mounts_under
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +54,6 @@ def test_fault_campaign_loses_nothing_and_breaks_no_promise(tmp_path: Path) -> N
         "--op-timeout", str(OP_TIMEOUT),
         "--root", str(tmp_path),
         "--report", str(report),
-        *(["--privsep"] if PRIVSEP else []),
     ]  # fmt: skip
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -82,8 +80,7 @@ def test_fault_campaign_loses_nothing_and_breaks_no_promise(tmp_path: Path) -> N
     assert operations >= 50, "too few operations for the campaign to mean anything"
 
     # every kind of fault was injected
-    kinds = PRIVSEP_KINDS if PRIVSEP else KINDS  # separated, helpers are killed too
-    missing = [kind for kind in kinds if not summary["faults_by_kind"].get(kind)]
+    missing = [kind for kind in KINDS if not summary["faults_by_kind"].get(kind)]
     assert not missing, f"fault kinds never injected: {missing}"
 
     # every request ended, and no promise was broken
