@@ -58,6 +58,27 @@ for dir in cache instances state snapshots; do
   install -d -o imgprep -g imgprep -m 0755 "/var/lib/imgprep/$dir"
 done
 install -d -o root -g root -m 0700 /run/imgprep-helper
+# This host's settings (read instead of the checkout's config/imgprep.toml; IMGPREP_CONFIG names
+# another file): `imgprep worker` and `imgprep demo`, started as root, start the helper and run
+# the workers as imgprep. Written once; an operator's edits are kept.
+host_config=/etc/imgprep/imgprep.toml
+if [[ ! -f $host_config ]]; then
+  echo "== $host_config (workers run as imgprep, devices and mounts through the helper)"
+  install -d -o root -g root -m 0755 /etc/imgprep
+  # files earlier root workers made in the work directories go to the workers' user
+  chown -R imgprep:imgprep /var/lib/imgprep/{cache,instances,state,snapshots}
+  cat >"$host_config" <<'TOML'
+# This host's imgprep settings, written by scripts/install.sh. Read instead of the checkout's
+# config/imgprep.toml (which documents every setting and its default); IMGPREP_CONFIG names
+# another file, IMGPREP_* variables override single settings.
+
+[privileges]
+# Privilege separation (README, "Privileges"): `imgprep worker` started as root starts the
+# privileged helper on this socket, then runs as this user. Both empty: one root process.
+helper_socket = "/run/imgprep/helper.sock"
+user = "imgprep"
+TOML
+fi
 if ! runuser -u imgprep -- .venv/bin/python -c 'import pkgutil, worker.cli' >/dev/null 2>&1; then
   # The interpreter or the checkout lies under a directory the user cannot enter (pyenv under
   # /root): grant search (x, not read) on each such directory, nothing more.

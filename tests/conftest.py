@@ -10,6 +10,11 @@ from typing import NoReturn
 import pytest
 
 from domain.core.runner import Runner
+from worker.settings import CONFIG_ENV, REPO_CONFIG
+
+# Tests read the checkout's settings file, never this machine's /etc/imgprep/imgprep.toml
+# (scripts/install.sh writes one): what a test runs does not depend on the host it runs on.
+os.environ.setdefault(CONFIG_ENV, str(REPO_CONFIG))
 
 
 def unable(reason: str) -> NoReturn:

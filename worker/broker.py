@@ -372,8 +372,11 @@ class Channel(kombu_redis.Channel):
                 raise Empty() from error
             if pending == "peek":
                 self._peek_next = False
-                if reply is None:  # nothing on this queue: watch the next one next time
-                    self._queue_cycle.rotate(self._queue_cycle.consume(1)[0])
+                # nothing on this queue: watch the next one next time (if any: a channel that
+                # closes reads this reply after its consumers were cancelled)
+                watched = self._queue_cycle.consume(1)
+                if reply is None and watched:
+                    self._queue_cycle.rotate(watched[0])
                 raise Empty()
             if not reply:
                 self._peek_next = True

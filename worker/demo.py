@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,7 @@ def run_demo(*, keep_worker: bool = False) -> int:
                 env={
                     **os.environ,
                     "IMGPREP_FETCH__DENIED_NETWORKS": json.dumps(loopback_allowed()),
+                    **_own_helper_socket(settings),
                 },
             )
             worker.wait_ready(app, timeout=60)
@@ -112,6 +114,7 @@ def run_demo(*, keep_worker: bool = False) -> int:
                 "worker",
                 f"{nodename} ready in {time.monotonic() - t0:.2f} s (log: {worker.log_path})",
             )
+            say("privileges", _privileges(worker))
             ok = _prepare_two(server, image, digest)
             say("downloads", f"{server.gets(image.name)} GET of the image for 2 requests")
         finally:
@@ -120,6 +123,44 @@ def run_demo(*, keep_worker: bool = False) -> int:
                 say("stopped", f"worker {nodename}")
     say("total", f"{time.monotonic() - started:.2f} s")
     return 0 if ok else 1
+
+
+def _own_helper_socket(settings: Settings) -> dict[str, str]:
+    """A worker that starts its helper needs a socket of its own (one socket serves one worker):
+    the demo's worker gets one beside the configured socket, so that it does not take over the
+    socket of a worker already running on this host."""
+    privileges = settings.privileges
+    if not privileges.helper_socket or not privileges.start_helper or os.geteuid() != 0:
+        return {}
+    own = Path(privileges.helper_socket).with_name(f"demo-{os.getpid()}.sock")
+    return {"IMGPREP_PRIVILEGES__HELPER_SOCKET": str(own)}
+
+
+def _privileges(worker: WorkerProcess) -> str:
+    """Who the worker's pool processes run as, with which capabilities, and its helper."""
+    pool = worker.pool_pids()
+    users = sorted({_status(pid) for pid in pool})
+    text = f"pool processes {', '.join(map(str, pool))} run as {'; '.join(users)}"
+    helpers = worker.helper_pids()
+    if helpers:
+        return f"{text}; the privileged helper {helpers[0]} as {_status(helpers[0])}"
+    return f"{text} (privilege separation off: README, Privileges)"
+
+
+def _status(pid: int) -> str:
+    """`user (uid N), capabilities …` of a process, from /proc/<pid>/status."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    uid = int(fields["Uid"].split()[1])  # the effective uid
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = "?"
+    caps = "no capabilities" if int(fields["CapEff"], 16) == 0 else "all capabilities"
+    if 0 < int(fields["CapEff"], 16) < int(fields["CapBnd"], 16):
+        caps = "some capabilities"
+    return f"{user} (uid {uid}), {caps}"
 
 
 def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:

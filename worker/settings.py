@@ -42,6 +42,8 @@ ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
 CONFIG_ENV = "IMGPREP_CONFIG"
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "imgprep.toml"
+# This host's settings, written by scripts/install.sh (privilege separation on).
+HOST_CONFIG = Path("/etc/imgprep/imgprep.toml")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -363,11 +365,15 @@ class Settings(BaseSettings):
 
 
 def config_file() -> Path | None:
-    """The TOML file of defaults: $IMGPREP_CONFIG, else the checkout's config/imgprep.toml."""
+    """The TOML file of settings: $IMGPREP_CONFIG, else this host's /etc/imgprep/imgprep.toml,
+    else the checkout's config/imgprep.toml (settings it does not name keep their defaults)."""
     named = os.environ.get(CONFIG_ENV)
     if named:
         return Path(named)
-    return REPO_CONFIG if REPO_CONFIG.is_file() else None
+    for candidate in (HOST_CONFIG, REPO_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 class InvalidSettingError(SystemExit):

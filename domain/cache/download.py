@@ -177,6 +177,10 @@ class _FileSource:
         """Nothing to unblock: reads of a regular file return."""
 
     def _open(self) -> int:
+        # Refuse a name outside the roots before opening it: whether such a file exists or may
+        # be read is none of the caller's business (the answer would probe the host).
+        if not self._inside_roots(Path(os.path.realpath(self.path))):
+            raise SourceNotAllowed(f"{self.path} is outside the allowed file roots")
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -187,7 +191,7 @@ class _FileSource:
             # Check the file actually opened, not the name: a link swapped in after a check
             # cannot lead outside the roots.
             real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-            if not any(real.is_relative_to(root.resolve()) for root in self.policy.file_roots):
+            if not self._inside_roots(real):
                 raise SourceNotAllowed(f"{self.path} is outside the allowed file roots")
             stat = os.fstat(fd)
             if not S_ISREG(stat.st_mode):
@@ -197,6 +201,9 @@ class _FileSource:
             raise
         self.total = stat.st_size
         return fd
+
+    def _inside_roots(self, real: Path) -> bool:
+        return any(real.is_relative_to(root.resolve()) for root in self.policy.file_roots)
 
 
 # -- http(s) ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Real parts for integration tests: a redis-server of our own, real `imgprep worker`
 processes, a local HTTP image server, real directories for cache, instances and state.
 
-With IMGPREP_TEST_PRIVSEP=1 every cluster's workers start their privileged helper (a socket
-each) and run as the unprivileged user `imgprep`, in directories that user can reach.
+Every cluster's workers start their privileged helper (a socket each) and run as the
+unprivileged user `imgprep`, in directories that user can reach, as scripts/install.sh sets up a
+host; with IMGPREP_TEST_PRIVSEP=0 they run as root and do their privileged work themselves.
 
 The session's redis-server and two workers are shared; tests use their own image ids and
 instance ids, and each ends by checking that the machine is clean. Tests that kill workers or
@@ -18,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +51,9 @@ class Cluster:
     app: Celery
     workers: list[WorkerProcess]
     root: Path
+    # Separated, each worker started by start_worker starts a helper on a socket of its own
+    # (one socket serves one worker); other processes (the CLI, the demo) use the cluster's.
+    socket_per_worker: bool = False
 
     @property
     def client(self) -> Client:
@@ -102,7 +107,7 @@ class Cluster:
     ) -> WorkerProcess:
         nodename = f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         own = {}
-        if self.env.get("IMGPREP_PRIVILEGES__HELPER_SOCKET") == SHARED_SOCKET:
+        if self.socket_per_worker:
             own["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(self.root / "run" / f"{nodename}.sock")
         worker = start_worker(
             nodename=nodename,
@@ -115,8 +120,8 @@ class Cluster:
         return worker
 
 
-PRIVSEP = os.environ.get("IMGPREP_TEST_PRIVSEP", "") == "1"
-SHARED_SOCKET = "per-worker"  # the placeholder each started worker replaces with its own socket
+# Separated unless IMGPREP_TEST_PRIVSEP=0 (then workers run as root and do everything in process)
+PRIVSEP = os.environ.get("IMGPREP_TEST_PRIVSEP", "1") != "0"
 
 # Images are served on 127.0.0.1; 127.0.0.2 stands for an address images may not come from
 # (a test never sends anything off this machine, not even to see it refused).
@@ -161,29 +166,33 @@ def settings_from(env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _reachable_temporaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Separated, the workers' user must reach the directories tests give their clusters:
-    pytest makes its temporary directories 0700 for root; these are made 0755 (search and read,
-    nothing more), the base directories searchable."""
+def _reachable_temporaries() -> Iterator[None]:
+    """Separated, the workers' user must reach the directories tests give their clusters
+    (`tmp_path`, `tmp_path_factory.mktemp`). pytest makes them under /tmp/pytest-of-root, which
+    every pytest session started as root on this machine makes 0700 again when it starts; so
+    here they are made 0755 (search and read, nothing more) in a directory of this session's
+    own, removed at its end."""
     if not PRIVSEP:
         yield
         return
     unprivileged_user()
-    base = tmp_path_factory.getbasetemp()
-    for directory in (base.parent, base):
-        directory.chmod(directory.stat().st_mode | 0o055)
     original = pytest.TempPathFactory.mktemp
+    with open_directory("tmp") as own:
 
-    def mktemp(self: pytest.TempPathFactory, basename: str, numbered: bool = True) -> Path:
-        made = original(self, basename, numbered)
-        made.chmod(0o755)
-        return made
+        def mktemp(self: pytest.TempPathFactory, basename: str, numbered: bool = True) -> Path:
+            if numbered:
+                made = Path(tempfile.mkdtemp(prefix=f"{basename}-", dir=own))
+            else:
+                made = own / basename
+                made.mkdir()
+            made.chmod(0o755)
+            return made
 
-    pytest.TempPathFactory.mktemp = mktemp  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        pytest.TempPathFactory.mktemp = original  # type: ignore[method-assign]
+        pytest.TempPathFactory.mktemp = mktemp  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            pytest.TempPathFactory.mktemp = original  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
@@ -212,11 +221,9 @@ def make_cluster(
     """A cluster description (no workers yet) whose processes share `root` and `redis_server`."""
     for sub in ("cache", "instances", "state", "sources", "logs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    separated: dict[str, str] = {}
-    if PRIVSEP:
-        separated = privileged_overrides(root)
-        separated["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = SHARED_SOCKET
+    separated = privileged_overrides(root) if PRIVSEP else {}
     env = {**cluster_env(root, redis_server.url), **separated, **(overrides or {})}
+    own_socket = "IMGPREP_PRIVILEGES__HELPER_SOCKET" not in (overrides or {})
     settings = settings_from(env)
     return Cluster(
         redis_server=redis_server,
@@ -225,6 +232,7 @@ def make_cluster(
         app=create_app(settings),
         workers=[],
         root=root,
+        socket_per_worker=PRIVSEP and own_socket,
     )
 
 

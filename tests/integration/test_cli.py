@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import write_raw_image
-from tests.integration.conftest import Cluster, unique
+from tests.integration.conftest import PRIVSEP, Cluster, unique
 from worker.harness.image_server import ImageServer
 
 MiB = 2**20
@@ -130,3 +130,7 @@ def test_demo_prepares_two_disks_with_one_download(clean_cluster: Cluster) -> No
     assert "downloads   1 GET of the image for 2 requests" in done.stdout
     assert "stopped     worker" in done.stdout
     assert done.stdout.count("from the disk itself") == 2  # the injected file, read back
+    if PRIVSEP:  # the demo's worker runs separated: its pool as imgprep, its helper as root
+        (line,) = [line for line in done.stdout.splitlines() if "privileges" in line]
+        assert "run as imgprep (uid" in line and "no capabilities" in line, line
+        assert "helper" in line and "as root (uid 0)" in line, line

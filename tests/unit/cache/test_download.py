@@ -146,6 +146,21 @@ def test_file_source_outside_roots_and_through_links_is_refused(tmp_path: Path) 
         download(f"file://{root}", tmp_path / "w.part", Policy(file_roots=(tmp_path,)))
 
 
+def test_file_source_outside_roots_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    # Given roots and, outside them, a name that does not exist and one that is a directory
+    root = tmp_path / "images"
+    root.mkdir()
+    policy = Policy(file_roots=(root,))
+    # Then neither is opened: both are refused as not allowed, saying nothing of the file
+    # (not "does not exist", not "is not a regular file", nor a permission error)
+    for n, outside in enumerate((tmp_path / "absent.raw", tmp_path)):
+        with pytest.raises(SourceNotAllowed, match="outside the allowed file roots"):
+            download(f"file://{outside}", tmp_path / f"{n}.part", policy)
+    # while a missing file inside the roots is not found
+    with pytest.raises(SourceNotFound, match="does not exist"):
+        download(f"file://{root}/absent.raw", tmp_path / "y.part", policy)
+
+
 def test_redact_hides_credentials_and_query() -> None:
     assert (
         redact("https://user:pw@h.example:8443/i.qcow2?X-Amz-Signature=s")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from domain.core.models import PrepareRequest
 from tests.unit.core.test_wire_input import prepare
+from worker import settings as settings_module
 from worker.settings import REPO_CONFIG, Settings, describe, load_settings
 
 REPO = Path(__file__).resolve().parents[3]
@@ -44,6 +45,29 @@ def test_toml_documents_exactly_the_code_defaults(
         group = getattr(from_code, name)
         if isinstance(group, BaseModel):
             assert set(documented[name]) == set(type(group).model_fields), name
+
+
+def test_the_hosts_file_replaces_the_checkouts_unless_imgprep_config_names_one(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given a host file (as scripts/install.sh writes) that turns privilege separation on
+    host = tmp_path / "etc-imgprep.toml"
+    host.write_text('[privileges]\nhelper_socket = "/run/imgprep/helper.sock"\nuser = "imgprep"\n')
+    clean_env.setattr(settings_module, "HOST_CONFIG", host)
+    # Then without IMGPREP_CONFIG the host's file is read, the rest keeps its defaults
+    settings = Settings()
+    assert (settings.privileges.helper_socket, settings.privileges.user) == (
+        "/run/imgprep/helper.sock",
+        "imgprep",
+    )
+    assert settings.lock.lease_seconds == 30
+    # and IMGPREP_CONFIG still names the one file read
+    clean_env.setenv("IMGPREP_CONFIG", str(REPO_CONFIG))
+    assert Settings().privileges.helper_socket == ""
+    # and without a host file, the checkout's is read
+    clean_env.delenv("IMGPREP_CONFIG")
+    clean_env.setattr(settings_module, "HOST_CONFIG", tmp_path / "absent.toml")
+    assert settings_module.config_file() == REPO_CONFIG
 
 
 def test_environment_overrides_file_and_nested_groups_merge(clean_env: pytest.MonkeyPatch) -> None:
