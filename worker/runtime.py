@@ -50,36 +50,19 @@ class Runtime:
     @property
     def locks_now(self) -> RedisLockFactory:
         """Locks that do not wait: for work that skips a busy resource (the cache manager)."""
-        return RedisLockFactory(
-            self.redis,
-            lease=self.settings.lock.lease_seconds,
-            renew_every=self.settings.lock.renew_seconds,
-            wait=0.0,
-            replica_ack=self.settings.lock.replica_ack_seconds,
-            namespace=self.settings.cache_namespace,
-        )
+        return lock_factory(self.redis, self.settings, wait=0.0)
 
     @property
     def fleet_locks(self) -> RedisLockFactory:
         """Locks of the whole fleet (no host namespace), that wait: host scope's peer choice."""
-        return RedisLockFactory(
-            self.redis,
-            lease=self.settings.lock.lease_seconds,
-            renew_every=self.settings.lock.renew_seconds,
-            wait=self.settings.lock.wait_seconds,
-            replica_ack=self.settings.lock.replica_ack_seconds,
+        return lock_factory(
+            self.redis, self.settings, wait=self.settings.lock.wait_seconds, fleet=True
         )
 
     @property
     def fleet_locks_now(self) -> RedisLockFactory:
         """Locks of the whole fleet that do not wait: host scope's origin lease."""
-        return RedisLockFactory(
-            self.redis,
-            lease=self.settings.lock.lease_seconds,
-            renew_every=self.settings.lock.renew_seconds,
-            wait=0.0,
-            replica_ack=self.settings.lock.replica_ack_seconds,
-        )
+        return lock_factory(self.redis, self.settings, wait=0.0, fleet=True)
 
     @property
     def qemu_limits(self) -> Limits:
@@ -182,19 +165,27 @@ class Runtime:
         )
 
 
+def lock_factory(
+    client: redis.Redis, settings: Settings, *, wait: float, fleet: bool = False
+) -> RedisLockFactory:
+    """Lease locks as lock.* configures them, that wait up to `wait` seconds for a busy lock;
+    named in this host's namespace (host scope) unless `fleet` (locks of the whole fleet)."""
+    return RedisLockFactory(
+        client,
+        lease=settings.lock.lease_seconds,
+        renew_every=settings.lock.renew_seconds,
+        wait=wait,
+        replica_ack=settings.lock.replica_ack_seconds,
+        namespace="" if fleet else settings.cache_namespace,
+    )
+
+
 def build_runtime(settings: Settings) -> Runtime:
     client = redis_client(settings.coordination, settings.redis)
     return Runtime(
         settings=settings,
         redis=client,
-        locks=RedisLockFactory(
-            client,
-            lease=settings.lock.lease_seconds,
-            renew_every=settings.lock.renew_seconds,
-            wait=settings.lock.wait_seconds,
-            replica_ack=settings.lock.replica_ack_seconds,
-            namespace=settings.cache_namespace,
-        ),
+        locks=lock_factory(client, settings, wait=settings.lock.wait_seconds),
         runner=Runner(default_timeout=settings.qemu.command_timeout_seconds),
     )
 
