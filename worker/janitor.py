@@ -20,8 +20,7 @@ from domain.core.device_records import DeviceRecord
 from domain.core.errors import ImgprepError, LockBusy
 from domain.guest.teardown import release_devices
 from worker.device_steps import build_context
-from worker.redis_locks import RedisLockFactory
-from worker.runtime import Runtime, build_runtime
+from worker.runtime import Runtime, build_runtime, lock_factory
 from worker.settings import get_settings
 
 log = structlog.get_logger(__name__)
@@ -50,12 +49,8 @@ def release_orphans(app: Celery, nodename: str, current: Runtime) -> list[str]:
         return []
     alive = live_workers(app, {r.worker for r in records if r.worker != nodename})
     released = []
-    locks = RedisLockFactory(
-        current.redis,
-        lease=current.settings.lock.lease_seconds,
-        renew_every=current.settings.lock.renew_seconds,
-        wait=LOCK_WAIT,
-    )
+    # the steps' own lock names (in host scope, the host's namespace) and replica confirmation
+    locks = lock_factory(current.redis, current.settings, wait=LOCK_WAIT)
     for record in orphans(records, alive):
         ctx = replace(build_context(current, owner=record.owner, worker=nodename), locks=locks)
         try:
