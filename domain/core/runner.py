@@ -45,6 +45,12 @@ class Limits:
             args.append(f"--as={self.address_space_bytes}")
         return ["prlimit", *args, "--"] if args else []
 
+    def environment(self) -> dict[str, str]:
+        """What the limited command's environment gains: under an address-space limit, glibc
+        may otherwise reserve a 64 MiB malloc arena for each thread the tool starts, so whether
+        an image fits would depend on the tool's threads and the host's cores, not the image."""
+        return {"MALLOC_ARENA_MAX": "2"} if self.address_space_bytes is not None else {}
+
     def describe(self) -> str:
         """`30 s CPU, 2048 MiB address space`, for messages."""
         parts = []
@@ -105,7 +111,7 @@ class Runner:
                 encoding="utf-8",
                 errors="replace",
                 timeout=timeout or self.default_timeout,
-                env=dict(self.env),
+                env={**(limits.environment() if limits else {}), **self.env},
                 check=False,
             )
         except subprocess.TimeoutExpired:
