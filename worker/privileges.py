@@ -83,14 +83,30 @@ def drop_to(user: str, settings: Settings) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
     (state / "devices").mkdir(exist_ok=True)
     os.chown(state / "devices", entry.pw_uid, entry.pw_gid)
+    become(entry)
+
+
+def become(entry: pwd.struct_passwd) -> None:
+    """Be `entry`'s user for good: no supplementary groups, its gid and uid (the kernel clears
+    every capability), and no_new_privs, so no set-user-id program gives any back."""
     os.setgroups([])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
     os.environ["HOME"] = entry.pw_dir
-    os.environ["USER"] = os.environ["LOGNAME"] = user
+    os.environ["USER"] = os.environ["LOGNAME"] = entry.pw_name
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def leave_root(settings: Settings) -> None:
+    """What every command but `worker`, `helper` and `demo` (which separate themselves) does
+    first: started as root with `privileges.user` set, it becomes that user. Beat, Flower and
+    the commands that talk to Redis or parse image files need no privilege, so none of them
+    keeps any (a file only root can read is then refused, as it would be in a worker)."""
+    user = settings.privileges.user
+    if os.geteuid() == 0 and user:
+        become(pwd.getpwnam(user))
 
 
 class HelperWatch:

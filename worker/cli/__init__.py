@@ -6,7 +6,9 @@ package and registers itself on `main` when imported (the imports at the bottom)
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import click
 
@@ -16,6 +18,26 @@ from worker.sizes import parse_size
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unprivileged(command: Callable[P, R]) -> Callable[P, R]:
+    """Run `command` as `privileges.user` when it is started as root with that set (README,
+    "Privileges"): beat, Flower and the commands that talk to Redis or parse images need no
+    privilege. Click has converted the arguments first, as the caller: files the caller names to
+    inject are read with the caller's rights; what runs after does not keep them. `worker`,
+    `demo` and `helper` separate themselves; `schemas` writes the checkout's files."""
+
+    @functools.wraps(command)
+    def as_user(*args: P.args, **kwargs: P.kwargs) -> R:
+        from worker.privileges import leave_root
+
+        leave_root(get_settings())
+        return command(*args, **kwargs)
+
+    return as_user
 
 
 class SizeType(click.ParamType[int]):

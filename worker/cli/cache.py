@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from worker.cli import EXIT_FAILED, SizeType, main
+from worker.cli import EXIT_FAILED, SizeType, main, unprivileged
 from worker.sizes import human
 
 
 @main.group()
+@unprivileged
 def cache() -> None:
     """Inspect the shared image cache and remove unused base images."""
 

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from worker.cli import main
+from worker.cli import main, unprivileged
 
 TASKS_COLUMNS = "name,state,result,args,runtime,retries,worker,received,uuid"
 
@@ -25,6 +25,7 @@ def flower_argv(flower_args: tuple[str, ...]) -> list[str]:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+@unprivileged
 def flower(flower_args: tuple[str, ...]) -> None:
     """Run Flower on imgprep's broker. Options such as --port, --address, --basic-auth go to
     Flower; FLOWER_* environment variables work as documented by Flower."""

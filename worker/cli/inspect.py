@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from domain.core.errors import ImageRefused
-from worker.cli import EXIT_FAILED, main
+from worker.cli import EXIT_FAILED, main, unprivileged
 from worker.settings import get_settings
 from worker.sizes import human
 
@@ -31,6 +31,7 @@ from worker.sizes import human
     help="The format the image is meant to be; refused if its bytes are another.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print format, size and verdict as JSON.")
+@unprivileged
 def inspect(file: Path, declared: str, as_json: bool) -> None:
     """Check FILE as imgprep checks every image before qemu-img opens it."""
     from domain.core.runner import Limits, Runner

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from domain.core.precache_models import PrecacheReport, PrecacheRequest
-from worker.cli import EXIT_FAILED, EXIT_USAGE, main
+from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
 from worker.cli.watch import follow
 
 
@@ -29,6 +29,7 @@ from worker.cli.watch import follow
 @click.option("--wait/--no-wait", default=False, help="Block until every host has the image.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@unprivileged
 def precache(
     *,
     image_url: str,

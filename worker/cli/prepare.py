@@ -10,7 +10,7 @@ import click
 
 from domain.core.errors import ImgprepError
 from domain.core.models import PrepareRequest
-from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main
+from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main, unprivileged
 from worker.cli.injection import InjectionType, PartitionType
 from worker.cli.watch import follow
 from worker.sizes import human
@@ -58,6 +58,7 @@ from worker.sizes import human
     type=PartitionType(),
     help="Guest filesystem for --inject: a partition number, auto, or none (whole disk).",
 )
+@unprivileged
 def prepare(
     *,
     image_url: str,

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from domain.core.errors import ImgprepError
 from domain.core.snapshot_models import ConvertedImage, SnapshotRequest
-from worker.cli import EXIT_FAILED, EXIT_USAGE, main
+from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
 from worker.sizes import human
 
 
@@ -24,6 +24,7 @@ from worker.sizes import human
 @click.option("--wait/--no-wait", default=False, help="Block until the image is written.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@unprivileged
 def snapshot(
     *,
     instance_id: str,

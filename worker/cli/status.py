@@ -6,13 +6,14 @@ import sys
 
 import click
 
-from worker.cli import EXIT_FAILED, main
+from worker.cli import EXIT_FAILED, main, unprivileged
 from worker.status import OperationStatus
 
 
 @main.command()
 @click.argument("task_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@unprivileged
 def status(task_id: str, as_json: bool) -> None:
     """Show an operation's state and each step of its canvas."""
     from worker.app import app
