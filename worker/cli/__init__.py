@@ -7,6 +7,7 @@ package and registers itself on `main` when imported (the imports at the bottom)
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -52,13 +53,54 @@ class SizeType(click.ParamType[int]):
             self.fail(str(error), param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ImgprepGroup(click.Group):
+    """The command group; a Redis that stays unreachable is one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as error:
+            cause = _redis_unreachable(error)
+            if cause is None:
+                raise
+            from worker.redis_urls import display
+
+            settings = get_settings()
+            click.echo(
+                f"imgprep: Redis did not answer ({display(settings.redis_url)}; waited about "
+                f"{settings.redis_outage_seconds:.0f} s): {cause}",
+                err=True,
+            )
+            ctx.exit(EXIT_FAILED)
+
+
+def _redis_unreachable(error: BaseException) -> BaseException | None:
+    """The connection error behind `error` (Celery and kombu wrap redis-py's), if there is one."""
+    import kombu.exceptions
+    import redis.exceptions
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(
+            seen,
+            redis.exceptions.ConnectionError
+            | redis.exceptions.TimeoutError
+            | kombu.exceptions.OperationalError,
+        ):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@click.group(cls=ImgprepGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgprep")
 def main() -> None:
     """imgprep: prepare virtual-machine disks with a fleet of Celery workers."""
     # Commands print for people; their logs are warnings and errors only. `worker` logs at
     # IMGPREP_LOG_LEVEL: Celery's setup_logging signal reconfigures it.
     configure_logging(level="WARNING", log_format=get_settings().log_format)
+    # The result backend logs each retry while Redis is away (ImgprepGroup says it once)
+    logging.getLogger("celery.backends").setLevel(logging.CRITICAL + 1)
 
 
 # Commands register themselves on `main` when their module is imported.
