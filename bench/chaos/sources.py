@@ -11,30 +11,20 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 from collections import Counter
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import unquote, urlsplit
+
+from worker.harness.http_serving import QuietHTTPServer, keep_pace, requested_name, served_file
 
 CHUNK = 64 * 2**10
 STALL_POLL = 0.05
 TRICKLE_EVERY = 1.0  # seconds between the bytes of a trickling source
 DENIED_ADDRESS = "127.0.0.2"  # loopback, denied to the workers (cluster.Tuning)
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """Clients that hang up (a killed worker, a read timeout) are not errors here."""
-        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
-            return
-        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class SourceServer:
@@ -49,7 +39,7 @@ class SourceServer:
         self._active: Counter[str] = Counter()
         self.gets: Counter[str] = Counter()
         self._closing = threading.Event()
-        self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
+        self._httpd = QuietHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="chaos-sources", daemon=True
         )
@@ -129,9 +119,7 @@ class SourceServer:
             out.write(chunk)
             sent += len(chunk)
             if rate:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+                keep_pace(sent, rate, started)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -143,11 +131,11 @@ class SourceServer:
                 return
 
             def do_GET(self) -> None:
-                name = unquote(urlsplit(self.path).path).lstrip("/")
-                path = (server.root / name).resolve()
+                name = requested_name(self.path)
+                path = served_file(server.root, name)
                 with server._lock:
                     server.gets[name] += 1
-                if not path.is_relative_to(server.root.resolve()) or not path.is_file():
+                if path is None:
                     self.send_error(HTTPStatus.NOT_FOUND)
                     return
                 with open(path, "rb") as source:

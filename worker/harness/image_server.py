@@ -9,34 +9,18 @@ retry, crash, stall and redirect behaviour can be driven for real.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections import Counter, defaultdict, deque
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlsplit
+
+from worker.harness.http_serving import QuietHTTPServer, keep_pace, requested_name, served_file
 
 CHUNK = 256 * 2**10
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-    accepted = 0
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.accepted += 1  # one accepting thread: no lock needed
-        super().process_request(request, client_address)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """Clients that hang up (a killed worker, a closed keep-alive) are not errors here."""
-        error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError | TimeoutError):
-            return
-        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class ImageServer:
@@ -52,7 +36,7 @@ class ImageServer:
         self._stopping = threading.Event()
         self.bytes_per_second: int | None = None  # of each response; None: as fast as it goes
         self.bytes_sent = 0  # body bytes sent, every file together (what "origin bytes" count)
-        self._httpd = _QuietServer((host, port), self._handler())
+        self._httpd = QuietHTTPServer((host, port), self._handler())
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="image-server", daemon=True
         )
@@ -130,7 +114,7 @@ class ImageServer:
                 return
 
             def do_GET(self) -> None:
-                name = unquote(urlsplit(self.path).path).lstrip("/")
+                name = requested_name(self.path)
                 status = server._next_failure(name)
                 redirect = server._redirects.get(name)
                 if status is None and redirect is not None:
@@ -144,8 +128,8 @@ class ImageServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                path = (server.root / name).resolve()
-                if not path.is_relative_to(server.root.resolve()) or not path.is_file():
+                path = served_file(server.root, name)
+                if path is None:
                     self.send_error(HTTPStatus.NOT_FOUND)
                     return
                 with open(path, "rb") as source:
@@ -166,8 +150,7 @@ class ImageServer:
                         return
 
             def _send_body(self, source: Any, size: int) -> None:
-                name = unquote(urlsplit(self.path).path).lstrip("/")
-                trickle = server._trickles.get(name)
+                trickle = server._trickles.get(requested_name(self.path))
                 if trickle is not None:
                     self._trickle(source, *trickle)
                     return
@@ -188,9 +171,7 @@ class ImageServer:
                     sent += len(chunk)
                     with server._lock:
                         server.bytes_sent += len(chunk)
-                    ahead = sent / rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                    keep_pace(sent, rate, started)
 
             def _trickle(self, source: Any, after: int, every: float) -> None:
                 self.wfile.write(source.read(after))

@@ -1,0 +1,47 @@
+"""What the harness's HTTP servers share: a threaded server that counts connections and keeps
+quiet about clients that hang up, the file a request names, and pacing a body to a rate."""
+
+from __future__ import annotations
+
+import sys
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    accepted = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.accepted += 1  # one accepting thread: no lock needed
+        super().process_request(request, client_address)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients that hang up (a killed worker, a read timeout, a closed keep-alive) are not
+        errors here."""
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+def requested_name(request_path: str) -> str:
+    """The file name a GET asks for (`/a%20b?x` -> `a b`)."""
+    return unquote(urlsplit(request_path).path).lstrip("/")
+
+
+def served_file(root: Path, name: str) -> Path | None:
+    """The regular file `name` under `root`, or None (outside it or absent: a 404)."""
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        return None
+    return path
+
+
+def keep_pace(sent: int, rate: int, started: float) -> None:
+    """Sleep until `sent` bytes are no faster than `rate` bytes per second since `started`."""
+    ahead = sent / rate - (time.monotonic() - started)
+    if ahead > 0:
+        time.sleep(ahead)
