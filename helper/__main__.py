@@ -22,8 +22,10 @@ from types import FrameType
 
 import structlog
 
+from helper import capabilities
 from helper.checks import Roots
 from helper.logs import configure_logging
+from helper.operations import CAPABILITIES
 from helper.server import HelperConfig, serve
 
 log = structlog.get_logger(__name__)
@@ -58,11 +60,26 @@ def watch_parent() -> None:
     threading.Thread(target=wait, name="parent-watch", daemon=True).start()
 
 
+def needed_capabilities() -> set[int]:
+    """What the helper must hold: every operation's capabilities, and CAP_SETPCAP to drop the
+    others from each operation's bounding set."""
+    return {cap for caps in CAPABILITIES.values() for cap in caps} | {capabilities.CAP_SETPCAP}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     configure_logging()
     if os.geteuid() != 0:
         print("imgprep-helper must run as root", file=sys.stderr)
+        return 1
+    missing = capabilities.missing(needed_capabilities())
+    if missing:
+        print(
+            f"imgprep-helper lacks {', '.join(missing)}, which its operations need (with "
+            "CAP_SETPCAP to drop the rest for each): give the service these capabilities "
+            "(deploy/systemd/imgprep-helper.service, CapabilityBoundingSet=)",
+            file=sys.stderr,
+        )
         return 1
     if args.die_with_parent:
         watch_parent()

@@ -19,6 +19,7 @@ CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2
 CAP_FOWNER = 3
 CAP_KILL = 5
+CAP_SETPCAP = 8
 CAP_SYS_ADMIN = 21
 
 NAMES = {
@@ -27,6 +28,7 @@ NAMES = {
     CAP_DAC_READ_SEARCH: "CAP_DAC_READ_SEARCH",
     CAP_FOWNER: "CAP_FOWNER",
     CAP_KILL: "CAP_KILL",
+    CAP_SETPCAP: "CAP_SETPCAP",
     CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
 }
 
@@ -103,6 +105,12 @@ def uids(pid: int | str = "self") -> tuple[int, int, int, int]:
             real, effective, saved, filesystem = (int(v) for v in line.split()[1:5])
             return real, effective, saved, filesystem
     raise LookupError(f"no Uid line in /proc/{pid}/status")
+
+
+def missing(needed: Iterable[int], pid: int | str = "self") -> list[str]:
+    """The names of the capabilities of `needed` that the process does not hold (effective)."""
+    held = sets(pid)["CapEff"]
+    return describe(sum(1 << cap for cap in set(needed) if not held >> cap & 1))
 
 
 def describe(mask: int) -> list[str]:

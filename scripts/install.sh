@@ -94,6 +94,20 @@ if ! runuser -u imgprep -- .venv/bin/python -c 'import pkgutil, worker.cli' >/de
   done
 fi
 
+# systemd units (deploy/systemd): the helper as its own root service, the worker, beat and Flower
+# as imgprep. Written (not enabled, not started): `systemctl enable --now imgprep-helper
+# imgprep-worker imgprep-beat` runs them. Rewritten when the checkout's differ.
+if [[ -d /etc/systemd/system ]]; then
+  for unit in deploy/systemd/*.service; do
+    rendered=$(sed "s|@CHECKOUT@|$(pwd)|g" "$unit")
+    target=/etc/systemd/system/$(basename "$unit")
+    if [[ ! -f $target || $(cat "$target") != "$rendered" ]]; then
+      echo "== $target"
+      printf '%s\n' "$rendered" >"$target"
+    fi
+  done
+fi
+
 # A redis-server for the demo and for operators trying imgprep on one machine. The tests start
 # their own on a free port. Production runs it with AOF (appendonly yes): without it, a restart
 # loses queued and unacknowledged messages.

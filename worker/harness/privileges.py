@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -75,12 +75,21 @@ class HelperProcess:
     log_path: Path
 
     @classmethod
-    def start(cls, root: Path, user: str = WORKER_USER) -> HelperProcess:
+    def start(
+        cls,
+        root: Path,
+        user: str = WORKER_USER,
+        *,
+        socket_path: Path | None = None,
+        prefix: Sequence[str] = (),
+    ) -> HelperProcess:
+        """A helper for the directories of `root`; `prefix` runs before it (e.g. `setpriv`
+        with a service's capability bounding set)."""
         for sub in ("cache", "instances", "state"):
             (root / sub).mkdir(exist_ok=True)
-        socket_path = root / "run" / "helper.sock"
+        socket_path = socket_path or root / "run" / "helper.sock"
         log_path = root / "helper.log"
-        argv = [sys.executable, "-m", "helper", "--socket", str(socket_path)]
+        argv = [*prefix, sys.executable, "-m", "helper", "--socket", str(socket_path)]
         argv += ["--cache-dir", str(root / "cache"), "--instances-dir", str(root / "instances")]
         argv += ["--state-dir", str(root / "state"), "--helper-state-dir", str(root / "hs")]
         argv += ["--user", user, "--allowed-filesystem", "ext4"]

@@ -1,0 +1,106 @@
+"""The helper as its own service (deploy/systemd/imgprep-helper.service): run with exactly the
+unit's capability bounding set, it serves a worker that runs as imgprep and does not start a
+helper, through whole prepares with injection."""
+
+from __future__ import annotations
+
+import configparser
+import pwd
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helper import capabilities
+from tests.integration.conftest import Cluster, ClusterFactory
+from tests.integration.devices import MOTD, need_devices
+from tests.integration.test_privileges import injecting
+from tests.support.guests import MiB, read_guest_file
+from worker.harness.image_server import ImageServer
+from worker.harness.privileges import WORKER_USER, HelperProcess, open_directory, unprivileged_user
+
+pytestmark = pytest.mark.slow
+
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "imgprep-helper.service"
+
+
+def unit_bounding_set() -> list[str]:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    return parser["Service"]["CapabilityBoundingSet"].split()
+
+
+@pytest.fixture
+def service_cluster(
+    cluster_factory: ClusterFactory,
+) -> Iterator[tuple[Cluster, HelperProcess]]:
+    """A worker (started as root, dropping to imgprep) whose helper is a separate process run
+    under the unit's bounding set, as systemd would run it."""
+    need_devices()
+    unprivileged_user()
+    with open_directory("svc") as sockets:
+        socket_path = sockets / "helper.sock"
+        cluster = cluster_factory(
+            "service",
+            {
+                "IMGPREP_PRIVILEGES__HELPER_SOCKET": str(socket_path),
+                "IMGPREP_PRIVILEGES__START_HELPER": "false",
+                "IMGPREP_PRIVILEGES__USER": WORKER_USER,
+            },
+        )
+        keep = ",".join(
+            ["-all", *(f"+{cap.removeprefix('CAP_').lower()}" for cap in unit_bounding_set())]
+        )
+        setpriv = ["setpriv", f"--bounding-set={keep}", "--inh-caps=-all", "--"]
+        with HelperProcess.start(cluster.root, socket_path=socket_path, prefix=setpriv) as helper:
+            cluster.add_worker("svc")
+            yield cluster, helper
+
+
+@pytest.mark.parametrize("backend", ["raw", "qcow2"])
+def test_a_helper_with_the_units_capabilities_serves_whole_prepares(
+    service_cluster: tuple[Cluster, HelperProcess], image_server: ImageServer, backend: str
+) -> None:
+    cluster, helper = service_cluster
+    # Given a helper whose bounding set is the unit's: it can hold nothing else
+    held = capabilities.describe(capabilities.sets(helper.process.pid)["CapBnd"])
+    assert sorted(held) == sorted(unit_bounding_set())
+    # and a worker that runs as imgprep and started no helper of its own
+    worker = cluster.workers[0]
+    assert worker.helper_pids() == []
+    assert capabilities.uids(worker.pid) == (pwd.getpwnam(WORKER_USER).pw_uid,) * 4
+
+    # When a disk is prepared with a file to inject
+    request = injecting(image_server, backend)
+    prepared = cluster.client.wait_prepared(cluster.client.prepare_disk(request), timeout=180)
+
+    # Then the file is in the guest, owned by root, and nothing is left held
+    found = read_guest_file(Path(prepared.disk.path), backend, 1 * MiB, MOTD.path)
+    assert found is not None and (found.content, found.uid) == (MOTD.data(), 0)
+    assert '"event": "operation_run"' in helper.log_path.read_text()
+    assert '"ok": false' not in helper.log_path.read_text()
+    cluster.assert_clean()
+
+
+def test_a_helper_short_of_a_capability_refuses_to_start(tmp_path: Path) -> None:
+    # Given the unit's bounding set without CAP_SETPCAP (each operation could not drop the rest)
+    short = [cap for cap in unit_bounding_set() if cap != "CAP_SETPCAP"]
+    keep = ",".join(["-all", *(f"+{cap.removeprefix('CAP_').lower()}" for cap in short)])
+    socket_path = tmp_path / "helper.sock"
+    argv = ["setpriv", f"--bounding-set={keep}", "--inh-caps=-all", "--", sys.executable]
+    argv += ["-m", "helper", "--socket", str(socket_path), "--user", WORKER_USER]
+    for option in ("cache-dir", "instances-dir", "state-dir", "helper-state-dir"):
+        (tmp_path / option).mkdir()
+        argv += [f"--{option}", str(tmp_path / option)]
+
+    # When the helper starts
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    # Then it stops at once, naming what it lacks and where to give it, and serves nothing
+    assert done.returncode == 1
+    assert "imgprep-helper lacks CAP_SETPCAP" in done.stderr
+    assert "CapabilityBoundingSet" in done.stderr
+    assert not socket_path.exists()
