@@ -21,6 +21,7 @@ from helper import capabilities
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.integration.devices import MOTD, need_devices
 from tests.support.guests import MiB, build_guest, read_guest_file
+from tests.support.processes import children, running
 from tests.support.waiting import wait_for
 from worker.cli.run import EXIT_HELPER_EXITED
 from worker.harness.image_server import ImageServer
@@ -190,16 +191,21 @@ def test_helper_killed_mid_operation_leaves_nothing_once_restarted(
     (helper,) = worker.helper_pids()
     task = separated.client.prepare_disk(injecting(image_server, "qcow2"))
 
-    # When the helper is SIGKILLed while one of its operations runs (a child of it exists)
-    def operation_running() -> bool:  # the helper's threads start one child per operation
-        return any(
-            (task / "children").read_text().split()
-            for task in Path(f"/proc/{helper}/task").iterdir()
-        )
+    # When the helper is SIGKILLed while one of its operations runs (a child of its zygote)
+    (zygote,) = children(helper)  # the helper forks it at start; it forks the operations
 
-    wait_for(operation_running, timeout=120, what="an operation of the helper")
+    def operation_running() -> list[int]:
+        return children(zygote)
+
+    operations = wait_for(operation_running, timeout=120, what="an operation of the helper")
     os.kill(helper, signal.SIGKILL)
 
+    # Then the zygote and the operation's process die with it (none outlives the helper)
+    wait_for(
+        lambda: not any(running(pid) for pid in (zygote, *operations)),
+        timeout=60,
+        what="the helper's zygote and operation to end",
+    )
     # Then its worker, which cannot start a root helper again, says so and stops with a failure
     # status of its own (a shutdown that fails would be 1)
     status = worker.process.wait(timeout=120)
