@@ -140,6 +140,36 @@ def test_a_child_past_the_limit_is_killed_and_reported(
         wait_for(lambda: not children(zygote.pid), timeout=60, what="the child reaped")
 
 
+def test_a_child_ends_with_its_zygote_and_the_caller_is_told(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given an operation running in a child of the zygote
+    def hang(request: Request, timeout: float, owner: tuple[int, int] | None) -> Reply:
+        (tmp_path / "pid").write_text(str(os.getpid()))
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(operations, "run", hang)
+    with started() as zygote:
+        replies = []
+        caller = threading.Thread(target=lambda: replies.append(zygote.run(Ping())))
+        caller.start()
+        pid = int(wait_for(lambda: _read(tmp_path / "pid"), timeout=60, what="the child"))
+
+        # When the zygote is SIGKILLed
+        os.kill(zygote.pid, signal.SIGKILL)
+
+        # Then the child ends too (its parent-death signal), and its caller is told
+        wait_for(lambda: not running(pid), timeout=60, what="the child to end")
+        caller.join(timeout=60)
+        (reply,) = replies
+        assert reply.error is not None and "ended without a reply" in reply.error.message
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() and path.read_text() else None
+
+
 @pytest.fixture
 def helper() -> Iterator[HelperProcess]:
     """A standalone helper (`python -m helper`), stopped by its pid."""
@@ -210,5 +240,5 @@ def test_the_zygote_dies_with_its_helper(helper: HelperProcess) -> None:
     os.kill(helper.process.pid, signal.SIGKILL)
     helper.process.wait(timeout=60)
 
-    # Then the zygote ends too (its parent-death signal)
+    # Then the zygote ends too (its parent-death signal; or the end of its control socket)
     wait_for(lambda: not running(zygote), timeout=60, what="the zygote to end")
