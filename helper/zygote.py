@@ -222,7 +222,7 @@ def _child(
             capabilities.limit_to(operations.CAPABILITIES[op])
             configure_logging(logging.WARNING)  # the server logs the run
             raw = _read_all(connection, None)
-            reply = _run(op, raw, timeout, owner)
+            reply = answer(op, raw, timeout, owner)
             connection.sendall(reply.model_dump_json().encode())
         status = 0
     except BaseException:  # the traceback goes to the helper's log
@@ -232,7 +232,7 @@ def _child(
         os._exit(status)
 
 
-def _run(op: str, raw: bytes, timeout: float, owner: tuple[int, int] | None) -> Reply:
+def answer(op: str, raw: bytes, timeout: float, owner: tuple[int, int] | None) -> Reply:
     """The reply to the request `raw` (of `op`), with the capabilities this process holds."""
     request = REQUEST.validate_json(raw)
     if request.op != op:
