@@ -17,6 +17,7 @@ import socket
 import socketserver
 import stat
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,19 +192,21 @@ class HelperServer(socketserver.ThreadingUnixStreamServer):
         os.chown(path, 0, helper.config.socket_gid)
         os.chmod(path, 0o660)
 
-    def service_actions(self) -> None:
-        """Between requests, in serve_forever's (main) thread: stop if the zygote died."""
-        if self.helper.zygote is not None:
-            self.helper.zygote.check()
-
     def server_close(self) -> None:
         super().server_close()
         with contextlib.suppress(FileNotFoundError):
             self.helper.config.socket_path.unlink()
 
+    def service_actions(self) -> None:
+        """Between requests, in serve_forever's (main) thread: stop if the zygote died."""
+        if self.helper.zygote is not None:
+            self.helper.zygote.check()
+
 
 def start_zygote(config: HelperConfig) -> Zygote:
-    """The helper's zygote (helper.zygote): start it before the helper starts any thread."""
+    """The helper's zygote (helper.zygote), forked: before the helper starts any thread."""
+    if threading.active_count() > 1:
+        raise RuntimeError("the helper's zygote must be forked before the helper starts a thread")
     return Zygote.start(config.worker, OPERATION_TIMEOUT, OPERATION_LIMIT)
 
 

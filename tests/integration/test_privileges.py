@@ -130,6 +130,8 @@ def test_injection_goes_through_the_helper(
     assert {"mount_fuse2fs", "write_files", "unmount"} <= set(ran)
     assert ran["write_files"]["capabilities"] == ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"]
     assert ran["mount_fuse2fs"]["capabilities"] == ["CAP_DAC_OVERRIDE", "CAP_SYS_ADMIN"]
+    # (the bounding set too: what the forked child executes cannot regain the rest)
+    assert all(line["bounding"] == line["capabilities"] for line in ran.values())
     if backend == "qcow2":
         assert "start_storage_daemon" in ran and "stop_daemons" in ran
     # and the instance disk belongs to the workers' user
