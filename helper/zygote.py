@@ -174,6 +174,10 @@ def _serve(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+    os.chdir("/")  # as the children always ran: no directory of the caller's kept busy
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # what the children run reads nothing of the helper's stdin
+    os.close(null)
     zygote = os.getpid()
     while True:
         message, fds, _, _ = socket.recv_fds(control, 64, 1)
