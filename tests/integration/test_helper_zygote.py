@@ -119,14 +119,14 @@ def test_concurrent_requests_each_get_their_own_reply_and_no_child_is_left(
 def test_a_child_past_the_limit_is_killed_and_reported(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # Given an operation that never ends, and a zygote whose server waits 3 s for a reply
+    # Given an operation that never ends, and a zygote whose server waits 10 s for a reply
     def hang(request: Request, timeout: float, owner: tuple[int, int] | None) -> Reply:
         (tmp_path / "pid").write_text(str(os.getpid()))
         threading.Event().wait()
         raise AssertionError("unreachable")
 
     monkeypatch.setattr(operations, "run", hang)
-    with started(limit=3.0) as zygote:
+    with started(limit=10.0) as zygote:
         # When it runs
         reply = zygote.run(Ping())
 
