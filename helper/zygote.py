@@ -19,6 +19,8 @@ How a request runs (`Zygote.run`, called by the server's threads, concurrently):
    server thread, and exits.
 3. The server thread waits for the reply until `limit`; past it, it kills the child through the
    pidfd (a pidfd names that process only: no pid that was reused can be hit) and reports it.
+   The request is sent only once the child's pidfd is in: a child that starts after the server
+   gave up finds its end closed and runs nothing.
 
 No zombies: the zygote sets SIGCHLD to SIG_IGN, so the kernel reaps its children as they exit
 (each child sets it back to the default before it runs any tool, whose exit it waits for).
