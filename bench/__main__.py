@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "sparse_convert": ["bench.sparse_convert"],
     "full_prepare": ["bench.full_prepare"],
     "mount_inject": ["bench.mount_inject", "--runs", "30"],
+    "helper_round_trip": ["bench.helper_round_trip"],
     "scale": ["bench.scale"],
     "fleet": ["bench.fleet"],
 }

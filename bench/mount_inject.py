@@ -9,6 +9,8 @@ partition 1 of an MBR disk, mounts it, writes one 4 KiB file and tears everythin
               losetup + mount, cp, chmod, umount, waiting for the daemons to exit;
 * `domain`  — imgprep's map_partitions, mount_guest, inject_files and teardown called in one
               process, with the resource ledger and lease locks in a real redis-server;
+* `helper`  — the same calls with their privileged operations (loop devices, mounts, exports,
+              writes) sent to a real privileged helper (`python -m helper`) over its socket;
 * `celery`  — the four steps as a chain through a real worker (broker round trips included).
 
 Prints the median and 90th percentile of each, in milliseconds. Needs root and /dev/fuse.
@@ -17,6 +19,7 @@ Prints the median and 90th percentile of each, in milliseconds. Needs root and /
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -45,6 +48,7 @@ from domain.core.models import (
     PreparedDisk,
     PrepareRequest,
 )
+from domain.core.ports import PrivilegedOperations
 from domain.core.publish import FileStamp, record_path
 from domain.core.runner import Runner
 from domain.guest.context import DeviceContext
@@ -54,9 +58,11 @@ from domain.guest.mounting import mount_guest
 from domain.guest.teardown import release_devices
 from tasks.canvases import injection_steps, with_ids
 from worker.app import create_app
+from worker.harness.privileges import HelperProcess, unprivileged_user
 from worker.harness.redis_server import RedisServer, free_port
 from worker.harness.sample_images import Partition, partitioned_disk
 from worker.harness.worker_processes import start_worker
+from worker.helper_client import HelperClient
 from worker.logs import configure_logging
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
@@ -187,7 +193,10 @@ class Bench:
 
         return once
 
-    def domain(self, method: str) -> Callable[[PreparedDisk], None]:
+    def domain(
+        self, method: str, privileged: PrivilegedOperations | None = None
+    ) -> Callable[[PreparedDisk], None]:
+        """The domain calls; their privileged operations in this process, or by `privileged`."""
         policy = MountSettings(kernel_mount="always" if method == "kernel" else "never")
 
         def once(prepared: PreparedDisk) -> None:
@@ -203,6 +212,7 @@ class Bench:
                 host="bench",
                 owner=uuid.uuid4().hex,
                 worker="bench",
+                privileged=privileged,
             )
             mapped = map_partitions(prepared, 1, ctx)
             mounted = mount_guest(mapped, ctx)
@@ -221,6 +231,10 @@ def celery_runs(bench: Bench, redis_url: str, runs: int, fmt: str) -> list[float
         "IMGPREP_STATE_DIR": str(bench.settings.state_dir),
         "IMGPREP_HOST_ID": "bench",
         "IMGPREP_LOG_LEVEL": "WARNING",
+        # one root process, whatever this host's /etc/imgprep says: the `helper` path measures
+        # the privileged helper
+        "IMGPREP_PRIVILEGES__HELPER_SOCKET": "",
+        "IMGPREP_PRIVILEGES__USER": "",
     }
     app = create_app(bench.settings)
     worker = start_worker(
@@ -274,29 +288,34 @@ def main() -> None:
     if os.geteuid() != 0 or not Path("/dev/fuse").exists():
         raise SystemExit("needs root and /dev/fuse")
     configure_logging(level="WARNING", log_format="console")
-    with tempfile.TemporaryDirectory(prefix="imgprep-bench-") as temp:
+    with (
+        tempfile.TemporaryDirectory(prefix="imgprep-bench-") as temp,
+        contextlib.ExitStack() as stack,
+    ):
         root = Path(temp)
         server = RedisServer(root / "redis", free_port()).start()
-        try:
-            bench = Bench(root / "work", server.url)
-            print(f"{'disk':<6}{'mount':<9}{'path':<8}{'median ms':>10}{'p90 ms':>9}")
-            for fmt in ("raw", "qcow2"):
-                for method in ("fuse2fs", "kernel"):
-                    setup = functools.partial(bench.disk, fmt)
-                    rows = [
-                        ("shell", measure(args.runs, setup, bench.shell(method))),
-                        ("domain", measure(args.runs, setup, bench.domain(method))),
-                    ]
-                    if method == "fuse2fs":
-                        rows.append(("celery", celery_runs(bench, server.url, args.runs, fmt)))
-                    for name, samples in rows:
-                        print(
-                            f"{fmt:<6}{method:<9}{name:<8}{statistics.median(samples):>10.1f}"
-                            f"{percentile(samples, 0.9):>9.1f}"
-                        )
-                    record(fmt, method, dict(rows))
-        finally:
-            server.stop()
+        stack.callback(server.stop)
+        bench = Bench(root / "work", server.url)
+        unprivileged_user()  # the helper serves it (the bench itself calls it as root)
+        helper = stack.enter_context(HelperProcess.start(bench.root))
+        privileged = HelperClient(helper.socket_path)
+        print(f"{'disk':<6}{'mount':<9}{'path':<8}{'median ms':>10}{'p90 ms':>9}")
+        for fmt in ("raw", "qcow2"):
+            for method in ("fuse2fs", "kernel"):
+                setup = functools.partial(bench.disk, fmt)
+                rows = [
+                    ("shell", measure(args.runs, setup, bench.shell(method))),
+                    ("domain", measure(args.runs, setup, bench.domain(method))),
+                    ("helper", measure(args.runs, setup, bench.domain(method, privileged))),
+                ]
+                if method == "fuse2fs":
+                    rows.append(("celery", celery_runs(bench, server.url, args.runs, fmt)))
+                for name, samples in rows:
+                    print(
+                        f"{fmt:<6}{method:<9}{name:<8}{statistics.median(samples):>10.1f}"
+                        f"{percentile(samples, 0.9):>9.1f}"
+                    )
+                record(fmt, method, dict(rows))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from helper import capabilities
 from helper.checks import Roots
 from helper.logs import configure_logging
 from helper.operations import CAPABILITIES
-from helper.server import HelperConfig, serve
+from helper.server import HelperConfig, serve, start_zygote
+from helper.zygote import EXIT_ZYGOTE_EXITED, ZygoteExited
 
 log = structlog.get_logger(__name__)
 
@@ -81,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.die_with_parent:
-        watch_parent()
     user = pwd.getpwnam(args.user)
     config = HelperConfig(
         socket_path=args.socket,
@@ -94,13 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         socket_gid=user.pw_gid,
         worker=(user.pw_uid, user.pw_gid) if user.pw_uid != 0 else None,
     )
+    zygote = start_zygote(config)  # before any thread: it is forked
+    if args.die_with_parent:
+        watch_parent()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     with contextlib.suppress(SystemExit, KeyboardInterrupt):
-        serve(config, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
+        try:
+            serve(config, zygote, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
+        except ZygoteExited as error:
+            log.error("helper_zygote_exited", reason=str(error), action="helper stops")
+            return EXIT_ZYGOTE_EXITED
     return 0
 
 

@@ -4,7 +4,7 @@ it runs.
 Nova marks each privileged function with a privsep context that names its capabilities
 (`sys_admin_pctxt`: CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_NET_ADMIN,
 CAP_SYS_ADMIN for all of them). Here each operation has its own, smallest set, and runs in a
-child process that holds nothing else (helper.child): what it executes inherits at most that
+child process that holds nothing else (helper.zygote): what it executes inherits at most that
 set, because the rest is gone from the bounding set too.
 
 `check` runs in the server (root, before the child exists) and raises Refused; `run` runs in the

@@ -3,7 +3,8 @@
 The socket is mode 0660, owned by root and the group of the workers' user; on top of that each
 connection's peer is read with SO_PEERCRED, and only root and the workers' uid are served. A
 request is parsed strictly (helper.protocol), checked against the roots (helper.checks), run in
-a child process that holds only its operation's capabilities (helper.child), and answered.
+a child process that holds only its operation's capabilities (forked by helper.zygote), and
+answered.
 Every refusal is logged as `request_refused` with the operation, the reason and the caller.
 """
 
@@ -16,8 +17,7 @@ import socket
 import socketserver
 import stat
 import struct
-import subprocess
-import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +31,12 @@ from helper.checks import Refused, Roots
 from helper.loop_ledger import LoopLedger
 from helper.operations import check
 from helper.protocol import MAX_REQUEST_BYTES, OPERATIONS, REQUEST, ErrorReply, Reply, Request
+from helper.zygote import Zygote
 
 log = structlog.get_logger(__name__)
 
 OPERATION_TIMEOUT = 300.0  # the longest any one tool call may take (mounts wait up to 120 s)
+OPERATION_LIMIT = OPERATION_TIMEOUT + 30  # then the operation's process is killed
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,11 @@ class HelperConfig:
 class Helper:
     """Checks and runs requests; the transport is HelperServer."""
 
-    def __init__(self, config: HelperConfig) -> None:
+    def __init__(self, config: HelperConfig, zygote: Zygote | None = None) -> None:
+        """`zygote`: where operations run (None: a helper that only checks, in unit tests)."""
         self.config = config
         self.loops = LoopLedger(config.state_dir)
+        self.zygote = zygote
 
     def handle(self, raw: bytes, peer: Peer) -> Reply:  # noqa: PLR0911 - a refusal per check
         if peer.uid not in self.config.allowed_uids:
@@ -95,28 +99,10 @@ class Helper:
 
     def _run_child(self, request: Request, peer: Peer) -> Reply:
         started = time.monotonic()
-        argv = [sys.executable, "-m", "helper.child", request.op, str(OPERATION_TIMEOUT)]
-        if self.config.worker is not None:
-            argv += [str(part) for part in self.config.worker]
-        try:
-            done = subprocess.run(
-                argv,
-                input=request.model_dump_json().encode(),
-                capture_output=True,
-                timeout=OPERATION_TIMEOUT + 30,
-                check=False,
-                cwd="/",
-            )
-        except subprocess.TimeoutExpired:
-            return _error("DeviceError", f"{request.op} did not finish within the helper's limit")
-        try:
-            reply = Reply.model_validate_json(done.stdout)
-        except ValidationError:
-            reply = _error(
-                "DeviceError",
-                f"{request.op} failed in the helper (exit {done.returncode}): "
-                f"{done.stderr.decode(errors='replace').strip()[-500:]}",
-            )
+        if self.zygote is None:
+            reply = _error("DeviceError", f"{request.op}: this helper runs no operations")
+        else:
+            reply = self.zygote.run(request)
         log.info(
             "operation_run",
             op=request.op,
@@ -211,10 +197,22 @@ class HelperServer(socketserver.ThreadingUnixStreamServer):
         with contextlib.suppress(FileNotFoundError):
             self.helper.config.socket_path.unlink()
 
+    def service_actions(self) -> None:
+        """Between requests, in serve_forever's (main) thread: stop if the zygote died."""
+        if self.helper.zygote is not None:
+            self.helper.zygote.check()
 
-def serve(config: HelperConfig, **context: Any) -> None:
-    """Serve until SIGTERM/SIGINT."""
-    server = HelperServer(Helper(config))
+
+def start_zygote(config: HelperConfig) -> Zygote:
+    """The helper's zygote (helper.zygote), forked: before the helper starts any thread."""
+    if threading.active_count() > 1:
+        raise RuntimeError("the helper's zygote must be forked before the helper starts a thread")
+    return Zygote.start(config.worker, OPERATION_TIMEOUT, OPERATION_LIMIT)
+
+
+def serve(config: HelperConfig, zygote: Zygote, **context: Any) -> None:
+    """Serve until SIGTERM/SIGINT, or until the zygote dies (ZygoteExited)."""
+    server = HelperServer(Helper(config, zygote))
     log.info(
         "helper_started",
         socket=str(config.socket_path),
@@ -226,3 +224,4 @@ def serve(config: HelperConfig, **context: Any) -> None:
         server.serve_forever(poll_interval=0.5)
     finally:
         server.server_close()
+        zygote.close()

@@ -21,6 +21,7 @@ from helper import capabilities
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.integration.devices import MOTD, need_devices
 from tests.support.guests import MiB, build_guest, read_guest_file
+from tests.support.processes import children, running
 from tests.support.waiting import wait_for
 from worker.cli.run import EXIT_HELPER_EXITED
 from worker.harness.image_server import ImageServer
@@ -129,6 +130,8 @@ def test_injection_goes_through_the_helper(
     assert {"mount_fuse2fs", "write_files", "unmount"} <= set(ran)
     assert ran["write_files"]["capabilities"] == ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"]
     assert ran["mount_fuse2fs"]["capabilities"] == ["CAP_DAC_OVERRIDE", "CAP_SYS_ADMIN"]
+    # (the bounding set too: what the forked child executes cannot regain the rest)
+    assert all(line["bounding"] == line["capabilities"] for line in ran.values())
     if backend == "qcow2":
         assert "start_storage_daemon" in ran and "stop_daemons" in ran
     # and the instance disk belongs to the workers' user
@@ -190,16 +193,21 @@ def test_helper_killed_mid_operation_leaves_nothing_once_restarted(
     (helper,) = worker.helper_pids()
     task = separated.client.prepare_disk(injecting(image_server, "qcow2"))
 
-    # When the helper is SIGKILLed while one of its operations runs (a child of it exists)
-    def operation_running() -> bool:  # the helper's threads start one child per operation
-        return any(
-            (task / "children").read_text().split()
-            for task in Path(f"/proc/{helper}/task").iterdir()
-        )
+    # When the helper is SIGKILLed while one of its operations runs (a child of its zygote)
+    (zygote,) = children(helper)  # the helper forks it at start; it forks the operations
 
-    wait_for(operation_running, timeout=120, what="an operation of the helper")
+    def operation_running() -> list[int]:
+        return children(zygote)
+
+    operations = wait_for(operation_running, timeout=120, what="an operation of the helper")
     os.kill(helper, signal.SIGKILL)
 
+    # Then the zygote and the operation's process die with it (none outlives the helper)
+    wait_for(
+        lambda: not any(running(pid) for pid in (zygote, *operations)),
+        timeout=60,
+        what="the helper's zygote and operation to end",
+    )
     # Then its worker, which cannot start a root helper again, says so and stops with a failure
     # status of its own (a shutdown that fails would be 1)
     status = worker.process.wait(timeout=120)
