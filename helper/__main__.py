@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    # However it was started (by a root worker, by systemd), it keeps no more than that: what
+    # the unit's CapabilityBoundingSet gives it, so its server and zygote hold the same
+    capabilities.limit_to(needed_capabilities())
     user = pwd.getpwnam(args.user)
     config = HelperConfig(
         socket_path=args.socket,

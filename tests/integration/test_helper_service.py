@@ -18,6 +18,7 @@ from tests.integration.conftest import Cluster, ClusterFactory
 from tests.integration.devices import MOTD, need_devices
 from tests.integration.test_privileges import injecting
 from tests.support.guests import MiB, read_guest_file
+from tests.support.processes import children
 from worker.harness.image_server import ImageServer
 from worker.harness.privileges import WORKER_USER, HelperProcess, open_directory, unprivileged_user
 
@@ -31,6 +32,12 @@ def unit_bounding_set() -> list[str]:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(UNIT.read_text())
     return parser["Service"]["CapabilityBoundingSet"].split()
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    with open_directory("svc-root") as root:
+        yield root
 
 
 @pytest.fixture
@@ -104,3 +111,14 @@ def test_a_helper_short_of_a_capability_refuses_to_start(tmp_path: Path) -> None
     assert "imgprep-helper lacks CAP_SETPCAP" in done.stderr
     assert "CapabilityBoundingSet" in done.stderr
     assert not socket_path.exists()
+
+
+def test_a_helper_started_with_every_capability_keeps_only_the_units(open_root: Path) -> None:
+    # Given a helper started by a root process that holds every capability (as a worker does)
+    unprivileged_user()
+    with HelperProcess.start(open_root) as helper:
+        # Then the helper (server and zygote alike) keeps only the unit's set, bounding included
+        for pid in [helper.process.pid, *children(helper.process.pid)]:
+            sets = capabilities.sets(pid)
+            assert sorted(capabilities.describe(sets["CapBnd"])) == sorted(unit_bounding_set())
+            assert sets["CapEff"] == sets["CapPrm"] == sets["CapBnd"], pid
