@@ -22,7 +22,7 @@ from types import FrameType
 
 import structlog
 
-from helper.checks import Roots
+from helper.checks import Refused, Roots, check_root_tree
 from helper.logs import configure_logging
 from helper.server import HelperConfig, serve
 
@@ -36,6 +36,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--instances-dir", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--helper-state-dir", type=Path, required=True)
+    parser.add_argument(
+        "--devices-dir",
+        type=Path,
+        help="the device work areas, a tree only root may change "
+        "(default: HELPER_STATE_DIR/devices)",
+    )
     parser.add_argument("--user", required=True, help="the workers' user: served, owns the socket")
     parser.add_argument("--allowed-filesystem", action="append", default=[])
     parser.add_argument("--die-with-parent", action="store_true")
@@ -58,6 +64,13 @@ def watch_parent() -> None:
     threading.Thread(target=wait, name="parent-watch", daemon=True).start()
 
 
+def prepare_devices_dir(path: Path) -> None:
+    """Create the devices directory (root, 0755: the worker reads the FUSE exports in it) and
+    refuse it unless only root can change it and every directory above it."""
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    check_root_tree(Path(os.path.realpath(path)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     configure_logging()
@@ -67,10 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.die_with_parent:
         watch_parent()
     user = pwd.getpwnam(args.user)
+    devices_dir = args.devices_dir or args.helper_state_dir / "devices"
+    try:
+        prepare_devices_dir(devices_dir)
+    except (Refused, OSError) as error:
+        print(f"imgprep-helper will not start: {error}", file=sys.stderr)
+        return 1
     config = HelperConfig(
         socket_path=args.socket,
         roots=Roots.of(
-            args.cache_dir, args.instances_dir, args.state_dir, tuple(args.allowed_filesystem)
+            args.cache_dir,
+            args.instances_dir,
+            args.state_dir,
+            tuple(args.allowed_filesystem),
+            devices_dir,
         ),
         state_dir=args.helper_state_dir,
         allowed_uids=frozenset({0, user.pw_uid}),

@@ -174,7 +174,7 @@ def test_the_helper_refuses_and_logs_what_is_not_its_business(
     # Then each refusal is logged with the operation, the reason and the caller
     refused = events(separated, "request_refused")
     reasons = {(str(line["op"]), str(line["reason"])) for line in refused}
-    devices = separated.settings.state_dir.resolve() / "devices"
+    devices = separated.settings.devices_dir.resolve()
     assert ("unmount", f"/proc is outside the device work areas ({devices})") in reasons
     assert any(op == "detach_loop" and "not a loop device" in reason for op, reason in reasons)
     assert any(op == "run_command" and "unknown operation" in reason for op, reason in reasons)
