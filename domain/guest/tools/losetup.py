@@ -1,7 +1,10 @@
-"""losetup(8): loop devices over a file, one partition at a time (`-o OFFSET --sizelimit SIZE`).
+"""Loop devices over a file, one partition at a time (an offset and a size limit).
 
-Loop partition scanning (`-P`) is not used: it does not work everywhere, and a loop device per
+Loop partition scanning is not used: it does not work everywhere, and a loop device per
 partition, with its offset and size limit, exposes exactly the bytes that were validated.
+Devices are attached with the loop ioctls on a file already open (`attach_fd`), never by name:
+losetup(8) resolves even `/proc/self/fd/N` back to a name and opens that. losetup lists and
+detaches them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain.core.errors import DeviceError, NoFreeDevice
-from domain.core.runner import CommandError, Runner
+from domain.core.runner import Runner
 
 LOSETUP = "losetup"
-_NO_FREE = ("cannot find an unused loop device", "could not find any free loop device")
 
 
 @dataclass(frozen=True)
@@ -119,18 +121,6 @@ def _set_fd(loop: int, device: str, fd: int, info: _LoopInfo64) -> None:
         with contextlib.suppress(OSError):
             fcntl.ioctl(loop, LOOP_CLR_FD)
         raise DeviceError(f"cannot set the offset of {device}: {error.strerror}") from None
-
-
-def attach(runner: Runner, backing: Path, *, offset: int, size: int) -> str:
-    """Attach a free loop device to `size` bytes of `backing` from `offset`; its /dev path."""
-    argv = [LOSETUP, "--find", "--show", "--offset", str(offset), "--sizelimit", str(size)]
-    try:
-        result = runner.run([*argv, str(backing)], timeout=60)
-    except CommandError as error:
-        if any(text in str(error) for text in _NO_FREE):
-            raise NoFreeDevice(f"no free loop device for {backing.name}: {error}") from None
-        raise
-    return result.stdout.strip()
 
 
 def detach(runner: Runner, device: str) -> None:
