@@ -5,10 +5,12 @@ checked, and keep the device work areas where the worker cannot change anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from domain.core.errors import DeviceError, HelperUnavailable, PrivilegeRefused
+from domain.core.runner import CommandError
+from domain.guest.tools import daemons
 from tests.integration.devices import need_devices
 from tests.support.guests import MiB
 from worker.harness import machine
@@ -188,6 +192,86 @@ def test_a_disk_swapped_for_a_link_during_attach_never_backs_a_loop_device(
     # and every device is released
     assert machine.loop_devices_backed_by(open_root) == []
     assert str(outside) not in loop_backings().values()
+
+
+@contextlib.contextmanager
+def swapping(disk: Path, real: Path, outside: Path) -> Iterator[None]:
+    """The workers' user swapping `disk` between `real` and a link to `outside` until the block
+    ends (the swapper is stopped by the pid this started)."""
+    user = unprivileged_user()
+    swapper = subprocess.Popen(
+        [sys.executable, "-c", SWAPPER, str(disk), str(real), str(outside)],
+        stdout=subprocess.PIPE,
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+    )
+    try:
+        assert swapper.stdout is not None and swapper.stdout.readline() == b"swapping\n"
+        yield
+    finally:
+        swapper.kill()
+        swapper.wait(timeout=30)
+
+
+def ext4_image(path: Path, files: dict[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as content:
+        for name, data in files.items():
+            (Path(content) / name).write_bytes(data)
+        path.write_bytes(b"")
+        os.truncate(path, 8 * MiB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", content, str(path)], check=True)
+
+
+def test_a_disk_swapped_for_a_link_during_fuse2fs_mounts_is_never_mounted(
+    open_root: Path,
+) -> None:
+    # Given a helper, a work area it made, the worker's ext4 disk and, outside the helper's
+    # roots, a root-only ext4 image holding a secret
+    user = unprivileged_user()
+    outside = open_root / "outside.img"
+    ext4_image(outside, {"secret": MARKER})
+    outside.chmod(0o600)
+    with HelperProcess.start(open_root) as helper:
+        client = HelperClient(helper.socket_path)
+        instance = open_root / "instances" / "vm"
+        instance.mkdir()
+        real = instance / "real"
+        ext4_image(real, {"mine": b"guest"})
+        disk = instance / "disk"
+        os.link(real, disk)
+        for path in (instance, real):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        area = open_root / "hs" / "devices" / "vm" / "disk"
+        client.make_work_area(area)
+        target = area / "root"
+
+        # When the helper is asked again and again to mount the disk while the worker swaps it
+        seen: list[list[str]] = []
+        refused: list[str] = []
+        with swapping(disk, real, outside):
+            for _ in range(30):
+                try:
+                    client.mount_fuse2fs(disk, target, offset=0)
+                except (PrivilegeRefused, DeviceError, CommandError) as error:
+                    refused.append(str(error))
+                    continue
+                pids = daemons.find("fuse2fs", target)
+                seen.append(sorted(entry.name for entry in target.iterdir()))
+                client.unmount(target)
+                assert daemons.wait_gone(pids, 60) == []
+
+        # Then only the worker's own filesystem was ever mounted
+        assert all(names == ["lost+found", "mine"] for names in seen), seen
+        assert all(
+            "symbolic link" in why or "regular file" in why or "changed while" in why
+            for why in refused
+        ), [why for why in refused if "symbolic link" not in why]
+        assert refused
+        # and the helper removes the work area afterwards
+        assert client.remove_work_area(area) is True
+    assert machine.mounts_under(open_root) == []
+    assert machine.processes_mentioning(open_root) == []
 
 
 def test_the_worker_cannot_change_the_devices_tree(open_root: Path) -> None:
