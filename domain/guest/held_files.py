@@ -49,6 +49,7 @@ def held(path: Path, *, write: bool, owners: frozenset[int] | None) -> Iterator[
         raise
     try:
         _check(fd, path, owners)
+        os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO put there from blocking open
         yield fd
     finally:
         os.close(fd)
