@@ -20,6 +20,7 @@ import pytest
 from domain.core.errors import DeviceError, HelperUnavailable, PrivilegeRefused
 from domain.core.runner import CommandError
 from domain.guest.tools import daemons
+from domain.guest.tools import mount as mounts
 from tests.integration.devices import need_devices
 from tests.support.guests import MiB
 from worker.harness import machine
@@ -269,6 +270,68 @@ def test_a_disk_swapped_for_a_link_during_fuse2fs_mounts_is_never_mounted(
         ), [why for why in refused if "symbolic link" not in why]
         assert refused
         # and the helper removes the work area afterwards
+        assert client.remove_work_area(area) is True
+    assert machine.mounts_under(open_root) == []
+    assert machine.processes_mentioning(open_root) == []
+
+
+def qcow2_image(path: Path, head: bytes) -> None:
+    raw = path.with_suffix(".raw")
+    raw.write_bytes(head)
+    os.truncate(raw, MiB)
+    subprocess.run(
+        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True
+    )
+    raw.unlink()
+
+
+def test_a_disk_swapped_for_a_link_during_exports_is_never_exported(open_root: Path) -> None:
+    # Given a helper, a work area it made, the worker's qcow2 overlay and, outside the helper's
+    # roots, a root-only qcow2 image holding a secret
+    user = unprivileged_user()
+    outside = open_root / "outside.qcow2"
+    qcow2_image(outside, MARKER)
+    outside.chmod(0o600)
+    with HelperProcess.start(open_root) as helper:
+        client = HelperClient(helper.socket_path)
+        instance = open_root / "instances" / "vm"
+        instance.mkdir()
+        real = instance / "real"
+        qcow2_image(real, b"\0" * len(MARKER))
+        disk = instance / "disk"
+        os.link(real, disk)
+        for path in (instance, real):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        area = open_root / "hs" / "devices" / "vm" / "disk"
+        client.make_work_area(area)
+        export, pidfile = area / "export", area / "storage-daemon.pid"
+
+        # When qemu-storage-daemon is asked again and again to export the overlay while the
+        # worker swaps it
+        heads: list[bytes] = []
+        refused: list[str] = []
+        with swapping(disk, real, outside):
+            for _ in range(20):
+                try:
+                    client.start_storage_daemon(
+                        disk, backing=None, backing_format=None, export=export, pidfile=pidfile
+                    )
+                except (PrivilegeRefused, DeviceError, CommandError) as error:
+                    refused.append(str(error))
+                    continue
+                with open(export, "rb") as exported:
+                    heads.append(exported.read(len(MARKER)))
+                client.stop_daemons("qemu-storage-daemon", export, timeout=30)
+                if mounts.is_mounted(export):
+                    client.unmount(export)
+
+        # Then only the worker's own overlay was ever exported
+        assert all(head == b"\0" * len(MARKER) for head in heads), heads
+        assert all(
+            "symbolic link" in why or "regular file" in why or "changed while" in why
+            for why in refused
+        ), [why for why in refused if "symbolic link" not in why]
+        assert refused
         assert client.remove_work_area(area) is True
     assert machine.mounts_under(open_root) == []
     assert machine.processes_mentioning(open_root) == []
