@@ -23,7 +23,7 @@ from types import FrameType
 import structlog
 
 from helper import capabilities
-from helper.checks import Roots
+from helper.checks import Refused, Roots, check_root_tree
 from helper.logs import configure_logging
 from helper.operations import CAPABILITIES
 from helper.server import HelperConfig, serve, start_zygote
@@ -39,6 +39,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--instances-dir", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--helper-state-dir", type=Path, required=True)
+    parser.add_argument(
+        "--devices-dir",
+        type=Path,
+        help="the device work areas, a tree only root may change "
+        "(default: HELPER_STATE_DIR/devices)",
+    )
     parser.add_argument("--user", required=True, help="the workers' user: served, owns the socket")
     parser.add_argument("--allowed-filesystem", action="append", default=[])
     parser.add_argument("--die-with-parent", action="store_true")
@@ -67,6 +73,13 @@ def needed_capabilities() -> set[int]:
     return {cap for caps in CAPABILITIES.values() for cap in caps} | {capabilities.CAP_SETPCAP}
 
 
+def prepare_devices_dir(path: Path) -> None:
+    """Create the devices directory (root, 0755: the worker reads the FUSE exports in it) and
+    refuse it unless only root can change it and every directory above it."""
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    check_root_tree(Path(os.path.realpath(path)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     configure_logging()
@@ -86,10 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     # the unit's CapabilityBoundingSet gives it, so its server and zygote hold the same
     capabilities.limit_to(needed_capabilities())
     user = pwd.getpwnam(args.user)
+    devices_dir = args.devices_dir or args.helper_state_dir / "devices"
+    try:
+        prepare_devices_dir(devices_dir)
+    except (Refused, OSError) as error:
+        print(f"imgprep-helper will not start: {error}", file=sys.stderr)
+        return 1
     config = HelperConfig(
         socket_path=args.socket,
         roots=Roots.of(
-            args.cache_dir, args.instances_dir, args.state_dir, tuple(args.allowed_filesystem)
+            args.cache_dir,
+            args.instances_dir,
+            args.state_dir,
+            tuple(args.allowed_filesystem),
+            devices_dir,
         ),
         state_dir=args.helper_state_dir,
         allowed_uids=frozenset({0, user.pw_uid}),

@@ -49,8 +49,10 @@ class LoopLedger:
     thread lock and, across helpers of one host sharing the directory, by flock(2)."""
 
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        # 0711: the workers' user may pass through to the device work areas (`devices`), but
+        # not list what is here; the ledger itself is 0600
+        state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o711)  # noqa: S103 - search only, for the work areas inside
         self.path = state_dir / "loops.json"
         self._threads = threading.Lock()
 
@@ -68,7 +70,9 @@ class LoopLedger:
 
     def _write(self, entries: list[LoopEntry]) -> None:
         temporary = self.path.with_suffix(f".tmp.{os.getpid()}")
-        temporary.write_bytes(_ENTRIES.dump_json(entries))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as handle:
+            handle.write(_ENTRIES.dump_json(entries))
         os.replace(temporary, self.path)
 
     def intend(self, backing: str, offset: int) -> None:

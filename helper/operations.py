@@ -8,7 +8,11 @@ child process that holds nothing else (helper.zygote): what it executes inherits
 set, because the rest is gone from the bounding set too.
 
 `check` runs in the server (root, before the child exists) and raises Refused; `run` runs in the
-child, with the checked request, through domain.guest.privileged.InProcessPrivileged.
+child, with the checked request, through domain.guest.privileged.InProcessPrivileged. A checked
+path of the worker's (an instance disk, a cache entry) can still be swapped for a link by the
+worker before the tool runs: the child opens such files itself, without following links, and
+hands the tools descriptors; paths in the devices tree cannot change under it (only root can
+change that tree).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from helper.protocol import (
     DetachLoop,
     IsLiveMount,
     KillDaemons,
+    MakeWorkArea,
     MountFuse2fs,
     MountKernel,
     Ping,
+    RemoveWorkArea,
     Reply,
     Request,
     StartStorageDaemon,
@@ -40,7 +46,8 @@ from helper.protocol import (
 
 # The capabilities of each operation (README, "Privileges").
 CAPABILITIES: dict[str, tuple[int, ...]] = {
-    # LOOP_CTL_GET_FREE/LOOP_CONFIGURE; open the worker's disk or the export read-write
+    # LOOP_CTL_GET_FREE/LOOP_CONFIGURE; open the worker's disk or the export read-write (itself,
+    # without following links, domain.guest.held_files)
     "attach_loop": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE),
     "detach_loop": (caps.CAP_SYS_ADMIN,),
     # mount(2) of /dev/fuse; fuse2fs opens the worker's disk read-write (it keeps this set)
@@ -56,6 +63,10 @@ CAPABILITIES: dict[str, tuple[int, ...]] = {
     # the daemons run as root, like the child: signalling them needs no capability
     "stop_daemons": (),
     "kill_daemons": (),
+    # root's own directories in root's devices tree (helper.checks.check_root_tree): uid 0
+    # owns them, so no capability is needed
+    "make_work_area": (),
+    "remove_work_area": (),
     # files owned by root, in guest directories owned by anyone, with any mode
     "write_files": (caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN, caps.CAP_FOWNER),
     "ping": (),
@@ -78,14 +89,14 @@ def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa
             return Checked(request, (str(roots.disk_bytes(request.backing)), request.offset))
         case DetachLoop():
             backing, offset = loops.recorded(request.device)
-            roots.disk_bytes(backing)
+            roots.recorded_backing(backing)
             return Checked(request, (backing, offset))
         case MountFuse2fs():
             roots.disk_bytes(request.image)
             roots.work_area_entry(request.target, ("root",))
             return Checked(request)
         case MountKernel():
-            roots.disk_bytes(loops.recorded(request.device)[0])
+            roots.recorded_backing(loops.recorded(request.device)[0])
             roots.work_area_entry(request.target, ("root",))
             roots.filesystem(request.fstype)
             return Checked(request)
@@ -104,6 +115,9 @@ def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa
         case StopDaemons() | KillDaemons():
             roots.work_area_entry(request.path, (DAEMON_ENTRY[request.program],))
             return Checked(request)
+        case MakeWorkArea() | RemoveWorkArea():
+            roots.work_area(request.path)
+            return Checked(request)
         case WriteFiles():
             roots.mounted_guest(request.root)
             return Checked(request)
@@ -112,9 +126,13 @@ def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa
     raise Refused(f"unknown operation {request!r}")  # pragma: no cover - the union is closed
 
 
-def run(request: Request, timeout: float, export_owner: tuple[int, int] | None = None) -> Reply:
+def run(  # noqa: PLR0911, PLR0912 - one branch per operation
+    request: Request, timeout: float, export_owner: tuple[int, int] | None = None
+) -> Reply:
     """Run a checked request in this (child) process."""
-    ops = InProcessPrivileged(Runner(default_timeout=timeout), export_owner)
+    # the worker's files are opened without following links, and only if root or it owns them
+    owners = frozenset({0} if export_owner is None else {0, export_owner[0]})
+    ops = InProcessPrivileged(Runner(default_timeout=timeout), export_owner, owners)
     match request:
         case AttachLoop():
             device = ops.attach_loop(
@@ -146,6 +164,10 @@ def run(request: Request, timeout: float, export_owner: tuple[int, int] | None =
             return Reply(
                 ok=True, result=daemons.kill(daemons.find(request.program, Path(request.path)))
             )
+        case MakeWorkArea():
+            ops.make_work_area(Path(request.path))
+        case RemoveWorkArea():
+            return Reply(ok=True, result=ops.remove_work_area(Path(request.path)))
         case WriteFiles():
             written = ops.write_files(
                 Path(request.root),

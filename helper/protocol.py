@@ -81,6 +81,20 @@ class KillDaemons(_Request):
     path: AbsolutePath
 
 
+class MakeWorkArea(_Request):
+    """Create a disk's work area `<devices_dir>/<instance>/<disk>` (root's, 0755)."""
+
+    op: Literal["make_work_area"] = "make_work_area"
+    path: AbsolutePath
+
+
+class RemoveWorkArea(_Request):
+    """Remove a disk's work area and what imgprep puts in it, once nothing is mounted there."""
+
+    op: Literal["remove_work_area"] = "remove_work_area"
+    path: AbsolutePath
+
+
 class WriteFiles(_Request):
     op: Literal["write_files"] = "write_files"
     root: AbsolutePath
@@ -105,6 +119,8 @@ Request = Annotated[
     | StartStorageDaemon
     | StopDaemons
     | KillDaemons
+    | MakeWorkArea
+    | RemoveWorkArea
     | WriteFiles
     | Ping,
     Field(discriminator="op"),
@@ -122,6 +138,8 @@ OPERATIONS = tuple(
         StartStorageDaemon,
         StopDaemons,
         KillDaemons,
+        MakeWorkArea,
+        RemoveWorkArea,
         WriteFiles,
         Ping,
     )

@@ -57,7 +57,7 @@ fi
 for dir in cache instances state snapshots; do
   install -d -o imgprep -g imgprep -m 0755 "/var/lib/imgprep/$dir"
 done
-install -d -o root -g root -m 0700 /run/imgprep-helper
+install -d -o root -g root -m 0711 /run/imgprep-helper  # search only: the work areas are in devices/
 # This host's settings (read instead of the checkout's config/imgprep.toml; IMGPREP_CONFIG names
 # another file): `imgprep worker` and `imgprep demo`, started as root, start the helper and run
 # the workers as imgprep. Written once; an operator's edits are kept.

@@ -32,6 +32,7 @@ def build_context(current: Runtime, *, owner: str, worker: str) -> DeviceContext
         locks=current.locks,
         policy=settings.mount,
         state_dir=settings.state_dir,
+        devices_dir=settings.devices_dir,
         instances_dir=settings.instances_dir,
         cache_dir=settings.cache_dir,
         host=settings.host_id,

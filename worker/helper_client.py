@@ -26,9 +26,11 @@ from helper.protocol import (
     DetachLoop,
     IsLiveMount,
     KillDaemons,
+    MakeWorkArea,
     MountFuse2fs,
     MountKernel,
     Ping,
+    RemoveWorkArea,
     Reply,
     Request,
     StartStorageDaemon,
@@ -117,6 +119,12 @@ class HelperClient:
 
     def kill_daemons(self, program: str, path: Path) -> list[int]:
         return _pids(self.call(KillDaemons(program=_daemon(program), path=str(path))))
+
+    def make_work_area(self, area: Path) -> None:
+        self.call(MakeWorkArea(path=str(area)))
+
+    def remove_work_area(self, area: Path) -> bool:
+        return self.call(RemoveWorkArea(path=str(area))).result is not False
 
     def write_files(
         self,

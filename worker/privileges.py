@@ -50,6 +50,8 @@ def helper_argv(settings: Settings, *, die_with_parent: bool = False) -> list[st
         str(settings.state_dir),
         "--helper-state-dir",
         str(privileges.helper_state_dir),
+        "--devices-dir",
+        str(settings.devices_dir),
         "--user",
         privileges.user or "root",
     ]
@@ -76,13 +78,12 @@ def start_helper(settings: Settings) -> subprocess.Popen[bytes]:
 
 
 def drop_to(user: str, settings: Settings) -> None:
-    """Give the work directories to `user` and become it, with no way back."""
+    """Give the work directories to `user` and become it, with no way back. The device work
+    areas are not among them: they live in the helper's tree (Settings.devices_dir)."""
     entry = pwd.getpwnam(user)
     state = settings.state_dir
     for path in (settings.cache_dir, settings.instances_dir, state, settings.snapshots_dir):
         os.chown(path, entry.pw_uid, entry.pw_gid)
-    (state / "devices").mkdir(exist_ok=True)
-    os.chown(state / "devices", entry.pw_uid, entry.pw_gid)
     become(entry)
 
 

@@ -218,7 +218,8 @@ class PrivilegeSettings(_Group):
     # The unprivileged user `imgprep worker`, started as root, runs the worker as (after starting
     # the helper, when helper_socket is set); empty: the worker keeps the user it was started as.
     user: str = ""
-    # The helper's own state (its ledger of the loop devices it attached): root only, 0700.
+    # The helper's own state (its ledger of the loop devices it attached), root's; with the
+    # helper, the device work areas live in its `devices` (Settings.devices_dir).
     helper_state_dir: Path = Path("/run/imgprep-helper")
     # Whether `imgprep worker`, started as root, starts the helper itself (False: the helper is
     # a service of its own, `imgprep helper`).
@@ -266,6 +267,16 @@ class Settings(BaseSettings):
     peer: PeerSettings = PeerSettings()
     # imgprep.precache: at most this many images are fetched from their origin at once.
     precache_concurrency: int = Field(default=1, gt=0)
+
+    @property
+    def devices_dir(self) -> Path:
+        """Where the device work areas (mount points, FUSE exports, pid files) live. With the
+        privileged helper: `<privileges.helper_state_dir>/devices`, a tree only root can change,
+        so nothing root does there can be redirected by the unprivileged worker; without it
+        (one root process does everything): `<state_dir>/devices`, as always."""
+        if self.privileges.helper_socket:
+            return self.privileges.helper_state_dir / "devices"
+        return self.state_dir / "devices"
 
     @field_validator("cache_dir", "instances_dir", "state_dir", "snapshots_dir")
     @classmethod

@@ -64,7 +64,16 @@ def check_final_state(
     found += check_hostile(history, files)
     found += check_snapshots(history, world)
     found += check_machine(root)
+    found += check_helper_work_areas(root)
     return found
+
+
+def check_helper_work_areas(root: Path) -> list[Violation]:
+    """Work areas left in the helpers' devices trees (privilege separation puts them there)."""
+    return [
+        Violation("no-mount-left", f"device work directory {path} is left")
+        for path in sorted(root.glob("run/*-helper/devices/*"))
+    ]
 
 
 # -- the cache -------------------------------------------------------------------------------

@@ -158,10 +158,12 @@ class PrivilegedOperations(Protocol):
 
     def detach_loop(self, device: str) -> None: ...
 
-    def mount_fuse2fs(self, image: Path, target: Path, *, offset: int) -> None: ...
+    def mount_fuse2fs(self, image: Path, target: Path, *, offset: int) -> None:
+        """Mount the ext filesystem at `offset` of `image` on `target` (created if missing)."""
+        ...
 
     def mount_kernel(self, device: str, target: Path, *, fstype: str) -> None:
-        """Mount `device` at `target` with nosuid,nodev,noexec."""
+        """Mount `device` at `target` (created if missing) with nosuid,nodev,noexec."""
         ...
 
     def unmount(self, target: Path) -> None:
@@ -181,7 +183,8 @@ class PrivilegedOperations(Protocol):
         export: Path,
         pidfile: Path,
     ) -> None:
-        """Export the qcow2 `overlay` as a raw file at `export` (qemu-storage-daemon, FUSE)."""
+        """Export the qcow2 `overlay` as a raw file at `export` (created if missing;
+        qemu-storage-daemon, FUSE)."""
         ...
 
     def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
@@ -202,6 +205,16 @@ class PrivilegedOperations(Protocol):
         use_openat2: bool | None = None,
     ) -> list[InjectedFile]:
         """Write `files` (owner root) under the mounted guest root `root`, never outside it."""
+        ...
+
+    def make_work_area(self, area: Path) -> None:
+        """Create the work area `<devices_dir>/<instance>/<disk>` of an instance disk; the
+        mount point and the export inside are made by the operations that mount on them."""
+        ...
+
+    def remove_work_area(self, area: Path) -> bool:
+        """Remove the work area and what imgprep put in it; DeviceBusy while something is
+        mounted there; False when it holds something else (left in place)."""
         ...
 
 

@@ -100,7 +100,10 @@ class Runner:
         limits: Limits | None = None,
         check: bool = True,
         stdin: str | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> CommandResult:
+        """Run `argv`; `pass_fds`: descriptors the command inherits under the same numbers
+        (a file opened for it, named `/proc/self/fd/N` on its command line)."""
         command = [*(limits.prefix() if limits else []), *argv]
         started = time.monotonic()
         try:
@@ -113,6 +116,7 @@ class Runner:
                 timeout=timeout or self.default_timeout,
                 env={**(limits.environment() if limits else {}), **self.env},
                 check=False,
+                pass_fds=tuple(pass_fds),
             )
         except subprocess.TimeoutExpired:
             log.warning(

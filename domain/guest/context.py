@@ -128,6 +128,8 @@ class DeviceContext:
     worker: str  # this worker's node name
     # loop devices, mounts, FUSE daemons, root-owned guest files; None: in this process
     privileged: PrivilegedOperations | None = None
+    # the device work areas (worker.settings.Settings.devices_dir); None: <state_dir>/devices
+    devices_dir: Path | None = None
 
     @property
     def ops(self) -> PrivilegedOperations:
@@ -139,7 +141,7 @@ class DeviceContext:
 
     def work_area(self, disk: str) -> WorkArea:
         instance, name = disk.split("/", 1)
-        devices = self.state_dir / "devices"
+        devices = self.devices_dir or self.state_dir / "devices"
         return WorkArea(child(child(devices, instance), name))
 
 

@@ -114,7 +114,6 @@ class StorageDaemonView:
                 return export  # an earlier attempt of this operation started it
             ctx.ops.unmount(export)  # the daemon died: its export is a dead mount
         claim.note(StorageDaemon(export=str(export), pidfile=str(area.pidfile)))
-        export.touch(mode=0o600, exist_ok=True)
         started = time.monotonic()
         try:
             ctx.ops.start_storage_daemon(

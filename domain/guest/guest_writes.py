@@ -31,7 +31,9 @@ from domain.core.models import FileInjection, InjectedFile
 SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic table)
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04  # no link at all, magic ones included (domain.guest.held_files)
 RESOLVE_IN_ROOT = 0x10
+IN_GUEST_ROOT = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 DIRECTORY_MODE = 0o755
 
 
@@ -46,11 +48,11 @@ class _OpenHow(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
-    """openat2(2) with RESOLVE_IN_ROOT: `path` resolved as if `dir_fd` were `/`."""
-    how = _OpenHow(
-        flags | os.O_CLOEXEC, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
-    )
+def openat2(
+    dir_fd: int, path: str, flags: int, mode: int = 0, *, resolve: int = IN_GUEST_ROOT
+) -> int:
+    """openat2(2); by default with RESOLVE_IN_ROOT: `path` resolved as if `dir_fd` were `/`."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     fd = int(
         _libc.syscall(SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
     )

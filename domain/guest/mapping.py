@@ -52,7 +52,7 @@ def map_partitions(
         claim = Claim.take(ctx, key)
         area = ctx.work_area(key)
         claim.note(WorkDir(path=str(area.path)))
-        area.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ctx.ops.make_work_area(area.path)  # root's tree with the helper: it makes it
         view = choose_view(disk.format, host).attach(disk, area, claim, ctx)
         partition = _partition(view, choice, key)
         where = (

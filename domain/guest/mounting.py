@@ -145,8 +145,7 @@ def _ensure_mounted(mapped: MappedDisk, target: Path, claim: Claim, ctx: DeviceC
         ctx.ops.unmount(target)
     part = mapped.partition
     where = _describe(mapped)
-    claim.note(Mount(mount_dir=str(target), method=mapped.method))
-    target.mkdir(mode=0o700, exist_ok=True)
+    claim.note(Mount(mount_dir=str(target), method=mapped.method))  # the mount makes `target`
     try:
         if mapped.method == "fuse2fs":
             check_ext_fits(Path(mapped.view), offset=part.offset, size=part.size, where=where)

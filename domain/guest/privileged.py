@@ -9,13 +9,15 @@ device steps decide, and the helper checks again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from domain.core.models import FileInjection, InjectedFile
 from domain.core.runner import Runner
-from domain.guest import guest_writes
+from domain.guest import guest_writes, work_areas
+from domain.guest.held_files import fd_path, held
 from domain.guest.tools import daemons, fuse2fs, losetup, storage_daemon
 from domain.guest.tools import mount as mounts
 
@@ -27,22 +29,37 @@ class InProcessPrivileged:
 
     `export_owner` (uid, gid): the user that reads the FUSE exports besides root (the workers'
     user, when this runs in the privileged helper): each export is mounted with allow_other and
-    handed to that user (mode 0600), so the unprivileged worker can read its partition table."""
+    handed to that user (mode 0600), so the unprivileged worker can read its partition table.
 
-    def __init__(self, runner: Runner, export_owner: tuple[int, int] | None = None) -> None:
+    `file_owners`: whose files (instance disks, cache entries, exports) the tools may be given,
+    when the caller is not trusted (the helper: root and the workers' user). Each such file is
+    then opened here without following any link and handed to the tool as a descriptor
+    (domain.guest.held_files); None (a worker running as root): opened as before."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        export_owner: tuple[int, int] | None = None,
+        file_owners: frozenset[int] | None = None,
+    ) -> None:
         self.runner = runner
         self.export_owner = export_owner
+        self.file_owners = file_owners
 
     def attach_loop(self, backing: Path, *, offset: int, size: int) -> str:
-        return losetup.attach(self.runner, backing, offset=offset, size=size)
+        with held(backing, write=True, owners=self.file_owners) as fd:
+            return losetup.attach_fd(fd, offset=offset, size=size, name=str(backing))
 
     def detach_loop(self, device: str) -> None:
         losetup.detach(self.runner, device)
 
     def mount_fuse2fs(self, image: Path, target: Path, *, offset: int) -> None:
-        fuse2fs.mount(self.runner, image, target, offset=offset)
+        work_areas.make_mount_point(target)
+        with held(image, write=True, owners=self.file_owners) as fd:
+            fuse2fs.mount(self.runner, fd_path(fd), target, offset=offset, pass_fds=(fd,))
 
     def mount_kernel(self, device: str, target: Path, *, fstype: str) -> None:
+        work_areas.make_mount_point(target)
         mounts.mount(self.runner, device, target, fstype=fstype, options=KERNEL_OPTIONS)
 
     def unmount(self, target: Path) -> None:
@@ -66,17 +83,32 @@ class InProcessPrivileged:
         export: Path,
         pidfile: Path,
     ) -> None:
-        storage_daemon.start(
-            self.runner,
-            overlay,
-            backing=backing,
-            backing_format=backing_format,
-            export=export,
-            pidfile=pidfile,
-            allow_other=self.export_owner is not None,
-        )
+        work_areas.make_export(export)
+        with contextlib.ExitStack() as files:
+            disk = files.enter_context(held(overlay, write=True, owners=self.file_owners))
+            base = (
+                None
+                if backing is None
+                else files.enter_context(held(backing, write=False, owners=self.file_owners))
+            )
+            storage_daemon.start(
+                self.runner,
+                fd_path(disk),
+                backing=None if base is None else fd_path(base),
+                backing_format=backing_format,
+                export=export,
+                pidfile=pidfile,
+                allow_other=self.export_owner is not None,
+                pass_fds=(disk,) if base is None else (disk, base),
+            )
         if self.export_owner is not None:  # a FUSE setattr: the daemon keeps mode 0600
             os.chown(export, *self.export_owner)
+
+    def make_work_area(self, area: Path) -> None:
+        work_areas.make(area)
+
+    def remove_work_area(self, area: Path) -> bool:
+        return work_areas.remove(area)
 
     def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
         return daemons.stop(daemons.find(program, path), timeout)

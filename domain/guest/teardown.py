@@ -13,14 +13,14 @@ the device steps, ends in the same place: nothing mounted, attached or running, 
 * storage daemon: SIGTERM (it unmounts its export and exits), SIGKILL after the timeout, and
   unmount the export if the daemon died without doing so;
 * work directory: remove the mount point, export file and pid file — only once nothing is
-  mounted on them — and the directory itself.
+  mounted on them — and the directory itself (the privileged side does: with the helper, work
+  areas are in root's tree).
 
 A mount still in use is DeviceBusy (transient): the step retries and the record stays.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import structlog
@@ -98,7 +98,7 @@ def release(resource: Resource, ctx: DeviceContext) -> str | None:
     elif isinstance(resource, StorageDaemon):
         return _release_storage_daemon(resource, ctx)
     elif isinstance(resource, WorkDir):
-        _release_workdir(resource)
+        _release_workdir(resource, ctx)
     return None
 
 
@@ -137,27 +137,16 @@ def _release_storage_daemon(resource: StorageDaemon, ctx: DeviceContext) -> str 
         log.info("storage_daemon_stopped", export=str(export), pids=pids)
     if mounts.is_mounted(export):  # the daemon died without unmounting its export
         ctx.ops.unmount(export)
-    with contextlib.suppress(FileNotFoundError):
-        Path(resource.pidfile).unlink()
-    return problem
+    return problem  # its pid file goes with the work area
 
 
-def _release_workdir(resource: WorkDir) -> None:
+def _release_workdir(resource: WorkDir, ctx: DeviceContext) -> None:
     path = Path(resource.path)
+    if not path.exists():  # never made (the step failed before), or removed already
+        return
     for name in ("root", "export"):
         entry = path / name
         if mounts.is_mounted(entry):
             raise DeviceBusy(f"{entry} is still mounted; its release is retried")
-    with contextlib.suppress(FileNotFoundError):
-        (path / "root").rmdir()
-    for name in ("export", "storage-daemon.pid"):
-        with contextlib.suppress(FileNotFoundError):
-            (path / name).unlink()
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError as error:  # something imgprep did not put there: leave it for a person
-        log.warning("workdir_not_removed", path=str(path), error=error.strerror)
-    with contextlib.suppress(OSError):  # the instance's directory, once its last disk is gone
-        path.parent.rmdir()
+    if not ctx.ops.remove_work_area(path):  # something imgprep did not put there
+        log.warning("workdir_not_removed", path=str(path), error="not empty")

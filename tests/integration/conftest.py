@@ -73,6 +73,7 @@ class Cluster:
             cache_dir=self.settings.cache_dir,
             instances_dir=self.settings.instances_dir,
             state_dir=self.settings.state_dir,
+            devices_dir=self.settings.devices_dir,
         )
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -173,7 +173,7 @@ def device_records(cluster: Cluster) -> dict[str, dict[Any, Any]]:
 
 
 def mount_dir(cluster: Cluster, key: str) -> Path:
-    return cluster.settings.state_dir / "devices" / key / "root"
+    return cluster.settings.devices_dir / key / "root"
 
 
 def is_mounted(path: Path) -> bool:
@@ -183,5 +183,5 @@ def is_mounted(path: Path) -> bool:
 def assert_released(cluster: Cluster, instance: str) -> None:
     """Nothing of the disk's devices is left: record, work directory, mounts, loops, daemons."""
     assert device_records(cluster) == {}
-    assert not (cluster.settings.state_dir / "devices" / instance).exists()
+    assert not (cluster.settings.devices_dir / instance).exists()
     cluster.assert_clean()

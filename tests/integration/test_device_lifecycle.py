@@ -53,7 +53,7 @@ def host_worker(cluster: Cluster, host: str, kernel_mount: str = "never") -> Wor
 
 
 def storage_daemons(cluster: Cluster, key: str) -> list[int]:
-    export = cluster.settings.state_dir / "devices" / key / "export"
+    export = cluster.settings.devices_dir / key / "export"
     return daemons.find("qemu-storage-daemon", export)
 
 

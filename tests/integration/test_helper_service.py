@@ -50,19 +50,26 @@ def service_cluster(
     unprivileged_user()
     with open_directory("svc") as sockets:
         socket_path = sockets / "helper.sock"
+        cluster_factory.root = sockets  # reachable by the workers' user, separated or not
         cluster = cluster_factory(
             "service",
             {
                 "IMGPREP_PRIVILEGES__HELPER_SOCKET": str(socket_path),
                 "IMGPREP_PRIVILEGES__START_HELPER": "false",
                 "IMGPREP_PRIVILEGES__USER": WORKER_USER,
+                "IMGPREP_PRIVILEGES__HELPER_STATE_DIR": str(sockets / "helper-state"),
             },
         )
         keep = ",".join(
             ["-all", *(f"+{cap.removeprefix('CAP_').lower()}" for cap in unit_bounding_set())]
         )
         setpriv = ["setpriv", f"--bounding-set={keep}", "--inh-caps=-all", "--"]
-        with HelperProcess.start(cluster.root, socket_path=socket_path, prefix=setpriv) as helper:
+        with HelperProcess.start(
+            cluster.root,
+            socket_path=socket_path,
+            helper_state_dir=cluster.settings.privileges.helper_state_dir,
+            prefix=setpriv,
+        ) as helper:
             cluster.add_worker("svc")
             yield cluster, helper
 

@@ -189,7 +189,7 @@ def test_operations_through_the_helper_run_in_children_of_its_zygote(
     # Given a helper and its zygote
     zygote = zygote_of(helper)
     client = HelperClient(helper.socket_path)
-    work_area = helper.socket_path.parent.parent / "state" / "devices" / "vm" / "disk"
+    work_area = helper.devices_dir / "vm" / "disk"
 
     # When callers ask it at once whether work areas are mounted
     answers: list[bool] = []

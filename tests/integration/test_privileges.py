@@ -136,6 +136,12 @@ def test_injection_goes_through_the_helper(
         assert "start_storage_daemon" in ran and "stop_daemons" in ran
     # and the instance disk belongs to the workers' user
     assert Path(prepared.disk.path).stat().st_uid == pwd.getpwnam(WORKER_USER).pw_uid
+    # and the work area (mount point, export, pid file) was the helper's, in root's own tree
+    assert {"make_work_area", "remove_work_area"} <= set(ran)
+    devices = separated.settings.devices_dir
+    assert devices.is_relative_to(separated.settings.privileges.helper_state_dir)
+    assert (devices.stat().st_uid, devices.stat().st_mode & 0o7777) == (0, 0o755)
+    assert not (separated.settings.state_dir / "devices" / prepared.disk.instance_id).exists()
     separated.assert_clean()
 
 
@@ -177,7 +183,7 @@ def test_the_helper_refuses_and_logs_what_is_not_its_business(
     # Then each refusal is logged with the operation, the reason and the caller
     refused = events(separated, "request_refused")
     reasons = {(str(line["op"]), str(line["reason"])) for line in refused}
-    devices = separated.settings.state_dir.resolve() / "devices"
+    devices = separated.settings.devices_dir.resolve()
     assert ("unmount", f"/proc is outside the device work areas ({devices})") in reasons
     assert any(op == "detach_loop" and "not a loop device" in reason for op, reason in reasons)
     assert any(op == "run_command" and "unknown operation" in reason for op, reason in reasons)

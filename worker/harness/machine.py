@@ -117,10 +117,16 @@ def processes_mentioning(root: Path, names: tuple[str, ...] = DAEMONS) -> list[i
 
 
 def leftovers(
-    *, client: redis.Redis, cache_dir: Path, instances_dir: Path, state_dir: Path
+    *,
+    client: redis.Redis,
+    cache_dir: Path,
+    instances_dir: Path,
+    state_dir: Path,
+    devices_dir: Path | None = None,
 ) -> dict[str, list[object]]:
-    """Everything a leak could leave behind, by kind; empty lists when the machine is clean."""
-    roots = (cache_dir, instances_dir, state_dir)
+    """Everything a leak could leave behind, by kind; empty lists when the machine is clean.
+    `devices_dir`: the device work areas, when they are not under `state_dir` (the helper's)."""
+    roots = (cache_dir, instances_dir, state_dir, *([devices_dir] if devices_dir else []))
     return {
         "lock keys": list(lock_keys(client)),
         "keys without expiry": list(keys_without_expiry(client)),

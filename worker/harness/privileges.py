@@ -73,6 +73,7 @@ class HelperProcess:
     process: subprocess.Popen[bytes]
     socket_path: Path
     log_path: Path
+    devices_dir: Path  # the work areas' tree (root's own)
 
     @classmethod
     def start(
@@ -81,21 +82,24 @@ class HelperProcess:
         user: str = WORKER_USER,
         *,
         socket_path: Path | None = None,
+        helper_state_dir: Path | None = None,
         prefix: Sequence[str] = (),
     ) -> HelperProcess:
-        """A helper for the directories of `root`; `prefix` runs before it (e.g. `setpriv`
-        with a service's capability bounding set)."""
+        """A helper for the directories of `root`; `helper_state_dir` (default `root/hs`) must
+        be its workers' (their work areas are in its devices/); `prefix` runs before it (e.g.
+        `setpriv` with a service's capability bounding set)."""
         for sub in ("cache", "instances", "state"):
             (root / sub).mkdir(exist_ok=True)
         socket_path = socket_path or root / "run" / "helper.sock"
         log_path = root / "helper.log"
         argv = [*prefix, sys.executable, "-m", "helper", "--socket", str(socket_path)]
         argv += ["--cache-dir", str(root / "cache"), "--instances-dir", str(root / "instances")]
-        argv += ["--state-dir", str(root / "state"), "--helper-state-dir", str(root / "hs")]
+        helper_state_dir = helper_state_dir or root / "hs"
+        argv += ["--state-dir", str(root / "state"), "--helper-state-dir", str(helper_state_dir)]
         argv += ["--user", user, "--allowed-filesystem", "ext4"]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        made = cls(process, socket_path, log_path)
+        made = cls(process, socket_path, log_path, helper_state_dir / "devices")
         made.wait_ready()
         return made
 

@@ -17,6 +17,10 @@ FUSE2FS = "fuse2fs"
 FILESYSTEMS = frozenset({"ext2", "ext3", "ext4"})
 
 
-def mount(runner: Runner, image: Path, target: Path, *, offset: int) -> None:
+def mount(
+    runner: Runner, image: Path, target: Path, *, offset: int, pass_fds: tuple[int, ...] = ()
+) -> None:
+    """`image` may be `/proc/self/fd/N` of a descriptor in `pass_fds` (fuse2fs opens that name
+    as it is, which reopens the same file)."""
     options = f"offset={offset},nosuid,nodev,noexec"
-    runner.run([FUSE2FS, str(image), str(target), "-o", options], timeout=120)
+    runner.run([FUSE2FS, str(image), str(target), "-o", options], timeout=120, pass_fds=pass_fds)

@@ -74,8 +74,11 @@ def start(
     export: Path,
     pidfile: Path,
     allow_other: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> None:
-    """Start the daemon; it returns once the export is mounted and the pid file written."""
+    """Start the daemon; it returns once the export is mounted and the pid file written.
+    `overlay` and `backing` may be `/proc/self/fd/N` of descriptors in `pass_fds`: the daemon
+    opens its block nodes after --daemonize forks, and the forked daemon inherits them."""
     argv = export_arguments(
         overlay,
         backing=backing,
@@ -83,4 +86,4 @@ def start(
         export=export,
         allow_other=allow_other,
     )
-    runner.run([*argv, "--daemonize", "--pidfile", str(pidfile)], timeout=120)
+    runner.run([*argv, "--daemonize", "--pidfile", str(pidfile)], timeout=120, pass_fds=pass_fds)

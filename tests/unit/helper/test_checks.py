@@ -4,11 +4,12 @@ imgprep keeps that kind of thing, and nothing a caller sends can lead it elsewhe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from helper.checks import Refused, Roots
+from helper.checks import Refused, Roots, check_root_tree
 from helper.loop_ledger import LoopLedger
 from helper.operations import CAPABILITIES, check
 from helper.protocol import OPERATIONS, REQUEST, AttachLoop, Unmount, WriteFiles
@@ -136,3 +137,30 @@ def test_callers_it_does_not_serve_are_refused(roots: Roots, tmp_path: Path) -> 
 def test_requests_round_trip_as_json() -> None:
     request = REQUEST.validate_json(Unmount(target="/a/b").model_dump_json())
     assert request == Unmount(target="/a/b")
+
+
+def test_the_devices_tree_must_be_root_only_from_the_top(tmp_path: Path) -> None:
+    devices = tmp_path / "open" / "devices"
+    devices.mkdir(parents=True)
+    check_root_tree(devices)  # root's, 0755 (pytest's tmp_path is root's too)
+    for mode in (0o775, 0o757, 0o1777):  # group or others may write (sticky or not)
+        devices.chmod(mode)
+        with pytest.raises(Refused, match="other than root"):
+            check_root_tree(devices)
+    devices.chmod(0o755)
+    os.chown(devices.parent, 4242, 4242)  # a directory above it that another user owns
+    with pytest.raises(Refused, match="other than root"):
+        check_root_tree(devices)
+    os.chown(devices.parent, 0, 0)
+    devices.parent.chmod(0o1777)  # above it, a root-owned sticky directory is fine (/tmp)
+    check_root_tree(devices)
+
+
+def test_a_loop_devices_recorded_backing_is_checked_by_name(roots: Roots) -> None:
+    disk = roots.instances_dir / "vm" / "disk"
+    export = roots.devices_dir / "vm" / "disk" / "export"
+    assert roots.recorded_backing(str(disk)) == disk
+    assert roots.recorded_backing(str(export)) == export
+    for wrong in ("/etc/shadow", str(roots.instances_dir / "vm"), str(export.parent / "root")):
+        with pytest.raises(Refused):
+            roots.recorded_backing(wrong)
