@@ -52,11 +52,13 @@ CAPABILITIES: dict[str, tuple[int, ...]] = {
     "detach_loop": (caps.CAP_SYS_ADMIN,),
     # mount(2) of /dev/fuse; fuse2fs opens the worker's disk read-write (it keeps this set)
     "mount_fuse2fs": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE),
-    # mount(2); look up the mount point inside the worker's 0700 directories
-    "mount_kernel": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_READ_SEARCH),
-    "unmount": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_READ_SEARCH),
-    # statvfs(2) of a FUSE mount answers only its mounter (root) with the truth
-    "is_live_mount": (caps.CAP_DAC_READ_SEARCH,),
+    # mount(2), umount(2): the mount points are in root's devices tree (0755), so looking them
+    # up needs no capability
+    "mount_kernel": (caps.CAP_SYS_ADMIN,),
+    "unmount": (caps.CAP_SYS_ADMIN,),
+    # statvfs(2) of a FUSE mount answers only its mounter's uid (root, which the child keeps)
+    # with the truth; the path is in root's tree
+    "is_live_mount": (),
     # the FUSE export's mount(2); open the worker's overlay; write the pid file; hand the export
     # to the workers' user
     "start_storage_daemon": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN),
