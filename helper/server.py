@@ -84,7 +84,16 @@ class Helper:
         except Refused as error:
             return self._refuse(op, str(error), peer)
         if request.op == "ping":
-            return Reply(ok=True, result={"state_dir": str(self.config.roots.state_dir)})
+            roots = self.config.roots
+            return Reply(
+                ok=True,
+                result={
+                    "cache_dir": str(roots.cache_dir),
+                    "instances_dir": str(roots.instances_dir),
+                    "state_dir": str(roots.state_dir),
+                    "devices_dir": str(roots.devices_dir),
+                },
+            )
         if request.op == "attach_loop" and checked.loop:
             self.loops.intend(*checked.loop)
         reply = self._run_child(request, peer)

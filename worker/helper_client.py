@@ -72,8 +72,14 @@ class HelperClient:
             return reply
         raise _rebuilt(reply)
 
-    def ping(self) -> None:
-        self.call(Ping())
+    def ping(self) -> dict[str, str]:
+        """The helper answers with the directories it serves (its roots, real paths)."""
+        result = self.call(Ping()).result
+        return (
+            {str(key): str(value) for key, value in result.items()}
+            if isinstance(result, dict)
+            else {}
+        )
 
     def attach_loop(self, backing: Path, *, offset: int, size: int) -> str:
         result = self.call(AttachLoop(backing=str(backing), offset=offset, size=size)).result

@@ -147,10 +147,35 @@ def separate(settings: Settings) -> HelperWatch | None:
 
 
 def check_helper(settings: Settings) -> bool:
-    """Say at start whether the helper answers; device steps fail while it does not."""
+    """Say at start whether the helper answers; device steps fail while it does not. A helper
+    that serves other directories than this worker's would refuse every device step: the
+    worker stops at once, naming them (a configuration error, not an outage)."""
+    socket = settings.privileges.helper_socket
     try:
-        HelperClient(Path(settings.privileges.helper_socket)).ping()
+        served = HelperClient(Path(socket)).ping()
     except HelperUnavailable as error:
         log.error("privileged_helper_unreachable", error=str(error))
         return False
+    ours = {
+        "cache_dir": settings.cache_dir,
+        "instances_dir": settings.instances_dir,
+        "state_dir": settings.state_dir,
+        "devices_dir": settings.devices_dir,
+    }
+    differ = {
+        name: (served[name], os.path.realpath(path))
+        for name, path in ours.items()
+        if name in served and served[name] != os.path.realpath(path)
+    }
+    if differ:
+        log.error("privileged_helper_serves_other_directories", socket=socket, differ=differ)
+        details = "; ".join(
+            f"{name}: the helper's {theirs}, this worker's {mine}"
+            for name, (theirs, mine) in differ.items()
+        )
+        raise SystemExit(
+            f"imgprep worker: the privileged helper on {socket} serves other directories than "
+            f"this worker ({details}); give both the same settings (privileges.helper_state_dir "
+            "holds the devices directory)"
+        )
     return True

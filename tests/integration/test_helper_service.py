@@ -129,3 +129,41 @@ def test_a_helper_started_with_every_capability_keeps_only_the_units(open_root: 
             sets = capabilities.sets(pid)
             assert sorted(capabilities.describe(sets["CapBnd"])) == sorted(unit_bounding_set())
             assert sets["CapEff"] == sets["CapPrm"] == sets["CapBnd"], pid
+
+
+def test_a_worker_whose_helper_serves_other_directories_stops_at_start(
+    cluster_factory: ClusterFactory,
+) -> None:
+    # Given a helper service for one set of directories, and a worker configured with another
+    # helper state directory (so another devices tree) on the same socket
+    unprivileged_user()
+    with open_directory("svc-mismatch") as root:
+        socket_path = root / "helper.sock"
+        cluster_factory.root = root
+        cluster = cluster_factory(
+            "mismatch",
+            {
+                "IMGPREP_PRIVILEGES__HELPER_SOCKET": str(socket_path),
+                "IMGPREP_PRIVILEGES__START_HELPER": "false",
+                "IMGPREP_PRIVILEGES__USER": WORKER_USER,
+                "IMGPREP_PRIVILEGES__HELPER_STATE_DIR": str(root / "worker-helper-state"),
+            },
+        )
+        with HelperProcess.start(
+            cluster.root, socket_path=socket_path, helper_state_dir=root / "service-state"
+        ):
+            # When the worker starts
+            done = subprocess.run(
+                [sys.executable, "-m", "worker.cli", "worker", "--hostname", "mismatch@test"],
+                env=cluster.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                cwd=UNIT.parents[2],
+            )
+    # Then it stops at once with a failure naming both devices directories
+    assert done.returncode == 1
+    assert "serves other directories than this worker" in done.stderr
+    assert f"the helper's {root / 'service-state' / 'devices'}" in done.stderr
+    assert f"this worker's {root / 'worker-helper-state' / 'devices'}" in done.stderr
