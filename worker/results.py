@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.backends.redis import RedisBackend, SentinelBackend
+from celery.exceptions import TimeLimitExceeded
 
 from domain.core import errors
 from domain.core.redaction import redacted, redacted_text
@@ -71,6 +72,21 @@ class Redacting:
         if isinstance(prepared, dict) and prepared.get("exc_module") == errors.__name__:
             prepared["exc_module"] = ERRORS_WIRE_MODULE
         return prepared
+
+    def mark_as_failure(self, task_id: str, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
+        """A step killed at its hard time limit fails, for its caller, with the typed
+        StepTimedOut like one stopped at the soft limit, not with billiard's TimeLimitExceeded
+        (Celery's worker stores that one from its main process after killing the pool process:
+        the step could not clean up, its release errback and the janitor do)."""
+        if isinstance(exc, TimeLimitExceeded):
+            name = getattr(kwargs.get("request"), "task", None) or "a step"
+            limit = f" ({exc.args[0]} s)" if exc.args else ""
+            exc = errors.StepTimedOut(
+                f"{name} ran past its hard time limit{limit} and was killed before it finished "
+                "cleaning up (what it held is released by its errback and the janitor); a step "
+                "this long needs a larger IMGPREP_STEP_TIME_LIMIT (and IMGPREP_VISIBILITY_TIMEOUT)"
+            )
+        return super().mark_as_failure(task_id, exc, *args, **kwargs)  # type: ignore[misc]
 
     def exception_to_python(self, exc: Any) -> Any:
         if isinstance(exc, dict) and exc.get("exc_module") == ERRORS_WIRE_MODULE:
