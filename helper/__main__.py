@@ -24,9 +24,11 @@ import structlog
 
 from helper.checks import Roots
 from helper.logs import configure_logging
-from helper.server import HelperConfig, serve
+from helper.server import HelperConfig, SocketInUse, serve
 
 log = structlog.get_logger(__name__)
+
+EXIT_SOCKET_IN_USE = 3  # another helper serves the socket: this one did not start
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -82,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    with contextlib.suppress(SystemExit, KeyboardInterrupt):
-        serve(config, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
+    try:
+        with contextlib.suppress(SystemExit, KeyboardInterrupt):
+            serve(config, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
+    except SocketInUse as error:
+        log.error("helper_refused_to_start", socket=str(args.socket), reason=str(error))
+        print(f"imgprep-helper: {error}", file=sys.stderr)
+        return EXIT_SOCKET_IN_USE
     return 0
 
 

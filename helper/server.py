@@ -30,7 +30,15 @@ from domain.core.errors import PrivilegeRefused
 from helper.checks import Refused, Roots
 from helper.loop_ledger import LoopLedger
 from helper.operations import check
-from helper.protocol import MAX_REQUEST_BYTES, OPERATIONS, REQUEST, ErrorReply, Reply, Request
+from helper.protocol import (
+    MAX_REQUEST_BYTES,
+    OPERATIONS,
+    REQUEST,
+    ErrorReply,
+    Ping,
+    Reply,
+    Request,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -188,6 +196,26 @@ class _Handler(socketserver.BaseRequestHandler):
             connection.sendall(reply.model_dump_json().encode() + b"\n")
 
 
+class SocketInUse(Exception):
+    """A live helper serves the socket this one was told to serve."""
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process listens on the Unix socket at `path` (a dead helper's socket refuses
+    connections). A listener is asked for a ping, so that it logs no malformed request."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        with contextlib.suppress(OSError):
+            probe.sendall(Ping().model_dump_json().encode() + b"\n")
+            probe.shutdown(socket.SHUT_WR)
+            probe.recv(65536)
+        return True
+
+
 class HelperServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
@@ -197,6 +225,11 @@ class HelperServer(socketserver.ThreadingUnixStreamServer):
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
+                if _answers(path):
+                    raise SocketInUse(
+                        f"another helper is already serving {path}: refusing to take its "
+                        "socket over (stop that helper first, or give this one another socket)"
+                    )
                 path.unlink()  # a socket a dead helper left; anything else is an error below
         old_umask = os.umask(0o177)
         try:
