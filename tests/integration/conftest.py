@@ -13,9 +13,11 @@ restart Redis start their own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +36,12 @@ from worker.app import create_app
 from worker.client import Client
 from worker.harness.image_server import ImageServer
 from worker.harness.machine import leftovers
-from worker.harness.privileges import open_directory, privileged_overrides, unprivileged_user
+from worker.harness.privileges import (
+    open_directory,
+    privileged_overrides,
+    socket_directory,
+    unprivileged_user,
+)
 from worker.harness.redis_server import RedisServer, free_port
 from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.redis_journal import RedisJournal
@@ -54,6 +61,7 @@ class Cluster:
     # Separated, each worker started by start_worker starts a helper on a socket of its own
     # (one socket serves one worker); other processes (the CLI, the demo) use the cluster's.
     socket_per_worker: bool = False
+    sockets: Path | None = None  # a short directory for the helpers' sockets (helper_sockets)
 
     @property
     def client(self) -> Client:
@@ -108,7 +116,10 @@ class Cluster:
         nodename = f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         own = {}
         if self.socket_per_worker:
-            own["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(self.root / "run" / f"{nodename}.sock")
+            sockets = self.sockets or self.root / "run"
+            own["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(
+                sockets / f"{nodename.split('@', maxsplit=1)[0]}.sock"
+            )
         worker = start_worker(
             nodename=nodename,
             log_path=self.root / "logs" / f"{nodename}.log",
@@ -195,6 +206,21 @@ def _reachable_temporaries() -> Iterator[None]:
             pytest.TempPathFactory.mktemp = original  # type: ignore[method-assign]
 
 
+@functools.cache
+def helper_sockets() -> Path:
+    """This session's short directory for helper sockets, each cluster's in a directory of its
+    own below (pytest's directories are too deep for a Unix socket's 108 bytes); removed at
+    the session's end by _helper_sockets_removed."""
+    return socket_directory()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _helper_sockets_removed() -> Iterator[None]:
+    yield
+    if helper_sockets.cache_info().currsize:
+        shutil.rmtree(helper_sockets(), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def session_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with contextlib.ExitStack() as stack:
@@ -221,7 +247,8 @@ def make_cluster(
     """A cluster description (no workers yet) whose processes share `root` and `redis_server`."""
     for sub in ("cache", "instances", "state", "sources", "logs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    separated = privileged_overrides(root) if PRIVSEP else {}
+    sockets = socket_directory(helper_sockets(), prefix="c") if PRIVSEP else None
+    separated = privileged_overrides(root, sockets=sockets) if PRIVSEP else {}
     env = {**cluster_env(root, redis_server.url), **separated, **(overrides or {})}
     own_socket = "IMGPREP_PRIVILEGES__HELPER_SOCKET" not in (overrides or {})
     settings = settings_from(env)
@@ -233,6 +260,7 @@ def make_cluster(
         workers=[],
         root=root,
         socket_per_worker=PRIVSEP and own_socket,
+        sockets=sockets,
     )
 
 
