@@ -43,7 +43,7 @@ from worker.harness.privileges import (
     unprivileged_user,
 )
 from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
 from worker.redis_journal import RedisJournal
 from worker.settings import Settings
 
@@ -105,6 +105,17 @@ class Cluster:
         self.workers.append(worker)
         return worker
 
+    def add_workers(self, *named: tuple[str, dict[str, str]]) -> list[WorkerProcess]:
+        """Start workers (name, env) side by side, each kept in `workers`; return once every
+        one is ready."""
+        started = []
+        for name, env in named:
+            started.append(self.launch_worker(name, env=env))
+            self.workers.append(started[-1])
+        for worker in started:
+            worker.wait_ready(self.app, timeout=60)
+        return started
+
     def start_worker(
         self,
         name: str,
@@ -113,6 +124,19 @@ class Cluster:
         env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> WorkerProcess:
+        worker = self.launch_worker(name, concurrency=concurrency, env=env, extra_args=extra_args)
+        worker.wait_ready(self.app, timeout=60)
+        return worker
+
+    def launch_worker(
+        self,
+        name: str,
+        *,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> WorkerProcess:
+        """Start a worker process without waiting for it to be ready."""
         nodename = f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         own = {}
         if self.socket_per_worker:
@@ -120,15 +144,13 @@ class Cluster:
             own["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(
                 sockets / f"{nodename.split('@', maxsplit=1)[0]}.sock"
             )
-        worker = start_worker(
+        return start_worker(
             nodename=nodename,
             log_path=self.root / "logs" / f"{nodename}.log",
             env={**self.env, **own, **(env or {})},
             concurrency=concurrency,
             extra_args=extra_args,
         )
-        worker.wait_ready(self.app, timeout=60)
-        return worker
 
 
 # Separated unless IMGPREP_TEST_PRIVSEP=0 (then workers run as root and do everything in process)
@@ -269,11 +291,10 @@ def cluster(session_root: Path, redis_server: RedisServer) -> Iterator[Cluster]:
     """Two real worker processes (concurrency 2 each) on the session's Redis."""
     result = make_cluster(session_root, redis_server)
     try:
-        result.workers.extend([result.start_worker("alpha"), result.start_worker("beta")])
+        result.add_workers(("alpha", {}), ("beta", {}))
         yield result
     finally:
-        for worker in result.workers:
-            worker.stop()
+        stop_workers(result.workers)
 
 
 class ClusterFactory:
@@ -300,9 +321,8 @@ class ClusterFactory:
         # ones caught in reference cycles (a raised error's traceback) while Redis still runs,
         # or Celery raises "Retry limit exceeded" from AsyncResult.__del__ in a later test.
         gc.collect()
+        stop_workers([worker for made in self.clusters for worker in made.workers], timeout=20)
         for made in self.clusters:
-            for worker in made.workers:
-                worker.stop(timeout=10)
             made.redis_server.stop()
 
 
