@@ -24,7 +24,7 @@ from domain.cache.networks import loopback_allowed
 from worker.harness.privileges import privileged_overrides, socket_directory, unprivileged_user
 from worker.harness.redis_server import RedisServer
 from worker.harness.sentinel import SentinelRedis
-from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
 from worker.redis_locks import LOCK_PREFIX
 from worker.settings import Settings
 
@@ -190,12 +190,13 @@ class Cluster:
         return victim
 
     def stop_all(self) -> None:
+        live = [slot.worker for slot in self.slots if slot.worker is not None]
+        for worker in live:
+            self.continue_all(worker)
+        stop_workers(live, timeout=30)  # side by side
         for slot in self.slots:
-            if slot.worker is not None:
-                self.continue_all(slot.worker)
-                slot.worker.stop(timeout=20)
-                self.stopped.append(slot.worker)
-                slot.worker = None
+            slot.worker = None
+        self.stopped.extend(live)
         for worker in self.stopped:
             worker.kill()  # a group of a killed worker may still hold stray children
         if self.sockets is not None:  # the sockets of killed helpers stay behind
