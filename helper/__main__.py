@@ -24,11 +24,9 @@ import structlog
 
 from helper.checks import Roots
 from helper.logs import configure_logging
-from helper.server import HelperConfig, SocketInUse, serve
+from helper.server import HelperConfig, serve
 
 log = structlog.get_logger(__name__)
-
-EXIT_SOCKET_IN_USE = 3  # another helper serves the socket: this one did not start
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -87,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.suppress(SystemExit, KeyboardInterrupt):
             serve(config, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
-    except SocketInUse as error:
-        log.error("helper_refused_to_start", socket=str(args.socket), reason=str(error))
-        print(f"imgprep-helper: {error}", file=sys.stderr)
-        return EXIT_SOCKET_IN_USE
+    except OSError as error:  # the socket: a live helper serves it (SocketInUse), or bind failed
+        log.error("helper_start_failed", socket=str(args.socket), error=str(error))
+        print(
+            f"imgprep-helper: cannot serve {args.socket}: {error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

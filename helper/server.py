@@ -10,6 +10,7 @@ Every refusal is logged as `request_refused` with the operation, the reason and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -196,8 +197,8 @@ class _Handler(socketserver.BaseRequestHandler):
             connection.sendall(reply.model_dump_json().encode() + b"\n")
 
 
-class SocketInUse(Exception):
-    """A live helper serves the socket this one was told to serve."""
+class SocketInUse(OSError):
+    """A live helper serves the socket this one was told to serve (EADDRINUSE)."""
 
 
 def _answers(path: Path) -> bool:
@@ -227,8 +228,9 @@ class HelperServer(socketserver.ThreadingUnixStreamServer):
             if stat.S_ISSOCK(path.lstat().st_mode):
                 if _answers(path):
                     raise SocketInUse(
-                        f"another helper is already serving {path}: refusing to take its "
-                        "socket over (stop that helper first, or give this one another socket)"
+                        errno.EADDRINUSE,
+                        "another helper is already serving it; refusing to take its socket "
+                        "over (stop that helper first, or give this one another socket)",
                     )
                 path.unlink()  # a socket a dead helper left; anything else is an error below
         old_umask = os.umask(0o177)

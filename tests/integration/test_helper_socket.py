@@ -26,7 +26,7 @@ def test_a_second_helper_refuses_a_socket_a_live_helper_serves() -> None:
     with open_directory("sock") as root, HelperProcess.start(root) as first:
         # When a second helper is started on the same socket
         second = subprocess.run(
-            HelperProcess.argv(root), capture_output=True, text=True, timeout=60, check=False
+            first.process.args, capture_output=True, text=True, timeout=60, check=False
         )
 
         # Then it refuses to start, naming the socket

@@ -88,23 +88,16 @@ class HelperProcess:
     socket_path: Path
     log_path: Path
 
-    @staticmethod
-    def argv(root: Path, user: str = WORKER_USER) -> list[str]:
-        """The command line of a helper serving the directories under `root` on
-        `root/run/helper.sock`."""
+    @classmethod
+    def start(cls, root: Path, user: str = WORKER_USER) -> HelperProcess:
         for sub in ("cache", "instances", "state"):
             (root / sub).mkdir(exist_ok=True)
-        argv = [sys.executable, "-m", "helper", "--socket", str(root / "run" / "helper.sock")]
+        socket_path = root / "run" / "helper.sock"
+        log_path = root / "helper.log"
+        argv = [sys.executable, "-m", "helper", "--socket", str(socket_path)]
         argv += ["--cache-dir", str(root / "cache"), "--instances-dir", str(root / "instances")]
         argv += ["--state-dir", str(root / "state"), "--helper-state-dir", str(root / "hs")]
         argv += ["--user", user, "--allowed-filesystem", "ext4"]
-        return argv
-
-    @classmethod
-    def start(cls, root: Path, user: str = WORKER_USER) -> HelperProcess:
-        argv = cls.argv(root, user)
-        socket_path = root / "run" / "helper.sock"
-        log_path = root / "helper.log"
         with open(log_path, "ab") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         made = cls(process, socket_path, log_path)
