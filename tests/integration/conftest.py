@@ -326,30 +326,15 @@ class ClusterFactory:
             made.redis_server.stop()
 
 
-@contextlib.contextmanager
-def cluster_factory_in(tmp: Path) -> Iterator[ClusterFactory]:
-    """A ClusterFactory whose clusters live in `tmp` (separated: in a directory the workers'
-    user reaches), all stopped at the end."""
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
     with contextlib.ExitStack() as stack:
-        root = stack.enter_context(open_directory("cluster")) if PRIVSEP else tmp
+        root = stack.enter_context(open_directory("cluster")) if PRIVSEP else tmp_path
         factory = ClusterFactory(root)
         try:
             yield factory
         finally:
             factory.stop_all()
-
-
-@pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
-    with cluster_factory_in(tmp_path) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="module")
-def module_cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFactory]:
-    """Clusters shared by the tests of a module (each test leaves its cluster clean)."""
-    with cluster_factory_in(tmp_path_factory.mktemp("module")) as factory:
-        yield factory
 
 
 @pytest.fixture(scope="session")

@@ -148,26 +148,10 @@ def make_fleet(
         yield made
 
 
-@pytest.fixture(scope="module")
-def shared_fleet(
-    module_cluster_factory: ClusterFactory, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Fleet]:
-    """One fleet for the tests of this module that need no settings of their own: each uses
-    image ids and instances of its own and leaves every host clean."""
-    with make_fleet(module_cluster_factory, tmp_path_factory.mktemp("fleet")) as made:
-        yield made
-
-
 @pytest.fixture
-def fleet(shared_fleet: Fleet) -> Fleet:
-    """The module's fleet as a fresh one would be: a live worker on every host (a test may
-    have killed one), the origin unlimited and its byte count zero."""
-    for host in shared_fleet.hosts.values():
-        if host.worker is None or host.worker.process.poll() is not None:
-            shared_fleet.start(host)
-    shared_fleet.origin.bytes_per_second = None
-    shared_fleet.origin.bytes_sent = 0
-    return shared_fleet
+def fleet(cluster_factory: ClusterFactory, tmp_path: Path) -> Iterator[Fleet]:
+    with make_fleet(cluster_factory, tmp_path) as made:
+        yield made
 
 
 def test_burst_on_every_host_takes_the_image_once_from_the_origin(fleet: Fleet) -> None:
@@ -322,10 +306,9 @@ def test_host_cache_manager_keeps_a_base_a_local_disk_uses(fleet: Fleet) -> None
         )
         return CacheEvictionReport.model_validate(result.get(timeout=120))
 
-    # (other tests' images may be in the caches, unused: the evictions may take those too)
-    assert key not in [e.key for e in evict("h1").evicted]
+    assert evict("h1").evicted == []
     assert fleet.hosts["h1"].cache.lookup(key) is not None
-    assert key in [e.key for e in evict("h2").evicted]
+    assert [e.key for e in evict("h2").evicted] == [key]
     assert fleet.hosts["h2"].cache.lookup(key) is None
     deleted = fleet.send(
         "imgprep.delete_disk", {"instance_id": on_h1.disk.instance_id, "host": "h1"}, "h1"
