@@ -82,18 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    try:
-        with contextlib.suppress(SystemExit, KeyboardInterrupt):
-            serve(config, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
-    except OSError as error:  # the socket: a live helper serves it (SocketInUse), or bind failed
-        log.error("helper_start_failed", socket=str(args.socket), error=str(error))
-        print(
-            f"imgprep-helper: cannot serve {args.socket}: {error.strerror or error}",
-            file=sys.stderr,
-        )
-        return 1
+    with contextlib.suppress(SystemExit, KeyboardInterrupt):
+        serve(config, user=args.user, group=grp.getgrgid(user.pw_gid).gr_name)
     return 0
 
 
+def run() -> int:
+    """main(); an OSError out of it (its socket: a live helper serves it, SocketInUse, or it
+    cannot be bound) is one line naming the socket and exit status 1, not a traceback."""
+    try:
+        return main()
+    except OSError as error:
+        log.error("helper_start_failed", error=str(error))
+        where = f" {error.filename}" if error.filename else ""
+        print(f"imgprep-helper: cannot serve{where}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

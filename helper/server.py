@@ -31,15 +31,7 @@ from domain.core.errors import PrivilegeRefused
 from helper.checks import Refused, Roots
 from helper.loop_ledger import LoopLedger
 from helper.operations import check
-from helper.protocol import (
-    MAX_REQUEST_BYTES,
-    OPERATIONS,
-    REQUEST,
-    ErrorReply,
-    Ping,
-    Reply,
-    Request,
-)
+from helper.protocol import MAX_REQUEST_BYTES, OPERATIONS, REQUEST, ErrorReply, Reply, Request
 
 log = structlog.get_logger(__name__)
 
@@ -211,7 +203,7 @@ def _answers(path: Path) -> bool:
         except (ConnectionRefusedError, FileNotFoundError):
             return False
         with contextlib.suppress(OSError):
-            probe.sendall(Ping().model_dump_json().encode() + b"\n")
+            probe.sendall(b'{"op": "ping"}\n')
             probe.shutdown(socket.SHUT_WR)
             probe.recv(65536)
         return True
@@ -229,8 +221,9 @@ class HelperServer(socketserver.ThreadingUnixStreamServer):
                 if _answers(path):
                     raise SocketInUse(
                         errno.EADDRINUSE,
-                        "another helper is already serving it; refusing to take its socket "
+                        "another helper is already serving this socket; refusing to take it "
                         "over (stop that helper first, or give this one another socket)",
+                        str(path),
                     )
                 path.unlink()  # a socket a dead helper left; anything else is an error below
         old_umask = os.umask(0o177)
