@@ -136,5 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """main(); an OSError out of it (its socket: a live helper serves it, SocketInUse, or it
+    cannot be bound) is one line naming the socket and exit status 1, not a traceback."""
+    try:
+        return main()
+    except OSError as error:
+        log.error("helper_start_failed", error=str(error))
+        where = f" {error.filename}" if error.filename else ""
+        print(f"imgprep-helper: cannot serve{where}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

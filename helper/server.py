@@ -11,6 +11,7 @@ Every refusal is logged as `request_refused` with the operation, the reason and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -183,6 +184,26 @@ class _Handler(socketserver.BaseRequestHandler):
             connection.sendall(reply.model_dump_json().encode() + b"\n")
 
 
+class SocketInUse(OSError):
+    """A live helper serves the socket this one was told to serve (EADDRINUSE)."""
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process listens on the Unix socket at `path` (a dead helper's socket refuses
+    connections). A listener is asked for a ping, so that it logs no malformed request."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        with contextlib.suppress(OSError):
+            probe.sendall(b'{"op": "ping"}\n')
+            probe.shutdown(socket.SHUT_WR)
+            probe.recv(65536)
+        return True
+
+
 class HelperServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
@@ -192,6 +213,13 @@ class HelperServer(socketserver.ThreadingUnixStreamServer):
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
+                if _answers(path):
+                    raise SocketInUse(
+                        errno.EADDRINUSE,
+                        "another helper is already serving this socket; refusing to take it "
+                        "over (stop that helper first, or give this one another socket)",
+                        str(path),
+                    )
                 path.unlink()  # a socket a dead helper left; anything else is an error below
         old_umask = os.umask(0o177)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -20,10 +21,10 @@ from celery import Celery
 
 from bench.chaos.sources import DENIED_ADDRESS
 from domain.cache.networks import loopback_allowed
-from worker.harness.privileges import privileged_overrides, unprivileged_user
+from worker.harness.privileges import privileged_overrides, socket_directory, unprivileged_user
 from worker.harness.redis_server import RedisServer
 from worker.harness.sentinel import SentinelRedis
-from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
 from worker.redis_locks import LOCK_PREFIX
 from worker.settings import Settings
 
@@ -106,6 +107,7 @@ class Cluster:
     # privilege separation: each worker starts its own helper and runs as the workers' user
     privsep: bool = False
     helper_killed: set[str] = field(default_factory=set)  # slots whose worker will stop
+    sockets: Path | None = None  # a short directory for the helpers' sockets (108-byte limit)
 
     # -- starting and stopping -------------------------------------------------------------
 
@@ -125,8 +127,10 @@ class Cluster:
         env = self.host_env(slot.host)
         if self.privsep:  # a socket per worker, the loop ledger per host
             run = self.root / "run"
-            env.update(privileged_overrides(run))
-            env["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(run / f"{nodename}.sock")
+            sockets = self.sockets or run
+            env.update(privileged_overrides(run, sockets=sockets))
+            socket_name = f"{slot.name}-g{slot.generation}.sock"
+            env["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(sockets / socket_name)
             env["IMGPREP_PRIVILEGES__HELPER_STATE_DIR"] = str(run / f"{slot.host.id}-helper")
         slot.worker = start_worker(
             nodename=nodename,
@@ -186,14 +190,17 @@ class Cluster:
         return victim
 
     def stop_all(self) -> None:
+        live = [slot.worker for slot in self.slots if slot.worker is not None]
+        for worker in live:
+            self.continue_all(worker)
+        stop_workers(live, timeout=30)  # side by side
         for slot in self.slots:
-            if slot.worker is not None:
-                self.continue_all(slot.worker)
-                slot.worker.stop(timeout=20)
-                self.stopped.append(slot.worker)
-                slot.worker = None
+            slot.worker = None
+        self.stopped.extend(live)
         for worker in self.stopped:
             worker.kill()  # a group of a killed worker may still hold stray children
+        if self.sockets is not None:  # the sockets of killed helpers stay behind
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
     @staticmethod
     def continue_all(worker: WorkerProcess) -> None:
@@ -301,6 +308,8 @@ def make_cluster(
         root.chmod(0o755)  # the workers' user reaches its directories below
     for host in made_hosts:
         validate(cluster.host_env(host))
+    if privsep:  # removed by stop_all
+        cluster.sockets = socket_directory()
     return cluster
 
 

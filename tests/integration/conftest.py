@@ -13,9 +13,11 @@ restart Redis start their own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,9 +36,14 @@ from worker.app import create_app
 from worker.client import Client
 from worker.harness.image_server import ImageServer
 from worker.harness.machine import leftovers
-from worker.harness.privileges import open_directory, privileged_overrides, unprivileged_user
+from worker.harness.privileges import (
+    open_directory,
+    privileged_overrides,
+    socket_directory,
+    unprivileged_user,
+)
 from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
 from worker.redis_journal import RedisJournal
 from worker.settings import Settings
 
@@ -54,6 +61,7 @@ class Cluster:
     # Separated, each worker started by start_worker starts a helper on a socket of its own
     # (one socket serves one worker); other processes (the CLI, the demo) use the cluster's.
     socket_per_worker: bool = False
+    sockets: Path | None = None  # a short directory for the helpers' sockets (helper_sockets)
 
     @property
     def client(self) -> Client:
@@ -98,6 +106,17 @@ class Cluster:
         self.workers.append(worker)
         return worker
 
+    def add_workers(self, *named: tuple[str, dict[str, str]]) -> list[WorkerProcess]:
+        """Start workers (name, env) side by side, each kept in `workers`; return once every
+        one is ready."""
+        started = []
+        for name, env in named:
+            started.append(self.launch_worker(name, env=env))
+            self.workers.append(started[-1])
+        for worker in started:
+            worker.wait_ready(self.app, timeout=60)
+        return started
+
     def start_worker(
         self,
         name: str,
@@ -106,19 +125,33 @@ class Cluster:
         env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> WorkerProcess:
+        worker = self.launch_worker(name, concurrency=concurrency, env=env, extra_args=extra_args)
+        worker.wait_ready(self.app, timeout=60)
+        return worker
+
+    def launch_worker(
+        self,
+        name: str,
+        *,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> WorkerProcess:
+        """Start a worker process without waiting for it to be ready."""
         nodename = f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         own = {}
         if self.socket_per_worker:
-            own["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(self.root / "run" / f"{nodename}.sock")
-        worker = start_worker(
+            sockets = self.sockets or self.root / "run"
+            own["IMGPREP_PRIVILEGES__HELPER_SOCKET"] = str(
+                sockets / f"{nodename.split('@', maxsplit=1)[0]}.sock"
+            )
+        return start_worker(
             nodename=nodename,
             log_path=self.root / "logs" / f"{nodename}.log",
             env={**self.env, **own, **(env or {})},
             concurrency=concurrency,
             extra_args=extra_args,
         )
-        worker.wait_ready(self.app, timeout=60)
-        return worker
 
 
 # Separated unless IMGPREP_TEST_PRIVSEP=0 (then workers run as root and do everything in process)
@@ -196,6 +229,21 @@ def _reachable_temporaries() -> Iterator[None]:
             pytest.TempPathFactory.mktemp = original  # type: ignore[method-assign]
 
 
+@functools.cache
+def helper_sockets() -> Path:
+    """This session's short directory for helper sockets, each cluster's in a directory of its
+    own below (pytest's directories are too deep for a Unix socket's 108 bytes); removed at
+    the session's end by _helper_sockets_removed."""
+    return socket_directory()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _helper_sockets_removed() -> Iterator[None]:
+    yield
+    if helper_sockets.cache_info().currsize:
+        shutil.rmtree(helper_sockets(), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def session_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with contextlib.ExitStack() as stack:
@@ -222,7 +270,8 @@ def make_cluster(
     """A cluster description (no workers yet) whose processes share `root` and `redis_server`."""
     for sub in ("cache", "instances", "state", "sources", "logs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    separated = privileged_overrides(root) if PRIVSEP else {}
+    sockets = socket_directory(helper_sockets(), prefix="c") if PRIVSEP else None
+    separated = privileged_overrides(root, sockets=sockets) if PRIVSEP else {}
     env = {**cluster_env(root, redis_server.url), **separated, **(overrides or {})}
     own_socket = "IMGPREP_PRIVILEGES__HELPER_SOCKET" not in (overrides or {})
     settings = settings_from(env)
@@ -234,6 +283,7 @@ def make_cluster(
         workers=[],
         root=root,
         socket_per_worker=PRIVSEP and own_socket,
+        sockets=sockets,
     )
 
 
@@ -242,11 +292,10 @@ def cluster(session_root: Path, redis_server: RedisServer) -> Iterator[Cluster]:
     """Two real worker processes (concurrency 2 each) on the session's Redis."""
     result = make_cluster(session_root, redis_server)
     try:
-        result.workers.extend([result.start_worker("alpha"), result.start_worker("beta")])
+        result.add_workers(("alpha", {}), ("beta", {}))
         yield result
     finally:
-        for worker in result.workers:
-            worker.stop()
+        stop_workers(result.workers)
 
 
 class ClusterFactory:
@@ -273,9 +322,8 @@ class ClusterFactory:
         # ones caught in reference cycles (a raised error's traceback) while Redis still runs,
         # or Celery raises "Retry limit exceeded" from AsyncResult.__del__ in a later test.
         gc.collect()
+        stop_workers([worker for made in self.clusters for worker in made.workers], timeout=20)
         for made in self.clusters:
-            for worker in made.workers:
-                worker.stop(timeout=10)
             made.redis_server.stop()
 
 

@@ -14,7 +14,7 @@ from domain.core.errors import DiskBusy
 from domain.core.models import PreparedDisk
 from domain.core.runner import Runner
 from domain.guest.tools import daemons, losetup
-from tests.integration.conftest import Cluster, unique
+from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.integration.devices import (
     MOTD,
     assert_released,
@@ -27,7 +27,10 @@ from tests.integration.devices import (
     send,
 )
 from tests.support.guests import read_guest_file
+from tests.support.waiting import wait_for
+from worker.harness.redis_server import free_port
 from worker.harness.worker_processes import WorkerProcess
+from worker.runtime import lock_factory
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +189,63 @@ def test_second_operation_on_a_mounted_disk_fails_busy_and_leaves_the_first_alon
     ).get(timeout=30)
     disk.remove()
     assert_released(clean_cluster, disk.request.disk.instance_id)
+
+
+def test_janitor_in_host_scope_waits_for_the_lock_the_steps_take_on_the_disk(
+    cluster_factory: ClusterFactory,
+) -> None:
+    # Given a cluster in host scope, where the steps' locks are named in the host's namespace
+    host = unique("hj")
+    scoped = cluster_factory(
+        "hostjanitor",
+        {
+            "IMGPREP_HOST_ID": host,
+            "IMGPREP_IMAGE_CACHE__SCOPE": "host",
+            "IMGPREP_PEER__SECRET": unique("secret"),
+            "IMGPREP_PEER__ADDRESS": "127.0.0.1",
+            "IMGPREP_PEER__PORT": str(free_port()),
+        },
+    )
+    assert scoped.settings.cache_namespace == f"{host}/"
+    # and a worker killed while it had a disk mounted
+    first = scoped.add_worker("first", concurrency=1)
+    disk = direct_disk(scoped, "raw")
+    operation = unique("op")
+    steps = device_steps(disk, operation, host=host, upto="imgprep.mount_guest")
+    send(scoped, steps, operation).get(timeout=60)
+    target = mount_dir(scoped, disk.key)
+    first.kill()
+    assert is_mounted(target)
+
+    # When a step holds the disk's lock (its own name, in the host's namespace) while another
+    # worker of the host starts
+    step_lock = lock_factory(scoped.redis, scoped.settings, wait=0)(f"devices:{host}:{disk.key}")
+    with step_lock:
+        second = scoped.add_worker("second", concurrency=1)
+
+        # Then its janitor leaves the disk to the lock's holder: skipped, still mounted
+        outcome = wait_for(
+            lambda: janitor_outcome(second),
+            timeout=120,
+            what="the janitor to skip or release the dead worker's disk",
+        )
+        assert outcome == "orphan_skipped"
+        assert is_mounted(target)
+        assert disk.key.encode() in next(iter(device_records(scoped).values()))
+
+    # And once the lock is free, the next worker's janitor releases the dead worker's devices
+    second.stop()
+    scoped.add_worker("third", concurrency=1)
+    assert not is_mounted(target)
+    disk.remove()
+    assert_released(scoped, disk.request.disk.instance_id)
+    scoped.assert_clean()
+
+
+def janitor_outcome(worker: WorkerProcess) -> str | None:
+    """What the worker's janitor did with an orphaned disk, from its log."""
+    log = worker.log_path.read_text(errors="replace")
+    for event in ("orphan_skipped", "orphaned_devices_released", "orphan_release_failed"):
+        if f'"event": "{event}"' in log:
+            return event
+    return None

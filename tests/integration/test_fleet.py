@@ -142,8 +142,9 @@ def make_fleet(
     served.mkdir()
     with ImageServer(served) as origin:
         made = Fleet(cluster, hosts, origin)
-        for host in hosts.values():
-            made.start(host)
+        started = cluster.add_workers(*[(host.name, host.env()) for host in hosts.values()])
+        for host, worker in zip(hosts.values(), started, strict=True):
+            host.worker = worker
         yield made
 
 

@@ -27,10 +27,9 @@ from domain.core.errors import LockBusy, LockLost
 from domain.core.models import PreparedDisk
 from domain.core.publish import Staged, publish_once, stale_temporaries
 from tests.conftest import write_raw_image
-from tests.integration.conftest import Cluster, cluster_env, settings_from, unique
+from tests.integration.conftest import Cluster, make_cluster, unique
 from tests.integration.test_reliability import attempts, request_for
 from tests.support.waiting import wait_for
-from worker.app import create_app
 from worker.harness.image_server import ImageServer
 from worker.harness.sentinel import SentinelRedis
 from worker.redis_locks import FENCE_KEY, LOCK_PREFIX, LeaseLock
@@ -50,27 +49,17 @@ def ha(tmp_path: Path) -> Iterator[SentinelRedis]:
 
 @pytest.fixture
 def ha_cluster(tmp_path: Path, ha: SentinelRedis) -> Iterator[Cluster]:
-    """Workers' settings on the Sentinel URL (no workers yet; the test adds them)."""
-    root = tmp_path / "cluster"
-    for sub in ("cache", "instances", "state", "sources", "logs"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    env = {
-        **cluster_env(root, ha.url),
+    """Workers' settings on the Sentinel URL (no workers yet; the test adds them), separated
+    as every test cluster is (conftest)."""
+    overrides = {
         **ha.env(),
         # production leases: a lock outlives a failover (a few seconds) and is renewed on the
         # new master
         "IMGPREP_LOCK__LEASE_SECONDS": "30",
         "IMGPREP_LOCK__RENEW_SECONDS": "10",
     }
-    settings = settings_from(env)
-    cluster = Cluster(
-        redis_server=ha,  # type: ignore[arg-type]  # url, client(), stop(): all a Cluster uses
-        env=env,
-        settings=settings,
-        app=create_app(settings),
-        workers=[],
-        root=root,
-    )
+    # url, client(), stop(): all a Cluster uses of its Redis
+    cluster = make_cluster(tmp_path / "cluster", ha, overrides)  # type: ignore[arg-type]
     try:
         yield cluster
     finally:

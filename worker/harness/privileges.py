@@ -57,10 +57,24 @@ def open_directory(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def privileged_overrides(root: Path, user: str = WORKER_USER) -> dict[str, str]:
-    """Settings of a cluster whose workers start their helper and run as `user`."""
+def socket_directory(parent: Path | None = None, prefix: str = "imgprep-h") -> Path:
+    """A fresh directory (0755) with a short path for helper sockets: a Unix socket's path is
+    limited to 108 bytes, which the directories of tests and campaigns exceed. Made under /run
+    (or /tmp) unless `parent` is given; the caller removes it."""
+    if parent is None:
+        parent = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o755)
+    return path
+
+
+def privileged_overrides(
+    root: Path, user: str = WORKER_USER, sockets: Path | None = None
+) -> dict[str, str]:
+    """Settings of a cluster whose workers start their helper and run as `user`; the helper's
+    socket is in `sockets` if given (see socket_directory), else under `root`."""
     return {
-        "IMGPREP_PRIVILEGES__HELPER_SOCKET": str(root / "run" / "helper.sock"),
+        "IMGPREP_PRIVILEGES__HELPER_SOCKET": str((sockets or root / "run") / "helper.sock"),
         "IMGPREP_PRIVILEGES__USER": user,
         "IMGPREP_PRIVILEGES__HELPER_STATE_DIR": str(root / "run" / "helper-state"),
     }

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,21 @@ class WorkerProcess:
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
+
+
+def stop_workers(workers: Sequence[WorkerProcess], timeout: float = 30.0) -> None:
+    """WorkerProcess.stop for several workers at once: SIGTERM to each, then wait for each
+    within one `timeout` (they shut down side by side); the group of any that lingers is
+    killed."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        worker.kill()
 
 
 def _cmdline(pid: int) -> bytes:
