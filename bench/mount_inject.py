@@ -194,9 +194,13 @@ class Bench:
         return once
 
     def domain(
-        self, method: str, privileged: PrivilegedOperations | None = None
+        self,
+        method: str,
+        privileged: PrivilegedOperations | None = None,
+        devices_dir: Path | None = None,
     ) -> Callable[[PreparedDisk], None]:
-        """The domain calls; their privileged operations in this process, or by `privileged`."""
+        """The domain calls; their privileged operations in this process, or by `privileged`
+        (whose work areas are in its own tree, `devices_dir`)."""
         policy = MountSettings(kernel_mount="always" if method == "kernel" else "never")
 
         def once(prepared: PreparedDisk) -> None:
@@ -213,6 +217,7 @@ class Bench:
                 owner=uuid.uuid4().hex,
                 worker="bench",
                 privileged=privileged,
+                devices_dir=devices_dir,
             )
             mapped = map_partitions(prepared, 1, ctx)
             mounted = mount_guest(mapped, ctx)
@@ -306,7 +311,12 @@ def main() -> None:
                 rows = [
                     ("shell", measure(args.runs, setup, bench.shell(method))),
                     ("domain", measure(args.runs, setup, bench.domain(method))),
-                    ("helper", measure(args.runs, setup, bench.domain(method, privileged))),
+                    (
+                        "helper",
+                        measure(
+                            args.runs, setup, bench.domain(method, privileged, helper.devices_dir)
+                        ),
+                    ),
                 ]
                 if method == "fuse2fs":
                     rows.append(("celery", celery_runs(bench, server.url, args.runs, fmt)))
