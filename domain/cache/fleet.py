@@ -196,6 +196,15 @@ def _host(copy: PeerCopy) -> str:
     return copy.host
 
 
+def still_excluded(until: float, stalled_at: int | None, size: int | None, now: float) -> bool:
+    """Whether a dropped peer is still not asked: until its cooldown ends, except a peer
+    dropped for stalling whose recorded copy has grown since (a starved process, not a dead
+    one): it is asked again at once, since its bytes spare the origin."""
+    if until <= now:
+        return False
+    return not (stalled_at is not None and size is not None and size > stalled_at)
+
+
 def _streams_from(copy: PeerCopy, me: str, by_host: dict[str, PeerCopy]) -> bool:
     """Whether `copy` gets its bytes from `me`, directly or through others."""
     seen = set()
@@ -241,6 +250,7 @@ class Transfer:
         self.registry = fleet.registry
         self.client = PeerClient(fleet.peers)
         self.excluded: dict[str, float] = {}  # host → until when (monotonic)
+        self.stalled_at: dict[str, int] = {}  # host → its recorded size when it stalled
         self._announced = (0, 0.0)
 
     # -- the whole transfer ------------------------------------------------------------------
@@ -292,6 +302,10 @@ class Transfer:
                     self._stream(peer, writer, have)
                 except PeerFailed as error:
                     self.excluded[peer.host] = time.monotonic() + error.cooldown
+                    if error.stalled_at is None:
+                        self.stalled_at.pop(peer.host, None)
+                    else:
+                        self.stalled_at[peer.host] = error.stalled_at
                     log.info("peer_dropped", peer=peer.host, at=writer.size, reason=str(error))
                     if error.gone and peer.complete:  # evicted there: nobody need ask again
                         self.registry.withdraw(self.key, peer.host)
@@ -313,6 +327,10 @@ class Transfer:
                 time.sleep(self.fleet.poll_seconds * 5)  # the holder announces its copy soon
                 continue
             try:
+                # a copy may have become usable while the lease was someone else's (its holder
+                # finished, or a peer dropped for stalling moved on): peers before the origin
+                if self._candidate(have) is not None:
+                    continue
                 with self.fleet.origin_gate():
                     return self._from_origin(writer, have)
             finally:
@@ -320,19 +338,26 @@ class Transfer:
 
     # -- peers -------------------------------------------------------------------------------
 
+    def _candidate(self, have: Content | None) -> PeerCopy | None:
+        """The peer `choose_peer` picks now, among those not excluded (nothing is recorded)."""
+        now = time.monotonic()
+        copies = self.registry.copies(self.key)
+        sizes = {copy.host: copy.size for copy in copies}
+        return choose_peer(
+            copies,
+            me=self.fleet.host,
+            have=have,
+            digests=self.registry.digests(self.key),
+            excluded=lambda host: still_excluded(
+                self.excluded.get(host, 0.0), self.stalled_at.get(host), sizes.get(host), now
+            ),
+            rng=self.fleet.rng,
+        )
+
     def _choose(self, have: Content | None, offset: int) -> PeerCopy | None:
         """A peer to stream from, recorded as this host's upstream before anyone else chooses."""
-        now = time.monotonic()
         with self.fleet.choice_locks(f"peers:{self.key}"):
-            digests = self.registry.digests(self.key)
-            peer = choose_peer(
-                self.registry.copies(self.key),
-                me=self.fleet.host,
-                have=have,
-                digests=digests,
-                excluded=lambda host: self.excluded.get(host, 0.0) > now,
-                rng=self.fleet.rng,
-            )
+            peer = self._candidate(have)
             if peer is not None:
                 self._announce(have or peer.content, offset, peer.total, peer.host)
         return peer
@@ -360,6 +385,7 @@ class Transfer:
                 raise PeerFailed(
                     f"peer {peer.host} brought no byte for {self.fleet.peers.stall_seconds:g} s",
                     cooldown=self.fleet.peers.stall_seconds,
+                    stalled_at=current.size,
                 )
             time.sleep(self.fleet.poll_seconds)
 

@@ -23,10 +23,15 @@ CHUNK = 256 * 2**10
 class PeerFailed(Exception):
     """A peer could not serve what was asked; `cooldown` seconds before it is asked again."""
 
-    def __init__(self, message: str, cooldown: float, *, gone: bool = False) -> None:
+    def __init__(
+        self, message: str, cooldown: float, *, gone: bool = False, stalled_at: int | None = None
+    ) -> None:
         super().__init__(message)
         self.cooldown = cooldown
         self.gone = gone  # the peer answered that it does not have it
+        # the peer's recorded size when it stalled: it is asked again, cooldown or not, once its
+        # record shows more (a slow peer, not a dead one: better than the origin)
+        self.stalled_at = stalled_at
 
 
 @dataclass(frozen=True)

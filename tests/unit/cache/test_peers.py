@@ -74,3 +74,19 @@ def test_signatures_cover_method_path_range_and_time() -> None:
     assert stale is not None and stale.startswith("stale timestamp")
     assert verify("s3cret", "GET", path, "bytes=0-99", None, None) == "unsigned request"
     assert verify("", "GET", path, "bytes=0-99", stamp, signature) is not None
+
+
+def test_a_peer_dropped_for_stalling_is_asked_again_once_its_copy_grows() -> None:
+    from domain.cache.fleet import still_excluded
+
+    now = 100.0
+    # Within its cooldown a dropped peer is not asked
+    assert still_excluded(until=103.0, stalled_at=None, size=5, now=now)
+    assert still_excluded(until=103.0, stalled_at=8, size=8, now=now)
+    # after it, it is
+    assert not still_excluded(until=99.0, stalled_at=None, size=5, now=now)
+    # and a peer dropped for stalling at 8 bytes whose record now shows more is asked at once
+    # (before the origin is: the fleet's origin bytes stay one image)
+    assert not still_excluded(until=103.0, stalled_at=8, size=9, now=now)
+    # while one dropped for another reason (wrong bytes: forever) is not, whatever it shows
+    assert still_excluded(until=float("inf"), stalled_at=None, size=9, now=now)
