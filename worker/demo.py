@@ -27,6 +27,7 @@ from domain.core.errors import ImgprepError
 from domain.core.models import DiskSpec, FileInjection, ImageSource, PreparedDisk, PrepareRequest
 from domain.core.runner import Limits, Runner
 from domain.formats import qemu_img
+from helper import capabilities
 from worker.harness.guest_files import read_guest_file
 from worker.harness.image_server import ImageServer
 from worker.harness.sample_images import Partition, partitioned_disk
@@ -157,9 +158,8 @@ def _status(pid: int) -> str:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = "?"
-    caps = "no capabilities" if int(fields["CapEff"], 16) == 0 else "all capabilities"
-    if 0 < int(fields["CapEff"], 16) < int(fields["CapBnd"], 16):
-        caps = "some capabilities"
+    held = capabilities.describe(int(fields["CapEff"], 16))
+    caps = f"capabilities {' '.join(held)}" if held else "no capabilities"
     return f"{user} (uid {uid}), {caps}"
 
 
