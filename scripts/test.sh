@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 echo "== ruff"
-.venv/bin/ruff check domain worker tasks tests bench
+.venv/bin/ruff check domain worker tasks helper tests bench
 echo "== import contracts (tasks → worker → domain)"
 .venv/bin/lint-imports --no-logo
 echo "== mypy"

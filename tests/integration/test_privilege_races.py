@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -121,41 +121,50 @@ class LoopWatch:
         self.thread.join(timeout=30)
 
 
+def workers_disk(root: Path, make: Callable[[Path], object]) -> tuple[Path, Path]:
+    """The workers' instance disk `instances/vm/disk` and the file it is a hard link to (made
+    by `make`), both the workers' user's: what the swapper turns into a link and back."""
+    user = unprivileged_user()
+    instance = root / "instances" / "vm"
+    instance.mkdir()
+    real = instance / "real"
+    make(real)
+    disk = instance / "disk"
+    os.link(real, disk)
+    for path in (instance, real):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return disk, real
+
+
+def assert_refused_for_links(refused: list[str]) -> None:
+    """Every refusal names a link, a file that is not regular, or a path that changed."""
+    odd = [
+        why
+        for why in refused
+        if not ("symbolic link" in why or "regular file" in why or "changed while" in why)
+    ]
+    assert odd == []
+
+
 def test_a_disk_swapped_for_a_link_during_attach_never_backs_a_loop_device(
     open_root: Path,
 ) -> None:
     # Given a helper, an instance directory of the workers' user with its disk, and a root-only
     # file outside the helper's roots
-    user = unprivileged_user()
     outside = open_root / "outside"
     outside.write_bytes(MARKER * (MiB // len(MARKER)))
     outside.chmod(0o600)
     with HelperProcess.start(open_root) as helper:
         client = HelperClient(helper.socket_path)
-        instance = open_root / "instances" / "vm"
-        instance.mkdir()
-        real = instance / "real"
-        real.write_bytes(b"\0" * MiB)
-        disk = instance / "disk"
-        os.link(real, disk)
-        for path in (instance, real):
-            os.chown(path, user.pw_uid, user.pw_gid)
+        disk, real = workers_disk(open_root, lambda real: real.write_bytes(b"\0" * MiB))
 
         # When the worker swaps the disk for a link to that file in a tight loop while the
         # helper is asked, again and again, for a loop device over the disk
-        swapper = subprocess.Popen(
-            [sys.executable, "-c", SWAPPER, str(disk), str(real), str(outside)],
-            stdout=subprocess.PIPE,
-            user=user.pw_uid,  # the child drops to the workers' user: setgid, setuid
-            group=user.pw_gid,
-            extra_groups=[],
-        )
         attached: list[tuple[str, str, bytes]] = []
         refused: list[str] = []
         unanswered: list[str] = []
         try:
-            assert swapper.stdout is not None and swapper.stdout.readline() == b"swapping\n"
-            with LoopWatch(outside) as watch:
+            with swapping(disk, real, outside), LoopWatch(outside) as watch:
                 for _ in range(ATTEMPTS):
                     try:
                         device = client.attach_loop(disk, offset=0, size=MiB)
@@ -171,8 +180,6 @@ def test_a_disk_swapped_for_a_link_during_attach_never_backs_a_loop_device(
                     # file it did not attach, and the disk's name may be a link right now
                     subprocess.run(["losetup", "--detach", device], check=True)
         finally:
-            swapper.kill()
-            swapper.wait(timeout=30)
             for device, backing in loop_backings().items():
                 if backing == str(outside):  # what the defect leaks: released as root
                     subprocess.run(["losetup", "--detach", device], check=False)
@@ -182,10 +189,7 @@ def test_a_disk_swapped_for_a_link_during_attach_never_backs_a_loop_device(
         # and every reply was a refusal or a device over the worker's own disk
         assert all(backing in (str(disk), str(real)) for _, backing, _ in attached), attached
         assert all(head == b"\0" * len(MARKER) for _, _, head in attached), attached
-        assert all(
-            "symbolic link" in why or "regular file" in why or "changed while" in why
-            for why in refused
-        ), refused
+        assert_refused_for_links(refused)
         # and every request was answered
         assert unanswered == []
         # (the race was run: some requests met the link, some the file)
@@ -229,21 +233,13 @@ def test_a_disk_swapped_for_a_link_during_fuse2fs_mounts_is_never_mounted(
 ) -> None:
     # Given a helper, a work area it made, the worker's ext4 disk and, outside the helper's
     # roots, a root-only ext4 image holding a secret
-    user = unprivileged_user()
     outside = open_root / "outside.img"
     ext4_image(outside, {"secret": MARKER})
     outside.chmod(0o600)
     with HelperProcess.start(open_root) as helper:
         client = HelperClient(helper.socket_path)
-        instance = open_root / "instances" / "vm"
-        instance.mkdir()
-        real = instance / "real"
-        ext4_image(real, {"mine": b"guest"})
-        disk = instance / "disk"
-        os.link(real, disk)
-        for path in (instance, real):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        area = open_root / "hs" / "devices" / "vm" / "disk"
+        disk, real = workers_disk(open_root, lambda real: ext4_image(real, {"mine": b"guest"}))
+        area = helper.devices_dir / "vm" / "disk"
         client.make_work_area(area)
         target = area / "root"
 
@@ -264,10 +260,7 @@ def test_a_disk_swapped_for_a_link_during_fuse2fs_mounts_is_never_mounted(
 
         # Then only the worker's own filesystem was ever mounted
         assert all(names == ["lost+found", "mine"] for names in seen), seen
-        assert all(
-            "symbolic link" in why or "regular file" in why or "changed while" in why
-            for why in refused
-        ), [why for why in refused if "symbolic link" not in why]
+        assert_refused_for_links(refused)
         assert refused
         # and the helper removes the work area afterwards
         assert client.remove_work_area(area) is True
@@ -288,21 +281,13 @@ def qcow2_image(path: Path, head: bytes) -> None:
 def test_a_disk_swapped_for_a_link_during_exports_is_never_exported(open_root: Path) -> None:
     # Given a helper, a work area it made, the worker's qcow2 overlay and, outside the helper's
     # roots, a root-only qcow2 image holding a secret
-    user = unprivileged_user()
     outside = open_root / "outside.qcow2"
     qcow2_image(outside, MARKER)
     outside.chmod(0o600)
     with HelperProcess.start(open_root) as helper:
         client = HelperClient(helper.socket_path)
-        instance = open_root / "instances" / "vm"
-        instance.mkdir()
-        real = instance / "real"
-        qcow2_image(real, b"\0" * len(MARKER))
-        disk = instance / "disk"
-        os.link(real, disk)
-        for path in (instance, real):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        area = open_root / "hs" / "devices" / "vm" / "disk"
+        disk, real = workers_disk(open_root, lambda real: qcow2_image(real, b"\0" * len(MARKER)))
+        area = helper.devices_dir / "vm" / "disk"
         client.make_work_area(area)
         export, pidfile = area / "export", area / "storage-daemon.pid"
 
@@ -327,10 +312,7 @@ def test_a_disk_swapped_for_a_link_during_exports_is_never_exported(open_root: P
 
         # Then only the worker's own overlay was ever exported
         assert all(head == b"\0" * len(MARKER) for head in heads), heads
-        assert all(
-            "symbolic link" in why or "regular file" in why or "changed while" in why
-            for why in refused
-        ), [why for why in refused if "symbolic link" not in why]
+        assert_refused_for_links(refused)
         assert refused
         assert client.remove_work_area(area) is True
     assert machine.mounts_under(open_root) == []
@@ -342,7 +324,7 @@ def test_the_worker_cannot_change_the_devices_tree(open_root: Path) -> None:
     user = unprivileged_user()
     with HelperProcess.start(open_root) as helper:
         client = HelperClient(helper.socket_path)
-        devices = open_root / "hs" / "devices"
+        devices = helper.devices_dir
         area = devices / "vm" / "disk"
         client.make_work_area(area)
         assert area.is_dir() and area.stat().st_uid == 0
@@ -411,7 +393,7 @@ def test_a_devices_tree_opened_up_after_start_is_refused_at_the_next_request(
     user = unprivileged_user()
     with HelperProcess.start(open_root) as helper:
         client = HelperClient(helper.socket_path)
-        devices = open_root / "hs" / "devices"
+        devices = helper.devices_dir
         # When its devices directory is handed to the workers' user
         os.chown(devices, user.pw_uid, user.pw_gid)
         try:
