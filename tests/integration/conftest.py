@@ -20,7 +20,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ import redis
 from celery import Celery
 
 from domain.cache.networks import loopback_allowed
+from tests.support.cli import run_imgprep
 from worker.app import create_app
 from worker.client import Client
 from worker.harness.image_server import ImageServer
@@ -86,15 +86,7 @@ class Cluster:
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         """`imgprep ARGS` run as a user would, in this cluster's environment."""
-        return subprocess.run(
-            [sys.executable, "-m", "worker.cli", *args],
-            check=False,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=Path(__file__).resolve().parents[2],
-        )
+        return run_imgprep(self.env, *args, timeout=timeout)
 
     def assert_clean(self) -> None:
         found = {kind: items for kind, items in self.leftovers().items() if items}

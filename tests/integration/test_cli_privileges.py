@@ -15,11 +15,10 @@ import pytest
 
 from helper import capabilities
 from tests.integration.conftest import Cluster
+from tests.support.cli import REPO, run_imgprep
 from tests.support.guests import MiB
 from tests.support.waiting import wait_for
 from worker.harness.privileges import WORKER_USER, open_directory, unprivileged_user
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -33,18 +32,6 @@ def as_user_env(clean_cluster: Cluster) -> dict[str, str]:
 def open_root() -> Iterator[Path]:
     with open_directory("cli") as root:
         yield root
-
-
-def imgprep(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=REPO,
-    )
 
 
 def test_beat_started_as_root_runs_as_the_workers_user_without_capabilities(
@@ -97,8 +84,8 @@ def test_inspect_parses_images_as_the_workers_user(
     private.chmod(0o600)
 
     # When root inspects both with privileges.user set
-    readable = imgprep(as_user_env, "inspect", str(shared))
-    root_only = imgprep(as_user_env, "inspect", str(private))
+    readable = run_imgprep(as_user_env, "inspect", str(shared))
+    root_only = run_imgprep(as_user_env, "inspect", str(private))
 
     # Then the first is inspected, and the second cannot be read: inspection (qemu-img on
     # untrusted bytes) never ran as root
@@ -108,4 +95,4 @@ def test_inspect_parses_images_as_the_workers_user(
     assert "Permission denied" in root_only.stderr or "not readable" in root_only.stderr
     # while without privileges.user root inspects it as before
     as_root = {key: value for key, value in as_user_env.items() if "PRIVILEGES" not in key}
-    assert imgprep(as_root, "inspect", str(private)).returncode == 0
+    assert run_imgprep(as_root, "inspect", str(private)).returncode == 0

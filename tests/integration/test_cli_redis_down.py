@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.cli import run_imgprep
 
 
 def closed_port() -> int:
@@ -34,15 +31,7 @@ def test_a_command_against_an_absent_redis_says_so_in_one_line(command: list[str
     env.pop("IMGPREP_PRIVILEGES__USER", None)
 
     # When a person runs the command
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=REPO,
-    )
+    done = run_imgprep(env, *command, timeout=120)
 
     # Then it fails with one line naming Redis and why, and no traceback or retry log
     assert done.returncode == 1, done.stderr

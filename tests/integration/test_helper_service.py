@@ -153,15 +153,7 @@ def test_a_worker_whose_helper_serves_other_directories_stops_at_start(
             cluster.root, socket_path=socket_path, helper_state_dir=root / "service-state"
         ):
             # When the worker starts
-            done = subprocess.run(
-                [sys.executable, "-m", "worker.cli", "worker", "--hostname", "mismatch@test"],
-                env=cluster.env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-                cwd=UNIT.parents[2],
-            )
+            done = cluster.cli("worker", "--hostname", "mismatch@test", timeout=120)
     # Then it stops at once with a failure naming both devices directories
     assert done.returncode == 1
     assert "serves other directories than this worker" in done.stderr
