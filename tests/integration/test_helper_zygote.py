@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -116,16 +116,22 @@ def test_concurrent_requests_each_get_their_own_reply_and_no_child_is_left(
         assert running(zygote.pid)
 
 
+def hanging(pidfile: Path) -> Callable[[Request, float, tuple[int, int] | None], Reply]:
+    """An operation that never ends, writing its process's pid to `pidfile` first."""
+
+    def hang(request: Request, timeout: float, owner: tuple[int, int] | None) -> Reply:
+        pidfile.write_text(str(os.getpid()))
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+    return hang
+
+
 def test_a_child_past_the_limit_is_killed_and_reported(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Given an operation that never ends, and a zygote whose server waits 10 s for a reply
-    def hang(request: Request, timeout: float, owner: tuple[int, int] | None) -> Reply:
-        (tmp_path / "pid").write_text(str(os.getpid()))
-        threading.Event().wait()
-        raise AssertionError("unreachable")
-
-    monkeypatch.setattr(operations, "run", hang)
+    monkeypatch.setattr(operations, "run", hanging(tmp_path / "pid"))
     with started(limit=10.0) as zygote:
         # When it runs
         reply = zygote.run(Ping())
@@ -144,12 +150,7 @@ def test_a_child_ends_with_its_zygote_and_the_caller_is_told(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Given an operation running in a child of the zygote
-    def hang(request: Request, timeout: float, owner: tuple[int, int] | None) -> Reply:
-        (tmp_path / "pid").write_text(str(os.getpid()))
-        threading.Event().wait()
-        raise AssertionError("unreachable")
-
-    monkeypatch.setattr(operations, "run", hang)
+    monkeypatch.setattr(operations, "run", hanging(tmp_path / "pid"))
     with started() as zygote:
         replies = []
         caller = threading.Thread(target=lambda: replies.append(zygote.run(Ping())))
