@@ -469,7 +469,7 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
                 sentinels.append((parsed.hostname, parsed.port or DEFAULT_SENTINEL_PORT))
         if not sentinels:
             sentinels.append((connparams["host"], connparams["port"]))
-        manager = Sentinel(  # type: ignore[no-untyped-call]
+        manager = Sentinel(
             sentinels,
             min_other_sentinels=getattr(self, "min_other_sentinels", 0),
             sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
@@ -483,7 +483,7 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
         if not master_name:
             raise ValueError("'master_name' transport option must be specified.")
         credentials = {k: params[k] for k in ("username", "password") if k in params}
-        master = manager.master_for(master_name, Redis, **credentials)  # type: ignore[no-untyped-call]
+        master = manager.master_for(master_name, Redis, **credentials)
         return master.connection_pool
 
 

@@ -55,7 +55,7 @@ def redis_client(
         return redis.Redis.from_url(url, **kwargs)
     if not configured.master_name:
         raise ValueError("a Sentinel URL needs the master's name: set IMGPREP_REDIS__MASTER_NAME")
-    master: redis.Redis = sentinel(url, configured, **kwargs).master_for(  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel(url, configured, **kwargs).master_for(
         configured.master_name
     )
     return master
@@ -65,7 +65,7 @@ def sentinel(url: str, connection: RedisSettings, **kwargs: Any) -> Sentinel:
     """The Sentinels of a Sentinel URL; `kwargs` configure the connections to the master."""
     target = parse_sentinel(url)
     password = target.password or connection.password.get_secret_value() or None
-    return Sentinel(  # type: ignore[no-untyped-call]
+    return Sentinel(
         list(target.sentinels),
         sentinel_kwargs=sentinel_options(connection),
         db=target.db,

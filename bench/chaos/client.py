@@ -50,13 +50,13 @@ class PlainClient:
         }
         if master_name:
             parts = [urlsplit(part) for part in redis_url.split(";")]
-            sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-                [(p.hostname, p.port or 26379) for p in parts],
+            sentinels = redis.sentinel.Sentinel(
+                [(p.hostname, p.port or 26379) for p in parts if p.hostname],
                 sentinel_kwargs={"socket_timeout": 3, "socket_connect_timeout": 1},
                 db=int(parts[-1].path.strip("/") or 0),
                 **options,
             )
-            self.redis = sentinels.master_for(master_name)  # type: ignore[no-untyped-call]
+            self.redis = sentinels.master_for(master_name)
         else:
             self.redis = redis.Redis.from_url(redis_url, **options)
 

@@ -208,7 +208,7 @@ def snapshot_with_states(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Send imgprep.snapshot and collect every state the result backend publishes for it."""
     task_id = str(uuid.uuid4())
-    pubsub = cluster.redis.pubsub()  # type: ignore[no-untyped-call]
+    pubsub = cluster.redis.pubsub()
     pubsub.subscribe(f"celery-task-meta-{task_id}")
     try:
         result = cluster.app.send_task(
