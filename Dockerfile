@@ -6,13 +6,16 @@ RUN apt-get update \
       util-linux mount ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/imgprep
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md ./
 COPY worker ./worker
 COPY domain ./domain
 COPY tasks ./tasks
 COPY helper ./helper
 COPY config ./config
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
+# exactly the versions the suite passed with (constraints.txt, as scripts/install.sh installs them)
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt pip setuptools wheel \
+ && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt --no-build-isolation .
 # Privilege separation: the worker starts as root, starts the privileged helper, and runs as
 # imgprep, which owns the work directories (README, "Privileges"); beat and Flower run as imgprep.
 RUN useradd --system --user-group --no-create-home --home-dir /var/lib/imgprep \

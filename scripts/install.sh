@@ -38,11 +38,18 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "== python3 -m venv .venv"
   python3 -m venv .venv
 fi
+# Exactly the versions in constraints.txt (resolved from pyproject.toml by scripts/lock.sh): pip
+# itself, the build backend (used without build isolation, so no newer setuptools is fetched),
+# imgprep with its test tools, and nothing else (what an earlier resolution left is removed).
 stamp=.venv/.imgprep-installed
-if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
-  echo "== pip install -e .[dev]"
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || constraints.txt -nt $stamp ]]; then
+  echo "== pip install -c constraints.txt -e .[dev]"
+  .venv/bin/python -m pip install -q -c constraints.txt pip
+  .venv/bin/python -m pip install -q -c constraints.txt setuptools wheel
+  # (setuptools warns that an editable install finds the packages in this folder: it should)
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
+  .venv/bin/python scripts/lock.py prune
+  .venv/bin/python scripts/lock.py check --installed
   touch "$stamp"
 fi
 

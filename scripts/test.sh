@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
+echo "== constraints.txt matches pyproject.toml, and .venv holds exactly its pins"
+.venv/bin/python scripts/lock.py check --installed
 echo "== ruff"
-.venv/bin/ruff check domain worker tasks helper tests bench
+.venv/bin/ruff check domain worker tasks helper tests bench scripts
 echo "== import contracts (tasks → worker → domain)"
 .venv/bin/lint-imports --no-logo
 echo "== mypy"
