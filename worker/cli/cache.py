@@ -31,9 +31,11 @@ def list_entries(as_json: bool) -> None:
     from worker.settings import get_settings
 
     settings = get_settings()
-    references = RedisReferences(
-        redis_client(settings.coordination, settings.redis), settings.cache_namespace
-    )
+    client = redis_client(settings.coordination, settings.redis)
+    # the references are Redis's: an empty cache directory beside a Redis that does not answer
+    # is not an empty cache (entries of other hosts, downloads in progress), so ask it first
+    client.ping()
+    references = RedisReferences(client, settings.cache_namespace)
     rows = [
         {
             "key": entry.key,
