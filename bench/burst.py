@@ -44,14 +44,17 @@ def ours(made: Stack, name: str, count: int) -> tuple[float, int]:
     return elapsed, made.server.gets(name) - before
 
 
-def baseline(made: Stack, name: str, count: int, durable: bool = False) -> float:
-    """One curl of the image (then `sync` of it when `durable`), then `count` qemu-img overlays
-    on it, as a shell script."""
+def baseline(
+    made: Stack, name: str, count: int, durable: bool = False, checksum: bool = False
+) -> float:
+    """One curl of the image (then its sha256sum when `checksum`, and `sync` of it when
+    `durable`), then `count` qemu-img overlays on it, as a shell script."""
     work = made.root / f"bare-{uuid.uuid4().hex[:6]}"
     work.mkdir()
+    digest = f' && sha256sum "{work}/base.raw" >/dev/null' if checksum else ""
     flush = f' && sync "{work}/base.raw"' if durable else ""
     script = (
-        f'curl -sS -o "{work}/base.raw" "{made.server.url(name)}"{flush} && '
+        f'curl -sS -o "{work}/base.raw" "{made.server.url(name)}"{digest}{flush} && '
         f'for i in $(seq {count}); do qemu-img create -q -f qcow2 -F raw -b "{work}/base.raw" '
         f'"{work}/disk-$i" {DISK}; done'
     )

@@ -4,8 +4,10 @@ the disk (/var/tmp), all stopped by the pids we started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -20,11 +22,13 @@ from domain.cache.networks import loopback_allowed
 from worker.app import create_app
 from worker.client import Client
 from worker.harness.image_server import ImageServer
+from worker.harness.privileges import privileged_overrides, socket_directory, unprivileged_user
 from worker.harness.redis_server import RedisServer, free_port
 from worker.harness.worker_processes import WorkerProcess, start_worker
 from worker.settings import Settings
 
 MiB = 2**20
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "imgprep.toml"
 
 
 @dataclass
@@ -56,16 +60,45 @@ class Stack:
 
 @contextmanager
 def stack(
-    *, workers: int = 1, concurrency: int = 2, extra_env: dict[str, str] | None = None
+    *,
+    workers: int = 1,
+    concurrency: int = 2,
+    extra_env: dict[str, str] | None = None,
+    privsep: bool = False,
 ) -> Iterator[Stack]:
-    """Start a stack; everything it started is stopped when the block ends."""
-    with tempfile.TemporaryDirectory(prefix="imgprep-bench-", dir="/var/tmp") as work:
-        root = Path(work)
+    """Start a stack; everything it started is stopped when the block ends. With `privsep` the
+    workers run as the unprivileged user with a privileged helper each, as installed."""
+    with contextlib.ExitStack() as cleanup:
+        work = cleanup.enter_context(
+            tempfile.TemporaryDirectory(prefix="imgprep-bench-", dir="/var/tmp")
+        )
+        yield cleanup.enter_context(_stack(Path(work), workers, concurrency, extra_env, privsep))
+
+
+@contextmanager
+def _stack(
+    root: Path,
+    workers: int,
+    concurrency: int,
+    extra_env: dict[str, str] | None,
+    privsep: bool,
+) -> Iterator[Stack]:
+    separated: dict[str, str] = {}
+    sockets: Path | None = None
+    if privsep:
+        unprivileged_user()
+        root.chmod(0o755)  # the workers' user reaches its directories below
+        sockets = socket_directory()  # a Unix socket's path is short
+        separated = privileged_overrides(root, sockets=sockets)
+    try:
         for sub in ("cache", "instances", "state", "served", "logs"):
             (root / sub).mkdir()
         redis_server = RedisServer(root / "redis", free_port(), appendonly=True).start()
         env = {
             **os.environ,
+            # the checkout's documented defaults, not this host's /etc/imgprep (which may
+            # separate privileges): `privsep` decides
+            "IMGPREP_CONFIG": str(CONFIG),
             "IMGPREP_REDIS_URL": redis_server.url,
             "IMGPREP_CACHE_DIR": str(root / "cache"),
             "IMGPREP_INSTANCES_DIR": str(root / "instances"),
@@ -74,6 +107,7 @@ def stack(
             "IMGPREP_LOG_LEVEL": "WARNING",
             # images are served on this host
             "IMGPREP_FETCH__DENIED_NETWORKS": json.dumps(loopback_allowed()),
+            **separated,
             **(extra_env or {}),
         }
         settings = Settings(
@@ -100,6 +134,9 @@ def stack(
                 worker.stop(timeout=20)
             server.stop()
             redis_server.stop()
+    finally:
+        if sockets is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 def write_image(path: Path, *, size: int, data_bytes: int) -> Path:

@@ -1,0 +1,176 @@
+"""Claim latency: how long a message published to a queue an idle worker consumes waits before the
+worker claims it (takes it and records it as unacknowledged, in one step: worker/broker.py),
+p50 and p99, with Redis at hz 10 (its default) and hz 100.
+
+Ours: one real `imgprep worker` (default concurrency) consuming three queues (the shared one, its
+host's, and one more added by a control command), one message at a time after an idle pause,
+round robin over the queues. Baseline, in the same run on the same Redis: a bare consumer thread
+that waits with BRPOP on three other queues and then records the message with HSET (kombu's way:
+pop first, record after). Both are read in Redis's own clock from MONITOR: from the LPUSH that
+published the message to the command that recorded it (ours: the claim script's EVAL). Target:
+ours p50 ≤ 5 ms and p99 ≤ 20 ms at both hz.
+
+    .venv/bin/python -m bench.claim_latency [--messages 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from bench.report import Figure, median, percentile, report
+from bench.stack import Stack, stack
+from worker.logs import configure_logging
+from worker.routing import DEFAULT_QUEUE, host_queue
+
+EXTRA_QUEUE = "bench.extra"
+BARE_QUEUES = ("bench.bare.0", "bench.bare.1", "bench.bare.2")
+BARE_RECORDS = "bench:bare:unacked"
+CLAIM_MARK = "#KEYS - 4"  # a line of the claim script (worker/broker.py), in its EVAL's text
+STOP = "bench-monitor-stop"
+
+
+@dataclass
+class Monitor:
+    """Every command Redis runs, with its time in Redis's clock (a MONITOR connection, in a
+    thread), kept as (time, what): ("push", queue), ("claim", ""), ("record", "")."""
+
+    client: redis.Redis
+    seen: list[tuple[float, str, str]] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+    def start(self) -> Monitor:
+        ready = threading.Event()
+
+        def follow() -> None:
+            with self.client.monitor() as monitor:  # type: ignore[no-untyped-call]
+                ready.set()
+                for entry in monitor.listen():
+                    command = str(entry["command"])
+                    at = float(entry["time"])
+                    if command.startswith("LPUSH "):
+                        self.seen.append((at, "push", command.split(" ", 2)[1]))
+                    elif command.startswith("EVAL ") and CLAIM_MARK in command:
+                        self.seen.append((at, "claim", ""))
+                    elif command.startswith(f"HSET {BARE_RECORDS} "):
+                        self.seen.append((at, "record", ""))
+                    elif STOP in command:
+                        return
+
+        self.thread = threading.Thread(target=follow, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+        time.sleep(0.2)  # MONITOR is on before the first message
+        return self
+
+    def stop(self, other: redis.Redis) -> None:
+        other.echo(STOP)
+        if self.thread is not None:
+            self.thread.join(10)
+
+    def waits(self, queues: tuple[str, ...], taken_by: str) -> list[float]:
+        """For each push to one of `queues`, seconds until the next `taken_by` command."""
+        waits = []
+        ordered = sorted(self.seen)
+        for index, (pushed, kind, queue) in enumerate(ordered):
+            if kind != "push" or queue not in queues:
+                continue
+            for at, later_kind, _ in ordered[index + 1 :]:
+                if later_kind == taken_by:
+                    waits.append(at - pushed)
+                    break
+        return waits
+
+
+def idle() -> None:
+    time.sleep(random.uniform(0.15, 0.45))  # any periodic wait is at a random phase
+
+
+def ours(made: Stack, queues: tuple[str, ...], messages: int) -> None:
+    for number in range(messages):
+        idle()
+        made.app.send_task("imgprep.ping", queue=queues[number % len(queues)]).get(timeout=30)
+
+
+def bare(client: redis.Redis, messages: int) -> None:
+    """A consumer thread that pops with BRPOP, then records what it popped; messages pushed to it
+    one at a time after an idle pause."""
+    taken = threading.Semaphore(0)
+    done = threading.Event()
+
+    def consume() -> None:
+        consumer = redis.Redis(connection_pool=client.connection_pool)
+        while not done.is_set():
+            popped = consumer.brpop(list(BARE_QUEUES), timeout=1)
+            if popped:
+                consumer.hset(BARE_RECORDS, uuid.uuid4().hex, popped[1])
+                taken.release()
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    for number in range(messages):
+        idle()
+        client.lpush(BARE_QUEUES[number % len(BARE_QUEUES)], b"{}")
+        taken.acquire(timeout=30)
+    done.set()
+    thread.join(5)
+    client.delete(BARE_RECORDS)
+
+
+def run(messages: int) -> list[Figure]:
+    figures = []
+    with stack(workers=1, concurrency=4) as made:
+        client = made.redis_server.client()
+        worker = made.workers[0]
+        made.app.control.add_consumer(EXTRA_QUEUE, destination=[worker.nodename], reply=True)
+        queues = (DEFAULT_QUEUE, host_queue(made.settings.host_id), EXTRA_QUEUE)
+        ours(made, queues, 6)  # warm: the worker's pool has run a task
+        for hz in (10, 100):
+            client.config_set("hz", hz)
+            monitor = Monitor(made.redis_server.client()).start()
+            ours(made, queues, messages)
+            bare(client, messages)
+            monitor.stop(client)
+            claimed = monitor.waits(queues, "claim")
+            recorded = monitor.waits(BARE_QUEUES, "record")
+            p50, p99 = median(claimed) * 1000, percentile(claimed, 0.99) * 1000
+            figures.append(
+                report(
+                    Figure(
+                        name=f"claim_latency_hz{hz}",
+                        ours=p50,
+                        baseline=median(recorded) * 1000,
+                        unit="ms (p50)",
+                        target="ours p50 <= 5 ms and p99 <= 20 ms",
+                        met=p50 <= 5 and p99 <= 20,
+                        notes={
+                            "messages": f"{len(claimed)} ours, {len(recorded)} baseline",
+                            "ours p99 ms": round(p99, 2),
+                            "ours max ms": round(max(claimed) * 1000, 2),
+                            "baseline p99 ms": round(percentile(recorded, 0.99) * 1000, 2),
+                            "queues": "3 (shared, host, one added), round robin",
+                            "ours": "LPUSH → the worker's claim script (pop and record)",
+                            "baseline": "LPUSH → a bare consumer's HSET after its BRPOP",
+                        },
+                    )
+                )
+            )
+        client.config_set("hz", 10)
+    return figures
+
+
+def main() -> None:
+    configure_logging("WARNING")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=120)
+    run(parser.parse_args().messages)
+
+
+if __name__ == "__main__":
+    main()
