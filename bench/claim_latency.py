@@ -4,11 +4,12 @@ p50 and p99, with Redis at hz 10 (its default) and hz 100.
 
 Ours: one real `imgprep worker` (default concurrency) consuming three queues (the shared one, its
 host's, and one more added by a control command), one message at a time after an idle pause,
-round robin over the queues. Baseline, in the same run on the same Redis: a bare consumer thread
-that waits with BRPOP on three other queues and then records the message with HSET (kombu's way:
-pop first, record after). Both are read in Redis's own clock from MONITOR: from the LPUSH that
-published the message to the command that recorded it (ours: the claim script's EVAL). Target:
-ours p50 ≤ 5 ms and p99 ≤ 20 ms at both hz.
+each on a queue drawn at random (a round robin would favour a worker that watches its queues in
+turn: the one it watches next would be the next one used). Baseline, in the same run on the same
+Redis: a bare consumer thread that waits with BRPOP on three other queues and then records the
+message with HSET (kombu's way: pop first, record after). Both are read in Redis's own clock from
+MONITOR: from the LPUSH that published the message to the command that recorded it (ours: the
+claim script's EVAL). Target: ours p50 ≤ 5 ms and p99 ≤ 20 ms at both hz.
 
     .venv/bin/python -m bench.claim_latency [--messages 120]
 """
@@ -20,72 +21,18 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import redis
 
 from bench.report import Figure, median, percentile, report
 from bench.stack import Stack, stack
+from worker.harness.redis_monitor import CommandLog
 from worker.logs import configure_logging
 from worker.routing import DEFAULT_QUEUE, host_queue
 
 EXTRA_QUEUE = "bench.extra"
 BARE_QUEUES = ("bench.bare.0", "bench.bare.1", "bench.bare.2")
 BARE_RECORDS = "bench:bare:unacked"
-CLAIM_MARK = "#KEYS - 4"  # a line of the claim script (worker/broker.py), in its EVAL's text
-STOP = "bench-monitor-stop"
-
-
-@dataclass
-class Monitor:
-    """Every command Redis runs, with its time in Redis's clock (a MONITOR connection, in a
-    thread), kept as (time, what): ("push", queue), ("claim", ""), ("record", "")."""
-
-    client: redis.Redis
-    seen: list[tuple[float, str, str]] = field(default_factory=list)
-    thread: threading.Thread | None = None
-
-    def start(self) -> Monitor:
-        ready = threading.Event()
-
-        def follow() -> None:
-            with self.client.monitor() as monitor:  # type: ignore[no-untyped-call]
-                ready.set()
-                for entry in monitor.listen():
-                    command = str(entry["command"])
-                    at = float(entry["time"])
-                    if command.startswith("LPUSH "):
-                        self.seen.append((at, "push", command.split(" ", 2)[1]))
-                    elif command.startswith("EVAL ") and CLAIM_MARK in command:
-                        self.seen.append((at, "claim", ""))
-                    elif command.startswith(f"HSET {BARE_RECORDS} "):
-                        self.seen.append((at, "record", ""))
-                    elif STOP in command:
-                        return
-
-        self.thread = threading.Thread(target=follow, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-        time.sleep(0.2)  # MONITOR is on before the first message
-        return self
-
-    def stop(self, other: redis.Redis) -> None:
-        other.echo(STOP)
-        if self.thread is not None:
-            self.thread.join(10)
-
-    def waits(self, queues: tuple[str, ...], taken_by: str) -> list[float]:
-        """For each push to one of `queues`, seconds until the next `taken_by` command."""
-        waits = []
-        ordered = sorted(self.seen)
-        for index, (pushed, kind, queue) in enumerate(ordered):
-            if kind != "push" or queue not in queues:
-                continue
-            for at, later_kind, _ in ordered[index + 1 :]:
-                if later_kind == taken_by:
-                    waits.append(at - pushed)
-                    break
-        return waits
 
 
 def idle() -> None:
@@ -93,9 +40,9 @@ def idle() -> None:
 
 
 def ours(made: Stack, queues: tuple[str, ...], messages: int) -> None:
-    for number in range(messages):
+    for _ in range(messages):
         idle()
-        made.app.send_task("imgprep.ping", queue=queues[number % len(queues)]).get(timeout=30)
+        made.app.send_task("imgprep.ping", queue=random.choice(queues)).get(timeout=30)
 
 
 def bare(client: redis.Redis, messages: int) -> None:
@@ -114,9 +61,9 @@ def bare(client: redis.Redis, messages: int) -> None:
 
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
-    for number in range(messages):
+    for _ in range(messages):
         idle()
-        client.lpush(BARE_QUEUES[number % len(BARE_QUEUES)], b"{}")
+        client.lpush(random.choice(BARE_QUEUES), b"{}")
         taken.acquire(timeout=30)
     done.set()
     thread.join(5)
@@ -133,10 +80,10 @@ def run(messages: int) -> list[Figure]:
         ours(made, queues, 6)  # warm: the worker's pool has run a task
         for hz in (10, 100):
             client.config_set("hz", hz)
-            monitor = Monitor(made.redis_server.client()).start()
+            monitor = CommandLog(made.redis_server.client(), record_key=BARE_RECORDS).start()
             ours(made, queues, messages)
             bare(client, messages)
-            monitor.stop(client)
+            monitor.stop()
             claimed = monitor.waits(queues, "claim")
             recorded = monitor.waits(BARE_QUEUES, "record")
             p50, p99 = median(claimed) * 1000, percentile(claimed, 0.99) * 1000
@@ -154,7 +101,7 @@ def run(messages: int) -> list[Figure]:
                             "ours p99 ms": round(p99, 2),
                             "ours max ms": round(max(claimed) * 1000, 2),
                             "baseline p99 ms": round(percentile(recorded, 0.99) * 1000, 2),
-                            "queues": "3 (shared, host, one added), round robin",
+                            "queues": "3 (shared, host, one added), one drawn at random",
                             "ours": "LPUSH → the worker's claim script (pop and record)",
                             "baseline": "LPUSH → a bare consumer's HSET after its BRPOP",
                         },

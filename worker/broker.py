@@ -7,11 +7,8 @@ Upstream behaviours, checked in kombu 5.7 and Celery 5.7, that lose or strand me
   while a BRPOP reply waits unread in its socket, which kombu keeps there while the worker has
   no free slot) loses the message for good; no visibility timeout brings it back. Here a message
   is taken by a Lua script that pops it *and* records it (with its owner, this process) in one
-  step; nothing leaves a queue unrecorded. The blocking wait becomes a peek that takes nothing:
-  `BLMOVE q q RIGHT RIGHT` (a list rotated onto itself) returns when `q` holds a message and
-  leaves it there; then the script takes one from any of the channel's queues. BLMOVE watches
-  one list; with several queues the peek rotates among them `peek_timeout` at a time (0.1 s), so
-  a message on another queue waits at most that long.
+  step (the claim); nothing leaves a queue unrecorded. How an idle worker learns that there is
+  something to claim is below.
 * **What a dead worker held waits for the visibility timeout** (an hour by default): prefetched
   messages, retries waiting out their countdown, running steps. Here each worker's main process
   beats every `consumer_beat_interval` (2 s) in `unacked_consumers` (Redis's clock), and every
@@ -29,6 +26,31 @@ Upstream behaviours, checked in kombu 5.7 and Celery 5.7, that lose or strand me
   bootstep that runs each time the worker has connected again, puts back every message this
   process owns that no running step holds.
 
+**How an idle worker waits: a peek per list, each on a connection of its own.** A script cannot
+block, so the wait is a command that takes nothing: `BLMOVE q q RIGHT RIGHT` (the list rotated
+onto itself) returns when `q` holds a message and leaves it there. BLMOVE watches one list, so
+each list the channel consumes (each queue and each of its priority lists: 8 for a worker on the
+shared queue and its host's, with kombu's four priority steps) has a peek waiting on a connection
+of its own, polled by the worker's event loop beside kombu's sockets (worker/broker_peeks.py).
+A push wakes its peek in the same turn of Redis's event loop, whatever its `hz`; the channel
+claims at the next turn of its own (on its own connection, which waits for nothing meanwhile),
+claims again while claims find messages, and sends the peeks again once a claim found every list
+empty: a message pushed after that claim is seen by the peek sent after it. Claimed in about a
+millisecond on any queue, however many queues the worker consumes; before, one connection
+watched one queue at a time for `peek_timeout` (0.1 s) in turn, and Redis at its default hz 10
+ended such a short block up to 0.1 s late, so a message waited up to 0.2 s, and every hop of a
+canvas 0.1 to 0.2 s. A peek blocks for `peek_timeout` (now 1 s) and is then sent again, and the
+channel claims at least that often (a wake-up missed for any reason costs a second, never a
+message); one without a reply for `peek_timeout` plus `health_check_interval` (a half-open
+connection) is replaced. A worker killed between a peek and its claim leaves the message where
+it was. A lost peek connection is a lost connection, raised to Celery's consumer as a lost BRPOP
+connection is, so Redis restarts and failovers go as before. Costs: those connections, each idle
+in Redis (a few KiB), one reply per list and one claim per idle second; every idle worker wakes
+for a message on the shared queue and one claims it, as before. Rejected: keyspace notifications
+(a server setting every Redis and replica must carry, and notices lost with their connection),
+client-side tracking (wakes on every change by anyone, the other workers' claims included, and
+its state dies with the connection), short polls (latency traded for load).
+
 Sentinel URLs (`sentinel://h1:26379;sentinel://h2:26379/0`, with `master_name` and
 `sentinel_kwargs` in `broker_transport_options`) get the same fixes over kombu's Sentinel
 transport (`SentinelTransport`): the channel asks the Sentinels for the master each time it
@@ -36,9 +58,12 @@ connects, so after a failover the worker reconnects to the new master, restores 
 connection stranded, and takes messages with the same claim script.
 
 Consumers with `no_ack` (Flower's and `celery inspect`'s replies), a `global_keyprefix`, or a
-Redis older than 6.2 (no BLMOVE) keep kombu's BRPOP. Publishing is kombu's, so plain Celery
-clients in any language are unaffected. `create_app` makes `redis://` URLs use this transport
-in its process (`use_for_redis_urls`), so the URLs, Celery's banner and Flower stay as they are.
+Redis that refuses BLMOVE or scripts for good (older than 6.2, or an ACL) keep kombu's BRPOP. Any
+other error of a peek or a claim (a master turned replica unblocking its clients, READONLY,
+BUSY, LOADING) counts as a lost connection: the worker reconnects and claims atomically again.
+Publishing is kombu's (LPUSH on the queue's list), so plain Celery clients in any language are
+unaffected. `create_app` makes `redis://` URLs use this transport in its process
+(`use_for_redis_urls`), so the URLs, Celery's banner and Flower stay as they are.
 """
 
 from __future__ import annotations
@@ -60,8 +85,10 @@ from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis import Redis
+from redis.exceptions import ResponseError
 from redis.sentinel import Sentinel
 
+from worker.broker_peeks import PeekPoller, QueuePeeks, as_connection_error, refused
 from worker.redis_urls import DEFAULT_SENTINEL_PORT
 
 log = structlog.get_logger(__name__)
@@ -77,7 +104,7 @@ OUTAGES_KEY = "unacked_outages"  # "<last beat before> <Redis's start>" of recen
 # ARGV[1] consumer, ARGV[2] the worker's time (kombu scores unacked_index with it). Pops one
 # message and records it as kombu would ([payload, exchange, routing key]) with its owner, in one
 # step; a message kombu could not record (no delivery tag) is returned unrecorded, as BRPOP would.
-_CLAIM = """
+CLAIM_SCRIPT = """
 local n = #KEYS - 4
 for i = 1, n do
   local item = redis.call('RPOP', KEYS[i])
@@ -280,11 +307,11 @@ class QoS(kombu_redis.QoS):
 
 
 class Channel(kombu_redis.Channel):
-    """A Redis channel that takes messages atomically and can reach Redis after its transport
-    was closed."""
+    """A Redis channel that takes messages atomically, learns of them from peeks on connections
+    of their own, and can reach Redis after its transport was closed."""
 
     QoS = QoS
-    peek_timeout = 0.1
+    peek_timeout = 1.0
     consumer_beat_interval = 2.0
     consumer_silent_after = 20.0
     from_transport_options = (  # type: ignore[assignment]
@@ -296,8 +323,10 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._no_ack_queues: set[str] = set()
-        self._pending: str | None = None  # "peek" or "claim": the command awaiting its reply
-        self._peek_next = False
+        self._claiming = False  # a claim awaits its reply on the channel's connection
+        self._claim_due = True  # a peek saw a message, or the last claim took one
+        self._claim_sent_at = float("-inf")
+        self._peeks: QueuePeeks | None = None
         self._use_brpop = False  # Redis refused BLMOVE or the claim script: kombu's way
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
 
@@ -328,9 +357,28 @@ class Channel(kombu_redis.Channel):
             and not self._no_ack_queues.intersection(self.active_queues)
         )
 
+    @property
+    def peeks(self) -> QueuePeeks:
+        """The peeks at this channel's lists (made at first use)."""
+        if self._peeks is None:
+            self._peeks = QueuePeeks(
+                # a connection as the channel's pool would make it (plain, TLS, Unix socket, or
+                # to the master the Sentinels name), but of the peek's own
+                connect=lambda: self.pool.connection_class(**self.pool.connection_kwargs),
+                poller=self.connection.cycle,
+                timeout=self.peek_timeout,
+                grace=self.health_check_interval or self.peek_timeout,
+                on_message=self._wake,
+                on_refused=self._refused,
+            )
+        return self._peeks
+
     def _brpop_start(self, timeout: float | None = None) -> None:
+        # Called by kombu's poller on every turn of the event loop while the channel can take a
+        # message and has no reply to wait for: claim when a claim is due, else let the peeks
+        # wait (the channel's own connection then waits for nothing).
         if not self.takes_atomically:
-            self._pending = None
+            self._close_peeks()
             super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
             return
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -341,46 +389,41 @@ class Channel(kombu_redis.Channel):
             for pri in self.priority_steps
             for queue in queues
         ]
+        # Besides what the peeks report, a claim every peek_timeout: a wake-up missed for any
+        # reason costs a second, never a message.
+        if self._claim_due or monotonic() - self._claim_sent_at >= self.peek_timeout:
+            self._claim(keys)
+        else:
+            self.peeks.watch(keys)
+
+    def _claim(self, keys: list[str]) -> None:
         connection = self.client.connection
         self._in_poll = connection
-        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
-        if self._peek_next:
-            self._pending = "peek"
-            wait = self.peek_timeout if len(queues) > 1 else (timeout or self.brpop_timeout)
-            connection.send_command("BLMOVE", keys[0], keys[0], "RIGHT", "RIGHT", wait)
-        else:
-            self._pending = "claim"
-            tail = (self.unacked_key, self.unacked_index_key, OWNER_KEY, CONSUMERS_KEY)
-            connection.send_command(
-                "EVAL", _CLAIM, len(keys) + 4, *keys, *tail, consumer_id(), time()
-            )
+        self._claiming, self._claim_due = True, False
+        self._claim_sent_at = self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        tail = (self.unacked_key, self.unacked_index_key, OWNER_KEY, CONSUMERS_KEY)
+        arguments = (consumer_id(), time())
+        connection.send_command("EVAL", CLAIM_SCRIPT, len(keys) + 4, *keys, *tail, *arguments)
 
     def _brpop_read(self, **options: Any) -> bool:
-        pending, self._pending = self._pending, None
-        if pending is None:
+        if not self._claiming:  # kombu's BRPOP, or a connection closed while idle
             return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
+        self._claiming = False
         try:
             try:
-                command = "BLMOVE" if pending == "peek" else "EVAL"
-                reply = self.client.parse_response(self.client.connection, command, **options)
+                reply = self.client.parse_response(self.client.connection, "EVAL", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            except self.ResponseError as error:  # Redis < 6.2, or scripts refused
-                self._use_brpop = True
-                log.error("broker_takes_with_brpop", command=command, error=str(error))
-                raise Empty() from error
-            if pending == "peek":
-                self._peek_next = False
-                # nothing on this queue: watch the next one next time (if any: a channel that
-                # closes reads this reply after its consumers were cancelled)
-                watched = self._queue_cycle.consume(1)
-                if reply is None and watched:
-                    self._queue_cycle.rotate(watched[0])
-                raise Empty()
+            except self.ResponseError as error:
+                if refused(error):  # Redis < 6.2, or scripts refused
+                    self._refused(error)
+                    raise Empty() from error
+                self.client.connection.disconnect()
+                raise as_connection_error(error, "claim") from error
             if not reply:
-                self._peek_next = True
                 raise Empty()
+            self._claim_due = True  # there may be more
             key, item, recorded = reply
             queue = _text(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
@@ -392,6 +435,23 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
+
+    def _wake(self) -> None:
+        """A peek saw a message: claim at the next turn of the loop."""
+        self._claim_due = True
+
+    def _refused(self, error: ResponseError) -> None:
+        self._use_brpop = True
+        log.error("broker_takes_with_brpop", error=str(error))
+
+    def _close_peeks(self) -> None:
+        peeks, self._peeks = self._peeks, None
+        if peeks is not None:
+            peeks.close()
+
+    def close(self) -> None:
+        self._close_peeks()
+        super().close()  # type: ignore[no-untyped-call]
 
     def beat(self) -> None:
         """Announce this process as a live consumer."""
@@ -410,13 +470,19 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with `Channel` above, and the consumers' heartbeat."""
+    """kombu's Redis transport with `Channel` above, its peeks polled beside kombu's sockets,
+    and the consumers' heartbeat."""
 
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.cycle = PeekPoller()  # type: ignore[assignment]
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
         cycle: Any = self.cycle
+        cycle.use_loop(loop)
         old = getattr(cycle, "_consumers_tref", None)
         if old is not None:
             old.cancel()

@@ -1,6 +1,7 @@
-"""A channel closed while it waits for work (worker/broker.py): kombu reads the reply of the
-command it sent before closing, after the worker cancelled its consumers, so a channel that
-watches no queue any more must still take that reply without failing."""
+"""A channel closed while it waits for work (worker/broker.py): its peeks wait in Redis on
+connections of their own, and its own connection may hold the reply of a claim; a channel that
+closes, after the worker cancelled its consumers, must end both without failing and leave no
+connection of its own blocked in Redis."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from kombu.connection import Connection
 
 from tests.support.waiting import wait_for
@@ -24,30 +26,65 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def test_a_channel_closed_after_its_consumer_was_cancelled_mid_peek_closes(
+def blocked(client: redis.Redis) -> list[str]:
+    """The commands of the connections blocked in Redis (a peek is `blmove`)."""
+    return [str(c["cmd"]) for c in client.client_list() if "b" in str(c.get("flags", ""))]
+
+
+def drain(connection: Any) -> None:
+    with contextlib.suppress(TimeoutError):
+        connection.drain_events(timeout=0.05)
+
+
+def test_a_channel_closed_after_its_consumer_was_cancelled_while_its_peeks_wait_closes(
     redis_server: RedisServer,
 ) -> None:
-    # Given a channel consuming an empty queue, so that it watches it with a peek (BLMOVE)
+    # Given a channel consuming two empty queues, so that a peek (BLMOVE) waits on each of
+    # their lists, each on a connection of its own
     connection: Any = Connection(  # type: ignore[no-untyped-call]
-        redis_server.url, transport=Transport, transport_options={"brpop_timeout": 3}
+        redis_server.url, transport=Transport, transport_options={"priority_steps": [0]}
+    )
+    channel = connection.channel()
+    for queue in ("idle-a", "idle-b"):
+        channel.queue_declare(queue)
+        channel.basic_consume(queue, no_ack=False, callback=lambda message: None, consumer_tag=queue)
+
+    def peeking() -> bool:
+        drain(connection)
+        return channel.peeks.waiting == {"idle-a", "idle-b"}
+
+    wait_for(peeking, timeout=30, what="a peek to wait on each queue")
+    assert blocked(redis_server.client()) == ["blmove", "blmove"]
+
+    # When the consumers are cancelled (a worker's warm shutdown) and the channel closed while
+    # the peeks still wait
+    channel.basic_cancel("idle-a")
+    channel.basic_cancel("idle-b")
+    channel.close()
+
+    # Then it closed, and no connection of it waits in Redis any more
+    assert channel.closed
+    wait_for(lambda: not blocked(redis_server.client()), timeout=10, what="the peeks to end")
+    connection.release()
+
+
+def test_a_channel_closed_with_a_claim_to_read_after_its_consumer_was_cancelled_closes(
+    redis_server: RedisServer,
+) -> None:
+    # Given a channel that has just sent its claim (the first thing a consuming channel does)
+    connection: Any = Connection(  # type: ignore[no-untyped-call]
+        redis_server.url, transport=Transport
     )
     channel = connection.channel()
     channel.queue_declare("idle")
     channel.basic_consume("idle", no_ack=False, callback=lambda message: None, consumer_tag="c")
+    connection.transport.cycle.on_poll_start()
+    assert channel._claiming and channel._in_poll
 
-    # (the claim finds nothing, so the next command is a peek, sent and blocking in Redis)
-    def peeking() -> bool:
-        with contextlib.suppress(TimeoutError):
-            connection.drain_events(timeout=0.05)
-        return channel._pending == "peek" and bool(channel._in_poll)
-
-    wait_for(peeking, timeout=30, what="the channel to wait with a peek")
-
-    # When the consumer is cancelled (a worker's warm shutdown) and the channel closed while
-    # the peek's reply is still to be read
+    # When the consumer is cancelled and the channel closed with the claim's reply unread
     channel.basic_cancel("c")
     channel.close()
 
-    # Then it closed (no IndexError reading the reply with no queue left to watch)
+    # Then it closed (the reply read with no queue left to consume)
     assert channel.closed
     connection.release()

@@ -1,11 +1,12 @@
-"""The private internals of kombu, Celery and billiard that imgprep overrides or calls are still
-there, with the signatures imgprep was written against.
+"""The private internals of kombu, Celery, billiard and redis-py that imgprep overrides or calls
+are still there, with the signatures imgprep was written against.
 
-worker/broker.py, worker/pool.py, worker/results.py and worker/redacting.py subclass upstream
-classes and override or call methods that are not part of any public API. A release that
-renames one, or changes its parameters, would break message delivery silently (the override
-would simply stop being called). pyproject.toml bounds those libraries to the minors tested;
-this test is what fails first when the bounds are raised and something moved.
+worker/broker.py, worker/broker_peeks.py, worker/pool.py, worker/results.py and
+worker/redacting.py subclass upstream classes and override or call methods that are not part of
+any public API. A release that renames one, or changes its parameters, would break message
+delivery silently (the override would simply stop being called). pyproject.toml bounds those
+libraries to the minors tested; this test is what fails first when the bounds are raised and
+something moved.
 """
 
 from __future__ import annotations
@@ -34,6 +35,27 @@ INTERNALS: list[tuple[str, str | None, str, str | None]] = [
     ),
     ("kombu.transport.redis", "Channel", "from_transport_options", None),
     ("kombu.transport.redis", "Channel", "priority_steps", None),
+    ("kombu.transport.redis", "Channel", "close", "(self)"),
+    ("kombu.transport.redis", "Channel", "pool", None),
+    ("kombu.transport.redis", "Channel", "health_check_interval", None),
+    ("kombu.transport.redis", "Channel", "_brpop_sent_at", None),
+    # worker/broker_peeks.py: the peeks, polled beside kombu's sockets. kombu's poller calls
+    # `_register_BRPOP`, hence `Channel._brpop_start`, on every turn of the event loop while a
+    # channel can take a message and awaits no reply: that is when the channel claims or peeks.
+    ("kombu.transport.redis", "MultiChannelPoller", "__init__", "(self)"),
+    ("kombu.transport.redis", "MultiChannelPoller", "handle_event", "(self, fileno, event)"),
+    ("kombu.transport.redis", "MultiChannelPoller", "on_poll_start", "(self)"),
+    ("kombu.transport.redis", "MultiChannelPoller", "_register_BRPOP", "(self, channel)"),
+    ("kombu.transport.redis", "MultiChannelPoller", "eventflags", None),
+    ("kombu.transport.redis", "Transport", "__init__", "(self, *args, **kwargs)"),
+    ("kombu.asynchronous.hub", "Hub", "add_reader", "(self, fds, callback, *args)"),
+    ("kombu.asynchronous.hub", "Hub", "remove_reader", "(self, fd)"),
+    # a peek's own connection: made from the channel's pool's class and arguments (plain, TLS,
+    # Unix or Sentinel-managed alike), its reply read when its socket is readable
+    ("redis.connection", "ConnectionPool", "connection_kwargs", None),
+    ("redis.connection", "Connection", "send_command", "(self, *args, **kwargs)"),
+    ("redis.connection", "Connection", "read_response", None),
+    ("redis.connection", "Connection", "connect", "(self)"),
     # worker/broker.py: acknowledgements with owners
     ("kombu.transport.redis", "QoS", "append", "(self, message, delivery_tag)"),
     ("kombu.transport.redis", "QoS", "ack", "(self, delivery_tag)"),
@@ -119,10 +141,15 @@ def test_the_overrides_in_the_broker_match_what_they_override() -> None:
     """Each method worker.broker overrides keeps the parameters of the method it replaces."""
     from kombu.transport import redis as kombu_redis
 
-    from worker import broker
+    from worker import broker, broker_peeks
 
     pairs = [
-        (broker.Channel, kombu_redis.Channel, ["_connparams", "_brpop_start", "basic_cancel"]),
+        (
+            broker.Channel,
+            kombu_redis.Channel,
+            ["_connparams", "_brpop_start", "basic_cancel", "close"],
+        ),
+        (broker_peeks.PeekPoller, kombu_redis.MultiChannelPoller, ["handle_event"]),
         (broker.QoS, kombu_redis.QoS, ["append", "ack", "reject", "_remove_from_indices"]),
         (broker.SentinelChannel, kombu_redis.SentinelChannel, ["_sentinel_managed_pool"]),
     ]
