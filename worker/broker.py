@@ -437,8 +437,11 @@ class Channel(kombu_redis.Channel):
             self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
 
     def _wake(self) -> None:
-        """A peek saw a message: claim at the next turn of the loop."""
+        """A peek saw a message: claim now if the channel can take one (as kombu's poller would
+        at the loop's next turn, after the timers due by then), else once it can."""
         self._claim_due = True
+        if self.active_queues and self.qos.can_consume():
+            self.connection.cycle._register_BRPOP(self)
 
     def _refused(self, error: ResponseError) -> None:
         self._use_brpop = True
