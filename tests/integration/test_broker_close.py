@@ -47,11 +47,13 @@ def test_a_channel_closed_after_its_consumer_was_cancelled_while_its_peeks_wait_
     channel = connection.channel()
     for queue in ("idle-a", "idle-b"):
         channel.queue_declare(queue)
-        channel.basic_consume(queue, no_ack=False, callback=lambda message: None, consumer_tag=queue)
+        channel.basic_consume(
+            queue, no_ack=False, callback=lambda message: None, consumer_tag=queue
+        )
 
     def peeking() -> bool:
         drain(connection)
-        return channel.peeks.waiting == {"idle-a", "idle-b"}
+        return bool(channel.peeks.waiting == {"idle-a", "idle-b"})
 
     wait_for(peeking, timeout=30, what="a peek to wait on each queue")
     assert blocked(redis_server.client()) == ["blmove", "blmove"]
