@@ -33,6 +33,7 @@ from celery import Celery
 
 from bench.fetch_throughput import settle
 from bench.report import Figure, median, report
+from bench.stack import CONFIG
 from domain.cache.networks import loopback_allowed
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from worker.app import create_app
@@ -89,6 +90,7 @@ def fleet_stack(
     redis = RedisServer(run / "redis", free_port(), appendonly=True).start()
     common = {
         **os.environ,
+        "IMGPREP_CONFIG": str(CONFIG),  # the checkout's defaults, not this host's /etc/imgprep
         "IMGPREP_REDIS_URL": redis.url,
         "IMGPREP_LOG_FORMAT": "json",
         "IMGPREP_LOG_LEVEL": "WARNING",
