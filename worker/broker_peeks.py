@@ -120,11 +120,18 @@ class QueuePeeks:
         self._on_message = on_message
         self._on_refused = on_refused
         self._peeks: dict[str, Peek] = {}
+        # Until when `watch` has nothing to do: every peek waits, none is due to be replaced.
+        # The event loop asks on every turn, so the answer must be cheap.
+        self._settled_until = float("-inf")
 
     @property
     def waiting(self) -> set[str]:
         """The lists with a peek sent and not answered yet."""
         return {key for key, peek in self._peeks.items() if peek.sent_at is not None}
+
+    def settled(self, now: float) -> bool:
+        """Whether every peek `watch` last asked for still waits, none due to be replaced."""
+        return now < self._settled_until
 
     def watch(self, keys: Iterable[str]) -> None:
         """Have a peek wait on each of `keys` (sent now where none waits, replaced where one has
@@ -145,9 +152,12 @@ class QueuePeeks:
                 peek = self._open(key)
             peek.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", self.timeout)
             peek.sent_at = monotonic()
+        oldest = min((peek.sent_at or now for peek in self._peeks.values()), default=now)
+        self._settled_until = oldest + self.timeout + self.grace
 
     def close(self) -> None:
         """Stop polling every peek and close its connection (never raises)."""
+        self._settled_until = float("-inf")
         peeks, self._peeks = list(self._peeks.values()), {}
         for peek in peeks:
             self._close(peek)
@@ -169,6 +179,7 @@ class QueuePeeks:
     def _on_readable(self, peek: Peek) -> None:
         if self._peeks.get(peek.key) is not peek:
             return  # closed, replaced: an event read before it was
+        self._settled_until = float("-inf")  # this peek waits no more
         try:
             reply = peek.connection.read_response(disconnect_on_error=False)
         except ResponseError as error:

@@ -180,3 +180,19 @@ def test_a_refusal_is_reported_and_a_passing_error_is_a_lost_connection(
 )
 def test_only_a_command_refused_for_good_is_a_refusal(error: ResponseError, for_good: bool) -> None:
     assert refused(error) is for_good
+
+
+def test_peeks_are_settled_while_all_wait_and_none_is_due_to_be_replaced(
+    peeking: Peeking,
+) -> None:
+    # the event loop asks on every turn whether there is anything to do
+    now = time.monotonic()
+    assert not peeking.peeks.settled(now)
+
+    peeking.peeks.watch(["a", "b"])
+    assert peeking.peeks.settled(time.monotonic())
+    assert not peeking.peeks.settled(time.monotonic() + 2.0)  # timeout 1 s, grace 0: check
+
+    peeking.connections[0].reply(None)
+    peeking.handle()
+    assert not peeking.peeks.settled(time.monotonic())  # a peek to send again
