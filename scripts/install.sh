@@ -17,6 +17,8 @@ APT_PACKAGES=(
   curl ca-certificates               # benchmarks' baseline, https sources
   chromium chromium-driver           # headless browser: the Flower end-to-end test screenshots
   procps                             # pgrep in bench/mount_inject_baseline.sh
+  ceph-common qemu-block-extra       # the rbd backend: the rbd CLI, qemu's rbd driver
+  ceph-mon ceph-mgr ceph-osd         # the throwaway one-node cluster of the tests and the demo
 )
 
 if [[ $(id -u) -ne 0 ]]; then

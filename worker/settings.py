@@ -226,6 +226,36 @@ class PrivilegeSettings(_Group):
     start_helper: bool = True
 
 
+class RbdSettings(_Group):
+    """The rbd backend (domain.rbd): the Ceph cluster this host's rbd disks live in. Many hosts
+    may name the same cluster; imported images are shared by all of them."""
+
+    # The clients' ceph.conf (monitor addresses, authentication).
+    conf: Path = Path("/etc/ceph/ceph.conf")
+    # The cephx user without "client." (Nova's rbd_user); "": Ceph's default (client.admin).
+    user: str = ""
+    # The user's keyring, readable by the workers' user; "": Ceph's default search
+    # (/etc/ceph/ceph.client.<user>.keyring, ...).
+    keyring: str = ""
+    # Instance disks (Nova's images_rbd_pool) and imported images (Glance's usual pool).
+    pool: str = "vms"
+    images_pool: str = "images"
+    # How long a tool waits for the monitors (client_mount_timeout), a metadata operation may
+    # take, and an import, flatten or extract may take.
+    connect_timeout_seconds: PositiveSeconds = 30.0
+    command_timeout_seconds: PositiveSeconds = 120.0
+    transfer_timeout_seconds: PositiveSeconds = 1800.0
+    # Whether imgprep.evict_cache (beat) also ages this cluster's imported images out.
+    age_images: bool = False
+
+    @field_validator("pool", "images_pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "._-" for c in value):
+            raise ValueError(f"{value!r} is not a pool name (letters, digits, '.', '_', '-')")
+        return value
+
+
 class Settings(BaseSettings):
     """Every setting imgprep reads: IMGPREP_<NAME>, and IMGPREP_<GROUP>__<NAME> for groups."""
 
@@ -265,6 +295,7 @@ class Settings(BaseSettings):
     privileges: PrivilegeSettings = PrivilegeSettings()
     redis: RedisSettings = RedisSettings()
     peer: PeerSettings = PeerSettings()
+    rbd: RbdSettings = RbdSettings()
     # imgprep.precache: at most this many images are fetched from their origin at once.
     precache_concurrency: int = Field(default=1, gt=0)
 

@@ -178,7 +178,7 @@ def stage_entry(
 ) -> Staged[CachedImage]:
     """Inspect verified bytes as today (format inspector, then qemu-img info with the format
     pinned), convert them to raw with force_raw, and stage the entry with its record."""
-    inspected, info = _inspect(part, source, verified, options, runner)
+    inspected, info = inspect_verified(part, source, verified, options, runner)
     published, fmt = part, inspected.format
     if options.force_raw and fmt != "raw":
         published = temporary_path(entry, CONVERTED, fence)
@@ -218,7 +218,7 @@ def stage_entry(
     return Staged(file=published, result=image, record=record.model_dump_json(indent=1))
 
 
-def _inspect(
+def inspect_verified(
     part: Path, source: ImageSource, verified: Verified, options: FetchOptions, runner: Runner
 ) -> tuple[Inspection, qemu_img.ImageInfo]:
     """Inspect the downloaded bytes, then ask qemu-img with the format pinned, under limits."""

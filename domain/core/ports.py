@@ -218,6 +218,19 @@ class PrivilegedOperations(Protocol):
         ...
 
 
+class Temporaries(Protocol):
+    """Names a holder is about to create under a temporary name (an RBD image being imported or
+    cloned), recorded before it creates them, so that the next holder of the resource's lease
+    can remove what a holder that died left, without listing a whole pool
+    (worker.redis_temporaries.RedisTemporaries)."""
+
+    def add(self, resource: str, name: str) -> None: ...
+
+    def discard(self, resource: str, name: str) -> None: ...
+
+    def members(self, resource: str) -> list[str]: ...
+
+
 class PeerRegistry(Protocol):
     """Which hosts hold (or are fetching) each cache entry, and the digests it is verified
     against (host scope; worker.redis_peers.RedisPeerRegistry)."""

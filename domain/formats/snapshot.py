@@ -29,6 +29,8 @@ def snapshot_source(
     structlog.contextvars.bind_contextvars(instance_id=request.instance_id)
     directory = instance_dir(instances_dir, request.instance_id)
     source_format = diskinfo.require_format(directory, request.disk_name)
+    if request.target is None:
+        raise InvalidRequest("a snapshot extracted to a file needs a target")
     target = path_under(snapshots_dir, request.target, create_parents=True)
     return ConvertJob(
         source=str(directory / request.disk_name),

@@ -355,3 +355,8 @@ def clean_cluster(cluster: Cluster, image_server: ImageServer) -> Iterator[Clust
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# The rbd backend's fixtures (a session Ceph cluster, its imgprep cluster): defined beside their
+# harness, made visible to every integration test here.
+from tests.integration.ceph import ceph, ceph_factory, clean_rbd, rbd_cluster  # noqa: E402, F401
