@@ -75,8 +75,11 @@ def prepare_disk_steps(
 
 
 def snapshot_steps(request: SnapshotRequest, *, host: str) -> list[Signature]:
-    """On the host that holds the disk: plan the conversion from its format record, convert."""
+    """On the host that holds the disk: plan the conversion from its format record, convert;
+    an rbd disk's snapshot is one step on a worker of the host (whose cluster holds it)."""
     payload = request.model_dump(mode="json")
+    if request.backend == "rbd":
+        return [signature("imgprep.snapshot_rbd", args=(payload,), queue=host_queue(host))]
     return [
         signature("imgprep.snapshot_source", args=(payload,), queue=host_queue(host)),
         signature("imgprep.convert", queue=host_queue(host)),

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from domain.core.errors import CoordinationUnavailable
 
 PREFIX = "imgprep:temporaries:"
+USAGE_KEY = "imgprep:rbd:last-used"  # one hash: `<fsid>/<pool>/<image>` -> epoch seconds
 T = TypeVar("T")
 
 
@@ -38,3 +39,25 @@ class RedisTemporaries:
             return action()
         except RedisError as error:
             raise CoordinationUnavailable(f"Redis unavailable for temporaries: {error}") from None
+
+
+class RedisImageUsage:
+    """A `domain.core.ports.ImageUsage` in Redis: one hash for every cluster, in Redis's clock
+    (worker clocks may differ)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def touch(self, resource: str) -> None:
+        def now() -> object:
+            seconds, micros = self.client.time()
+            return self.client.hset(USAGE_KEY, resource, f"{seconds + micros / 1e6:.3f}")
+
+        RedisTemporaries._call(now)
+
+    def last_used(self, resource: str) -> float | None:
+        found = RedisTemporaries._call(lambda: self.client.hget(USAGE_KEY, resource))
+        return float(found) if found is not None else None
+
+    def forget(self, resource: str) -> None:
+        RedisTemporaries._call(lambda: self.client.hdel(USAGE_KEY, resource))

@@ -231,6 +231,18 @@ class Temporaries(Protocol):
     def members(self, resource: str) -> list[str]: ...
 
 
+class ImageUsage(Protocol):
+    """When each image imported into a Ceph cluster was last used (a prepare asked for it, or a
+    clone of it was removed): what aging measures the unused window from
+    (worker.redis_temporaries.RedisImageUsage)."""
+
+    def touch(self, resource: str) -> None: ...
+
+    def last_used(self, resource: str) -> float | None: ...
+
+    def forget(self, resource: str) -> None: ...
+
+
 class PeerRegistry(Protocol):
     """Which hosts hold (or are fetching) each cache entry, and the digests it is verified
     against (host scope; worker.redis_peers.RedisPeerRegistry)."""

@@ -160,7 +160,11 @@ def remove_rbd_disk(request: DeleteDiskRequest, ctx: RbdContext, host: str) -> D
     structlog.contextvars.bind_contextvars(instance_id=request.instance_id)
     with ctx.lease(pool, name):
         remove_temporaries(ctx, pool, name)
+        found = tool.info(ctx.tool, pool, name)
+        parent = found.parent_spec() if found is not None else None
         existed = remove_image(ctx.tool, pool, name)
+    if parent is not None:  # its parent is unused from now on, if this was its last clone
+        ctx.usage.touch(ctx.resource(parent[0], parent[1]))
     log.info("rbd_disk_removed", disk=f"{pool}/{name}", existed=existed)
     return DeletedDisk(
         host=host,

@@ -43,7 +43,7 @@ from domain.core.errors import (
 )
 from domain.core.fileops import remove_files
 from domain.core.models import CachedImage, ImageSource
-from domain.core.ports import Lease, LockFactory, Progress, Temporaries, no_progress
+from domain.core.ports import ImageUsage, Lease, LockFactory, Progress, Temporaries, no_progress
 from domain.core.publish import lost_or
 from domain.core.urls import redact
 from domain.formats.inspection import inspect_image
@@ -63,6 +63,7 @@ class RbdContext:
     tool: RbdTool
     cluster_locks: LockFactory  # leases of the whole fleet (no host namespace), that wait
     temporaries: Temporaries
+    usage: ImageUsage  # when each imported image was last used, for aging
     staging_dir: Path  # downloads before import, `<state_dir>/rbd-imports`
     cache: ImageCache  # a local cache entry of the image is imported as it is, not downloaded
     options: FetchOptions
@@ -90,13 +91,16 @@ def import_to_rbd(
     structlog.contextvars.bind_contextvars(image_key=name)
     found = find_imported(source, ctx)
     if found is not None:
+        ctx.usage.touch(ctx.resource(pool, name))
         return found
     lease = ctx.lease(pool, name)
     with lease:
         remove_temporaries(ctx, pool, name)
         found = find_imported(source, ctx)
         if found is not None:
+            ctx.usage.touch(ctx.resource(pool, name))
             return found
+        ctx.usage.touch(ctx.resource(pool, name))  # before it appears: aging never sees it unused
         part = names.temporary(name, lease.fence)
         ctx.temporaries.add(ctx.resource(pool, name), part)
         try:

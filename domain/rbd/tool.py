@@ -307,7 +307,16 @@ def clone(tool: RbdTool, parent: tuple[str, str, str], pool: str, image: str) ->
 
 
 def resize(tool: RbdTool, pool: str, image: str, size: int) -> None:
-    """Grow the image to `size` bytes (never shrinks: --allow-shrink is not passed)."""
+    """Grow the image to `size` bytes (never shrinks: --allow-shrink is not passed); an image
+    of that size already is left as it is."""
+    try:
+        _resize(tool, pool, image, size)
+    except CommandFailed as error:
+        if "new size is equal to original size" not in str(error):
+            raise
+
+
+def _resize(tool: RbdTool, pool: str, image: str, size: int) -> None:
     tool.run(
         "resize",
         "--no-progress",

@@ -17,3 +17,19 @@ class InMemoryTemporaries:
 
     def members(self, resource: str) -> list[str]:
         return sorted(self.sets.get(resource, set()))
+
+
+class InMemoryImageUsage:
+    def __init__(self) -> None:
+        self.used: dict[str, float] = {}
+
+    def touch(self, resource: str) -> None:
+        import time
+
+        self.used[resource] = time.time()
+
+    def last_used(self, resource: str) -> float | None:
+        return self.used.get(resource)
+
+    def forget(self, resource: str) -> None:
+        self.used.pop(resource, None)

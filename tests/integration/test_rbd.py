@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
 
-from domain.core.errors import ChecksumMismatch, DiskConflict, DiskTooSmall
+from domain.core.errors import ChecksumMismatch, DiskConflict, DiskTooSmall, RbdSourceRefused
 from domain.core.models import DeleteDiskRequest, DiskSpec, ImageSource, PrepareRequest
 from domain.rbd import names
 from tests.conftest import write_raw_image
@@ -47,28 +48,33 @@ def rbd_request(
 
 
 def read_rbd(ceph: CephCluster, spec: str, length: int, offset: int = 0) -> bytes:
-    """Bytes of an RBD image (or snapshot) as a guest sees them, read back through qemu."""
+    """Bytes of an RBD image (or snapshot) as a guest sees them (`rbd export`, as the admin)."""
+    out = subprocess.run(
+        ["rbd", *ceph.admin_args(), "export", "--no-progress", spec, "-"],
+        capture_output=True,
+        check=True,
+    )
+    return out.stdout[offset : offset + length]
+
+
+def write_rbd(ceph: CephCluster, spec: str, data: bytes, offset: int) -> None:
+    """Write `data` into an RBD image at `offset`, as a guest would (through qemu)."""
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "read"
+        source = Path(scratch) / "data"
+        source.write_bytes(data)
         subprocess.run(
             [
-                "qemu-img",
-                "dd",
+                "qemu-io",
                 "-f",
                 "raw",
-                "-O",
-                "raw",
-                f"bs={length}",
-                "count=1",
-                f"skip={offset // length}",
-                f"if=rbd:{spec}:conf={ceph.directory / 'ceph.conf'}",
-                f"of={out}",
+                "-c",
+                f"write -P 0xa5 {offset} {len(data)}",
+                f"rbd:{spec}:conf={ceph.directory / 'ceph.conf'}",
             ],
             capture_output=True,
             check=True,
             env={"CEPH_ARGS": " ".join(ceph.admin_args()), "PATH": "/usr/bin:/bin"},
         )
-        return out.read_bytes()[:length]
 
 
 def test_a_prepare_clones_the_imported_image_and_grows_it(
@@ -144,3 +150,213 @@ def test_refusals_are_typed_and_leave_nothing(
 def test_cluster_json_is_what_the_tests_read(ceph: CephCluster) -> None:
     assert json.loads(ceph.ceph("fsid", "--format", "json"))["fsid"] == ceph.fsid
     assert Path(ceph.conf).is_file()
+
+
+def imports_logged(cluster: Cluster, key: str) -> int:
+    """How many times the workers' logs say they imported the image `key` into the cluster."""
+    count = 0
+    for log in (cluster.root / "logs").glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"rbd_image_imported"' in line and key in line:
+                count += 1
+    return count
+
+
+def test_a_burst_across_hosts_downloads_once_and_imports_once(
+    clean_rbd: Cluster, ceph: CephCluster, image_server: ImageServer
+) -> None:
+    # Given a new image, and 8 prepares of it at once on two hosts of one cluster
+    name = served_image(image_server, size=64 * MiB)
+    image_id = unique("img")
+    requests = [
+        rbd_request(image_server, name, image_id=image_id, host=("rbd-a", "rbd-b")[i % 2])
+        for i in range(8)
+    ]
+    # When they are sent together
+    results = [clean_rbd.client.prepare_disk(request) for request in requests]
+    prepared = [clean_rbd.client.wait_prepared(result, timeout=180) for result in results]
+
+    # Then every disk is a clone of the one imported image: one download, one import
+    key = names.image_name(image_id)
+    assert {p.disk.backing_file for p in prepared} == {f"rbd://{ceph.fsid}/images/{key}/snap"}
+    assert image_server.gets(name) == 1
+    assert imports_logged(clean_rbd, key) == 1
+    children = ceph.rbd_json("children", f"images/{key}@snap")
+    assert isinstance(children, list) and len(children) == 8
+    for request in requests:
+        ceph.rbd("rm", f"vms/{names.disk_image(request.disk.instance_id, 'disk')}")
+
+
+def test_an_rbd_source_of_this_cluster_is_cloned_without_a_download(
+    clean_rbd: Cluster, ceph: CephCluster, image_server: ImageServer
+) -> None:
+    # Given an image Glance put in the cluster: a raw image with a protected snapshot
+    source = unique("glance")
+    ceph.rbd("create", "--size", "32M", f"images/{source}")
+    ceph.rbd("snap", "create", f"images/{source}@snap")
+    ceph.rbd("snap", "protect", f"images/{source}@snap")
+    location = f"rbd://{ceph.fsid}/images/{source}/snap"
+    request = PrepareRequest(
+        image=ImageSource(url=location, image_id=unique("img")),
+        disk=DiskSpec(instance_id=unique("vm"), size_bytes=64 * MiB, backend="rbd"),
+        host="rbd-b",
+    )
+    # When a disk is prepared from its location, Then it is a clone of that snapshot
+    prepared = clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(request), timeout=120)
+    assert prepared.disk.backing_file == location
+    image = names.disk_image(request.disk.instance_id, "disk")
+    info = ceph.rbd_json("info", f"vms/{image}")
+    assert isinstance(info, dict) and info["parent"]["image"] == source
+    # and nothing was imported for it
+    assert names.image_name(request.image.image_id) not in ceph.images("images")
+
+    # A location in another cluster, or of a snapshot holding a qcow2, is refused
+    elsewhere = request.model_copy(
+        update={
+            "image": ImageSource(
+                url=location.replace(ceph.fsid, str(uuid.uuid4())), image_id=unique("img")
+            ),
+            "disk": request.disk.model_copy(update={"instance_id": unique("vm")}),
+        }
+    )
+    with pytest.raises(RbdSourceRefused, match="cluster"):
+        clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(elsewhere), timeout=120)
+    qcow2 = unique("glance")
+    with tempfile.TemporaryDirectory() as scratch:
+        made = Path(scratch) / "q.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(made), "32M"], check=True)
+        ceph.rbd("import", str(made), f"images/{qcow2}")
+    ceph.rbd("snap", "create", f"images/{qcow2}@snap")
+    ceph.rbd("snap", "protect", f"images/{qcow2}@snap")
+    hidden = request.model_copy(
+        update={
+            "image": ImageSource(
+                url=f"rbd://{ceph.fsid}/images/{qcow2}/snap", image_id=unique("img")
+            ),
+            "disk": request.disk.model_copy(update={"instance_id": unique("vm")}),
+        }
+    )
+    with pytest.raises(RbdSourceRefused, match="not raw"):
+        clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(hidden), timeout=120)
+    # cleanup: the clone, then the sources
+    ceph.rbd("rm", f"vms/{image}")
+    for made_image in (source, qcow2):
+        ceph.rbd("snap", "unprotect", f"images/{made_image}@snap")
+        ceph.rbd("snap", "purge", f"images/{made_image}")
+        ceph.rbd("rm", f"images/{made_image}")
+
+
+def test_direct_snapshot_and_extract(
+    clean_rbd: Cluster, ceph: CephCluster, image_server: ImageServer
+) -> None:
+    # Given an rbd disk whose guest wrote into it
+    request = rbd_request(image_server, served_image(image_server), size=32 * MiB)
+    clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(request), timeout=120)
+    disk = names.disk_image(request.disk.instance_id, "disk")
+    write_rbd(ceph, f"vms/{disk}", b"\xa5" * MiB, offset=2 * MiB)
+
+    # When it is snapshotted directly (Nova's direct_snapshot)
+    snapshot_id = unique("snapimg")
+    direct = clean_rbd.client.send(
+        "imgprep.snapshot",
+        {
+            "instance_id": request.disk.instance_id,
+            "backend": "rbd",
+            "method": "direct",
+            "image_id": snapshot_id,
+            "host": "rbd-a",
+        },
+    ).get(timeout=120)
+    # Then the new image is flattened into the images pool with a protected snapshot, and
+    # holds what the guest wrote; the disk keeps no snapshot
+    key = names.image_name(snapshot_id)
+    assert direct["location"] == f"rbd://{ceph.fsid}/images/{key}/snap"
+    info = ceph.rbd_json("info", f"images/{key}")
+    assert isinstance(info, dict) and "parent" not in info
+    assert [s["protected"] for s in ceph.snapshots("images", key)] == ["true"]
+    assert read_rbd(ceph, f"images/{key}@snap", MiB, offset=2 * MiB) == b"\xa5" * MiB
+    assert ceph.snapshots("vms", disk) == []
+    # and it is idempotent
+    again = clean_rbd.client.send(
+        "imgprep.snapshot",
+        {
+            "instance_id": request.disk.instance_id,
+            "backend": "rbd",
+            "method": "direct",
+            "image_id": snapshot_id,
+            "host": "rbd-a",
+        },
+    ).get(timeout=120)
+    assert again == direct
+
+    # When it is extracted to a file (the standard snapshot)
+    extracted = clean_rbd.client.send(
+        "imgprep.snapshot",
+        {
+            "instance_id": request.disk.instance_id,
+            "backend": "rbd",
+            "target": f"{disk}.qcow2",
+            "host": "rbd-a",
+        },
+    ).get(timeout=120)
+    # Then the file is a qcow2 with the disk's bytes
+    target = Path(extracted["path"])
+    assert extracted["source"] == f"rbd:vms/{disk}" and extracted["format"] == "qcow2"
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = Path(scratch) / "raw"
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(target), str(raw)], check=True
+        )
+        data = raw.read_bytes()
+    assert data[2 * MiB : 3 * MiB] == b"\xa5" * MiB and data[:MiB] == b"\x5a" * MiB
+    target.unlink()
+    target.with_name(target.name + ".json").unlink()
+
+    # A prepare of the snapshot's image id clones it, with no download
+    from_snapshot = PrepareRequest(
+        image=ImageSource(url=image_server.url("never-served.raw"), image_id=snapshot_id),
+        disk=DiskSpec(instance_id=unique("vm"), size_bytes=32 * MiB, backend="rbd"),
+        host="rbd-b",
+    )
+    booted = clean_rbd.client.wait_prepared(
+        clean_rbd.client.prepare_disk(from_snapshot), timeout=120
+    )
+    assert booted.disk.backing_file == direct["location"]
+    assert image_server.gets("never-served.raw") == 0
+    for request_disk in (disk, names.disk_image(from_snapshot.disk.instance_id, "disk")):
+        clean_rbd.client.send(
+            "imgprep.delete_disk",
+            {"instance_id": request_disk.rsplit("_", 1)[0], "backend": "rbd", "host": "rbd-a"},
+        ).get(timeout=60)
+
+
+def test_delete_and_aging_never_remove_a_parent_with_clones(
+    clean_rbd: Cluster, ceph: CephCluster, image_server: ImageServer
+) -> None:
+    # Given two imported images, one with a clone
+    used = rbd_request(image_server, served_image(image_server))
+    unused = rbd_request(image_server, served_image(image_server))
+    for request in (used, unused):
+        clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(request), timeout=120)
+    delete = {"instance_id": unused.disk.instance_id, "backend": "rbd", "host": "rbd-a"}
+    assert clean_rbd.client.send("imgprep.delete_disk", delete).get(timeout=60)["existed"]
+    # deleting it again succeeds and says it was not there
+    assert not clean_rbd.client.send("imgprep.delete_disk", delete).get(timeout=60)["existed"]
+
+    # When the images pool is aged with a window of 0 s
+    report = clean_rbd.client.send(
+        "imgprep.evict_cache",
+        {"backend": "rbd", "remove_unused_original_minimum_age_seconds": 0},
+    ).get(timeout=120)
+    # Then the image without clones is gone, the one with a clone stays, with its clone
+    used_key, unused_key = (names.image_name(r.image.image_id) for r in (used, unused))
+    assert unused_key in [item["key"] for item in report["evicted"]]
+    assert used_key in report["kept_in_use"]
+    assert unused_key not in ceph.images("images")
+    assert used_key in ceph.images("images")
+    # and with the default window (a day), nothing unused this recently goes
+    delete_used = {"instance_id": used.disk.instance_id, "backend": "rbd", "host": "rbd-b"}
+    clean_rbd.client.send("imgprep.delete_disk", delete_used).get(timeout=60)
+    report = clean_rbd.client.send("imgprep.evict_cache", {"backend": "rbd"}).get(timeout=120)
+    assert used_key in ceph.images("images")
+    assert used_key not in [item["key"] for item in report["evicted"]]
