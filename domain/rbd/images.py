@@ -35,6 +35,7 @@ from domain.cache.directory import ImageCache, cache_key, find_cached
 from domain.cache.download import download
 from domain.cache.fetch import FetchOptions, Verified, check_checksum, inspect_verified
 from domain.core.errors import (
+    CephConfigInvalid,
     ChecksumMismatch,
     DiskConflict,
     ImageRefused,
@@ -284,12 +285,16 @@ def remove_temporaries(ctx: RbdContext, pool: str, name: str) -> list[str]:
 
 def abandon(ctx: RbdContext, pool: str, name: str, part: str) -> None:
     """After a failure: remove this holder's temporary and its record; when the cluster cannot
-    be asked, both stay for the next holder."""
+    be asked now, both stay for the next holder. With settings that cannot reach the pool at
+    all (CephConfigInvalid: no pool, no key) nothing was made, and the record goes too."""
     try:
         remove_image(ctx.tool, pool, part)
-        ctx.temporaries.discard(ctx.resource(pool, name), part)
+    except CephConfigInvalid:
+        pass
     except Exception as error:
         log.warning("rbd_cleanup_failed", image=f"{pool}/{part}", error=str(error))
+        return
+    ctx.temporaries.discard(ctx.resource(pool, name), part)
 
 
 def remove_image(rbd: RbdTool, pool: str, name: str, *, quiet: bool = False) -> bool:
