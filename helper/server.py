@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from domain.core.errors import PrivilegeRefused
 from helper.checks import Refused, Roots
 from helper.loop_ledger import LoopLedger
-from helper.operations import check
+from helper.operations import Workers, check
 from helper.protocol import MAX_REQUEST_BYTES, OPERATIONS, REQUEST, ErrorReply, Reply, Request
 from helper.zygote import Zygote
 
@@ -55,6 +55,14 @@ class HelperConfig:
     allowed_uids: frozenset[int]
     socket_gid: int
     worker: tuple[int, int] | None = None  # the workers' uid and gid: owner of FUSE exports
+    handoff: Path | None = None  # fuse_as_user's fusermount script, for the FUSE daemons
+
+    @property
+    def workers(self) -> Workers | None:
+        """The workers' user as the operations see it (None: a helper serving root only)."""
+        if self.worker is None or self.handoff is None:
+            return None
+        return Workers(*self.worker, handoff=self.handoff)
 
 
 class Helper:
@@ -124,6 +132,16 @@ class Helper:
             caller_pid=peer.pid,
             seconds=round(time.monotonic() - started, 4),
         )
+        if reply.error is not None and reply.error.error_class == PrivilegeRefused.__name__:
+            # refused by the operation itself, on what it found (a link where a disk was, a
+            # qcow2 header that names another file): logged like the server's own refusals
+            log.warning(
+                "request_refused",
+                op=request.op,
+                reason=reply.error.message,
+                caller_uid=peer.uid,
+                caller_pid=peer.pid,
+            )
         return reply
 
     def _refuse(self, op: str, reason: str, peer: Peer) -> Reply:
@@ -244,7 +262,7 @@ def start_zygote(config: HelperConfig) -> Zygote:
     """The helper's zygote (helper.zygote), forked: before the helper starts any thread."""
     if threading.active_count() > 1:
         raise RuntimeError("the helper's zygote must be forked before the helper starts a thread")
-    return Zygote.start(config.worker, OPERATION_TIMEOUT, OPERATION_LIMIT)
+    return Zygote.start(config.workers, OPERATION_TIMEOUT, OPERATION_LIMIT)
 
 
 def serve(config: HelperConfig, zygote: Zygote, **context: Any) -> None:
