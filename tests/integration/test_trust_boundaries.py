@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from domain.core.errors import PrivilegeRefused
+from domain.core.errors import HelperUnavailable, PrivilegeRefused
 from domain.core.runner import CommandError
 from domain.guest.tools import daemons
 from domain.guest.tools import mount as mounts
 from helper import capabilities
+from helper.server import MAX_CONNECTIONS, REQUEST_SECONDS
 from tests.integration.devices import need_devices
 from tests.support.guests import MiB
 from worker.harness import machine
@@ -406,3 +408,76 @@ def test_the_fuse_daemons_run_as_the_workers_user_without_capabilities(open_root
         assert client.remove_work_area(area) is True
     assert_nothing_left(open_root)
 
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise LookupError(pid)
+
+
+def connect(path: Path) -> socket.socket:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect(str(path))
+    return connection
+
+
+def test_idle_connections_cannot_hold_the_helper(open_root: Path) -> None:
+    # Given a helper
+    with HelperProcess.start(open_root) as helper:
+        client = HelperClient(helper.socket_path)
+        before = threads_of(helper.process.pid)
+
+        # When a caller opens many more connections than it serves and sends nothing (one
+        # trickles a byte now and then)
+        idle = [connect(helper.socket_path) for _ in range(4 * MAX_CONNECTIONS)]
+        trickling = idle[0]
+        opened = time.monotonic()
+        try:
+            time.sleep(1.0)
+            trickling.send(b"{")
+
+            # Then the helper holds a thread for at most as many as it serves at once
+            assert threads_of(helper.process.pid) <= before + MAX_CONNECTIONS
+            # and a caller beyond them is answered at once that it is busy (transient)
+            with pytest.raises(HelperUnavailable, match="connections; try again"):
+                client.ping()
+            # and every idle connection is answered and closed within the request time
+            for connection in idle:
+                connection.settimeout(REQUEST_SECONDS + 20)
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                assert answer.endswith(b"\n")
+            assert time.monotonic() - opened < REQUEST_SECONDS + 20
+        finally:
+            for connection in idle:
+                connection.close()
+
+        # and then the helper serves again, with its threads back
+        assert client.ping()["devices_dir"] == str(helper.devices_dir)
+        assert threads_of(helper.process.pid) <= before + 2
+        logged = [line["reason"] for line in refusals(helper)]
+        assert any("no complete request within" in str(reason) for reason in logged)
+
+
+def test_a_request_nested_too_deeply_is_refused_and_logged(open_root: Path) -> None:
+    # Given a helper
+    with HelperProcess.start(open_root) as helper:
+        # When a caller sends JSON nested deeper than any parser goes
+        with connect(helper.socket_path) as connection:
+            connection.sendall(b"[" * 200_000 + b"]" * 200_000 + b"\n")
+            connection.shutdown(socket.SHUT_WR)
+            connection.settimeout(30)
+            raw = b""
+            while chunk := connection.recv(65536):
+                raw += chunk
+
+        # Then it is answered PrivilegeRefused, and the refusal is logged
+        reply = json.loads(raw)
+        assert reply["ok"] is False and reply["error"]["error_class"] == "PrivilegeRefused"
+        assert "nested too deeply" in reply["error"]["message"]
+        assert any("nested too deeply" in str(line["reason"]) for line in refusals(helper))
+        # and the helper still serves
+        assert HelperClient(helper.socket_path).ping()
+        assert "Traceback" not in helper.log_path.read_text()

@@ -104,6 +104,8 @@ def test_every_operation_has_its_capabilities_and_nothing_more_than_it_needs() -
         {"op": "attach_loop", "backing": "/x", "offset": "0", "size": 1},  # a string for a number
         {"op": "detach_loop", "device": "/dev/sda"},  # not a loop device
         ["unmount", "/x"],
+        "[" * 200_000 + "]" * 200_000,  # nested deeper than any JSON parser goes
+        '{"op": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}",
     ],
 )
 def test_malformed_and_unknown_requests_are_refused_and_logged(
@@ -118,7 +120,8 @@ def test_malformed_and_unknown_requests_are_refused_and_logged(
             socket_gid=0,
         )
     )
-    reply = helper.handle(json.dumps(document).encode(), Peer(pid=1, uid=0, gid=0))
+    raw = document.encode() if isinstance(document, str) else json.dumps(document).encode()
+    reply = helper.handle(raw, Peer(pid=1, uid=0, gid=0))
     assert not reply.ok and reply.error is not None
     assert reply.error.error_class == "PrivilegeRefused"
     assert "request_refused" in capsys.readouterr().out
