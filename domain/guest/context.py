@@ -16,7 +16,7 @@ from domain.cache.directory import ImageCache
 from domain.core.device_records import DeviceRecord, Resource
 from domain.core.errors import DeviceError, InvalidRequest
 from domain.core.models import FROM_JSON_ARRAY, InjectedFile, InstanceDisk, PreparedDisk, WireModel
-from domain.core.paths import child
+from domain.core.paths import child, lexical_child
 from domain.core.ports import DeviceLedger, LockFactory, PrivilegedOperations
 from domain.core.runner import Runner
 from domain.disks import diskinfo
@@ -83,9 +83,8 @@ def check_disk(disk: InstanceDisk, ctx: DeviceContext) -> None:
     cache entry in the format its record names: step inputs travel through the broker, and
     these paths and formats are handed to tools that run as root (a raw disk opened as qcow2
     would follow whatever header the guest wrote)."""
+    check_disk_words(disk, ctx)
     expected = child(child(ctx.instances_dir, disk.instance_id), disk.disk_name)
-    if Path(disk.path) != expected:
-        raise InvalidRequest(f"disk path {disk.path} is not the instance disk path {expected}")
     try:
         mode = expected.lstat().st_mode
     except FileNotFoundError:
@@ -101,10 +100,20 @@ def check_disk(disk: InstanceDisk, ctx: DeviceContext) -> None:
         _check_backing(disk, ctx)
 
 
+def check_disk_words(disk: InstanceDisk, ctx: DeviceContext) -> None:
+    """`check_disk`'s lexical half: the disk's path is where imgprep puts that instance disk,
+    its backing file names an entry of the cache (reads nothing on the machine)."""
+    expected = lexical_child(lexical_child(ctx.instances_dir, disk.instance_id), disk.disk_name)
+    if Path(disk.path) != expected:
+        raise InvalidRequest(f"disk path {disk.path} is not the instance disk path {expected}")
+    if disk.backing_file is not None:
+        backing = Path(disk.backing_file)
+        if disk.format != "qcow2" or backing != lexical_child(ctx.cache_dir, backing.name):
+            raise InvalidRequest(f"backing file {backing} is not an entry of the image cache")
+
+
 def _check_backing(disk: InstanceDisk, ctx: DeviceContext) -> None:
     backing = Path(str(disk.backing_file))
-    if disk.format != "qcow2" or backing.parent != ctx.cache_dir:
-        raise InvalidRequest(f"backing file {backing} is not an entry of the image cache")
     base = ImageCache(ctx.cache_dir).image(backing.name)
     if base is None or base.format != disk.backing_format:
         raise InvalidRequest(

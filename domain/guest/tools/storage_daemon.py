@@ -1,17 +1,26 @@
 """qemu-storage-daemon(1): a qcow2 overlay exported as a raw file over FUSE.
 
 Every node is spelled out, so the daemon opens exactly the overlay and the cached base that
-imgprep created, never a file named inside an image header: the base is opened read-only, so
-every write through the export lands in the overlay. The daemon detaches once the export is
-live and writes its pid file; on SIGTERM it unmounts the export and exits.
+imgprep created, never a backing file named inside an image header: the base is opened
+read-only, so every write through the export lands in the overlay. One name in a qcow2 header
+cannot be pinned away: an external data file (qemu refuses `data-file` for an image without
+one). So with the privileged helper, `start_as_user` runs the daemon as the workers' user
+(domain.guest.tools.fuse_as_user), which opens the overlay and anything it names with exactly the
+worker's rights, after refusing a header that names a data file (domain.formats.qcow2_header).
+The daemon detaches once the export is live; on SIGTERM it unmounts the export (as root; as the
+workers' user it cannot, and teardown unmounts it) and exits.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+from domain.core.errors import PrivilegeRefused
 from domain.core.runner import Runner
+from domain.formats import qcow2_header
+from domain.guest.tools import daemons, fuse_as_user
 
 STORAGE_DAEMON = "qemu-storage-daemon"
 
@@ -87,3 +96,61 @@ def start(
         allow_other=allow_other,
     )
     runner.run([*argv, "--daemonize", "--pidfile", str(pidfile)], timeout=120, pass_fds=pass_fds)
+
+
+def start_as_user(
+    overlay: Path,
+    *,
+    backing: Path | None,
+    backing_format: str | None,
+    export: Path,
+    pidfile: Path,
+    user: fuse_as_user.User,
+    handoff: Path,
+    owners: frozenset[int],
+    timeout: float = 120,
+) -> None:
+    """Start the daemon as `user` (the workers'), with root (this process) mounting its export:
+    the overlay, and the base, are opened as that user without following links, and a qcow2
+    header that names an external data file or an unknown incompatible feature is refused
+    (PrivilegeRefused) before the daemon starts. Then this process writes the pid file."""
+    files = [
+        fuse_as_user.HeldFile(overlay, write=True, inspect=_refusing_references(overlay)),
+    ]
+    if backing is not None:
+        inspect = _refusing_references(backing) if backing_format == "qcow2" else None
+        files.append(fuse_as_user.HeldFile(backing, write=False, inspect=inspect))
+
+    def argv(paths: Sequence[Path]) -> list[str]:
+        return [
+            *export_arguments(
+                paths[0],
+                backing=paths[1] if backing is not None else None,
+                backing_format=backing_format,
+                export=export,
+                allow_other=True,
+            ),
+            "--daemonize",
+        ]
+
+    fuse_as_user.start(
+        argv,
+        files=files,
+        mount_point=export,
+        user=user,
+        handoff=handoff,
+        owners=owners,
+        timeout=timeout,
+    )
+    pids = daemons.find(STORAGE_DAEMON, export)
+    pidfile.write_text("".join(f"{pid}\n" for pid in pids))
+
+
+def _refusing_references(path: Path) -> fuse_as_user.Inspect:
+    def inspect(fd: int) -> None:
+        head = qcow2_header.read_head(fd)
+        if not qcow2_header.is_qcow2(head):
+            raise PrivilegeRefused(f"{path} is not a qcow2 image: refused")
+        qcow2_header.refuse_references(head, str(path), backing_pinned=True)
+
+    return inspect
