@@ -45,6 +45,7 @@ from helper.protocol import (
     RemoveWorkArea,
     Reply,
     Request,
+    StartRbdExport,
     StartStorageDaemon,
     StopDaemons,
     Unmount,
@@ -71,6 +72,9 @@ CAPABILITIES: dict[str, tuple[int, ...]] = {
     # as the workers' user (setuid, setgid), which opens the overlay and owns the export: it
     # parses qcow2 headers, which name files
     "start_storage_daemon": (caps.CAP_SYS_ADMIN, caps.CAP_SETUID, caps.CAP_SETGID),
+    # the same for an RBD image: the daemon, as the workers' user, reads their Ceph key and
+    # talks to the cluster; root mounts its export and opens no file of the worker's
+    "start_rbd_export": (caps.CAP_SYS_ADMIN, caps.CAP_SETUID, caps.CAP_SETGID),
     # the daemons run as the workers' user: signalling them from root needs CAP_KILL (they are
     # found by their command line naming a work area, never by a pid from the caller)
     "stop_daemons": (caps.CAP_KILL,),
@@ -104,7 +108,7 @@ class Checked:
     loop: tuple[str, int] | None = None  # (backing, offset) attached or detached
 
 
-def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa: PLR0911 - one branch per operation
+def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa: PLR0911, PLR0912 - one branch per operation
     """Refused unless every argument is where imgprep keeps such things."""
     match request:
         case AttachLoop():
@@ -129,6 +133,12 @@ def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa
             roots.instance_disk(request.overlay)
             if request.backing is not None:
                 roots.cached_base(request.backing)
+            export = roots.work_area_entry(request.export, ("export",))
+            pidfile = roots.work_area_entry(request.pidfile, ("storage-daemon.pid",))
+            if export.parent != pidfile.parent:
+                raise Refused("the export and the pid file are in different work areas")
+            return Checked(request)
+        case StartRbdExport():
             export = roots.work_area_entry(request.export, ("export",))
             pidfile = roots.work_area_entry(request.pidfile, ("storage-daemon.pid",))
             if export.parent != pidfile.parent:
@@ -181,6 +191,16 @@ def run(  # noqa: PLR0911, PLR0912 - one branch per operation
                 Path(request.overlay),
                 backing=Path(request.backing) if request.backing else None,
                 backing_format=request.backing_format,
+                export=Path(request.export),
+                pidfile=Path(request.pidfile),
+            )
+        case StartRbdExport():
+            ops.start_rbd_export(
+                pool=request.pool,
+                image=request.image,
+                conf=Path(request.conf),
+                user=request.user,
+                keyring=Path(request.keyring) if request.keyring else None,
                 export=Path(request.export),
                 pidfile=Path(request.pidfile),
             )

@@ -78,9 +78,7 @@ class Zygote:
         self.exit_status: int | None = None
 
     @classmethod
-    def start(
-        cls, workers: Workers | None, timeout: float, limit: float | None = None
-    ) -> Zygote:
+    def start(cls, workers: Workers | None, timeout: float, limit: float | None = None) -> Zygote:
         """Fork the zygote. Call it before this process starts any thread.
 
         `timeout`: the operations' own limit on each tool they run; `limit`: how long the server
@@ -167,9 +165,7 @@ class Zygote:
                 self.exit_status = os.waitpid(self.pid, 0)[1]
 
 
-def _serve(
-    control: socket.socket, helper: int, timeout: float, workers: Workers | None
-) -> None:
+def _serve(control: socket.socket, helper: int, timeout: float, workers: Workers | None) -> None:
     """The zygote's loop: a child per message, until the helper closes its end."""
     capabilities.die_with_parent(signal.SIGKILL)
     if os.getppid() != helper:  # the helper died before the line above

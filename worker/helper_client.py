@@ -33,6 +33,7 @@ from helper.protocol import (
     RemoveWorkArea,
     Reply,
     Request,
+    StartRbdExport,
     StartStorageDaemon,
     StopDaemons,
     Unmount,
@@ -117,6 +118,29 @@ class HelperClient:
                 overlay=str(overlay),
                 backing=str(backing) if backing else None,
                 backing_format=_backing_format(backing_format),
+                export=str(export),
+                pidfile=str(pidfile),
+            )
+        )
+
+    def start_rbd_export(
+        self,
+        *,
+        pool: str,
+        image: str,
+        conf: Path,
+        user: str,
+        keyring: Path | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        self.call(
+            StartRbdExport(
+                pool=pool,
+                image=image,
+                conf=str(conf),
+                user=user,
+                keyring=str(keyring) if keyring else None,
                 export=str(export),
                 pidfile=str(pidfile),
             )

@@ -187,6 +187,21 @@ class PrivilegedOperations(Protocol):
         qemu-storage-daemon, FUSE)."""
         ...
 
+    def start_rbd_export(
+        self,
+        *,
+        pool: str,
+        image: str,
+        conf: Path,
+        user: str,
+        keyring: Path | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        """Export the RBD image `pool/image` of the cluster `conf` names, as cephx `user` with
+        `keyring`, as a raw file at `export` (qemu-storage-daemon's rbd driver, FUSE)."""
+        ...
+
     def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
         """SIGTERM the `program` processes serving `path`, SIGKILL those still running after
         `timeout`; the pids that had to be killed."""

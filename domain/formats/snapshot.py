@@ -27,11 +27,11 @@ def snapshot_source(
     """The snapshot_source step: the conversion that extracts the disk of `request` to its
     target, planned on the disk's host."""
     structlog.contextvars.bind_contextvars(instance_id=request.instance_id)
+    if request.target is None or request.backend is not None:
+        raise InvalidRequest("snapshot_source extracts a file disk to a target")
     lexical_under(snapshots_dir, request.target)  # the whole request, before the machine
     directory = instance_dir(instances_dir, request.instance_id)
     source_format = diskinfo.require_format(directory, request.disk_name)
-    if request.target is None:
-        raise InvalidRequest("a snapshot extracted to a file needs a target")
     target = path_under(snapshots_dir, request.target, create_parents=True)
     return ConvertJob(
         source=str(directory / request.disk_name),

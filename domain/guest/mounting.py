@@ -131,7 +131,7 @@ def _check_view(mapped: MappedDisk, area: WorkArea) -> None:
     """The view handed over by map_partitions is the one this disk's strategy names, not a
     path from elsewhere."""
     disk = mapped.prepared.disk
-    view = choose_view(disk.format, host_capabilities()).path(disk, area)
+    view = choose_view(disk.format, host_capabilities(), disk.backend).path(disk, area)
     if Path(mapped.view) != view:
         raise InvalidRequest(f"mapped view {mapped.view} is not {view}")
 

@@ -144,6 +144,40 @@ class InProcessPrivileged:
         if self.export_owner is not None:  # a FUSE setattr: the daemon keeps mode 0600
             os.chown(export, *self.export_owner)
 
+    def start_rbd_export(
+        self,
+        *,
+        pool: str,
+        image: str,
+        conf: Path,
+        user: str,
+        keyring: Path | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        node = storage_daemon.RbdNode(pool=pool, image=image, conf=conf, user=user, keyring=keyring)
+        work_areas.make_export(export)
+        if (as_user := self._daemon_user) is not None:
+            daemon_user, handoff, owners = as_user
+            storage_daemon.start_rbd_as_user(
+                node,
+                export=export,
+                pidfile=pidfile,
+                user=daemon_user,
+                handoff=handoff,
+                owners=owners,
+            )
+            return
+        storage_daemon.start_rbd(
+            self.runner,
+            node,
+            export=export,
+            pidfile=pidfile,
+            allow_other=self.export_owner is not None,
+        )
+        if self.export_owner is not None:
+            os.chown(export, *self.export_owner)
+
     def make_work_area(self, area: Path) -> None:
         work_areas.make(area, None if self.export_owner is None else self.export_owner[1])
 

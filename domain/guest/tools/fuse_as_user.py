@@ -46,7 +46,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -77,7 +77,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # The handoff script: run by libfuse as the workers' user in the daemon's namespace, with only
 # the standard library (-I: no environment or user site; -S: no site-packages).
-HANDOFF_SCRIPT = '''#!{python} -IS
+HANDOFF_SCRIPT = """#!{python} -IS
 # fusermount for a FUSE daemon imgprep's privileged helper runs as the workers' user
 # (domain/guest/tools/fuse_as_user.py): the helper mounts; this hands libfuse the descriptor.
 import json, os, socket, sys
@@ -91,7 +91,7 @@ if not fds:
     sys.stderr.write("fusermount: " + reply.decode() + "\\n")
     sys.exit(1)
 socket.send_fds(socket.socket(fileno=int(os.environ["_FUSE_COMMFD"])), [b"\\0"], fds)
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,10 @@ def start(
     handoff: Path,
     owners: frozenset[int],
     timeout: float,
+    env: Mapping[str, str] | None = None,
 ) -> CommandResult:
-    """Start a FUSE daemon as `user`, mounted by this process at `mount_point`.
+    """Start a FUSE daemon as `user`, mounted by this process at `mount_point`; `env`: what its
+    environment has beside the runner's fixed one (an RBD export's CEPH_ARGS).
 
     `argv(paths)`: the daemon's command line, given the names (`/proc/self/fd/N`) of `files` as
     the daemon's process holds them. Returns once the daemon serves its mount and its first
@@ -153,7 +155,9 @@ def start(
     if pid == 0:  # pragma: no cover - runs in the forked child, which execs or exits
         ours.close()
         os.close(errors_read)
-        _become_daemon(argv, files, user, handoff, owners, theirs.fileno(), errors_write)
+        _become_daemon(
+            argv, files, user, handoff, owners, theirs.fileno(), errors_write, dict(env or {})
+        )
     theirs.close()
     os.close(errors_write)
     mounted = False
@@ -203,6 +207,7 @@ def _become_daemon(  # noqa: PLR0917 - the forked child's whole context, passed 
     owners: frozenset[int],
     channel: int,
     errors: int,
+    extra_env: dict[str, str],
 ) -> NoReturn:
     """In the forked child: a namespace of its own, the user's rights, the files, exec."""
     try:
@@ -229,7 +234,7 @@ def _become_daemon(  # noqa: PLR0917 - the forked child's whole context, passed 
                 with contextlib.suppress(OSError):
                     os.close(fd)
         command = argv([Path(f"/proc/self/fd/{fd}") for fd in held])
-        env = {**BASE_ENV, CHANNEL_ENV: str(channel)}
+        env = {**extra_env, **BASE_ENV, CHANNEL_ENV: str(channel)}
         os.execvpe(command[0], command, env)  # noqa: S606 - an argument list, as the runner's
     except ImgprepError as error:
         os.write(2, f"{REFUSED_PREFIX}{error}".encode())
