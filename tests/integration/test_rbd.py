@@ -360,3 +360,37 @@ def test_delete_and_aging_never_remove_a_parent_with_clones(
     report = clean_rbd.client.send("imgprep.evict_cache", {"backend": "rbd"}).get(timeout=120)
     assert used_key in ceph.images("images")
     assert used_key not in [item["key"] for item in report["evicted"]]
+
+
+def test_the_cli_prepares_snapshots_and_shows_the_rbd_steps(
+    clean_rbd: Cluster, ceph: CephCluster, image_server: ImageServer
+) -> None:
+    # Given a served image
+    name = served_image(image_server)
+    instance = unique("vm")
+    # When a user prepares an rbd disk and waits for it
+    done = clean_rbd.cli(
+        "prepare", image_server.url(name), "--image-id", unique("img"), "--instance", instance,
+        "--size", "64M", "--backend", "rbd", "--host", "rbd-a", "--wait", "--json",
+    )  # fmt: skip
+    # Then the result names the clone and its parent's location
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["disk"]["path"] == f"rbd:vms/{instance}_disk"
+    assert result["base"]["path"].startswith(f"rbd://{ceph.fsid}/images/")
+    # and status shows the import and the clone
+    view = json.loads(clean_rbd.cli("status", result["task_id"], "--json").stdout)
+    assert [s["name"] for s in view["steps"]] == ["import_to_rbd", "clone_rbd_disk"]
+    assert view["state"] == "SUCCESS"
+    # When the user snapshots it directly, Then the new image's location is printed
+    snapshot_id = unique("img")
+    made = clean_rbd.cli(
+        "snapshot", instance, "--backend", "rbd", "--direct", "--image-id", snapshot_id,
+        "--host", "rbd-a", "--wait", "--json",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    location = json.loads(made.stdout)["location"]
+    assert location == f"rbd://{ceph.fsid}/images/{names.image_name(snapshot_id)}/snap"
+    clean_rbd.client.send(
+        "imgprep.delete_disk", {"instance_id": instance, "backend": "rbd", "host": "rbd-a"}
+    ).get(timeout=60)
