@@ -61,6 +61,9 @@ def stack(
     """Start a stack; everything it started is stopped when the block ends."""
     with tempfile.TemporaryDirectory(prefix="imgprep-bench-", dir="/var/tmp") as work:
         root = Path(work)
+        # this host's settings may run the workers as imgprep (scripts/install.sh writes
+        # /etc/imgprep/imgprep.toml): they must reach the stack's directories
+        root.chmod(0o755)
         for sub in ("cache", "instances", "state", "served", "logs"):
             (root / sub).mkdir()
         redis_server = RedisServer(root / "redis", free_port(), appendonly=True).start()

@@ -30,8 +30,8 @@ from worker.redis_connect import COMMAND_TIMEOUT_SECONDS, redis_client
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
 from worker.redis_peers import RedisPeerRegistry
+from worker.redis_rbd import RedisImportedImages, RedisTemporaries
 from worker.redis_references import RedisReferences
-from worker.redis_temporaries import RedisImageUsage, RedisTemporaries
 from worker.settings import Settings, get_settings
 
 
@@ -181,7 +181,7 @@ class Runtime:
             tool=RbdTool(self.ceph_access, self.runner),
             cluster_locks=self.fleet_locks,
             temporaries=RedisTemporaries(self.redis),
-            usage=RedisImageUsage(self.redis),
+            imported=RedisImportedImages(self.redis),
             staging_dir=self.settings.state_dir / "rbd-imports",
             cache=self.cache,
             options=self.fetch_options,

@@ -237,7 +237,7 @@ class Temporaries(Protocol):
     """Names a holder is about to create under a temporary name (an RBD image being imported or
     cloned), recorded before it creates them, so that the next holder of the resource's lease
     can remove what a holder that died left, without listing a whole pool
-    (worker.redis_temporaries.RedisTemporaries)."""
+    (worker.redis_rbd.RedisTemporaries)."""
 
     def add(self, resource: str, name: str) -> None: ...
 
@@ -246,16 +246,23 @@ class Temporaries(Protocol):
     def members(self, resource: str) -> list[str]: ...
 
 
-class ImageUsage(Protocol):
-    """When each image imported into a Ceph cluster was last used (a prepare asked for it, or a
-    clone of it was removed): what aging measures the unused window from
-    (worker.redis_temporaries.RedisImageUsage)."""
+class ImportedImages(Protocol):
+    """The images imported into Ceph clusters, by `<fsid>/<pool>/<image>`: each one's record
+    (what its `imgprep.record` image-meta says, so that a prepare finds it without asking the
+    cluster) and when it was last used (a prepare asked for it, one of its clones was removed),
+    which aging measures the unused window from (worker.redis_rbd.RedisImportedImages)."""
+
+    def remember(self, resource: str, record: str) -> None: ...
+
+    def recall(self, resource: str) -> str | None: ...
 
     def touch(self, resource: str) -> None: ...
 
     def last_used(self, resource: str) -> float | None: ...
 
-    def forget(self, resource: str) -> None: ...
+    def forget(self, resource: str) -> None:
+        """Drop the record and the last use (the image is gone)."""
+        ...
 
 
 class PeerRegistry(Protocol):

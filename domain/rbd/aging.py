@@ -3,7 +3,7 @@ image imgprep imported (or made by a direct snapshot) is removed when nothing is
 it and it has been unused for the window, never one with children.
 
 "Unused since" is the last time a prepare asked for it or one of its clones was removed
-(ImageUsage, in Redis's clock), else its import time. Each removal happens under the image's
+(ImportedImages, in Redis's clock), else its import time. Each removal happens under the image's
 lease, which is not waited for (an import in progress is skipped), and checks the children
 again: `rbd snap unprotect` itself refuses a snapshot that has clones, so a clone made after
 the check stops the removal instead of losing its parent.
@@ -82,7 +82,7 @@ def age_rbd_images(
 
 
 def _last_used(ctx: RbdContext, pool: str, name: str, record: dict[str, object]) -> float:
-    used = ctx.usage.last_used(ctx.resource(pool, name))
+    used = ctx.imported.last_used(ctx.resource(pool, name))
     if used is not None:
         return used
     try:
@@ -103,6 +103,6 @@ def _remove(ctx: RbdContext, pool: str, name: str) -> bool:
     except ImgprepError as error:  # a clone made meanwhile: unprotect or removal refused
         log.warning("rbd_image_kept", image=f"{pool}/{name}", reason=str(error))
         return False
-    ctx.usage.forget(ctx.resource(pool, name))
+    ctx.imported.forget(ctx.resource(pool, name))
     log.info("rbd_image_aged_out", image=f"{pool}/{name}")
     return True

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from domain.core.errors import DiskConflict, LockLost
+from domain.core.errors import BaseImageMissing, DiskConflict, LockLost
 from domain.core.models import (
     CachedImage,
     DeletedDisk,
@@ -32,10 +32,20 @@ from domain.core.ports import Lease
 from domain.core.publish import lost_or
 from domain.disks.instance_disks import verify_base_size
 from domain.rbd import names, tool
-from domain.rbd.images import RbdContext, abandon, remove_image, remove_temporaries
+from domain.rbd.images import (
+    RbdContext,
+    abandon,
+    import_to_rbd,
+    remove_image,
+    remove_temporaries,
+)
 from domain.rbd.tool import RbdExists, RbdNotFound
 
 log = structlog.get_logger(__name__)
+
+
+class ParentMissing(Exception):
+    """The parent snapshot is not in the cluster (rbd clone answered ENOENT)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,21 @@ def clone_rbd_disk(
         part = names.temporary(name, lease.fence)
         ctx.temporaries.add(ctx.resource(pool, name), part)
         try:
-            disk = _clone(ctx, parent, pool=pool, name=name, part=part, wanted=wanted, lease=lease)
+            try:
+                disk = _clone(
+                    ctx, parent, pool=pool, name=name, part=part, wanted=wanted, lease=lease
+                )
+            except ParentMissing:
+                if names.parse_location(request.image.url) is not None:
+                    raise BaseImageMissing(
+                        f"the source {parent.location} is no longer in the cluster"
+                    ) from None
+                # its record outlived it (removed behind imgprep's back): import it again
+                ctx.imported.forget(ctx.resource(parent.pool, parent.image))
+                import_to_rbd(request.image, ctx)
+                disk = _clone(
+                    ctx, parent, pool=pool, name=name, part=part, wanted=wanted, lease=lease
+                )
         except Exception as error:
             abandon(ctx, pool, name, part)
             raise lost_or(error, lease) from error
@@ -113,12 +137,7 @@ def _clone(
     try:
         tool.clone(ctx.tool, parent.spec, pool, part)
     except RbdNotFound:
-        from domain.core.errors import BaseImageMissing
-
-        raise BaseImageMissing(
-            f"the parent {parent.location} of {pool}/{name} is not in the cluster (removed "
-            "meanwhile?); send the request again to import it"
-        ) from None
+        raise ParentMissing(parent.location) from None
     tool.resize(ctx.tool, pool, part, wanted.virtual_size)
     lease.ensure_held()
     try:
@@ -164,7 +183,7 @@ def remove_rbd_disk(request: DeleteDiskRequest, ctx: RbdContext, host: str) -> D
         parent = found.parent_spec() if found is not None else None
         existed = remove_image(ctx.tool, pool, name)
     if parent is not None:  # its parent is unused from now on, if this was its last clone
-        ctx.usage.touch(ctx.resource(parent[0], parent[1]))
+        ctx.imported.touch(ctx.resource(parent[0], parent[1]))
     log.info("rbd_disk_removed", disk=f"{pool}/{name}", existed=existed)
     return DeletedDisk(
         host=host,

@@ -44,7 +44,14 @@ from domain.core.errors import (
 )
 from domain.core.fileops import remove_files
 from domain.core.models import CachedImage, ImageSource
-from domain.core.ports import ImageUsage, Lease, LockFactory, Progress, Temporaries, no_progress
+from domain.core.ports import (
+    ImportedImages,
+    Lease,
+    LockFactory,
+    Progress,
+    Temporaries,
+    no_progress,
+)
 from domain.core.publish import lost_or
 from domain.core.urls import redact
 from domain.formats.inspection import inspect_image
@@ -64,7 +71,7 @@ class RbdContext:
     tool: RbdTool
     cluster_locks: LockFactory  # leases of the whole fleet (no host namespace), that wait
     temporaries: Temporaries
-    usage: ImageUsage  # when each imported image was last used, for aging
+    imported: ImportedImages  # records of imported images and their last use, for aging
     staging_dir: Path  # downloads before import, `<state_dir>/rbd-imports`
     cache: ImageCache  # a local cache entry of the image is imported as it is, not downloaded
     options: FetchOptions
@@ -92,16 +99,18 @@ def import_to_rbd(
     structlog.contextvars.bind_contextvars(image_key=name)
     found = find_imported(source, ctx)
     if found is not None:
-        ctx.usage.touch(ctx.resource(pool, name))
+        ctx.imported.touch(ctx.resource(pool, name))
         return found
     lease = ctx.lease(pool, name)
     with lease:
         remove_temporaries(ctx, pool, name)
-        found = find_imported(source, ctx)
+        found = find_imported(source, ctx, ask_cluster=True)
         if found is not None:
-            ctx.usage.touch(ctx.resource(pool, name))
+            ctx.imported.touch(ctx.resource(pool, name))
             return found
-        ctx.usage.touch(ctx.resource(pool, name))  # before it appears: aging never sees it unused
+        ctx.imported.touch(
+            ctx.resource(pool, name)
+        )  # before it appears: aging never sees it unused
         part = names.temporary(name, lease.fence)
         ctx.temporaries.add(ctx.resource(pool, name), part)
         try:
@@ -120,12 +129,27 @@ def import_to_rbd(
         return imported
 
 
-def find_imported(source: ImageSource, ctx: RbdContext) -> CachedImage | None:
+def find_imported(
+    source: ImageSource, ctx: RbdContext, *, ask_cluster: bool = False
+) -> CachedImage | None:
     """The imported image of `source` if it is complete (its snapshot protected: the last thing
-    done before the rename); ChecksumMismatch when it was imported from other bytes."""
+    done before the rename); ChecksumMismatch when it was imported from other bytes.
+
+    Its record in ImportedImages answers without asking the cluster (the clone step imports it
+    again if the image turns out gone); `ask_cluster` (under the lease) asks the cluster itself:
+    a snapshot listing and the image-meta record, about 50 ms each."""
     pool, name = ctx.tool.access.images_pool, names.image_name(source.image_id)
+    resource = ctx.resource(pool, name)
+    remembered = None if ask_cluster else ctx.imported.recall(resource)
+    if remembered is not None:
+        record = _parsed(remembered)
+        size = record.get("virtual_size")
+        if isinstance(size, int):
+            return _checked(source, ctx, pool, name, record=record, size=size)
     snapshots = tool.snapshots(ctx.tool, pool, name)
     if snapshots is None:
+        if remembered is not None:
+            ctx.imported.forget(resource)
         return None
     snapshot = next((s for s in snapshots if s.name == names.SNAPSHOT and s.protected), None)
     if snapshot is None:
@@ -133,7 +157,20 @@ def find_imported(source: ImageSource, ctx: RbdContext) -> CachedImage | None:
             f"{pool}/{name} exists without a protected snapshot {names.SNAPSHOT!r}: it is not an "
             f"image imgprep imported for {source.image_id}; remove it to import the image"
         )
-    record = read_record(ctx.tool, pool, name)
+    record = {**read_record(ctx.tool, pool, name), "virtual_size": snapshot.size}
+    ctx.imported.remember(resource, json.dumps(record, sort_keys=True))
+    return _checked(source, ctx, pool, name, record=record, size=snapshot.size)
+
+
+def _checked(
+    source: ImageSource,
+    ctx: RbdContext,
+    pool: str,
+    name: str,
+    *,
+    record: dict[str, object],
+    size: int,
+) -> CachedImage:
     sha256 = str(record.get("source_sha256") or "")
     if source.checksum is not None and source.checksum != f"sha256:{sha256}":
         raise ChecksumMismatch(
@@ -145,18 +182,23 @@ def find_imported(source: ImageSource, ctx: RbdContext) -> CachedImage | None:
         image_id=source.image_id,
         path=names.location(ctx.tool.fsid(), pool, name),
         format="raw",
-        virtual_size=snapshot.size,
+        virtual_size=size,
         source_sha256=sha256,
     )
 
 
-def read_record(rbd: RbdTool, pool: str, name: str) -> dict[str, object]:
-    text = tool.metadata_get(rbd, pool, name, RECORD_KEY)
+def _parsed(text: str) -> dict[str, object]:
     try:
-        record = json.loads(text) if text else {}
+        record = json.loads(text)
     except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def read_record(rbd: RbdTool, pool: str, name: str) -> dict[str, object]:
+    """The image's record as its image-meta holds it ({} when it has none)."""
+    text = tool.metadata_get(rbd, pool, name, RECORD_KEY)
+    return _parsed(text) if text else {}
 
 
 def _import(
@@ -205,6 +247,9 @@ def _import(
         tool.rename(ctx.tool, pool, part, name)
     except RbdExists:
         raise _lost(pool, name) from None
+    ctx.imported.remember(
+        ctx.resource(pool, name), json.dumps({**record, "virtual_size": size}, sort_keys=True)
+    )
     log.info("rbd_image_imported", image=f"{pool}/{name}", virtual_size=size)
     return CachedImage(
         key=name,

@@ -108,6 +108,10 @@ def _copy(
         raise LockLost(f"{pool}/{name} appeared while this worker was making it") from None
     found = _existing(ctx, pool, name, image_id, source)
     assert found is not None
+    ctx.imported.remember(
+        ctx.resource(pool, name),
+        json.dumps({**record, "virtual_size": found.virtual_size}, sort_keys=True),
+    )
     log.info("rbd_snapshot_created", image=f"{pool}/{name}", source=source)
     return found
 

@@ -183,7 +183,9 @@ def _fsid(tool: RbdTool) -> str:
     return known
 
 
-_ERRNO = re.compile(r"\((\d+)\) [A-Za-z]")
+# `rbd: ...: (110) Connection timed out`; the ceph CLI: `[errno 110] RADOS timed out`
+_UNREACHABLE = ("couldn't connect to the cluster", "error connecting", "RADOS timed out")
+_ERRNO = re.compile(r"\((\d+)\) [A-Za-z]|\[errno (\d+)\]")
 
 
 def failure(error: CommandError, what: str) -> ImgprepError:  # noqa: PLR0911 - one per class
@@ -193,7 +195,7 @@ def failure(error: CommandError, what: str) -> ImgprepError:  # noqa: PLR0911 - 
     code = result.returncode if result is not None and result.returncode > 0 else 0
     found = _ERRNO.findall(stderr)
     if found:
-        code = int(found[-1])
+        code = int(next(number for number in found[-1] if number))
     last = next((line for line in reversed(stderr.splitlines()) if line.strip()), str(error))
     message = f"{what}: {last.strip()}"
     if "unable to open config file" in stderr or "did not load config file" in stderr:
@@ -206,12 +208,13 @@ def failure(error: CommandError, what: str) -> ImgprepError:  # noqa: PLR0911 - 
         return CephConfigInvalid(
             f"{what}: the pool does not exist (rbd.pool, rbd.images_pool): {last}"
         )
-    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in stderr:
-        return CephConfigInvalid(f"{what}: the cluster refused the Ceph user's key or caps: {last}")
+    unreachable = any(marker in stderr for marker in _UNREACHABLE)
     if code in (errno.ETIMEDOUT, errno.ECONNREFUSED, errno.EHOSTUNREACH) or (
-        "couldn't connect to the cluster" in stderr or "error connecting" in stderr
+        unreachable and code not in (errno.EACCES, errno.EPERM)
     ):
         return CephUnavailable(f"{what}: the Ceph cluster does not answer: {last}")
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in stderr:
+        return CephConfigInvalid(f"{what}: the cluster refused the Ceph user's key or caps: {last}")
     if code == errno.ENOENT or "No such file or directory" in stderr:
         return RbdNotFound(message)
     if code == errno.EEXIST or "File exists" in stderr:

@@ -1,4 +1,4 @@
-"""In-memory temporary names (the Temporaries port)."""
+"""In-memory fakes of the rbd backend's ports (Temporaries, ImportedImages)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,16 @@ class InMemoryTemporaries:
         return sorted(self.sets.get(resource, set()))
 
 
-class InMemoryImageUsage:
+class InMemoryImportedImages:
     def __init__(self) -> None:
         self.used: dict[str, float] = {}
+        self.records: dict[str, str] = {}
+
+    def remember(self, resource: str, record: str) -> None:
+        self.records[resource] = record
+
+    def recall(self, resource: str) -> str | None:
+        return self.records.get(resource)
 
     def touch(self, resource: str) -> None:
         import time
@@ -33,3 +40,4 @@ class InMemoryImageUsage:
 
     def forget(self, resource: str) -> None:
         self.used.pop(resource, None)
+        self.records.pop(resource, None)

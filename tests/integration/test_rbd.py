@@ -394,3 +394,28 @@ def test_the_cli_prepares_snapshots_and_shows_the_rbd_steps(
     clean_rbd.client.send(
         "imgprep.delete_disk", {"instance_id": instance, "backend": "rbd", "host": "rbd-a"}
     ).get(timeout=60)
+
+
+def test_an_image_removed_behind_imgprep_is_imported_again(
+    clean_rbd: Cluster, ceph: CephCluster, image_server: ImageServer
+) -> None:
+    # Given an imported image, removed from the cluster by an operator (its record in Redis,
+    # which lets prepares skip asking the cluster, outlives it)
+    name = served_image(image_server)
+    first = rbd_request(image_server, name)
+    clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(first), timeout=120)
+    ceph.rbd("rm", f"vms/{names.disk_image(first.disk.instance_id, 'disk')}")
+    key = names.image_name(first.image.image_id)
+    ceph.rbd("snap", "unprotect", f"images/{key}@snap")
+    ceph.rbd("snap", "purge", f"images/{key}")
+    ceph.rbd("rm", f"images/{key}")
+
+    # When another disk of that image is prepared
+    second = rbd_request(image_server, name, image_id=first.image.image_id)
+    prepared = clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(second), timeout=120)
+
+    # Then the clone step imports it again (a second download) and clones it
+    assert [s["protected"] for s in ceph.snapshots("images", key)] == ["true"]
+    assert prepared.disk.backing_file == f"rbd://{ceph.fsid}/images/{key}/snap"
+    assert image_server.gets(name) == 2
+    ceph.rbd("rm", f"vms/{names.disk_image(second.disk.instance_id, 'disk')}")

@@ -1,6 +1,11 @@
-"""Temporary RBD image names in Redis (the Temporaries port): one set per resource,
-`imgprep:temporaries:<fsid>/<pool>/<image>`, written before a holder creates the name and read by
-the next holder of the resource's lease, which removes what a dead holder left."""
+"""The rbd backend's Redis adapters, resources named `<fsid>/<pool>/<image>`:
+
+* Temporaries: one set per resource, `imgprep:temporaries:<resource>`, written before a holder
+  creates a temporary name and read by the next holder of the resource's lease, which removes
+  what a dead holder left;
+* ImportedImages: the record of each imported image (`imgprep:rbd:images`, what its image-meta
+  says) and its last use (`imgprep:rbd:last-used`, in Redis's clock), one hash each for every
+  cluster; they live as long as the images, and aging removes them with the image."""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from redis.exceptions import RedisError
 from domain.core.errors import CoordinationUnavailable
 
 PREFIX = "imgprep:temporaries:"
-USAGE_KEY = "imgprep:rbd:last-used"  # one hash: `<fsid>/<pool>/<image>` -> epoch seconds
+USAGE_KEY = "imgprep:rbd:last-used"  # one hash: resource -> epoch seconds
+RECORDS_KEY = "imgprep:rbd:images"  # one hash: resource -> the image's record (JSON)
 T = TypeVar("T")
 
 
@@ -41,9 +47,9 @@ class RedisTemporaries:
             raise CoordinationUnavailable(f"Redis unavailable for temporaries: {error}") from None
 
 
-class RedisImageUsage:
-    """A `domain.core.ports.ImageUsage` in Redis: one hash for every cluster, in Redis's clock
-    (worker clocks may differ)."""
+class RedisImportedImages:
+    """A `domain.core.ports.ImportedImages` in Redis (last uses in Redis's clock: worker clocks
+    may differ)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
@@ -59,5 +65,20 @@ class RedisImageUsage:
         found = RedisTemporaries._call(lambda: self.client.hget(USAGE_KEY, resource))
         return float(found) if found is not None else None
 
+    def remember(self, resource: str, record: str) -> None:
+        RedisTemporaries._call(lambda: self.client.hset(RECORDS_KEY, resource, record))
+
+    def recall(self, resource: str) -> str | None:
+        found = RedisTemporaries._call(lambda: self.client.hget(RECORDS_KEY, resource))
+        if found is None:
+            return None
+        return found.decode() if isinstance(found, bytes) else str(found)
+
     def forget(self, resource: str) -> None:
-        RedisTemporaries._call(lambda: self.client.hdel(USAGE_KEY, resource))
+        def both() -> object:
+            with self.client.pipeline() as pipe:
+                pipe.hdel(RECORDS_KEY, resource)
+                pipe.hdel(USAGE_KEY, resource)
+                return pipe.execute()
+
+        RedisTemporaries._call(both)
