@@ -139,8 +139,9 @@ def burst(made: Stack, ceph: CephCluster, count: int, repeat: int) -> Figure:
     rbd_times, qcow2_times, downloads, imports = [], [], [], []
     for _ in range(repeat):
         before = made.server.gets("burst.raw")
+        qcow2_id = uid("q")  # one new image for the whole qcow2 burst
         qcow2_times.append(
-            all_at_once(made, [request(url, uid("q"), "qcow2") for _ in range(count)])
+            all_at_once(made, [request(url, qcow2_id, "qcow2") for _ in range(count)])
         )
         image_id = uid("r")
         batch = [request(url, image_id, "rbd") for _ in range(count)]

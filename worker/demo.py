@@ -4,7 +4,8 @@ Builds a small guest disk (MBR, one ext4 partition, converted to qcow2), serves 
 local HTTP server, starts a worker, prepares two instance disks from it at once, each with a
 file injected into its guest filesystem, prints every step with its duration, how many times
 the image was downloaded and the injected file read back from each disk, and stops what it
-started.
+started. With `--backend rbd` it first starts a throwaway one-node Ceph cluster
+(worker.harness.ceph_cluster), and the disks are clones of the image imported into it once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import pwd
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ from domain.core.models import DiskSpec, FileInjection, ImageSource, PreparedDis
 from domain.core.runner import Limits, Runner
 from domain.formats import qemu_img
 from helper import capabilities
+from worker.harness.ceph_cluster import CephCluster
 from worker.harness.guest_files import read_guest_file
 from worker.harness.image_server import ImageServer
 from worker.harness.sample_images import Partition, partitioned_disk
@@ -68,7 +71,30 @@ def redis_answers(settings: Settings) -> bool:
         return False
 
 
-def run_demo(*, keep_worker: bool = False) -> int:
+def run_demo(*, keep_worker: bool = False, backend: str = "qcow2") -> int:
+    if backend != "rbd":
+        return _run(keep_worker=keep_worker)
+    settings = get_settings()
+    ensure_directories(settings)
+    directory = settings.state_dir / "demo" / f"ceph-{os.getpid()}"
+    directory.mkdir(parents=True, mode=0o755)
+    directory.parent.chmod(0o755)
+    t0 = time.monotonic()
+    ceph = CephCluster(directory, cephx=True)
+    try:
+        ceph.start()
+        click.echo(
+            f"ceph cluster {ceph.fsid} on 127.0.0.1:{ceph.port} (a monitor, a memstore OSD, "
+            f"cephx), pools vms and images, up in {time.monotonic() - t0:.2f} s"
+        )
+        return _run(keep_worker=keep_worker, ceph=ceph)
+    finally:
+        ceph.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+        click.echo(f"ceph cluster {ceph.fsid} stopped")
+
+
+def _run(*, keep_worker: bool, ceph: CephCluster | None = None) -> int:
     started = time.monotonic()
     settings = get_settings()
     ensure_directories(settings)
@@ -108,6 +134,7 @@ def run_demo(*, keep_worker: bool = False) -> int:
                     **os.environ,
                     "IMGPREP_FETCH__DENIED_NETWORKS": json.dumps(loopback_allowed()),
                     **_own_helper_socket(settings),
+                    **(ceph.env() if ceph is not None else {}),
                 },
             )
             worker.wait_ready(app, timeout=60)
@@ -116,8 +143,11 @@ def run_demo(*, keep_worker: bool = False) -> int:
                 f"{nodename} ready in {time.monotonic() - t0:.2f} s (log: {worker.log_path})",
             )
             say("privileges", _privileges(worker))
-            ok = _prepare_two(server, image, digest)
+            ok = _prepare_two(server, image, digest, ceph)
             say("downloads", f"{server.gets(image.name)} GET of the image for 2 requests")
+            if ceph is not None:
+                imported = [name for name in ceph.images("images") if ".part." not in name]
+                say("imported", f"{len(imported)} image in the pool images: {', '.join(imported)}")
         finally:
             if worker is not None and not keep_worker:
                 worker.stop()
@@ -163,7 +193,7 @@ def _status(pid: int) -> str:
     return f"{user} (uid {uid}), {caps}"
 
 
-def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
+def _prepare_two(server: ImageServer, image: Path, digest: str, ceph: CephCluster | None) -> bool:
     from worker.app import app
     from worker.cli.status import render_status
     from worker.client import Client
@@ -181,7 +211,11 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
     requests = [
         PrepareRequest(
             image=source,
-            disk=DiskSpec(instance_id=f"demo-{stamp}-{n}", size_bytes=DISK_SIZE),
+            disk=DiskSpec(
+                instance_id=f"demo-{stamp}-{n}",
+                size_bytes=DISK_SIZE,
+                backend="rbd" if ceph is not None else "qcow2",
+            ),
             inject=(FileInjection(path=INJECTED, content=f"Disk demo-{stamp}-{n}, by imgprep.\n"),),
         )
         for n in (1, 2)
@@ -214,7 +248,7 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
                 "backing",
                 f"{outcome.base.path} ({outcome.base.format}, {human(outcome.base.virtual_size)})",
             )
-            ok = _show_injected(outcome, request) and ok
+            ok = _show_injected(outcome, request, ceph) and ok
         else:
             ok = False
             say("failed", f"{type(outcome).__name__}: {outcome}")
@@ -227,8 +261,11 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
     return ok
 
 
-def _show_injected(prepared: PreparedDisk, request: PrepareRequest) -> bool:
-    """Print the injected file as read back from the disk by qemu-img and debugfs."""
+def _show_injected(
+    prepared: PreparedDisk, request: PrepareRequest, ceph: CephCluster | None
+) -> bool:
+    """Print the injected file as read back from the disk by qemu-img and debugfs (an rbd disk:
+    exported from the cluster by `rbd export` first)."""
     guest = prepared.guest
     if guest is None or not prepared.injected:
         say("injected", "nothing (the result names no injected file)")
@@ -240,13 +277,16 @@ def _show_injected(prepared: PreparedDisk, request: PrepareRequest) -> bool:
         f"{item.path} ({item.size} bytes, mode {item.mode:04o}) into {where}, "
         f"{guest.filesystem}, mounted by {guest.mount}",
     )
-    found = read_guest_file(
-        Path(prepared.disk.path),
-        prepared.disk.format,
-        guest.partition,
-        item.path,
-        get_settings().state_dir / "demo",
-    )
+    work = get_settings().state_dir / "demo"
+    disk = Path(prepared.disk.path)
+    if ceph is not None:
+        disk = work / f"{prepared.disk.instance_id}.raw"
+        ceph.rbd("export", "--no-progress", prepared.disk.path.removeprefix("rbd:"), str(disk))
+    try:
+        found = read_guest_file(disk, prepared.disk.format, guest.partition, item.path, work)
+    finally:
+        if ceph is not None:
+            disk.unlink(missing_ok=True)
     expected = request.inject[0].data().decode()
     if found is None or found.content != expected or found.mode != item.mode:
         say("read back", f"{item.path} is missing or differs in {prepared.disk.path}")
