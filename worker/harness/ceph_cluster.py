@@ -110,9 +110,18 @@ class CephCluster:
 
     @staticmethod
     def _run(argv: Sequence[str], *, timeout: float, check: bool) -> str:
-        done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
-        )
+        """The command's standard output; with `check`, a failure (or no answer within
+        `timeout`) is a RuntimeError, without it an empty output."""
+        try:
+            done = subprocess.run(
+                list(argv), capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            if check:
+                raise RuntimeError(
+                    f"{' '.join(argv[:3])} ... did not answer in {timeout} s"
+                ) from None
+            return ""
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:3])} ... exited {done.returncode}: {done.stderr}")
         return done.stdout
