@@ -40,6 +40,7 @@ class CephCluster:
     cephx: bool = False
     persistent: bool = False  # bluestore on a file: the OSD can be killed and started again
     user: str = "imgprep"
+    watch_timeout: int = 5  # seconds (Ceph's default: 30)
     fsid: str = field(default_factory=lambda: str(uuid.uuid4()))
     port: int = 0
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -193,6 +194,9 @@ class CephCluster:
             "mon data avail crit = 0",
             "mon data avail warn = 1",
             "osd memory target = 268435456",
+            # a client killed with an image open keeps its watch this long, and removing the
+            # image waits for it (30 s by default): the tests kill importers on purpose
+            f"osd client watch timeout = {self.watch_timeout}",
             *store,
             f"run dir = {d / 'run'}",
             f"admin socket = {d / 'run'}/$name.asok",
