@@ -134,7 +134,7 @@ def _run(*, keep_worker: bool, ceph: CephCluster | None = None) -> int:
                     **os.environ,
                     "IMGPREP_FETCH__DENIED_NETWORKS": json.dumps(loopback_allowed()),
                     **_own_helper_socket(settings),
-                    **(ceph.env() if ceph is not None else {}),
+                    **(_own_cluster(ceph) if ceph is not None else {}),
                 },
             )
             worker.wait_ready(app, timeout=60)
@@ -154,6 +154,17 @@ def _run(*, keep_worker: bool, ceph: CephCluster | None = None) -> int:
                 say("stopped", f"worker {nodename}")
     say("total", f"{time.monotonic() - started:.2f} s")
     return 0 if ok else 1
+
+
+def _own_cluster(ceph: CephCluster) -> dict[str, str]:
+    """The demo's worker on its throwaway cluster, as a host of its own: a worker already
+    serving this host (on another cluster, or none) must not take the demo's steps."""
+    return {**ceph.env(), "IMGPREP_HOST_ID": f"demo-rbd-{os.getpid()}"}
+
+
+def demo_host(ceph: CephCluster | None) -> str | None:
+    """The host the demo's requests name: its worker's own with a cluster, else any."""
+    return _own_cluster(ceph)["IMGPREP_HOST_ID"] if ceph is not None else None
 
 
 def _own_helper_socket(settings: Settings) -> dict[str, str]:
@@ -217,6 +228,7 @@ def _prepare_two(server: ImageServer, image: Path, digest: str, ceph: CephCluste
                 backend="rbd" if ceph is not None else "qcow2",
             ),
             inject=(FileInjection(path=INJECTED, content=f"Disk demo-{stamp}-{n}, by imgprep.\n"),),
+            host=demo_host(ceph),
         )
         for n in (1, 2)
     ]

@@ -419,3 +419,19 @@ def test_an_image_removed_behind_imgprep_is_imported_again(
     assert prepared.disk.backing_file == f"rbd://{ceph.fsid}/images/{key}/snap"
     assert image_server.gets(name) == 2
     ceph.rbd("rm", f"vms/{names.disk_image(second.disk.instance_id, 'disk')}")
+
+
+def test_the_demo_shows_the_rbd_path_on_a_throwaway_cluster(clean_rbd: Cluster) -> None:
+    # When a user runs the demo on the rbd backend
+    done = clean_rbd.cli("demo", "--backend", "rbd", timeout=300)
+    # Then it starts a cluster, prepares two clones of one imported image with a file injected
+    # into each, reads the file back from each clone, and stops the cluster
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "prepared    2 of 2 disks" in done.stdout
+    assert done.stdout.count("rbd:vms/demo-") == 2
+    assert "imported    1 image in the pool images" in done.stdout
+    assert done.stdout.count("from the disk itself") == 2
+    (started,) = [line for line in done.stdout.splitlines() if line.startswith("ceph cluster")][:1]
+    fsid = started.split()[2]
+    assert f"ceph cluster {fsid} stopped" in done.stdout
+    assert not list((clean_rbd.settings.state_dir / "demo").glob("ceph-*"))
