@@ -481,3 +481,42 @@ def test_a_request_nested_too_deeply_is_refused_and_logged(open_root: Path) -> N
         # and the helper still serves
         assert HelperClient(helper.socket_path).ping()
         assert "Traceback" not in helper.log_path.read_text()
+
+
+def ext4_disk(root: Path, instance: str) -> Path:
+    """A raw ext4 instance disk of the worker's, `instances/<instance>/disk`."""
+    folder = root / "instances" / instance
+    folder.mkdir()
+    disk = folder / "disk"
+    disk.write_bytes(b"")
+    os.truncate(disk, 16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
+    workers(folder, disk)
+    return disk
+
+
+def test_a_daemons_namespace_does_not_keep_other_disks_mounted(open_root: Path) -> None:
+    # Given two disks mounted by the helper, the second while the first is mounted (a new
+    # mount namespace starts with a copy of every mount of the host's)
+    with HelperProcess.start(open_root) as helper:
+        client = HelperClient(helper.socket_path)
+        first, second = helper.devices_dir / "vm1" / "disk", helper.devices_dir / "vm2" / "disk"
+        for instance, area in (("vm1", first), ("vm2", second)):
+            client.make_work_area(area)
+            client.mount_fuse2fs(ext4_disk(open_root, instance), area / "root", offset=0)
+        try:
+            # When the first is unmounted while the second's daemon runs
+            pids = daemons.find("fuse2fs", first / "root")
+            client.unmount(first / "root")
+
+            # Then the first's daemon writes back and exits at once: no copy of its mount in
+            # the second daemon's namespace keeps its filesystem alive
+            assert pids and daemons.wait_gone(pids, 20) == []
+        finally:
+            for area in (first, second):
+                pids = daemons.find("fuse2fs", area / "root")
+                if mounts.is_mounted(area / "root"):
+                    client.unmount(area / "root")
+                assert daemons.wait_gone(pids, 60) == []
+                assert client.remove_work_area(area) is True
+    assert_nothing_left(open_root)

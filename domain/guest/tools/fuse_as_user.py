@@ -29,8 +29,14 @@ mount, then waits for the daemon's first process to exit, as the daemon forks in
 background once its filesystem is served. An unmount asked of the script (`-u`) is a no-op:
 the helper unmounts (teardown), which ends the daemon.
 
-The daemon's namespace changes only those two files, as a slave of the host's, so the mount
-the root process makes is the host's and the daemon sees it as everyone does.
+The daemon's namespace is a slave of the host's, so the mount the root process makes is the
+host's and the daemon sees it as everyone does. A new namespace starts with a copy of every mount
+the host has, and a copy keeps its filesystem mounted: where the host's mounts do not propagate
+(private, as outside systemd), another disk's guest mount or export, unmounted by the helper in the
+host, would live on in this daemon's namespace, its own FUSE daemon never told to exit (seen in
+the fault campaign: teardowns waited for one another until a daemon was killed). So the namespace
+lets go of every FUSE mount and every mount of a loop device it copied (what imgprep mounts), after
+the daemon's files are opened (as the user, then root again) and before the daemon runs.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import structlog
 from domain.core.errors import DeviceError, ImgprepError, PrivilegeRefused
 from domain.core.runner import BASE_ENV, CommandError, CommandResult, describe_failure
 from domain.guest.held_files import open_held
+from domain.guest.tools.mount import unescape_mount_point
 
 log = structlog.get_logger(__name__)
 
@@ -215,11 +222,11 @@ def _become_daemon(  # noqa: PLR0917 - the forked child's whole context, passed 
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
-        _private_fusermount(handoff)
         os.setgroups([])
         os.setresgid(user.gid, user.gid, user.gid)
-        os.setresuid(user.uid, user.uid, user.uid)  # every capability is gone with uid 0
-        _call(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+        # the files are opened as the user (its rights decide), and before the namespace lets go
+        # of its copies of the host's FUSE mounts (an export among them); root again after
+        os.setresuid(-1, user.uid, -1)
         held: list[int] = []
         for wanted in files:
             fd = open_held(wanted.path, write=wanted.write, owners=owners)
@@ -227,6 +234,10 @@ def _become_daemon(  # noqa: PLR0917 - the forked child's whole context, passed 
                 wanted.inspect(fd)
             os.set_inheritable(fd, True)
             held.append(fd)
+        os.setresuid(-1, 0, -1)
+        _private_fusermount(handoff)
+        os.setresuid(user.uid, user.uid, user.uid)  # every capability is gone with uid 0
+        _call(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
         os.set_inheritable(channel, True)
         keep = {0, 1, 2, channel, *held}
         for fd in _open_descriptors():
@@ -250,6 +261,8 @@ def _private_fusermount(handoff: Path) -> None:
     /dev/fuse cannot be used to mount."""
     _call(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _call(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "making / a slave")
+    for copied in reversed(_pinning_mounts()):  # the deepest first
+        _libc.umount2(copied, MNT_DETACH)  # a parent's detach may have taken it already
     targets = {os.path.realpath(p) for p in FUSERMOUNT if os.path.lexists(p)}
     for target in sorted(t for t in targets if os.path.isfile(t)):
         _call(
@@ -261,6 +274,23 @@ def _private_fusermount(handoff: Path) -> None:
             _libc.mount(b"/dev/null", b"/dev/fuse", None, MS_BIND, None),
             "binding /dev/null over /dev/fuse",
         )
+
+
+def _pinning_mounts() -> list[bytes]:
+    """The mount points, in this namespace, of FUSE filesystems and of filesystems on loop
+    devices: copies of what imgprep (and others) mounted in the host, which this namespace
+    would otherwise keep mounted after the host unmounts them."""
+    found = []
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            before, _, after = line.partition(b" - ")
+            fields, tail = before.split(), after.split()
+            if len(fields) < 5 or len(tail) < 2:
+                continue
+            fstype, source = tail[0], tail[1]
+            if fstype.startswith(b"fuse") or source.startswith(b"/dev/loop"):
+                found.append(unescape_mount_point(fields[4]))
+    return found
 
 
 def _serve_mount(
