@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.conftest import Cluster, make_cluster, unique
 from worker.harness.ceph_cluster import CephCluster
-from worker.harness.redis_server import RedisServer
+from worker.harness.redis_server import RedisServer, free_port
 from worker.harness.worker_processes import stop_workers
 
 RBD_HOSTS = ("rbd-a", "rbd-b")
@@ -48,16 +48,20 @@ class _Stopper:
 
 
 @pytest.fixture(scope="session")
-def rbd_cluster(
-    session_root: Path, redis_server: RedisServer, ceph: CephCluster
-) -> Iterator[Cluster]:
-    """Two workers (hosts rbd-a and rbd-b) of the session's Redis on the session's Ceph."""
-    made = make_cluster(session_root / "rbd", redis_server, ceph.env())
+def rbd_cluster(session_root: Path, ceph: CephCluster) -> Iterator[Cluster]:
+    """Two workers (hosts rbd-a and rbd-b) on the session's Ceph, with a redis-server of their
+    own: on the session's, they would take the other tests' requests from the shared queue."""
+    root = session_root / "rbd"
+    server = RedisServer(root / "redis", free_port()).start()
     try:
-        made.add_workers(*((host, {"IMGPREP_HOST_ID": host}) for host in RBD_HOSTS))
-        yield made
+        made = make_cluster(root, server, ceph.env())
+        try:
+            made.add_workers(*((host, {"IMGPREP_HOST_ID": host}) for host in RBD_HOSTS))
+            yield made
+        finally:
+            stop_workers(made.workers)
     finally:
-        stop_workers(made.workers)
+        server.stop()
 
 
 @pytest.fixture
