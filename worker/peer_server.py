@@ -229,7 +229,9 @@ def peer_server_for(settings: Settings) -> PeerServer:
     from worker.runtime import redis_client
 
     registry = RedisPeerRegistry(
-        redis_client(settings.coordination, settings.redis), settings.result_expires
+        redis_client(settings.coordination, settings.redis),
+        settings.result_expires,
+        settings.peer.secret,
     )
     return PeerServer(
         settings.peer,

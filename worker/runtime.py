@@ -146,7 +146,7 @@ class Runtime:
             wait_seconds=self.settings.lock.wait_seconds,
             host=self.settings.host_id,
             url=self.settings.peer_url,
-            registry=RedisPeerRegistry(self.redis, self.settings.result_expires),
+            registry=RedisPeerRegistry(self.redis, self.settings.result_expires, peer.secret),
             origin_locks=self.fleet_locks_now,
             choice_locks=self.fleet_locks,
             peers=PeerOptions(

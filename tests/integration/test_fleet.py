@@ -70,7 +70,7 @@ class Fleet:
 
     @property
     def registry(self) -> RedisPeerRegistry:
-        return RedisPeerRegistry(self.cluster.redis, 3600)
+        return RedisPeerRegistry(self.cluster.redis, 3600, SECRET)
 
     def start(self, host: Host) -> None:
         host.worker = self.cluster.add_worker(host.name, env=host.env())
