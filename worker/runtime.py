@@ -153,6 +153,7 @@ class Runtime:
                 secret=peer.secret,
                 connect_timeout_seconds=peer.connect_timeout_seconds,
                 stall_seconds=peer.stall_seconds,
+                allowed_networks=peer.allowed_networks,
             ),
         )
 
