@@ -1,13 +1,18 @@
 """The peer registry (domain.core.ports.PeerRegistry) in Redis, for host scope.
 
-Per cache key: `imgprep:peers:<key>` (hash: host → its copy), `imgprep:peers:<key>:size` (hash:
-host → the bytes on disk of that copy, updated as a download writes) and
-`imgprep:peers:<key>:digests` (the digests the verifying hosts recorded). Every value is JSON
+Per cache key: `imgprep:peers:v2:<key>` (hash: host → its copy), `imgprep:peers:v2:<key>:size`
+(hash: host → the bytes on disk of that copy, updated as a download writes) and
+`imgprep:peers:v2:<key>:digests` (the digests the verifying hosts recorded). Every value is JSON
 sealed with `peer.secret` (domain.cache.peer_records: signed, bound to its key and host, fresh);
 one that is not is read as absent, so a Redis writer without the secret cannot point a host at a
-peer, stretch a copy's size or vouch for bytes, and records of the previous version (unsigned)
-are simply not trusted. Every key expires `keep_seconds` after the last announcement (each fetch
-on a host announces its copy again), so a host that went away is forgotten.
+peer, stretch a copy's size or vouch for bytes. Every key expires `keep_seconds` after the last
+announcement (each fetch on a host announces its copy again), so a host that went away is
+forgotten.
+
+The previous version kept unsigned records under `imgprep:peers:<key>`: they are never read
+(absent, as any unsigned record would be), and that version never reads these, whose extra
+fields it could not parse; hosts of the two versions, side by side during an upgrade, each take
+images from their own kind or from the origin.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from domain.core.peers import ImageDigests, PeerCopy
 
 log = structlog.get_logger(__name__)
 
-PEERS_PREFIX = "imgprep:peers:"
+PEERS_PREFIX = "imgprep:peers:v2:"
 COPY, SIZE, DIGESTS = "copy", "size", "digests"
 _LOGGED_EVERY_SECONDS = 60.0
 _logged: dict[tuple[str, str, str, str], float] = {}  # (kind, key, host, reason) → when

@@ -2,7 +2,7 @@
 workers in host scope, their real peer servers on loopback, one real Redis.
 
 Someone who can write to Redis but does not hold `peer.secret` writes peer records and digests
-into `imgprep:peers:<key>` the way the previous version wrote them; a host's cache never holds
+where hosts read them, the way the previous version wrote them; a host's cache never holds
 the attacker's bytes, the origin serves the request, and a request's checksum is checked before
 anything is published. A peer record pointing at an address outside `peer.allowed_networks`
 (127.0.0.2 here) gets nothing sent to it. Anyone who can reach a peer port cannot hold the
@@ -32,9 +32,10 @@ from domain.core.peers import ImageDigests, PeerCopy
 from tests.integration.conftest import DENIED_ADDRESS, ClusterFactory, unique
 from tests.integration.fleet import SECRET, FakePeer, Fleet, MiB, image_file, make_fleet
 from tests.support.waiting import wait_for
-from worker.redis_peers import RedisPeerRegistry
+from worker.redis_peers import PEERS_PREFIX, RedisPeerRegistry
 
-PEERS = "imgprep:peers:"
+# where hosts read the registry (the attacker knows it too), and where the previous version kept it
+PREFIXES = sorted({PEERS_PREFIX, "imgprep:peers:"})
 
 
 @pytest.fixture
@@ -72,8 +73,9 @@ def forge_records(
         "fence": 0,
         "upstream": "",
     }
-    redis.hset(PEERS + key, "evil", json.dumps(copy))
-    redis.hset(PEERS + key + ":size", "evil", size)
+    for prefix in PREFIXES:
+        redis.hset(prefix + key, "evil", json.dumps(copy))
+        redis.hset(prefix + key + ":size", "evil", size)
     digests = {
         "source_sha256": source_sha256,
         "source_size": size,
@@ -82,7 +84,8 @@ def forge_records(
         "entry_format": "raw",
         "source_format": "qcow2" if converted else "raw",
     }
-    redis.set(PEERS + key + ":digests", json.dumps(digests))
+    for prefix in PREFIXES:
+        redis.set(prefix + key + ":digests", json.dumps(digests))
 
 
 @pytest.mark.parametrize(
@@ -137,6 +140,9 @@ def test_records_forged_in_redis_never_put_the_attacker_s_bytes_into_a_cache(
         assert {line["record"] for line in untrusted if line["key"] == key} >= {"copy", "digests"}
     finally:
         evil.stop()
+    # the attacker's keys under the previous version's names are the attacker's (imgprep no
+    # longer reads or writes them), kept for ever: removed before the machine is checked
+    fleet.cluster.redis.delete(*(f"imgprep:peers:{key}{end}" for end in ("", ":size", ":digests")))
     fleet.assert_clean()
 
 
