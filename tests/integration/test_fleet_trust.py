@@ -48,6 +48,14 @@ def logged(fleet: Fleet, host: str, event: str) -> list[dict[str, Any]]:
     return [line for line in fleet.logs(host) if line.get("event") == event]
 
 
+def assert_from_origin(fleet: Fleet, host: str, image_id: str, checksum: str, since: int) -> None:
+    """The host's cache file is the image with `checksum`, and the origin sent the whole image
+    since it had sent `since` bytes."""
+    assert f"sha256:{fleet.entry_sha256(host, image_id)}" == checksum
+    size = fleet.hosts[host].cache.entry(cache_key(image_id)).stat().st_size
+    assert fleet.origin.bytes_sent - since >= size, (fleet.origin.bytes_sent, since, size)
+
+
 # -- a Redis writer without the secret -----------------------------------------------------------
 
 
@@ -133,8 +141,7 @@ def test_records_forged_in_redis_never_put_the_attacker_s_bytes_into_a_cache(
         # nothing was asked of the attacker's peer, and the cache file is the image
         prepared = PreparedDisk.model_validate(result.get(timeout=120))
         assert prepared.base.source_sha256 == checksum.removeprefix("sha256:")
-        assert f"sha256:{fleet.entry_sha256('h1', image_id)}" == checksum
-        assert fleet.origin.bytes_sent - before >= size
+        assert_from_origin(fleet, "h1", image_id, checksum, since=before)
         assert (evil.connections, evil.requests) == (0, 0)
         untrusted = logged(fleet, "h1", "peer_record_untrusted")
         assert {line["record"] for line in untrusted if line["key"] == key} >= {"copy", "digests"}
@@ -165,8 +172,7 @@ def test_records_signed_with_another_secret_are_not_trusted(one_host: Fleet) -> 
         before = fleet.origin.bytes_sent
         # When a host prepares it without a checksum, Then it takes the origin's bytes
         PreparedDisk.model_validate(fleet.prepare(name, image_id, "h1").get(timeout=120))
-        assert f"sha256:{fleet.entry_sha256('h1', image_id)}" == checksum
-        assert fleet.origin.bytes_sent - before >= size
+        assert_from_origin(fleet, "h1", image_id, checksum, since=before)
         assert evil.requests == 0
     finally:
         evil.stop()
@@ -192,8 +198,7 @@ def test_a_peer_copy_of_another_version_is_never_published_under_this_checksum(
         # Then h2 takes the new bytes from the origin (h1's copy, of another version, is not
         # taken: before, h2 published it and every request with this checksum failed there)
         PreparedDisk.model_validate(prepared.get(timeout=120))
-        assert f"sha256:{fleet.entry_sha256('h2', image_id)}" == new
-        assert fleet.origin.bytes_sent - before >= size
+        assert_from_origin(fleet, "h2", image_id, new, since=before)
         fleet.assert_clean()
 
 
@@ -224,8 +229,7 @@ def test_a_peer_at_an_address_outside_the_allowed_networks_is_sent_nothing(
 
             # Then nothing connected to 127.0.0.2; the origin served h2, which says why
             assert far.connections == 0
-            assert f"sha256:{fleet.entry_sha256('h2', image_id)}" == checksum
-            assert fleet.origin.bytes_sent - before >= size
+            assert_from_origin(fleet, "h2", image_id, checksum, since=before)
             dropped = [line["reason"] for line in logged(fleet, "h2", "peer_dropped")]
             assert any(
                 f"{DENIED_ADDRESS} (in none of the allowed networks)" in r for r in dropped
