@@ -29,7 +29,17 @@ from domain.core.models import ImageSource, PreparedDisk, PrepareRequest
 from domain.core.snapshot_models import ConvertedImage, SnapshotRequest
 from tests.integration.conftest import Cluster, unique
 from tests.support.boots import DISK_SIZE, assert_reports_injected, boot, request_for, sha256
-from worker.harness.guest_boot import QEMU, BootDisk, GuestBootFailed, GuestReport, boot_guest
+from worker.harness.guest_boot import (
+    ACCEL_ENV,
+    QEMU,
+    BootDisk,
+    GuestBootFailed,
+    GuestReport,
+    boot_guest,
+    choose_accelerator,
+    kvm_usable,
+    probe_runs,
+)
 from worker.harness.guest_files import read_guest_file
 from worker.harness.guest_image import GuestImage, guest_image
 from worker.harness.guest_recipe import BOOT_RECORDS
@@ -255,3 +265,14 @@ def test_demo_boot_boots_the_disks_it_prepared(clean_cluster: Cluster, guest: Gu
     says = [line for line in done.stdout.splitlines() if "imgprep-guest: says Disk demo-" in line]
     assert len(says) == 2, done.stdout
     assert done.stdout.count("its guest printed the injected message") == 2
+
+
+def test_the_accelerator_probe_tells_a_machine_that_runs_from_one_that_does_not() -> None:
+    # Given the probe guest (a boot sector that ends qemu through its debug-exit port)
+    # When it runs under TCG, which always runs guests, and with no time to run
+    # Then it runs to its end under TCG, and a probe that cannot finish counts as not running
+    assert probe_runs("tcg")
+    assert not probe_runs("tcg", timeout=0.001)
+    # and KVM is chosen exactly when it runs the probe (never on a nested PVM host)
+    if not os.environ.get(ACCEL_ENV):
+        assert choose_accelerator() == ("kvm" if kvm_usable() else "tcg")

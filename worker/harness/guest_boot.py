@@ -231,20 +231,28 @@ def choose_accelerator() -> str:
 
 def kvm_usable(timeout: float = 15.0) -> bool:
     """KVM can run guests here: /dev/kvm opens, the CPU shows hardware virtualization (a nested
-    PVM host offers /dev/kvm without it, and its guests hang), and a probe guest — a boot
-    sector that writes to qemu's debug-exit port — runs under `-accel kvm -cpu host`."""
+    PVM host offers /dev/kvm without it, and its guests hang), and the probe guest runs under
+    `-accel kvm -cpu host`."""
     try:
         os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
     except OSError:
         return False
     if not re.search(r"^flags\s*:.*\b(vmx|svm)\b", _cpuinfo(), re.MULTILINE):
         return False
-    with tempfile.TemporaryDirectory(prefix="imgprep-kvm-probe-") as work:
+    return probe_runs("kvm", timeout)
+
+
+def probe_runs(accel: str, timeout: float = 15.0) -> bool:
+    """A probe guest — a boot sector that writes to qemu's debug-exit port — runs to its end
+    under `accel` within `timeout` (a hung or aborted machine does not)."""
+    with tempfile.TemporaryDirectory(prefix="imgprep-accel-probe-") as work:
         sector = Path(work) / "probe.img"
-        sector.write_bytes(PROBE_BOOT_SECTOR)
+        with open(sector, "wb") as disk:
+            disk.write(PROBE_BOOT_SECTOR)
+            disk.truncate(2**20)  # SeaBIOS does not boot a disk of one sector
         argv = [
             QEMU,
-            *machine_arguments("kvm", memory_mib=64),
+            *machine_arguments(accel, memory_mib=64),
             "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-drive",
