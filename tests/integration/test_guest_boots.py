@@ -10,7 +10,8 @@ on its serial console, and the cached base it was made from is byte-for-byte wha
 the boot. The snapshot round trip boots a disk made from the snapshot of a disk a guest wrote to.
 
 The prepared disks boot in parallel (one guest per core) in a module fixture; each case is its
-own test. `pytest -m boot` runs this tier alone.
+own test. The tier's other tests check the harness itself (a disk that cannot boot, a guest
+past its timeout, the KVM probe) and `imgprep demo --boot`. `pytest -m boot` runs it alone.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class Case:
         return f"{self.source}-image-{self.backend}-disk"
 
 
-CASES = [Case(source, backend) for source in ("raw", "qcow2") for backend in ("qcow2", "raw")]
+# Both sources and both backends: a qcow2 image on a raw disk is the snapshot round trip's (its
+# snapshot is a qcow2 image, and the disk made from it is raw), so it is not booted twice.
+CASES = [Case("raw", "qcow2"), Case("raw", "raw"), Case("qcow2", "qcow2")]
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,9 @@ def booted(
     prepared = {
         case: cluster.client.wait_prepared(result, timeout=600) for case, result in results.items()
     }
-    bases = {Path(p.base.path) for p in prepared.values()}
-    before = {base: sha256(base) for base in bases}
+    bases = sorted({Path(p.base.path) for p in prepared.values()})
+    with ThreadPoolExecutor(len(bases)) as pool:
+        before = dict(zip(bases, pool.map(sha256, bases), strict=True))
     with ThreadPoolExecutor(BOOTS_AT_ONCE) as pool:
         reports = dict(
             zip(
@@ -125,7 +129,8 @@ def booted(
                 strict=True,
             )
         )
-    after = {base: sha256(base) for base in bases}
+    with ThreadPoolExecutor(len(bases)) as pool:
+        after = dict(zip(bases, pool.map(sha256, bases), strict=True))
     return {
         case: Booted(
             requests[case],
