@@ -4,7 +4,7 @@
 file and as a compressed qcow2, with a manifest. It is built in two stages, each kept in a cache
 directory outside the checkout under the digest of its recipe:
 
-    <cache>/rootfs-<key>/     debootstrap's tree, with its initramfs made (about a minute cold)
+    <cache>/rootfs-<key>/     debootstrap's tree, with its initramfs made (1-2 minutes cold)
     <cache>/guest-<key>/      disk.raw, disk.qcow2, guest.json (seconds, from the tree)
 
 A stage is built into `.build-…` beside it and renamed into place, so a reader finds a complete
