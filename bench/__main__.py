@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "helper_round_trip": ["bench.helper_round_trip"],
     "scale": ["bench.scale"],
     "fleet": ["bench.fleet"],
+    "guest_boot": ["bench.guest_boot"],
 }
 
 

@@ -5,6 +5,11 @@ local HTTP server, starts a worker, prepares two instance disks from it at once,
 file injected into its guest filesystem, prints every step with its duration, how many times
 the image was downloaded and the injected file read back from each disk, and stops what it
 started.
+
+With `--boot` the image is a bootable Debian 12 guest instead (worker/harness/guest_image.py:
+built from Debian's packages on first use, then reused), and after preparing them the demo boots
+both disks under qemu and prints what each guest printed on its console: the message injected
+into it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from domain.core.models import DiskSpec, FileInjection, ImageSource, PreparedDis
 from domain.core.runner import Limits, Runner
 from domain.formats import qemu_img
 from helper import capabilities
+from worker.harness.guest_boot import (
+    BootDisk,
+    GuestBootFailed,
+    GuestReport,
+    boot_guest,
+    choose_accelerator,
+)
 from worker.harness.guest_files import read_guest_file
+from worker.harness.guest_image import GuestBuildFailed, guest_image
+from worker.harness.guest_recipe import MESSAGE_PATH
 from worker.harness.image_server import ImageServer
 from worker.harness.sample_images import Partition, partitioned_disk
 from worker.harness.worker_processes import WorkerProcess, start_worker
@@ -37,6 +51,7 @@ from worker.settings import Settings, ensure_directories, get_settings
 from worker.sizes import human
 
 DISK_SIZE = 1 * 2**30
+BOOT_DISK_SIZE = 2 * 2**30  # the guest image is 1 GiB
 MOTD = b"Prepared by imgprep.\n"
 INJECTED = "/etc/imgprep-demo"
 
@@ -68,7 +83,25 @@ def redis_answers(settings: Settings) -> bool:
         return False
 
 
-def run_demo(*, keep_worker: bool = False) -> int:
+def guest_for_boot() -> tuple[Path, str] | None:
+    """The Debian guest image (qcow2) and its sha256, built or taken from its cache."""
+    say("guest", "a Debian 12 guest image, built from Debian's packages on first use")
+    try:
+        obtained = guest_image(say=lambda text: say("", text))
+    except GuestBuildFailed as error:
+        say("failed", str(error))
+        return None
+    image = obtained.image
+    if obtained.built:
+        how = f"built in {obtained.seconds:.1f} s (kept in {image.directory.parent} for next time)"
+    else:
+        how = f"reused from {image.directory} in {obtained.seconds:.2f} s"
+    kernel = image.version_of("linux-image-cloud-amd64")
+    say("image", f"{image.qcow2.name}: Debian 12, kernel {kernel}, {how}")
+    return image.qcow2, image.qcow2_sha256
+
+
+def run_demo(*, keep_worker: bool = False, boot: bool = False) -> int:
     started = time.monotonic()
     settings = get_settings()
     ensure_directories(settings)
@@ -82,14 +115,21 @@ def run_demo(*, keep_worker: bool = False) -> int:
     say("redis", f"{settings.coordination} answers")
 
     t0 = time.monotonic()
-    image, digest = build_image(settings.state_dir / "demo")
+    if boot:
+        found = guest_for_boot()
+        if found is None:
+            return 1
+        image, digest = found
+    else:
+        image, digest = build_image(settings.state_dir / "demo")
     info = qemu_img.info(
         Runner(), image, "qcow2", Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)
     )
     say(
         "image",
         f"{image.name}: qcow2, {human(info.virtual_size)} virtual, {human(image.stat().st_size)} "
-        f"file, sha256 {digest[:16]}…, built in {time.monotonic() - t0:.2f} s",
+        f"file, sha256 {digest[:16]}…, {'ready' if boot else 'built'} in "
+        f"{time.monotonic() - t0:.2f} s",
     )
 
     from worker.app import app
@@ -116,12 +156,14 @@ def run_demo(*, keep_worker: bool = False) -> int:
                 f"{nodename} ready in {time.monotonic() - t0:.2f} s (log: {worker.log_path})",
             )
             say("privileges", _privileges(worker))
-            ok = _prepare_two(server, image, digest)
+            ok, prepared = _prepare_two(server, image, digest, boot=boot)
             say("downloads", f"{server.gets(image.name)} GET of the image for 2 requests")
         finally:
             if worker is not None and not keep_worker:
                 worker.stop()
                 say("stopped", f"worker {nodename}")
+    if boot and ok:
+        ok = _boot_all(prepared, settings.state_dir / "demo")
     say("total", f"{time.monotonic() - started:.2f} s")
     return 0 if ok else 1
 
@@ -163,7 +205,10 @@ def _status(pid: int) -> str:
     return f"{user} (uid {uid}), {caps}"
 
 
-def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
+def _prepare_two(
+    server: ImageServer, image: Path, digest: str, *, boot: bool
+) -> tuple[bool, list[tuple[PrepareRequest, PreparedDisk]]]:
+    """Two disks prepared at once from `image`; whether both are right, and the disks."""
     from worker.app import app
     from worker.cli.status import render_status
     from worker.client import Client
@@ -181,8 +226,15 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
     requests = [
         PrepareRequest(
             image=source,
-            disk=DiskSpec(instance_id=f"demo-{stamp}-{n}", size_bytes=DISK_SIZE),
-            inject=(FileInjection(path=INJECTED, content=f"Disk demo-{stamp}-{n}, by imgprep.\n"),),
+            disk=DiskSpec(
+                instance_id=f"demo-{stamp}-{n}", size_bytes=BOOT_DISK_SIZE if boot else DISK_SIZE
+            ),
+            inject=(
+                FileInjection(
+                    path=MESSAGE_PATH if boot else INJECTED,
+                    content=f"Disk demo-{stamp}-{n}, by imgprep.\n",
+                ),
+            ),
         )
         for n in (1, 2)
     ]
@@ -200,6 +252,7 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
         outcomes = list(pool.map(wait, results))
     elapsed = time.monotonic() - t0
     ok = True
+    prepared = []
     for request, result, outcome in zip(requests, results, outcomes, strict=True):
         click.echo("")
         say("instance", request.disk.instance_id)
@@ -215,6 +268,7 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
                 f"{outcome.base.path} ({outcome.base.format}, {human(outcome.base.virtual_size)})",
             )
             ok = _show_injected(outcome, request) and ok
+            prepared.append((request, outcome))
         else:
             ok = False
             say("failed", f"{type(outcome).__name__}: {outcome}")
@@ -224,6 +278,42 @@ def _prepare_two(server: ImageServer, image: Path, digest: str) -> bool:
         f"{sum(isinstance(o, PreparedDisk) for o in outcomes)} of {len(outcomes)} disks "
         f"in {elapsed:.2f} s",
     )
+    return ok, prepared
+
+
+def _boot_all(prepared: list[tuple[PrepareRequest, PreparedDisk]], work: Path) -> bool:
+    """Boot every prepared disk at once under qemu and print what its guest printed."""
+    accel = choose_accelerator()
+    how = "KVM" if accel == "kvm" else "TCG emulation (KVM cannot run guests on this machine)"
+    click.echo("")
+    say("booting", f"{len(prepared)} disks at once under qemu-system-x86_64, {how}")
+
+    def boot(disk: PreparedDisk) -> GuestReport | GuestBootFailed:
+        console = work / f"{disk.disk.instance_id}.console"
+        try:
+            return boot_guest(BootDisk.file(disk.disk.path, disk.disk.format), console)
+        except GuestBootFailed as error:
+            return error
+
+    with ThreadPoolExecutor(len(prepared)) as pool:
+        reports = list(pool.map(boot, [disk for _, disk in prepared]))
+    ok = True
+    for (request, disk), report in zip(prepared, reports, strict=True):
+        click.echo("")
+        say("instance", f"{disk.disk.instance_id} ({disk.disk.path})")
+        if isinstance(report, GuestBootFailed):
+            say("failed", str(report))
+            ok = False
+            continue
+        for line in report.lines:
+            say("console", line)
+        seen = report.message == request.inject[0].data().decode()
+        say(
+            "booted",
+            f"and powered off in {report.seconds:.1f} s (guest uptime {report.done_uptime:.1f} s); "
+            + ("its guest printed the injected message" if seen else "THE MESSAGE DIFFERS"),
+        )
+        ok = ok and seen
     return ok
 
 

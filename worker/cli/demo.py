@@ -11,8 +11,14 @@ from worker.cli import main
 
 @main.command()
 @click.option("--keep-worker", is_flag=True, help="Leave the demo's worker running.")
-def demo(keep_worker: bool) -> None:
+@click.option(
+    "--boot",
+    is_flag=True,
+    help="Prepare the disks from a Debian 12 guest (built on first use, then cached) and boot "
+    "them under qemu, printing what each guest prints on its console.",
+)
+def demo(keep_worker: bool, boot: bool) -> None:
     """Prepare two instance disks from a generated image served over HTTP, end to end."""
     from worker.demo import run_demo
 
-    sys.exit(run_demo(keep_worker=keep_worker))
+    sys.exit(run_demo(keep_worker=keep_worker, boot=boot))
