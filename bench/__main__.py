@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "scale": ["bench.scale"],
     "fleet": ["bench.fleet"],
     "rbd": ["bench.rbd"],
+    "guest_boot": ["bench.guest_boot"],
 }
 
 

@@ -149,13 +149,14 @@ class Runtime:
             wait_seconds=self.settings.lock.wait_seconds,
             host=self.settings.host_id,
             url=self.settings.peer_url,
-            registry=RedisPeerRegistry(self.redis, self.settings.result_expires),
+            registry=RedisPeerRegistry(self.redis, self.settings.result_expires, peer.secret),
             origin_locks=self.fleet_locks_now,
             choice_locks=self.fleet_locks,
             peers=PeerOptions(
                 secret=peer.secret,
                 connect_timeout_seconds=peer.connect_timeout_seconds,
                 stall_seconds=peer.stall_seconds,
+                allowed_networks=peer.allowed_networks,
             ),
         )
 

@@ -177,7 +177,10 @@ def stage_entry(
     progress: Progress = no_progress,
 ) -> Staged[CachedImage]:
     """Inspect verified bytes as today (format inspector, then qemu-img info with the format
-    pinned), convert them to raw with force_raw, and stage the entry with its record."""
+    pinned), convert them to raw with force_raw, and stage the entry with its record. Whatever
+    the bytes came from, the source they stand for must have the request's checksum: nothing
+    the checksum rejects is ever staged, so nothing it rejects is ever published."""
+    check_checksum(source, verified.source_sha256 or verified.sha256)
     inspected, info = inspect_verified(part, source, verified, options, runner)
     published, fmt = part, inspected.format
     if options.force_raw and fmt != "raw":

@@ -279,8 +279,8 @@ class PeerRegistry(Protocol):
         """Record `copy` (replacing the host's previous one)."""
         ...
 
-    def progress(self, key: str, host: str, size: int) -> None:
-        """The host's copy in progress now has `size` bytes on disk."""
+    def progress(self, key: str, host: str, fence: int, size: int) -> None:
+        """The host's copy in progress (the one with `fence`) now has `size` bytes on disk."""
         ...
 
     def withdraw(self, key: str, host: str) -> None: ...
