@@ -137,15 +137,25 @@ def find_imported(
 
     Its record in ImportedImages answers without asking the cluster (the clone step imports it
     again if the image turns out gone); `ask_cluster` (under the lease) asks the cluster itself:
-    a snapshot listing and the image-meta record, about 50 ms each."""
+    a snapshot listing and the image-meta record, about 50 ms each.
+
+    ImportedImages is in Redis, which more hosts write to than hold the cluster's key: its
+    record says where the image is and how large, never which bytes it holds. A request with a
+    checksum is checked against the image-meta record the importer wrote in the cluster
+    (one call), so a record rewritten in Redis cannot make an image of other bytes pass."""
     pool, name = ctx.tool.access.images_pool, names.image_name(source.image_id)
     resource = ctx.resource(pool, name)
     remembered = None if ask_cluster else ctx.imported.recall(resource)
     if remembered is not None:
         record = _parsed(remembered)
         size = record.get("virtual_size")
-        if isinstance(size, int):
+        if isinstance(size, int) and source.checksum is None:
             return _checked(source, ctx, pool, name, record=record, size=size)
+        if isinstance(size, int):
+            written = read_record(ctx.tool, pool, name)  # the cluster's own, for the checksum
+            if written:
+                record = {**written, "virtual_size": size}
+                return _checked(source, ctx, pool, name, record=record, size=size)
     snapshots = tool.snapshots(ctx.tool, pool, name)
     if snapshots is None:
         if remembered is not None:

@@ -3,6 +3,7 @@ two host ids, real downloads, imports, clones, snapshots and removals."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import tempfile
@@ -435,3 +436,34 @@ def test_the_demo_shows_the_rbd_path_on_a_throwaway_cluster(clean_rbd: Cluster) 
     fsid = started.split()[2]
     assert f"ceph cluster {fsid} stopped" in done.stdout
     assert not list((clean_rbd.settings.state_dir / "demo").glob("ceph-*"))
+
+
+def test_a_record_forged_in_redis_never_passes_another_images_checksum(
+    clean_rbd: Cluster, ceph: CephCluster, image_server: ImageServer
+) -> None:
+    # Given an image imported from some bytes, and another version of it (same image id)
+    first_name = served_image(image_server, fill=b"\x11")
+    first = rbd_request(image_server, first_name)
+    clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(first), timeout=120)
+    second_name = served_image(image_server, fill=b"\x22")
+    wanted = "sha256:" + hashlib.sha256((image_server.root / second_name).read_bytes()).hexdigest()
+    # and its record in Redis rewritten, by someone who can write to Redis, to claim the
+    # imported bytes are the second version's
+    key = names.image_name(first.image.image_id)
+    resource = f"{ceph.fsid}/images/{key}"
+    forged = json.loads(clean_rbd.redis.hget("imgprep:rbd:images", resource) or "{}")
+    assert forged, "the import's record is in Redis"
+    forged["source_sha256"] = wanted.removeprefix("sha256:")
+    clean_rbd.redis.hset("imgprep:rbd:images", resource, json.dumps(forged, sort_keys=True))
+
+    # When a disk of the second version is asked for, with its checksum
+    request = rbd_request(
+        image_server, second_name, image_id=first.image.image_id, checksum=wanted
+    )
+
+    # Then the imported image is not taken for it: the checksum is checked against the
+    # image's own record in the cluster, and it names other bytes
+    with pytest.raises(ChecksumMismatch):
+        clean_rbd.client.wait_prepared(clean_rbd.client.prepare_disk(request), timeout=120)
+    assert names.disk_image(request.disk.instance_id, "disk") not in ceph.images("vms")
+    ceph.rbd("rm", f"vms/{names.disk_image(first.disk.instance_id, 'disk')}")
