@@ -1,9 +1,10 @@
-# imgprep worker image: Debian 12 with qemu-img, qemu-storage-daemon, fuse2fs and imgprep.
+# imgprep worker image: Debian 12 with qemu-img, qemu-storage-daemon, fuse2fs, the Ceph client
+# (rbd CLI, qemu's rbd driver: the rbd backend) and imgprep.
 FROM debian:12-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       python3 python3-venv qemu-utils qemu-system-common fdisk e2fsprogs fuse2fs fuse3 \
-      util-linux mount ca-certificates \
+      util-linux mount ca-certificates ceph-common qemu-block-extra \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/imgprep
 COPY pyproject.toml constraints.txt README.md ./

@@ -32,6 +32,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "scale": ["bench.scale"],
     "fleet": ["bench.fleet"],
     "latency": ["bench.latency"],
+    "rbd": ["bench.rbd"],
+    "guest_boot": ["bench.guest_boot"],
 }
 
 

@@ -99,6 +99,7 @@ def fleet_stack(
         "IMGPREP_IMAGE_CACHE__SCOPE": scope,
         "IMGPREP_PEER__SECRET": SECRET,
         "IMGPREP_PEER__ADDRESS": "127.0.0.1",
+        "IMGPREP_PEER__ALLOWED_NETWORKS": '["127.0.0.1/32"]',  # a fleet on one machine
         "IMGPREP_PEER__MAX_BYTES_PER_SECOND": str(rate),
         "IMGPREP_HOSTS__SILENT_AFTER_SECONDS": "120",
         "IMGPREP_HOSTS__ABANDON_AFTER_SECONDS": "300",

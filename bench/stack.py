@@ -85,9 +85,11 @@ def _stack(
 ) -> Iterator[Stack]:
     separated: dict[str, str] = {}
     sockets: Path | None = None
+    # the workers may run as the unprivileged user (privsep, or this host's
+    # /etc/imgprep/imgprep.toml): they must reach the stack's directories
+    root.chmod(0o755)
     if privsep:
         unprivileged_user()
-        root.chmod(0o755)  # the workers' user reaches its directories below
         sockets = socket_directory()  # a Unix socket's path is short
         separated = privileged_overrides(root, sockets=sockets)
     try:

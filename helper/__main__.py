@@ -22,6 +22,7 @@ from types import FrameType
 
 import structlog
 
+from domain.guest.tools.fuse_as_user import install_handoff
 from helper import capabilities
 from helper.checks import Refused, Roots, check_root_tree
 from helper.logs import configure_logging
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except (Refused, OSError) as error:
         print(f"imgprep-helper will not start: {error}", file=sys.stderr)
         return 1
+    # the FUSE daemons run as the workers' user and reach their mount through this script,
+    # root's, in root's state directory (which that user may search, not change)
+    args.helper_state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    handoff = install_handoff(args.helper_state_dir)
     config = HelperConfig(
         socket_path=args.socket,
         roots=Roots.of(
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_uids=frozenset({0, user.pw_uid}),
         socket_gid=user.pw_gid,
         worker=(user.pw_uid, user.pw_gid) if user.pw_uid != 0 else None,
+        handoff=handoff,
     )
     zygote = start_zygote(config)  # before any thread: it is forked
     if args.die_with_parent:

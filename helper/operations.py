@@ -13,6 +13,13 @@ path of the worker's (an instance disk, a cache entry) can still be swapped for 
 worker before the tool runs: the child opens such files itself, without following links, and
 hands the tools descriptors; paths in the devices tree cannot change under it (only root can
 change that tree).
+
+No tool that parses bytes the worker controls runs with root's rights: the FUSE daemons
+(qemu-storage-daemon, fuse2fs) follow names written inside those bytes (a qcow2 external data
+file, an ext4 journal device), so they run as the workers' user, and the child only mounts
+their FUSE connection (domain.guest.tools.fuse_as_user). The loop driver parses nothing; a
+kernel mount (only with `mount.kernel_mount` allowing it) hands the guest's filesystem to the
+host kernel, with ext3/4 journals never loaded (README, "Privileges").
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from helper.protocol import (
     RemoveWorkArea,
     Reply,
     Request,
+    StartRbdExport,
     StartStorageDaemon,
     StopDaemons,
     Unmount,
@@ -50,8 +58,9 @@ CAPABILITIES: dict[str, tuple[int, ...]] = {
     # without following links, domain.guest.held_files)
     "attach_loop": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE),
     "detach_loop": (caps.CAP_SYS_ADMIN,),
-    # mount(2) of /dev/fuse; fuse2fs opens the worker's disk read-write (it keeps this set)
-    "mount_fuse2fs": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE),
+    # the FUSE mount(2) and the daemon's own mount namespace; fuse2fs runs as the workers'
+    # user (setuid, setgid), which opens the disk: it parses guest bytes
+    "mount_fuse2fs": (caps.CAP_SYS_ADMIN, caps.CAP_SETUID, caps.CAP_SETGID),
     # mount(2), umount(2): the mount points are in root's devices tree (0755), so looking them
     # up needs no capability
     "mount_kernel": (caps.CAP_SYS_ADMIN,),
@@ -59,21 +68,36 @@ CAPABILITIES: dict[str, tuple[int, ...]] = {
     # statvfs(2) of a FUSE mount answers only its mounter's uid (root, which the child keeps)
     # with the truth; the path is in root's tree
     "is_live_mount": (),
-    # the FUSE export's mount(2); open the worker's overlay; write the pid file; hand the export
-    # to the workers' user
-    "start_storage_daemon": (caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN),
-    # the daemons run as root, like the child: signalling them needs no capability
-    "stop_daemons": (),
-    "kill_daemons": (),
+    # the export's FUSE mount(2) and the daemon's own mount namespace; qemu-storage-daemon runs
+    # as the workers' user (setuid, setgid), which opens the overlay and owns the export: it
+    # parses qcow2 headers, which name files
+    "start_storage_daemon": (caps.CAP_SYS_ADMIN, caps.CAP_SETUID, caps.CAP_SETGID),
+    # the same for an RBD image: the daemon, as the workers' user, reads their Ceph key and
+    # talks to the cluster; root mounts its export and opens no file of the worker's
+    "start_rbd_export": (caps.CAP_SYS_ADMIN, caps.CAP_SETUID, caps.CAP_SETGID),
+    # the daemons run as the workers' user: signalling them from root needs CAP_KILL (they are
+    # found by their command line naming a work area, never by a pid from the caller)
+    "stop_daemons": (caps.CAP_KILL,),
+    "kill_daemons": (caps.CAP_KILL,),
     # root's own directories in root's devices tree (helper.checks.check_root_tree): uid 0
-    # owns them, so no capability is needed
-    "make_work_area": (),
+    # owns them; the area's group becomes the workers' (0750: they enter, others do not)
+    "make_work_area": (caps.CAP_CHOWN,),
     "remove_work_area": (),
     # files owned by root, in guest directories owned by anyone, with any mode
     "write_files": (caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN, caps.CAP_FOWNER),
     "ping": (),
 }
 DAEMON_ENTRY = {"fuse2fs": "root", "qemu-storage-daemon": "export"}
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The workers' user: whose files the tools may be given, who owns the FUSE exports, and
+    who the FUSE daemons run as (started through `handoff`, fuse_as_user's script)."""
+
+    uid: int
+    gid: int
+    handoff: Path
 
 
 @dataclass(frozen=True)
@@ -84,7 +108,7 @@ class Checked:
     loop: tuple[str, int] | None = None  # (backing, offset) attached or detached
 
 
-def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa: PLR0911 - one branch per operation
+def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa: PLR0911, PLR0912 - one branch per operation
     """Refused unless every argument is where imgprep keeps such things."""
     match request:
         case AttachLoop():
@@ -114,6 +138,12 @@ def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa
             if export.parent != pidfile.parent:
                 raise Refused("the export and the pid file are in different work areas")
             return Checked(request)
+        case StartRbdExport():
+            export = roots.work_area_entry(request.export, ("export",))
+            pidfile = roots.work_area_entry(request.pidfile, ("storage-daemon.pid",))
+            if export.parent != pidfile.parent:
+                raise Refused("the export and the pid file are in different work areas")
+            return Checked(request)
         case StopDaemons() | KillDaemons():
             roots.work_area_entry(request.path, (DAEMON_ENTRY[request.program],))
             return Checked(request)
@@ -129,12 +159,17 @@ def check(request: Request, roots: Roots, loops: LoopLedger) -> Checked:  # noqa
 
 
 def run(  # noqa: PLR0911, PLR0912 - one branch per operation
-    request: Request, timeout: float, export_owner: tuple[int, int] | None = None
+    request: Request, timeout: float, workers: Workers | None = None
 ) -> Reply:
     """Run a checked request in this (child) process."""
     # the worker's files are opened without following links, and only if root or it owns them
-    owners = frozenset({0} if export_owner is None else {0, export_owner[0]})
-    ops = InProcessPrivileged(Runner(default_timeout=timeout), export_owner, owners)
+    owners = frozenset({0} if workers is None else {0, workers.uid})
+    ops = InProcessPrivileged(
+        Runner(default_timeout=timeout),
+        None if workers is None else (workers.uid, workers.gid),
+        owners,
+        handoff=None if workers is None else workers.handoff,
+    )
     match request:
         case AttachLoop():
             device = ops.attach_loop(
@@ -156,6 +191,16 @@ def run(  # noqa: PLR0911, PLR0912 - one branch per operation
                 Path(request.overlay),
                 backing=Path(request.backing) if request.backing else None,
                 backing_format=request.backing_format,
+                export=Path(request.export),
+                pidfile=Path(request.pidfile),
+            )
+        case StartRbdExport():
+            ops.start_rbd_export(
+                pool=request.pool,
+                image=request.image,
+                conf=Path(request.conf),
+                user=request.user,
+                keyring=Path(request.keyring) if request.keyring else None,
                 export=Path(request.export),
                 pidfile=Path(request.pidfile),
             )

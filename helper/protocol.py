@@ -68,6 +68,25 @@ class StartStorageDaemon(_Request):
     pidfile: AbsolutePath
 
 
+# One word of a Ceph name or path: what CEPH_ARGS (split on spaces) and qemu carry whole.
+CephWord = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._-]+$")]
+CephPath = Annotated[str, Field(min_length=2, max_length=4096, pattern=r"^/[A-Za-z0-9/._+-]*$")]
+
+
+class StartRbdExport(_Request):
+    """An RBD image exported by qemu-storage-daemon, run as the workers' user (who holds the
+    Ceph key); root only mounts its FUSE export."""
+
+    op: Literal["start_rbd_export"] = "start_rbd_export"
+    pool: CephWord
+    image: CephWord
+    conf: CephPath
+    user: Annotated[str, Field(max_length=255, pattern=r"^[A-Za-z0-9._-]*$")]
+    keyring: CephPath | None
+    export: AbsolutePath
+    pidfile: AbsolutePath
+
+
 class StopDaemons(_Request):
     op: Literal["stop_daemons"] = "stop_daemons"
     program: Daemon
@@ -117,6 +136,7 @@ Request = Annotated[
     | Unmount
     | IsLiveMount
     | StartStorageDaemon
+    | StartRbdExport
     | StopDaemons
     | KillDaemons
     | MakeWorkArea
@@ -136,6 +156,7 @@ OPERATIONS = tuple(
         Unmount,
         IsLiveMount,
         StartStorageDaemon,
+        StartRbdExport,
         StopDaemons,
         KillDaemons,
         MakeWorkArea,

@@ -58,6 +58,7 @@ from domain.core.errors import ImgprepError
 from domain.core.runner import CommandError
 from helper import capabilities, operations
 from helper.logs import configure_logging
+from helper.operations import Workers
 from helper.protocol import REQUEST, ErrorReply, Reply, Request
 
 EXIT_ZYGOTE_EXITED = 3  # the helper's exit status when its zygote died
@@ -77,14 +78,12 @@ class Zygote:
         self.exit_status: int | None = None
 
     @classmethod
-    def start(
-        cls, owner: tuple[int, int] | None, timeout: float, limit: float | None = None
-    ) -> Zygote:
+    def start(cls, workers: Workers | None, timeout: float, limit: float | None = None) -> Zygote:
         """Fork the zygote. Call it before this process starts any thread.
 
         `timeout`: the operations' own limit on each tool they run; `limit`: how long the server
         waits for a reply before it kills the child (a little longer than `timeout`).
-        `owner`: the workers' uid and gid (the owner of FUSE exports)."""
+        `workers`: the workers' user (the owner of FUSE exports, the FUSE daemons' user)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         helper = os.getpid()
         sys.stdout.flush()
@@ -94,7 +93,7 @@ class Zygote:
             status = 1
             try:
                 ours.close()
-                _serve(theirs, helper, timeout, owner)
+                _serve(theirs, helper, timeout, workers)
                 status = 0
             except BaseException:  # it must never return into the helper's code
                 traceback.print_exc()
@@ -166,9 +165,7 @@ class Zygote:
                 self.exit_status = os.waitpid(self.pid, 0)[1]
 
 
-def _serve(
-    control: socket.socket, helper: int, timeout: float, owner: tuple[int, int] | None
-) -> None:
+def _serve(control: socket.socket, helper: int, timeout: float, workers: Workers | None) -> None:
     """The zygote's loop: a child per message, until the helper closes its end."""
     capabilities.die_with_parent(signal.SIGKILL)
     if os.getppid() != helper:  # the helper died before the line above
@@ -199,7 +196,7 @@ def _serve(
                 control=control,
                 zygote=zygote,
                 timeout=timeout,
-                owner=owner,
+                workers=workers,
             )
         os.close(fds[0])
 
@@ -211,7 +208,7 @@ def _child(
     control: socket.socket,
     zygote: int,
     timeout: float,
-    owner: tuple[int, int] | None,
+    workers: Workers | None,
 ) -> NoReturn:
     """Run one operation in this (forked) process; never returns into the zygote's loop."""
     status = 1
@@ -228,7 +225,7 @@ def _child(
             capabilities.limit_to(operations.CAPABILITIES[op])
             configure_logging(logging.WARNING)  # the server logs the run
             raw = _read_all(connection, None)
-            reply = answer(op, raw, timeout, owner)
+            reply = answer(op, raw, timeout, workers)
             connection.sendall(reply.model_dump_json().encode())
         status = 0
     except BaseException:  # the traceback goes to the helper's log
@@ -238,13 +235,13 @@ def _child(
         os._exit(status)
 
 
-def answer(op: str, raw: bytes, timeout: float, owner: tuple[int, int] | None) -> Reply:
+def answer(op: str, raw: bytes, timeout: float, workers: Workers | None) -> Reply:
     """The reply to the request `raw` (of `op`), with the capabilities this process holds."""
     request = REQUEST.validate_json(raw)
     if request.op != op:
         raise ValueError(f"the request is {request.op}, not {op}")
     try:
-        reply = operations.run(request, timeout, owner)
+        reply = operations.run(request, timeout, workers)
     except CommandError as error:
         reply = Reply(ok=False, error=ErrorReply(error_class="CommandError", message=str(error)))
     except ImgprepError as error:

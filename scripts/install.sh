@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything imgprep needs on a fresh Debian 12 machine, as root, from this checkout:
-# the Debian packages (qemu-img, qemu-storage-daemon, redis-server, sfdisk, fuse2fs, ...), a
-# virtualenv in .venv with imgprep and its test tools, and a running redis-server.
+# the Debian packages (qemu-img, qemu-storage-daemon, redis-server, sfdisk, fuse2fs, and for the
+# boot tests qemu-system-x86 and debootstrap, ...), a virtualenv in .venv with imgprep and its
+# test tools, and a running redis-server.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,10 @@ APT_PACKAGES=(
   curl ca-certificates               # benchmarks' baseline, https sources
   chromium chromium-driver           # headless browser: the Flower end-to-end test screenshots
   procps                             # pgrep in bench/mount_inject_baseline.sh
+  ceph-common qemu-block-extra       # the rbd backend: the rbd CLI, qemu's rbd driver
+  ceph-mon ceph-mgr ceph-osd         # the throwaway one-node cluster of the tests and the demo
+  qemu-system-x86                    # the boot tests and `imgprep demo --boot` boot prepared disks
+  debootstrap debian-archive-keyring # ...of a Debian 12 guest the tests build from Debian's packages
 )
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -18,7 +18,11 @@ from domain.core.snapshot_models import SnapshotRequest
 from worker.routing import DEFAULT_QUEUE, fetch_queue, host_queue
 
 # The step that creates an instance disk, by backend (Nova's images_type).
-DISK_STEPS = {"qcow2": "imgprep.create_overlay", "raw": "imgprep.copy_raw_disk"}
+DISK_STEPS = {
+    "qcow2": "imgprep.create_overlay",
+    "raw": "imgprep.copy_raw_disk",
+    "rbd": "imgprep.clone_rbd_disk",
+}
 
 
 def prepare_disk_steps(
@@ -47,6 +51,15 @@ def prepare_disk_steps(
         ]
     payload = request.model_dump(mode="json")
     disk_step = DISK_STEPS[request.disk.backend]
+    if request.disk.backend == "rbd":
+        # Both on the host's queue: its workers know its cluster (rbd.conf); the import's lease
+        # is the cluster's, so a burst across many hosts of one cluster imports once.
+        return [
+            signature(
+                "imgprep.import_to_rbd", args=(payload,), immutable=True, queue=host_queue(host)
+            ),
+            signature(disk_step, args=(payload,), queue=host_queue(host)),
+        ]
     if cached is not None:
         base = cached.model_dump(mode="json")
         return [signature(disk_step, args=(base, payload), queue=host_queue(host))]
@@ -62,8 +75,11 @@ def prepare_disk_steps(
 
 
 def snapshot_steps(request: SnapshotRequest, *, host: str) -> list[Signature]:
-    """On the host that holds the disk: plan the conversion from its format record, convert."""
+    """On the host that holds the disk: plan the conversion from its format record, convert;
+    an rbd disk's snapshot is one step on a worker of the host (whose cluster holds it)."""
     payload = request.model_dump(mode="json")
+    if request.backend == "rbd":
+        return [signature("imgprep.snapshot_rbd", args=(payload,), queue=host_queue(host))]
     return [
         signature("imgprep.snapshot_source", args=(payload,), queue=host_queue(host)),
         signature("imgprep.convert", queue=host_queue(host)),
@@ -100,9 +116,11 @@ def with_ids(steps: Sequence[Signature], final_id: str) -> chain:
 
 
 def delete_disk_steps(request: DeleteDiskRequest, *, host: str) -> list[Signature]:
-    """The disk is removed on the host that holds it."""
+    """The disk is removed on the host that holds it (an rbd disk: by a worker of the host whose
+    cluster holds it)."""
     payload = request.model_dump(mode="json")
-    return [signature("imgprep.remove_disk", args=(payload,), queue=host_queue(host))]
+    step = "imgprep.remove_rbd_disk" if request.backend == "rbd" else "imgprep.remove_disk"
+    return [signature(step, args=(payload,), queue=host_queue(host))]
 
 
 def precache_steps(

@@ -39,6 +39,7 @@ def build_context(current: Runtime, *, owner: str, worker: str) -> DeviceContext
         owner=owner,
         worker=worker,
         privileged=current.privileged,
+        ceph=current.ceph_access,
     )
 
 

@@ -33,6 +33,7 @@ from helper.protocol import (
     RemoveWorkArea,
     Reply,
     Request,
+    StartRbdExport,
     StartStorageDaemon,
     StopDaemons,
     Unmount,
@@ -58,8 +59,11 @@ class HelperClient:
                 connection.settimeout(CONNECT_TIMEOUT)
                 connection.connect(str(self.socket_path))
                 connection.settimeout(REPLY_TIMEOUT)
-                connection.sendall(data)
-                connection.shutdown(socket.SHUT_WR)
+                try:
+                    connection.sendall(data)
+                    connection.shutdown(socket.SHUT_WR)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # answered before it read the request (it is busy): read the answer
                 raw = _read_all(connection)
             reply = Reply.model_validate_json(raw)
         except (OSError, ValidationError) as error:
@@ -119,6 +123,29 @@ class HelperClient:
             )
         )
 
+    def start_rbd_export(
+        self,
+        *,
+        pool: str,
+        image: str,
+        conf: Path,
+        user: str,
+        keyring: Path | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        self.call(
+            StartRbdExport(
+                pool=pool,
+                image=image,
+                conf=str(conf),
+                user=user,
+                keyring=str(keyring) if keyring else None,
+                export=str(export),
+                pidfile=str(pidfile),
+            )
+        )
+
     def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
         reply = self.call(StopDaemons(program=_daemon(program), path=str(path), timeout=timeout))
         return _pids(reply)
@@ -173,8 +200,18 @@ def _pids(reply: Reply) -> list[int]:
 
 
 def _read_all(connection: socket.socket) -> bytes:
-    chunks = []
-    while chunk := connection.recv(65536):
+    """The whole answer. A helper that answered before reading the request (busy) closed with
+    the request unread, which the kernel reports as a reset once the answer has been read."""
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = connection.recv(65536)
+        except ConnectionResetError:
+            if not chunks:
+                raise
+            break
+        if not chunk:
+            break
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -38,6 +38,11 @@ CACHE_REQUESTS = Counter(
     ["outcome"],
 )
 FETCHED_BYTES = Counter("imgprep_fetched_bytes", "Bytes downloaded from image sources.")
+RBD_IMPORTS = Counter(
+    "imgprep_rbd_imports",
+    "import_to_rbd calls by outcome: imported (into the cluster) or found (already there).",
+    ["outcome"],
+)
 STEP_DURATION = Histogram(
     "imgprep_step_duration_seconds",
     "Wall time of each step run, by step and outcome (success, failure, retry).",
@@ -86,6 +91,11 @@ class FetchMeter:
 
     def count_request(self) -> None:
         CACHE_REQUESTS.labels("miss" if self.downloaded else "hit").inc()
+
+
+def count_rbd_import(*, imported: bool) -> None:
+    """An import_to_rbd step ended: it imported the image, or found it in the cluster."""
+    RBD_IMPORTS.labels("imported" if imported else "found").inc()
 
 
 def count_cache_hit() -> None:

@@ -12,16 +12,23 @@ under the cache directory, opened without following links. Every request is sign
 `peer.secret`) and asks for a byte range; at most `peer.max_connections` transfers run at once
 (503 beyond), and all of them together send at most `peer.max_bytes_per_second` (0: no limit).
 A second worker on the same host finds the port taken and leaves serving to the first.
+
+Before a request is authenticated it costs little and not for long (worker.peer_connections:
+clients only from `peer.allowed_networks`, at most `peer.max_unauthenticated_connections` of
+them, each with `peer.header_timeout_seconds` for its whole request). One request per
+connection: after its response, the connection is closed. A client that takes less than 256 KiB
+of a response in `peer.send_timeout_seconds` is cut off, and its transfer slot is free.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +36,10 @@ import structlog
 from celery import bootsteps
 
 from domain.cache.directory import ImageCache
-from domain.cache.peer_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from domain.cache.networks import in_networks
+from domain.cache.peer_auth import SIGNATURE_HEADER, SIGNED_HEADERS, TIMESTAMP_HEADER, verify
 from domain.core.peers import PeerCopy
+from worker.peer_connections import NEVER, AdmittingServer, RequestTooLong
 from worker.settings import PeerSettings, Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -38,7 +47,7 @@ log = structlog.get_logger(__name__)
 _PATH = re.compile(r"/v1/([0-9a-f]{40})(?:/part/([0-9]{1,19}))?")
 _RANGE = re.compile(r"bytes=([0-9]{1,19})-([0-9]{0,19})")
 MAX_RESPONSE = 64 * 2**20
-CHUNK = 256 * 2**10
+CHUNK = 256 * 2**10  # each must be taken by the client within peer.send_timeout_seconds
 
 
 class Pacer:
@@ -60,14 +69,6 @@ class Pacer:
             time.sleep(start - now)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        log.info("peer_request_broke_off", client=str(client_address))
-
-
 class PeerServer:
     """The HTTP server of one host's cache. `copy_of(key)` is this host's copy of `key` as the
     peer registry records it (for temporaries in progress)."""
@@ -86,7 +87,8 @@ class PeerServer:
         self.pacer = Pacer(settings.max_bytes_per_second)
         self.slots = threading.BoundedSemaphore(settings.max_connections)
         self.served = 0  # bytes sent, for tests and logs
-        self._httpd = _Server((bind or "0.0.0.0", settings.port), self._handler())  # noqa: S104
+        # "": every address (noqa: S104), each client checked against peer.allowed_networks
+        self._httpd = AdmittingServer((bind or "0.0.0.0", settings.port), self._handler(), settings)  # noqa: S104
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="imgprep-peer-server", daemon=True
         )
@@ -136,24 +138,49 @@ class PeerServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()  # read through a deadline instead
+                self.rfile = server._httpd.request_reader(self.connection)
+
+            def handle(self) -> None:
+                """One request per connection."""
+                try:
+                    self.handle_one_request()
+                except (TimeoutError, RequestTooLong) as error:
+                    log.info(
+                        "peer_request_not_received", client=self.client_address[0], error=str(error)
+                    )
+
             def log_message(self, format: str, *args: object) -> None:
                 return
 
+            def log_error(self, format: str, *args: object) -> None:
+                log.info("peer_request_failed", client=self.client_address[0], error=format % args)
+
             def do_GET(self) -> None:
+                self.close_connection = True
                 path = self.path
                 byte_range = self.headers.get("Range", "")
-                refused = verify(
-                    server.settings.secret,
-                    "GET",
-                    path,
-                    byte_range,
-                    self.headers.get(TIMESTAMP_HEADER),
-                    self.headers.get(SIGNATURE_HEADER),
+                repeated = [n for n in SIGNED_HEADERS if len(self.headers.get_all(n) or ()) > 1]
+                refused = (
+                    f"header {repeated[0]} given more than once"
+                    if repeated
+                    else verify(
+                        server.settings.secret,
+                        "GET",
+                        path,
+                        byte_range,
+                        self.headers.get(TIMESTAMP_HEADER),
+                        self.headers.get(SIGNATURE_HEADER),
+                    )
                 )
                 if refused is not None:
                     log.warning("peer_request_refused", path=path[:200], reason=refused)
                     self._empty(HTTPStatus.UNAUTHORIZED)
                     return
+                server._httpd.authenticated(self.request)
+                self.connection.settimeout(server.settings.send_timeout_seconds)
                 named = _PATH.fullmatch(path)
                 wanted = _RANGE.fullmatch(byte_range)
                 if named is None:
@@ -189,9 +216,18 @@ class PeerServer:
                         "Content-Range", f"bytes {start}-{end - 1}/{total if total else '*'}"
                     )
                     self.send_header("Content-Length", str(end - start))
+                    self.send_header("Connection", "close")
                     self.end_headers()
                     self._send(fd, start, end)
                 except (BrokenPipeError, ConnectionResetError):
+                    return
+                except TimeoutError:
+                    log.warning(
+                        "peer_client_too_slow",
+                        client=self.client_address[0],
+                        key=key,
+                        limit_seconds=server.settings.send_timeout_seconds,
+                    )
                     return
                 finally:
                     os.close(fd)
@@ -211,6 +247,7 @@ class PeerServer:
             def _empty(self, status: HTTPStatus) -> None:
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
                 self.end_headers()
 
         return Handler
@@ -229,7 +266,9 @@ def peer_server_for(settings: Settings) -> PeerServer:
     from worker.runtime import redis_client
 
     registry = RedisPeerRegistry(
-        redis_client(settings.coordination, settings.redis), settings.result_expires
+        redis_client(settings.coordination, settings.redis),
+        settings.result_expires,
+        settings.peer.secret,
     )
     return PeerServer(
         settings.peer,
@@ -257,9 +296,33 @@ class PeerServerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         except OSError as error:
             log.warning("peer_server_not_started", port=settings.peer.port, error=error.strerror)
             return
-        log.info("peer_server_started", port=settings.peer.port, url=settings.peer_url)
+        log.info(
+            "peer_server_started",
+            port=settings.peer.port,
+            url=settings.peer_url,
+            listening=settings.peer.address or "every address",
+            allowed_networks=[str(network) for network in settings.peer.allowed_networks],
+        )
+        _warn_if_unreachable(settings.peer)
 
     def stop(self, worker: Any) -> None:
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+
+def _warn_if_unreachable(peer: PeerSettings) -> None:
+    """An address other hosts would refuse to connect to is worth a line at start."""
+    try:
+        address = ipaddress.ip_address(peer.address)
+    except ValueError:  # a name (or ""): resolved by each peer
+        return
+    if (
+        in_networks(address, NEVER) is not None
+        or in_networks(address, tuple(peer.allowed_networks)) is None
+    ):
+        log.warning(
+            "peer_address_not_allowed",
+            address=peer.address,
+            reason="outside peer.allowed_networks: the other hosts will not connect to it",
+        )

@@ -55,9 +55,7 @@ def redis_client(
         return redis.Redis.from_url(url, **kwargs)
     if not configured.master_name:
         raise ValueError("a Sentinel URL needs the master's name: set IMGPREP_REDIS__MASTER_NAME")
-    master: redis.Redis = sentinel(url, configured, **kwargs).master_for(
-        configured.master_name
-    )
+    master: redis.Redis = sentinel(url, configured, **kwargs).master_for(configured.master_name)
     return master
 
 

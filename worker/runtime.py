@@ -23,11 +23,14 @@ from domain.cache.peer_client import PeerOptions
 from domain.core.ports import PrivilegedOperations
 from domain.core.runner import Limits, Runner
 from domain.disks.instance_disks import DiskContext
+from domain.rbd.images import RbdContext
+from domain.rbd.tool import CephAccess, RbdTool
 from worker.helper_client import HelperClient
 from worker.redis_connect import COMMAND_TIMEOUT_SECONDS, redis_client
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import RedisLockFactory
 from worker.redis_peers import RedisPeerRegistry
+from worker.redis_rbd import RedisImportedImages, RedisTemporaries
 from worker.redis_references import RedisReferences
 from worker.settings import Settings, get_settings
 
@@ -146,14 +149,43 @@ class Runtime:
             wait_seconds=self.settings.lock.wait_seconds,
             host=self.settings.host_id,
             url=self.settings.peer_url,
-            registry=RedisPeerRegistry(self.redis, self.settings.result_expires),
+            registry=RedisPeerRegistry(self.redis, self.settings.result_expires, peer.secret),
             origin_locks=self.fleet_locks_now,
             choice_locks=self.fleet_locks,
             peers=PeerOptions(
                 secret=peer.secret,
                 connect_timeout_seconds=peer.connect_timeout_seconds,
                 stall_seconds=peer.stall_seconds,
+                allowed_networks=peer.allowed_networks,
             ),
+        )
+
+    @property
+    def ceph_access(self) -> CephAccess:
+        configured = self.settings.rbd
+        return CephAccess(
+            conf=configured.conf,
+            user=configured.user,
+            keyring=Path(configured.keyring) if configured.keyring else None,
+            pool=configured.pool,
+            images_pool=configured.images_pool,
+            connect_timeout_seconds=configured.connect_timeout_seconds,
+            command_timeout_seconds=configured.command_timeout_seconds,
+            transfer_timeout_seconds=configured.transfer_timeout_seconds,
+        )
+
+    @property
+    def rbd(self) -> RbdContext:
+        """This host's Ceph cluster (rbd.*), with leases of the whole fleet: one cluster may
+        serve many hosts."""
+        return RbdContext(
+            tool=RbdTool(self.ceph_access, self.runner),
+            cluster_locks=self.fleet_locks,
+            temporaries=RedisTemporaries(self.redis),
+            imported=RedisImportedImages(self.redis),
+            staging_dir=self.settings.state_dir / "rbd-imports",
+            cache=self.cache,
+            options=self.fetch_options,
         )
 
     @property

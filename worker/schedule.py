@@ -1,10 +1,11 @@
-"""What Celery beat sends periodically (`imgprep beat`): the image cache manager."""
+"""What Celery beat sends periodically (`imgprep beat`): the image cache manager, and with
+rbd.age_images the aging of the images imported into the host's Ceph cluster."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from worker.routing import DEFAULT_QUEUE
+from worker.routing import DEFAULT_QUEUE, host_queue
 from worker.settings import Settings
 
 EVICT_CACHE = "imgprep.evict_cache"
@@ -12,7 +13,7 @@ EVICT_CACHE = "imgprep.evict_cache"
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     interval = settings.image_cache.manager_interval_seconds
-    return {
+    schedule = {
         "age-image-cache": {
             "task": EVICT_CACHE,
             "schedule": interval,
@@ -21,3 +22,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": DEFAULT_QUEUE, "expires": interval},
         }
     }
+    if settings.rbd.age_images:
+        # the images imported into beat's host's cluster: a pass on a worker of that host
+        schedule["age-rbd-images"] = {
+            "task": EVICT_CACHE,
+            "schedule": interval,
+            "args": ({"backend": "rbd"},),
+            "options": {"queue": host_queue(settings.host_id), "expires": interval},
+        }
+    return schedule

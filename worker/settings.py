@@ -34,7 +34,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from domain.cache.networks import DEFAULT_DENIED_NETWORKS
+from domain.cache.networks import (
+    DEFAULT_DENIED_NETWORKS,
+    DEFAULT_PEER_NETWORKS,
+    NEVER_PEER_NETWORKS,
+)
 from domain.core.models import HostId
 from worker.redis_urls import is_sentinel, normalised
 
@@ -157,16 +161,44 @@ class PeerSettings(_Group):
     and takes images from them (domain.cache.fleet)."""
 
     # The address other hosts reach this host's peer server on ("": the host id, which must
-    # resolve); the server listens on it, or on every address when it is empty.
+    # resolve); the server listens on it, or on every address when it is empty (and then answers
+    # only clients in allowed_networks).
     address: str = ""
     port: int = Field(default=9809, ge=1, le=65535)
-    # Shared by every host: requests are signed with an HMAC of it (required in host scope).
+    # Shared by every host: requests and the peer registry's records are signed with an HMAC of
+    # it (required in host scope).
     secret: str = ""
+    # The networks the fleet's hosts are on: peers are connected to only at addresses in them,
+    # and the peer server answers only clients from them. Never link-local, unspecified or
+    # multicast, whatever this says.
+    allowed_networks: tuple[IPvAnyNetwork, ...] = tuple(
+        ipaddress.ip_network(network) for network in DEFAULT_PEER_NETWORKS
+    )
     max_bytes_per_second: int = Field(default=0, ge=0)  # upload rate limit; 0: none
     max_connections: int = Field(default=8, gt=0)  # transfers served at once
+    # Connections whose request is not yet read and authenticated; more are closed at once.
+    max_unauthenticated_connections: int = Field(default=32, gt=0)
+    # A client must send its whole request line and headers within this long.
+    header_timeout_seconds: PositiveSeconds = 5.0
+    # A client that takes less than 256 KiB of a response in this long is cut off.
+    send_timeout_seconds: PositiveSeconds = 10.0
     # A peer that brings no byte for this long is dropped (another peer or the origin resumes).
     stall_seconds: PositiveSeconds = 10.0
     connect_timeout_seconds: PositiveSeconds = 3.0
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _never_where_no_peer_is(
+        cls, networks: tuple[IPvAnyNetwork, ...]
+    ) -> tuple[IPvAnyNetwork, ...]:
+        for network in networks:
+            for never in map(ipaddress.ip_network, NEVER_PEER_NETWORKS):
+                if network.version == never.version and network.subnet_of(never):  # type: ignore[arg-type]
+                    raise ValueError(
+                        f"{network} is in {never}, where no peer is ever reached (link-local, "
+                        "unspecified, multicast)"
+                    )
+        return networks
 
 
 class HostSettings(_Group):
@@ -226,6 +258,36 @@ class PrivilegeSettings(_Group):
     start_helper: bool = True
 
 
+class RbdSettings(_Group):
+    """The rbd backend (domain.rbd): the Ceph cluster this host's rbd disks live in. Many hosts
+    may name the same cluster; imported images are shared by all of them."""
+
+    # The clients' ceph.conf (monitor addresses, authentication).
+    conf: Path = Path("/etc/ceph/ceph.conf")
+    # The cephx user without "client." (Nova's rbd_user); "": Ceph's default (client.admin).
+    user: str = ""
+    # The user's keyring, readable by the workers' user; "": Ceph's default search
+    # (/etc/ceph/ceph.client.<user>.keyring, ...).
+    keyring: str = ""
+    # Instance disks (Nova's images_rbd_pool) and imported images (Glance's usual pool).
+    pool: str = "vms"
+    images_pool: str = "images"
+    # How long a tool waits for the monitors (client_mount_timeout), a metadata operation may
+    # take, and an import, flatten or extract may take.
+    connect_timeout_seconds: PositiveSeconds = 30.0
+    command_timeout_seconds: PositiveSeconds = 120.0
+    transfer_timeout_seconds: PositiveSeconds = 1800.0
+    # Whether imgprep.evict_cache (beat) also ages this cluster's imported images out.
+    age_images: bool = False
+
+    @field_validator("pool", "images_pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "._-" for c in value):
+            raise ValueError(f"{value!r} is not a pool name (letters, digits, '.', '_', '-')")
+        return value
+
+
 class Settings(BaseSettings):
     """Every setting imgprep reads: IMGPREP_<NAME>, and IMGPREP_<GROUP>__<NAME> for groups."""
 
@@ -265,6 +327,7 @@ class Settings(BaseSettings):
     privileges: PrivilegeSettings = PrivilegeSettings()
     redis: RedisSettings = RedisSettings()
     peer: PeerSettings = PeerSettings()
+    rbd: RbdSettings = RbdSettings()
     # imgprep.precache: at most this many images are fetched from their origin at once.
     precache_concurrency: int = Field(default=1, gt=0)
 

@@ -8,14 +8,16 @@ message a person can act on. Everything else fails at once.
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
+import typing
 from typing import Any, TypeVar
 
 import structlog
 from celery import Task, signature, states
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from domain.cache.references import pending_holder
 from domain.core.errors import InvalidRequest, StepTimedOut, TransientError
@@ -77,6 +79,7 @@ class StepTask(RedactedArguments):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         skip_if_ended_before(self)
+        check_arguments(self, args, kwargs)
         started = time.monotonic()
         try:
             result = super().__call__(*args, **kwargs)
@@ -172,6 +175,48 @@ class StepTask(RedactedArguments):
             and not self.request.called_directly
             and self.request.retries < get_settings().retry.max_retries
         )
+
+
+def check_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse a call whose arguments do not fit the task's signature, as InvalidRequest.
+
+    Steps are internal, but anyone who can write to the broker can send one, with any
+    arguments: Python would raise TypeError for a wrong count, and a value of the wrong JSON
+    type (a list where a model's dict belongs, a number for the operation id) would fail
+    somewhere inside. Celery's `typing` check runs only in senders that hold the task object.
+    Here each argument is checked, strictly, against the step's annotations (the models inside
+    are parsed by the step itself)."""
+    shape = _call_shapes.get(type(task))
+    if shape is None:
+        shape = _call_shapes[type(task)] = _call_shape(task.run)
+    signature, model = shape
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise InvalidRequest(f"invalid call of {task.name}: {error}") from None
+    try:
+        model.model_validate(dict(bound.arguments))
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation(error, f"call of {task.name}")) from None
+
+
+_call_shapes: dict[type, tuple[inspect.Signature, type[BaseModel]]] = {}
+
+
+def _call_shape(run: Any) -> tuple[inspect.Signature, type[BaseModel]]:
+    """The signature of a task's `run` (bound: without `self`) and a strict model of it."""
+    signature = inspect.signature(run)
+    hints = typing.get_type_hints(run)
+    fields: dict[str, Any] = {
+        name: (hints.get(name, Any), ... if p.default is p.empty else p.default)
+        for name, p in signature.parameters.items()
+    }
+    model = create_model(
+        f"{getattr(run, '__name__', 'task')}_arguments",
+        __config__=ConfigDict(strict=True, arbitrary_types_allowed=True),
+        **fields,
+    )
+    return signature, model
 
 
 def skip_if_ended_before(task: Task) -> None:

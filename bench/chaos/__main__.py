@@ -20,7 +20,7 @@ from types import FrameType
 
 from bench.chaos.campaign import Options, run_campaign
 from bench.chaos.cluster import Tuning
-from bench.chaos.nemesis import KINDS, PRIVSEP_KINDS, SENTINEL_KINDS, NemesisOptions
+from bench.chaos.nemesis import KINDS, PRIVSEP_KINDS, RBD_KINDS, SENTINEL_KINDS, NemesisOptions
 from bench.chaos.workload import WorkloadOptions
 
 
@@ -59,6 +59,12 @@ def parse(argv: list[str] | None = None) -> Options:
         action="store_true",
         help="workers run as the unprivileged user with a helper each; adds kill_helper",
     )
+    parser.add_argument(
+        "--rbd",
+        action="store_true",
+        help="a one-node Ceph cluster: a third of the prepares on the rbd backend, with their "
+        "snapshots, deletes and agings; adds kill_osd and kill_mon",
+    )
     parser.add_argument("--lease", type=float, default=6.0, help="lock.lease_seconds")
     parser.add_argument(
         "--no-hostile", action="store_true", help="no requests that must fail (bad checksum, …)"
@@ -67,10 +73,12 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--report", type=Path, help="write the summary and history as JSON")
     args = parser.parse_args(argv)
-    known = (*PRIVSEP_KINDS, *SENTINEL_KINDS)
+    known = (*PRIVSEP_KINDS, *SENTINEL_KINDS, *RBD_KINDS)
     default = [k for k in KINDS if k != "redis_restart"] + ["failover"] if args.sentinel else KINDS
     if args.privsep:
         default = [*default, "kill_helper"]
+    if args.rbd:
+        default = [*default, *RBD_KINDS]
     kinds = tuple(k for k in (args.faults or ",".join(default)).split(",") if k and k != "none")
     unknown = set(kinds) - set(known)
     if unknown:
@@ -79,6 +87,8 @@ def parse(argv: list[str] | None = None) -> Options:
         parser.error("the kill_helper fault needs --privsep (workers with a privileged helper)")
     if not args.sentinel and set(kinds) & set(SENTINEL_KINDS):
         parser.error("the failover fault needs --sentinel (Redis behind Sentinel)")
+    if not args.rbd and set(kinds) & set(RBD_KINDS):
+        parser.error("the kill_osd and kill_mon faults need --rbd (a Ceph cluster)")
     if args.sentinel and "redis_restart" in kinds:
         parser.error(
             "with --sentinel, Redis goes away by failover (redis_restart restarts one server)"
@@ -101,9 +111,11 @@ def parse(argv: list[str] | None = None) -> Options:
             op_timeout=args.op_timeout,
             late_allowance=args.late_allowance,
             hostile=not args.no_hostile,
+            rbd=args.rbd,
         ),
         nemesis=NemesisOptions(min_gap=args.min_gap, max_gap=args.max_gap, kinds=kinds),
         sentinel=args.sentinel,
+        rbd=args.rbd,
     )
 
 

@@ -27,9 +27,11 @@ from bench.chaos.cluster import Cluster, Tuning, make_cluster
 from bench.chaos.final_state import check_final_state
 from bench.chaos.history import History
 from bench.chaos.nemesis import Nemesis, NemesisOptions
+from bench.chaos.rbd_state import check_rbd_state
 from bench.chaos.sources import DeniedListener, SourceServer
 from bench.chaos.workload import Places, Workload, WorkloadOptions
 from worker.harness import machine
+from worker.harness.ceph_cluster import CephCluster
 from worker.harness.redis_server import RedisServer, start_redis
 from worker.harness.sentinel import SentinelRedis
 from worker.redis_locks import LOCK_PREFIX
@@ -57,6 +59,9 @@ class Options:
     # Redis with a master, two replicas and three Sentinels (worker.harness.sentinel): the
     # workers and the client on the Sentinel URL, and the `failover` fault possible
     sentinel: bool = False
+    # a one-node Ceph cluster (bluestore on a file, cephx on) the workers' rbd disks live in,
+    # a share of the prepares on it, and the kill_osd and kill_mon faults possible
+    rbd: bool = False
 
 
 @dataclass
@@ -158,6 +163,8 @@ class Campaign:
         self.nemesis: Nemesis | None = None
         self.summary: Summary | None = None
         self.notes: list[str] = []
+        # beside the campaign's directory, not in it: its daemons are no leftover of imgprep's
+        self.ceph: CephCluster | None = None
 
     def start(self) -> None:
         options = self.options
@@ -169,6 +176,11 @@ class Campaign:
         outside = self.root / "outside" / "secret.raw"  # under no root a request may name
         outside.parent.mkdir()
         outside.write_bytes(random.Random(f"outside-{options.seed}").randbytes(4 * 2**20))
+        if options.rbd:
+            directory = Path(tempfile.mkdtemp(prefix="imgprep-chaos-ceph-", dir=options.root))
+            directory.chmod(0o755)  # the workers' user reads the client's conf and keyring
+            self.ceph = CephCluster(directory, cephx=True, persistent=True).start()
+            self.say(f"ceph cluster {self.ceph.fsid} in {directory}")
         if options.sentinel:
             self.redis_server = SentinelRedis(self.root / "redis").start()
         else:
@@ -181,6 +193,11 @@ class Campaign:
             concurrency=options.concurrency,
             tuning=options.tuning,
             privsep=options.privsep,
+            extra_env={
+                **(self.ceph.env() if self.ceph is not None else {}),
+                # a step that waits on a dead monitor gives up and retries within a step
+                "IMGPREP_RBD__CONNECT_TIMEOUT_SECONDS": "10",
+            },
         )
         for slot in self.cluster.slots:
             self.cluster.start(slot)
@@ -213,6 +230,7 @@ class Campaign:
             history=self.history,
             options=options.nemesis,
             lease=options.tuning.lease_seconds,
+            ceph=self.ceph,
         )
 
     def run(self) -> None:
@@ -238,6 +256,7 @@ class Campaign:
             catalogue={image.name: image for image in self.catalogue},
             hosts={host.id: host for host in self.cluster.hosts},
             cache_dir=self.cluster.cache_dir,
+            fsid=self.ceph.fsid if self.ceph is not None else None,
         )
         assert self.redis_server is not None
         client = self.redis_server.client()
@@ -245,6 +264,10 @@ class Campaign:
             violations = check_history(self.history, world) + check_final_state(
                 self.history, world, self.workload.disks, client, self.root
             )
+            if self.ceph is not None:
+                violations += check_rbd_state(
+                    world, self.workload.disks, self.ceph, client, self.root
+                )
         finally:
             client.close()
         violations += [Violation("workers-stay-up", t) for t in self.cluster.unexpected_exits]
@@ -293,6 +316,11 @@ class Campaign:
             steps.append(("stop the denied listener", self.denied.stop))
         if self.redis_server is not None:
             steps.append(("stop redis-server", self.redis_server.stop))
+        if self.ceph is not None:
+            ceph = self.ceph
+            steps.append(("stop the Ceph cluster", ceph.stop))
+            steps.append(("remove the Ceph cluster's files",
+                          lambda: shutil.rmtree(ceph.directory, ignore_errors=True)))  # fmt: skip
         steps.append(("release mounts, devices, daemons", self._release))
         if self.options.report is not None and self.history is not None:
             report, history = self.options.report, self.history

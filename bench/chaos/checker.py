@@ -21,7 +21,7 @@ from bench.chaos.cluster import Host
 from bench.chaos.history import History, Op
 from domain.core import errors
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
-from domain.core.snapshot_models import ConvertedImage
+from domain.core.snapshot_models import ConvertedImage, RbdSnapshot
 from worker.results import ERRORS_WIRE_MODULE
 
 # error class → the faults under whose influence it is an acceptable end of a request
@@ -31,7 +31,7 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     # a holder paused or killed past its lease, or cut off from Redis, must not publish
     "LockLost": ("pause_holder", "kill_pool", "kill_worker", "redis_restart", "failover"),
     # a holder kept its lock past lock.wait_seconds: paused, or downloading a stalled source
-    "LockBusy": ("pause_holder", "stall_source", "trickle_source"),
+    "LockBusy": ("pause_holder", "stall_source", "trickle_source", "kill_osd", "kill_mon"),
     "DiskBusy": ("pause_holder", "kill_pool", "kill_worker"),
     # a restarted worker's janitor released the devices of an injection whose worker died: the
     # redelivered step cannot go on, and says to prepare the disk again
@@ -41,6 +41,10 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     # the source sent less than fetch.min_bytes_per_second over fetch.rate_window_seconds
     "SourceTooSlow": ("trickle_source", "stall_source"),
     "StepTimedOut": ("stall_source", "pause_holder"),
+    # the Ceph cluster's monitor (or OSD) was down longer than the retries lasted
+    "CephUnavailable": ("kill_mon", "kill_osd"),
+    # an image whose importer was killed keeps its watch for 30 s; a guest-less export too
+    "RbdImageBusy": ("kill_pool", "kill_worker", "kill_helper"),
 }
 # Errors that say what the last attempt met: only a fault in the last seconds of the request
 # explains them (a Redis restart minutes earlier does not explain a socket timeout now).
@@ -73,6 +77,7 @@ class World:
     catalogue: dict[str, SourceImage]  # by file name
     hosts: dict[str, Host]  # by host id
     cache_dir: Path
+    fsid: str | None = None  # the Ceph cluster's, with --rbd
 
 
 def check_history(history: History, world: World) -> list[Violation]:
@@ -147,7 +152,8 @@ def check_result(op: Op, world: World, history: History | None = None) -> list[V
     if op.kind in PREPARES:
         return check_prepared(op, world)
     if op.kind == "snapshot":
-        return _parse(ConvertedImage, op)[1]
+        direct = op.request.get("method") == "direct"
+        return _parse(RbdSnapshot if direct else ConvertedImage, op)[1]
     if op.kind == "evict":
         return _parse(CacheEvictionReport, op)[1]
     if op.kind == "delete":
@@ -178,7 +184,51 @@ def check_prepared(op: Op, world: World) -> list[Violation]:
     image = world.catalogue[str(op.image)]
     host = world.hosts[request["host"]]
     wanted_disk = request["disk"]
-    expected = {
+    if wanted_disk["backend"] == "rbd":
+        expected = _expected_rbd(wanted_disk, image, host.id, world)
+    else:
+        expected = _expected_file(wanted_disk, image, host, world)
+    actual = {
+        name: getattr(getattr(prepared, name.split(".")[0]), name.split(".")[1])
+        for name in expected
+    }
+    for name, value in expected.items():
+        if actual[name] != value:
+            found.append(
+                Violation(
+                    "prepared-result",
+                    f"{op.describe()}: {name} is {actual[name]!r}, expected {value!r}",
+                    op.index,
+                )
+            )
+    return found + _check_files_and_again(op, prepared)
+
+
+def _expected_rbd(
+    wanted_disk: dict[str, Any], image: SourceImage, host: str, world: World
+) -> dict[str, object]:
+    """An rbd disk: the clone <instance>_<disk> in vms of the image imported into images."""
+    location = f"rbd://{world.fsid}/images/{image.key}/snap"
+    return {
+        "disk.path": f"rbd:vms/{wanted_disk['instance_id']}_{wanted_disk['disk_name']}",
+        "disk.host": host,
+        "disk.format": "raw",
+        "disk.backend": "rbd",
+        "disk.virtual_size": wanted_disk["size_bytes"],
+        "disk.backing_file": location,
+        "base.key": image.key,
+        "base.image_id": image.image_id,
+        "base.path": location,
+        "base.format": "raw",
+        "base.virtual_size": image.virtual_size,
+        "base.source_sha256": image.sha256,
+    }
+
+
+def _expected_file(
+    wanted_disk: dict[str, Any], image: SourceImage, host: Host, world: World
+) -> dict[str, object]:
+    return {
         "disk.path": str(
             host.instances_dir / wanted_disk["instance_id"] / wanted_disk["disk_name"]
         ),
@@ -195,19 +245,11 @@ def check_prepared(op: Op, world: World) -> list[Violation]:
         "base.virtual_size": image.virtual_size,
         "base.source_sha256": image.sha256,
     }
-    actual = {
-        name: getattr(getattr(prepared, name.split(".")[0]), name.split(".")[1])
-        for name in expected
-    }
-    for name, value in expected.items():
-        if actual[name] != value:
-            found.append(
-                Violation(
-                    "prepared-result",
-                    f"{op.describe()}: {name} is {actual[name]!r}, expected {value!r}",
-                    op.index,
-                )
-            )
+
+
+def _check_files_and_again(op: Op, prepared: PreparedDisk) -> list[Violation]:
+    found = []
+    request = op.request
     wanted_files = {item["path"] for item in request.get("inject", [])}
     if {item.path for item in prepared.injected} != wanted_files:
         found.append(
@@ -258,6 +300,8 @@ def check_evictions(history: History, world: World) -> list[Violation]:
     for op in history.ops:
         if op.kind != "evict" or op.outcome != "ok" or op.complete is None or not op.result:
             continue
+        if op.request.get("backend") == "rbd":
+            continue  # the images pool: Ceph itself refuses to remove a parent with clones
         evicted = {item["key"] for item in op.result.get("evicted", [])}
         for disk, spans in intervals.items():
             for since, until, prepare in spans:

@@ -256,9 +256,11 @@ def make_cluster(
     concurrency: int,
     tuning: Tuning,
     privsep: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> Cluster:
     """Describe the cluster (directories made, settings validated); no worker started yet.
-    With `privsep`, workers run as the unprivileged user with a helper each."""
+    With `privsep`, workers run as the unprivileged user with a helper each; `extra_env`: more
+    settings of every worker (a Ceph cluster's, with --rbd)."""
     cache_dir = root / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
@@ -280,6 +282,7 @@ def make_cluster(
         # an eviction request may pass a size cap: let it take any unused entry
         "IMGPREP_IMAGE_CACHE__MIN_IDLE_SECONDS": "0",
         **tuning.env(),
+        **(extra_env or {}),
     }
     # the image server is on loopback, which the default deny list refuses (issue 11, #13):
     # allow loopback but for the denied address, where requests that must fail point

@@ -283,6 +283,8 @@ def check_model(
     found = []
     sampled = 0
     for disk in disks:
+        if disk.backend == "rbd":
+            continue  # in Ceph, not a file: bench.chaos.rbd_state
         actual = files.get(disk.name)
         if disk.state == "absent" and actual is not None:
             found.append(
@@ -381,6 +383,8 @@ def check_snapshots(history: History, world: World) -> list[Violation]:
     for op in history.ops:
         if op.kind != "snapshot" or op.outcome != "ok" or not op.result:
             continue
+        if op.request.get("method") == "direct":
+            continue  # an image in Ceph: bench.chaos.rbd_state
         path = Path(op.result["path"])
         host = world.hosts[op.request["host"]]
         if not path.is_relative_to(host.snapshots_dir):

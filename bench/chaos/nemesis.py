@@ -18,6 +18,9 @@ injects every kind):
 * kill_helper (with --privsep only): SIGKILL of a worker's privileged helper, preferably while
   one of its operations runs; the worker then stops itself and is started again (with a new
   helper, whose janitor releases what the killed operations held).
+* kill_osd, kill_mon (campaigns with `--rbd` only): SIGKILL of the Ceph cluster's OSD (its
+  objects on a bluestore file survive) or monitor, started again after 2 to 8 s; requests wait
+  for it (an rbd call blocks until the OSD is back) or retry (`CephUnavailable`);
 * failover (campaigns on Sentinel only, `--sentinel`): SIGKILL of the Redis master; the fault
   lasts until the Sentinels have promoted a replica, then the killed server starts again as a
   replica of the new master. A failover waits until the previous one has healed (both replicas
@@ -48,6 +51,7 @@ from bench.chaos.cluster import Cluster, Slot
 from bench.chaos.history import Fault, History
 from bench.chaos.sources import SourceServer
 from bench.chaos.workload import pick
+from worker.harness.ceph_cluster import CephCluster
 from worker.harness.sentinel import SentinelRedis
 
 KINDS = (
@@ -61,6 +65,8 @@ KINDS = (
 PRIVSEP_KINDS = (*KINDS, "kill_helper")
 # faults that need Redis behind Sentinel (bench.chaos --sentinel)
 SENTINEL_KINDS = ("failover",)
+# faults that need the campaign's Ceph cluster (bench.chaos --rbd)
+RBD_KINDS = ("kill_osd", "kill_mon")
 RETRY_EVERY = 0.5
 GIVE_UP_AFTER = 10  # tries (5 s) to find a victim before a fault is skipped
 
@@ -105,6 +111,8 @@ class Schedule:
             "trickle_source": 4.0 + 16.0 * spread,
             "kill_helper": 0.0,
             "failover": 0.0,  # as long as the Sentinels take
+            "kill_osd": 2.0 + 6.0 * spread,
+            "kill_mon": 2.0 + 6.0 * spread,
         }[kind]
         return Planned(kind, gap, duration, (self.rng.random(), self.rng.random()))
 
@@ -125,6 +133,7 @@ class Nemesis:
     history: History
     options: NemesisOptions
     lease: float
+    ceph: CephCluster | None = None  # with --rbd: kill_osd, kill_mon
     skipped: int = 0
     _heals: list[_Heal] = field(default_factory=list)
     _paused: set[int] = field(default_factory=set)
@@ -217,6 +226,8 @@ class Nemesis:
             "trickle_source": self._trickle_source,
             "kill_helper": self._kill_helper,
             "failover": self._failover,
+            "kill_osd": self._kill_ceph_daemon,
+            "kill_mon": self._kill_ceph_daemon,
         }[planned.kind](planned, client)
 
     def _holders(self, client: redis.Redis) -> list[tuple[str, int, Slot]]:
@@ -390,6 +401,30 @@ class Nemesis:
             "kill_helper", f"{slot.worker.nodename} helper pid {pid}", pid=pid, busy=bool(busy)
         )
         self.history.end_fault(fault)
+        return True
+
+    def _kill_ceph_daemon(self, planned: Planned, client: redis.Redis) -> bool:
+        ceph = self.ceph
+        daemon = "osd.0" if planned.kind == "kill_osd" else "mon.a"
+        if ceph is None or daemon not in ceph.processes:
+            return False  # down already (a fault of the same kind still lasts)
+        pid = ceph.processes[daemon].pid
+        if planned.kind == "kill_osd":
+            ceph.kill_osd()
+        else:
+            ceph.kill_monitor()
+        fault = self.history.begin_fault(
+            planned.kind, f"ceph {daemon} pid {pid}", down_seconds=round(planned.duration, 1)
+        )
+
+        def restart() -> dict[str, object]:
+            if planned.kind == "kill_osd":
+                ceph.start_osd()
+            else:
+                ceph.start_monitor()
+            return {}
+
+        self._later(planned.duration, fault, restart)
         return True
 
 

@@ -133,6 +133,9 @@ class WorkloadOptions:
     max_disks: int = 30
     hostile: bool = True
     max_think: float = 0.3
+    # a third of the prepares on the rbd backend (a Ceph cluster the campaign starts), with
+    # their snapshots (extract or direct), deletes and agings
+    rbd: bool = False
 
 
 def intents(rng: random.Random, options: WorkloadOptions) -> Intent:
@@ -251,12 +254,14 @@ class Workload:
         self._send("prepare_again", disk.request, disk=disk, context={"previous": disk.prepared})
 
     def _delete(self, disk: Disk) -> None:
-        request = {
+        request: dict[str, Any] = {
             "api_version": 1,
             "instance_id": disk.instance_id,
             "disk_name": disk.disk_name,
             "host": disk.host,
         }
+        if disk.backend == "rbd":
+            request["backend"] = "rbd"
         self._send("delete", request, disk=disk, context={"state_before": disk.state})
 
     def _new_instance(self) -> str:
@@ -285,6 +290,8 @@ class Workload:
         b, c, d = draws
         inject = kind == "prepare_inject" or (kind == "burst" and image.guest and b < 0.5)
         backend = "raw" if b < 0.35 else "qcow2"
+        if self.options.rbd and b >= 0.65:
+            backend = "rbd"
         host = pick(self.hosts, c)
         size = 48 * MiB if d < 0.5 else 64 * MiB
         instance = self._new_instance()
@@ -300,7 +307,20 @@ class Workload:
 
     def _snapshot(self, disk: Disk, b: float, c: float) -> None:
         fmt = "qcow2" if b < 0.6 else "raw"
-        request = {
+        if disk.backend == "rbd" and c >= 0.5:  # Nova's direct snapshot, into the images pool
+            self._instances += 1
+            direct = {
+                "api_version": 1,
+                "instance_id": disk.instance_id,
+                "disk_name": disk.disk_name,
+                "host": disk.host,
+                "backend": "rbd",
+                "method": "direct",
+                "image_id": f"chaos-snap-{self.seed}-{self._instances:05d}",
+            }
+            self._send("snapshot", direct, disk=disk)
+            return
+        request: dict[str, Any] = {
             "api_version": 1,
             "instance_id": disk.instance_id,
             "disk_name": disk.disk_name,
@@ -309,10 +329,17 @@ class Workload:
             "compress": fmt == "qcow2" and c < 0.3,
             "host": disk.host,
         }
+        if disk.backend == "rbd":
+            request["backend"] = "rbd"
         self._send("snapshot", request, disk=disk)
 
     def _evict(self, a: float, b: float, c: float, d: float) -> None:
         request: dict[str, Any] = {"api_version": 1, "dry_run": False}
+        if self.options.rbd and d >= 0.7:  # the images pool, on a worker of a host
+            request["backend"] = "rbd"
+            request["remove_unused_original_minimum_age_seconds"] = round(b * 5, 1)
+            self._send("evict", request, queue=f"imgprep.host.{pick(self.hosts, c)}")
+            return
         if a < 0.5:
             request["remove_unused_original_minimum_age_seconds"] = 0
         elif a < 0.8:
@@ -373,6 +400,7 @@ class Workload:
         from an instance disk into the cache directory. InvalidRequest; nothing written."""
         self._instances += 1
         name = f"stolen-{self._instances:05d}.raw"
+        present = [disk for disk in present if disk.backend != "rbd"]  # no file to steal
         if b < 0.5 or not present:
             host = self.places.hosts[pick(self.hosts, c)]
             source, source_format = self.places.outside_file, "raw"

@@ -177,8 +177,11 @@ def stage_entry(
     progress: Progress = no_progress,
 ) -> Staged[CachedImage]:
     """Inspect verified bytes as today (format inspector, then qemu-img info with the format
-    pinned), convert them to raw with force_raw, and stage the entry with its record."""
-    inspected, info = _inspect(part, source, verified, options, runner)
+    pinned), convert them to raw with force_raw, and stage the entry with its record. Whatever
+    the bytes came from, the source they stand for must have the request's checksum: nothing
+    the checksum rejects is ever staged, so nothing it rejects is ever published."""
+    check_checksum(source, verified.source_sha256 or verified.sha256)
+    inspected, info = inspect_verified(part, source, verified, options, runner)
     published, fmt = part, inspected.format
     if options.force_raw and fmt != "raw":
         published = temporary_path(entry, CONVERTED, fence)
@@ -218,7 +221,7 @@ def stage_entry(
     return Staged(file=published, result=image, record=record.model_dump_json(indent=1))
 
 
-def _inspect(
+def inspect_verified(
     part: Path, source: ImageSource, verified: Verified, options: FetchOptions, runner: Runner
 ) -> tuple[Inspection, qemu_img.ImageInfo]:
     """Inspect the downloaded bytes, then ask qemu-img with the format pinned, under limits."""

@@ -12,9 +12,14 @@ the bytes from wherever they are cheapest:
    wait for it to announce its copy, and stream from it.
 
 A peer is never trusted more than the origin. The bytes are hashed as they arrive and checked,
-once complete, against the digest recorded by the host that verified them: the source's sha256
-(the request's checksum, or what the host that downloaded from the origin found), or the
-published entry's (after a conversion to raw). They are then inspected as any download is. A
+once complete, against the request's checksum when it names one, else against the digest recorded
+by the host that verified them (what the host that downloaded from the origin found). A copy of a
+published entry converted to raw is checked against the entry's digest, which the first host to
+publish it recorded, and only when the source digest recorded with it is the request's checksum:
+digests of another version vouch for nothing. The registry's records are signed by the hosts
+that wrote them (worker.redis_peers), so nobody without `peer.secret` can vouch for bytes or point
+a host at a peer; nothing a checksum rejects is ever published (domain.cache.fetch.stage_entry
+checks it again). The bytes are then inspected as any download is. A
 peer that dies, stalls (no byte for `peer.stall_seconds`) or refuses is dropped, and the transfer
 resumes from the byte where it stopped, from another peer or from the origin (a Range request;
 from the first byte when no digest can vouch for what came before). A peer whose bytes turn out
@@ -249,9 +254,12 @@ class Transfer:
         self.progress = progress
         self.registry = fleet.registry
         self.client = PeerClient(fleet.peers)
+        # the sha256 the request names (hex), if any: no peer's record can vouch against it
+        self.wanted = source.checksum.removeprefix("sha256:") if source.checksum else None
         self.excluded: dict[str, float] = {}  # host → until when (monotonic)
         self.stalled_at: dict[str, int] = {}  # host → its recorded size when it stalled
         self._announced = (0, 0.0)
+        self._other_version_logged = False
 
     # -- the whole transfer ------------------------------------------------------------------
 
@@ -306,7 +314,8 @@ class Transfer:
                         self.stalled_at.pop(peer.host, None)
                     else:
                         self.stalled_at[peer.host] = error.stalled_at
-                    log.info("peer_dropped", peer=peer.host, at=writer.size, reason=str(error))
+                    dropped = log.warning if error.cooldown == float("inf") else log.info
+                    dropped("peer_dropped", peer=peer.host, at=writer.size, reason=str(error))
                     if error.gone and peer.complete:  # evicted there: nobody need ask again
                         self.registry.withdraw(self.key, peer.host)
                     continue
@@ -338,6 +347,18 @@ class Transfer:
 
     # -- peers -------------------------------------------------------------------------------
 
+    def _digests(self) -> ImageDigests | None:
+        """The fleet's digests of the image, unless the request's checksum names another
+        version: then no digest vouches for anything, and only bytes that hash to the checksum
+        itself are taken (a peer's copy of the source, else the origin's)."""
+        digests = self.registry.digests(self.key)
+        if digests is None or self.wanted is None or digests.source_sha256 == self.wanted:
+            return digests
+        if not self._other_version_logged:
+            log.warning("peer_digests_of_another_version", recorded=digests.source_sha256)
+            self._other_version_logged = True
+        return None
+
     def _candidate(self, have: Content | None) -> PeerCopy | None:
         """The peer `choose_peer` picks now, among those not excluded (nothing is recorded)."""
         now = time.monotonic()
@@ -347,7 +368,7 @@ class Transfer:
             copies,
             me=self.fleet.host,
             have=have,
-            digests=self.registry.digests(self.key),
+            digests=self._digests(),
             excluded=lambda host: still_excluded(
                 self.excluded.get(host, 0.0), self.stalled_at.get(host), sizes.get(host), now
             ),
@@ -368,7 +389,7 @@ class Transfer:
         last_byte = time.monotonic()
         while True:
             current = self.registry.copy(self.key, peer.host)
-            digests = self.registry.digests(self.key)
+            digests = self._digests()
             if current is None or not compatible(have, current.content, digests):
                 raise PeerFailed(f"peer {peer.host} no longer offers the image", cooldown=0.5)
             if writer.size < current.size:
@@ -390,16 +411,18 @@ class Transfer:
             time.sleep(self.fleet.poll_seconds)
 
     def _verify(self, writer: ImageWriter, have: Content, contributors: set[str]) -> Verified:
-        """The bytes from peers, checked against the recorded digest (waited for a while: the
-        host that downloads from the origin records it as soon as it has checked its bytes)."""
+        """The bytes from peers, checked against the request's checksum, else the digest the
+        fleet recorded (waited for a while: the host that downloads from the origin records it
+        as soon as it has checked its bytes). A copy of a converted entry cannot be hashed to the
+        request's checksum: it is checked against the entry digest a fleet host signed as the
+        conversion of a source with that checksum (`_digests`)."""
         sha256 = writer.finish()
-        digests = self._wait_for_digests(writer.size)
-        if have == "source" and self.source.checksum is not None:
-            expected: str | None = self.source.checksum.removeprefix("sha256:")
-        elif digests is None:
-            expected = None
-        else:
-            expected = digests.source_sha256 if have == "source" else digests.entry_sha256
+        needed = have == "entry" or self.wanted is None
+        digests = self._wait_for_digests(writer.size) if needed else self._digests()
+        if have == "source":
+            expected = self.wanted or (digests.source_sha256 if digests is not None else None)
+        else:  # a copy of a published entry: what its digests say, whose source is the request's
+            expected = digests.entry_sha256 if digests is not None else None
         if expected is None:
             log.warning("peer_bytes_unverifiable", peers=sorted(contributors))
             raise _Restart()
@@ -429,7 +452,7 @@ class Transfer:
     def _wait_for_digests(self, size: int) -> ImageDigests | None:
         deadline = time.monotonic() + self.fleet.peers.stall_seconds
         while True:
-            digests = self.registry.digests(self.key)
+            digests = self._digests()
             if digests is not None or time.monotonic() > deadline:
                 return digests
             time.sleep(self.fleet.poll_seconds)
@@ -453,8 +476,8 @@ class Transfer:
     def _from_origin(self, writer: ImageWriter, have: Content | None) -> Verified:
         """Download from the origin, resuming after the bytes peers sent when a digest can
         vouch for them; record the source's digest for the fleet."""
-        digests = self.registry.digests(self.key)
-        vouched = self.source.checksum is not None or digests is not None
+        digests = self._digests()
+        vouched = self.wanted is not None or digests is not None
         if writer.size and not (vouched and compatible(have, "source", digests)):
             raise _Restart()
         start = writer.size
@@ -468,13 +491,7 @@ class Transfer:
             start=start,
         )
         if start:
-            expected = (
-                self.source.checksum.removeprefix("sha256:")
-                if self.source.checksum is not None
-                else digests.source_sha256
-                if digests is not None
-                else None
-            )
+            expected = self.wanted or (digests.source_sha256 if digests is not None else None)
             if fetched.sha256 != expected:
                 log.warning("resumed_download_wrong", start=start, sha256=fetched.sha256)
                 raise _Restart()
@@ -484,7 +501,7 @@ class Transfer:
             self.registry.record_digests(
                 self.key, ImageDigests(source_sha256=fetched.sha256, source_size=fetched.size)
             )
-        self.registry.progress(self.key, self.fleet.host, fetched.size)
+        self.registry.progress(self.key, self.fleet.host, self.fence, fetched.size)
         return Verified(
             sha256=fetched.sha256,
             size=fetched.size,
@@ -508,7 +525,7 @@ class Transfer:
         size, when = self._announced
         now = time.monotonic()
         if writer.size - size >= ANNOUNCE_EVERY_BYTES or now - when >= ANNOUNCE_EVERY_SECONDS:
-            self.registry.progress(self.key, self.fleet.host, writer.size)
+            self.registry.progress(self.key, self.fleet.host, self.fence, writer.size)
             self._announced = (writer.size, now)
 
     def _announce(self, content: Content, size: int, total: int | None, upstream: str) -> None:

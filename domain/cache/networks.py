@@ -8,6 +8,11 @@ allowed one is connected to, by number. A name that resolves differently a secon
 rebinding) gains nothing, and every redirect hop opens its connection the same way. Addresses
 that embed an IPv4 address (IPv4-mapped, 6to4, NAT64) are checked as that address too.
 
+Peers (host scope, domain.cache.peer_client) are connected to the same way, with a list of
+allowed networks as well: an address is used only when it is in `peer.allowed_networks` and
+outside `NEVER_PEER_NETWORKS` (link-local, where cloud metadata services answer, unspecified and
+multicast), whatever `peer.allowed_networks` says.
+
 `ConnectionGuard` also remembers the connections it made, so the download can be stopped from
 another thread (`abort`): a blocked read returns once its socket is shut down.
 """
@@ -43,6 +48,19 @@ DEFAULT_DENIED_NETWORKS: tuple[str, ...] = (
     "ff00::/8",
 )
 LOOPBACK_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+# Where no peer is ever reached, and no peer request is ever answered from: the networks of the
+# default denied list that hold metadata services or no host at all (all but loopback).
+NEVER_PEER_NETWORKS: tuple[str, ...] = tuple(
+    n for n in DEFAULT_DENIED_NETWORKS if n not in LOOPBACK_NETWORKS
+)
+# Where peers are by default: the private networks (RFC 1918, IPv6 unique local addresses) a
+# fleet's hosts talk to each other on. Loopback only where a fleet runs on one machine (tests).
+DEFAULT_PEER_NETWORKS: tuple[str, ...] = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
@@ -51,6 +69,19 @@ def loopback_allowed(also_denied: tuple[str, ...] = ()) -> tuple[str, ...]:
     tests and the benchmarks, which serve images on this host."""
     kept = tuple(n for n in DEFAULT_DENIED_NETWORKS if n not in LOOPBACK_NETWORKS)
     return kept + also_denied
+
+
+def in_networks(address: Address, networks: tuple[Network, ...]) -> Network | None:
+    """The first of `networks` that holds `address` (or the IPv4 address an IPv4-mapped IPv6
+    address is), if any: an allow-list's test (6to4 and NAT64 name other hosts)."""
+    candidates: list[Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        candidates.append(address.ipv4_mapped)
+    for candidate in candidates:
+        for network in networks:
+            if candidate.version == network.version and candidate in network:
+                return network
+    return None
 
 
 def embedded_addresses(address: Address) -> list[Address]:
@@ -66,10 +97,22 @@ def embedded_addresses(address: Address) -> list[Address]:
 
 
 class ConnectionGuard:
-    """Connects a download's sockets to allowed addresses only, and can abort them all."""
+    """Connects a download's sockets to allowed addresses only, and can abort them all.
 
-    def __init__(self, denied: tuple[Network, ...]) -> None:
+    An address is refused when it (or the IPv4 address it embeds) is in a `denied` network, or,
+    with `allowed`, when it is in none of those; `refusal` says to whom (it names the setting).
+    """
+
+    def __init__(
+        self,
+        denied: tuple[Network, ...],
+        *,
+        allowed: tuple[Network, ...] | None = None,
+        refusal: str = "a network images may not come from (fetch.denied_networks)",
+    ) -> None:
         self.denied = denied
+        self.allowed = allowed
+        self.refusal = refusal
         self._lock = threading.Lock()
         self._connections: list[HTTPConnection] = []
         self._aborted = False
@@ -80,6 +123,15 @@ class ConnectionGuard:
             for network in self.denied:
                 if candidate.version == network.version and candidate in network:
                     return network
+        return None
+
+    def refuses(self, address: Address) -> str | None:
+        """Why `address` may not be connected to, or None."""
+        network = self.denies(address)
+        if network is not None:
+            return f"in {network}"
+        if self.allowed is not None and in_networks(address, self.allowed) is None:
+            return "in none of the allowed networks"
         return None
 
     def connect(
@@ -100,9 +152,9 @@ class ConnectionGuard:
             host, port, allowed_gai_family(), socket.SOCK_STREAM
         ):
             address = ipaddress.ip_address(str(sockaddr[0]))
-            network = self.denies(address)
-            if network is not None:
-                refused.append(f"{address} (in {network})")
+            reason = self.refuses(address)
+            if reason is not None:
+                refused.append(f"{address} ({reason})")
                 continue
             sock = socket.socket(family, kind, proto)
             try:
@@ -121,8 +173,7 @@ class ConnectionGuard:
             raise error
         if refused:
             raise SourceNotAllowed(
-                f"{host} resolves to {', '.join(refused)}, a network images may not come from "
-                "(fetch.denied_networks); nothing was sent to it"
+                f"{host} resolves to {', '.join(refused)}, {self.refusal}; nothing was sent to it"
             )
         raise OSError(f"{host} resolves to no address")
 

@@ -1,23 +1,36 @@
 """Reading a byte range of a cache entry from a peer's server (worker.peer_server), signed with
 the fleet's secret (domain.cache.peer_auth).
 
-Peers are addressed by what the peer registry says, not by a caller's URL, and are never
-trusted more than the origin: whatever they send is verified against the recorded digest by
-domain.cache.fleet. Every failure is a `PeerFailed`, which drops that peer from the transfer.
+Peers are addressed by what the peer registry says (records signed by fleet hosts), not by a
+caller's URL, and are never trusted more than the origin: whatever they send is verified by
+domain.cache.fleet against the request's checksum or the recorded digest. A peer's address is
+connected to only when it is in `peer.allowed_networks` and outside the networks no peer is ever
+at (domain.cache.networks: resolved once, each address checked, connected to by number). Every
+failure is a `PeerFailed`, which drops that peer from the transfer.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import urllib3
 from urllib3.exceptions import HTTPError
 
+from domain.cache.networks import (
+    NEVER_PEER_NETWORKS,
+    ConnectionGuard,
+    GuardedPoolManager,
+    Network,
+)
 from domain.cache.peer_auth import signed_headers
+from domain.core.errors import SourceNotAllowed
 from domain.core.peers import PeerCopy
 
 CHUNK = 256 * 2**10
+_NEVER = tuple(ipaddress.ip_network(network) for network in NEVER_PEER_NETWORKS)
+REFUSAL = "an address no peer may be reached at (peer.allowed_networks)"
 
 
 class PeerFailed(Exception):
@@ -41,6 +54,7 @@ class PeerOptions:
     secret: str
     connect_timeout_seconds: float
     stall_seconds: float
+    allowed_networks: tuple[Network, ...]
 
 
 def peer_path(key: str, copy: PeerCopy) -> str:
@@ -53,7 +67,9 @@ class PeerClient:
 
     def __init__(self, options: PeerOptions) -> None:
         self.options = options
-        self.pool = urllib3.PoolManager(
+        guard = ConnectionGuard(_NEVER, allowed=options.allowed_networks, refusal=REFUSAL)
+        self.pool = GuardedPoolManager(
+            guard,
             retries=False,
             timeout=urllib3.Timeout(
                 connect=options.connect_timeout_seconds, read=options.stall_seconds
@@ -77,6 +93,8 @@ class PeerClient:
             )
         except HTTPError as error:
             raise PeerFailed(f"cannot reach peer {copy.host}: {error}", cooldown=2.0) from None
+        except SourceNotAllowed as error:  # its address is not allowed: not asked again
+            raise PeerFailed(f"peer {copy.host} refused: {error}", cooldown=float("inf")) from None
         try:
             self._check(response, copy, start)
             expected = int(response.headers.get("Content-Length", "-1"))

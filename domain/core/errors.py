@@ -71,6 +71,14 @@ class HelperUnavailable(TransientError):
     """The privileged helper (privileges.helper_socket) does not answer; device steps retry."""
 
 
+class CephUnavailable(TransientError):
+    """The Ceph cluster (rbd.conf) did not answer: no monitor reachable, an operation timed out."""
+
+
+class RbdImageBusy(TransientError):
+    """An RBD image is still open by a client (a guest, an export), or has clones."""
+
+
 # --- permanent -------------------------------------------------------------------------------
 
 
@@ -161,6 +169,14 @@ class InjectionRefused(PermanentError):
 
 class BaseImageMissing(PermanentError):
     """The cached base an instance disk needs is no longer in the cache (removed meanwhile)."""
+
+
+class CephConfigInvalid(PermanentError):
+    """The Ceph settings (rbd.*) cannot work: no ceph.conf, no keyring, a refused key, no pool."""
+
+
+class RbdSourceRefused(PermanentError):
+    """An `rbd://` image source that imgprep will not clone: another cluster, not raw, missing."""
 
 
 class PrivilegeRefused(PermanentError):

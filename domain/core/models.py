@@ -93,7 +93,9 @@ Checksum = Annotated[
 ]
 DeclaredFormat = Literal["auto", "raw", "qcow2", "vmdk"]
 DiskFormat = Literal["raw", "qcow2"]
-Backend = Literal["qcow2", "raw"]
+Backend = Literal["qcow2", "raw", "rbd"]
+# Where an instance disk lives when it is not a file on its host: "rbd", a clone in Ceph.
+DiskBackendName = Literal["rbd"]
 
 
 def _not_bool(value: object) -> object:
@@ -216,6 +218,14 @@ class PrepareRequest(WireModel):
     )
 
     @model_validator(mode="after")
+    def _rbd_sources_need_rbd_disks(self) -> PrepareRequest:
+        if self.image.url.lower().startswith("rbd:") and self.disk.backend != "rbd":
+            raise ValueError(
+                'an rbd:// image source can only be cloned: it needs disk.backend "rbd"'
+            )
+        return self
+
+    @model_validator(mode="after")
     def _injection_is_small(self) -> PrepareRequest:
         total = sum(len(item.data()) for item in self.inject)
         if total > MAX_INJECT_BYTES:
@@ -229,7 +239,9 @@ class PrepareRequest(WireModel):
 
 
 class CachedImage(WireModel):
-    """An image published in the shared cache: `<cache_dir>/<key>`."""
+    """An image published in the shared cache: `<cache_dir>/<key>`; for the rbd backend, the
+    image imported into the cluster's images pool, `path` its `rbd://fsid/pool/image/snap`
+    location."""
 
     kind: Literal["cached_image"] = "cached_image"
     key: str
@@ -241,7 +253,9 @@ class CachedImage(WireModel):
 
 
 class InstanceDisk(WireModel):
-    """A disk created for an instance: `<instances_dir>/<instance_id>/<disk_name>`."""
+    """A disk created for an instance: `<instances_dir>/<instance_id>/<disk_name>`; for the rbd
+    backend, the clone `<instance_id>_<disk_name>` in the cluster's pool (`path`
+    `rbd:<pool>/<image>`, `backing_file` its parent's `rbd://` location)."""
 
     kind: Literal["instance_disk"] = "instance_disk"
     host: HostId
@@ -252,6 +266,9 @@ class InstanceDisk(WireModel):
     virtual_size: int
     backing_file: str | None = None
     backing_format: str | None = None
+    backend: Backend | None = Field(
+        default=None, description="Set for rbd disks; null: a file disk (qcow2 or raw)."
+    )
 
 
 class InjectedFile(WireModel):
@@ -288,6 +305,11 @@ class DeleteDiskRequest(WireModel):
     api_version: ApiVersion = API_VERSION
     instance_id: InstanceId
     disk_name: DiskName = "disk"
+    backend: DiskBackendName | None = Field(
+        default=None,
+        description="rbd: the disk is a clone in the host's Ceph cluster (removed with its "
+        "snapshots); null: a file disk on the host.",
+    )
     host: HostId | None = Field(
         default=None,
         description="Host that holds the disk; default: the worker that receives the request.",
@@ -315,6 +337,11 @@ class EvictCacheRequest(WireModel):
     Unset fields take the worker's settings (image_cache.*)."""
 
     api_version: ApiVersion = API_VERSION
+    backend: DiskBackendName | None = Field(
+        default=None,
+        description="rbd: age the images imported into the Ceph cluster's images pool; null: "
+        "the file cache.",
+    )
     dry_run: bool = False
     remove_unused_original_minimum_age_seconds: float | None = Field(default=None, ge=0)
     max_bytes: int | None = Field(default=None, ge=0, description="0: no size cap")

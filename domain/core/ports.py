@@ -187,6 +187,21 @@ class PrivilegedOperations(Protocol):
         qemu-storage-daemon, FUSE)."""
         ...
 
+    def start_rbd_export(
+        self,
+        *,
+        pool: str,
+        image: str,
+        conf: Path,
+        user: str,
+        keyring: Path | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        """Export the RBD image `pool/image` of the cluster `conf` names, as cephx `user` with
+        `keyring`, as a raw file at `export` (qemu-storage-daemon's rbd driver, FUSE)."""
+        ...
+
     def stop_daemons(self, program: str, path: Path, *, timeout: float) -> list[int]:
         """SIGTERM the `program` processes serving `path`, SIGKILL those still running after
         `timeout`; the pids that had to be killed."""
@@ -218,6 +233,38 @@ class PrivilegedOperations(Protocol):
         ...
 
 
+class Temporaries(Protocol):
+    """Names a holder is about to create under a temporary name (an RBD image being imported or
+    cloned), recorded before it creates them, so that the next holder of the resource's lease
+    can remove what a holder that died left, without listing a whole pool
+    (worker.redis_rbd.RedisTemporaries)."""
+
+    def add(self, resource: str, name: str) -> None: ...
+
+    def discard(self, resource: str, name: str) -> None: ...
+
+    def members(self, resource: str) -> list[str]: ...
+
+
+class ImportedImages(Protocol):
+    """The images imported into Ceph clusters, by `<fsid>/<pool>/<image>`: each one's record
+    (what its `imgprep.record` image-meta says, so that a prepare finds it without asking the
+    cluster) and when it was last used (a prepare asked for it, one of its clones was removed),
+    which aging measures the unused window from (worker.redis_rbd.RedisImportedImages)."""
+
+    def remember(self, resource: str, record: str) -> None: ...
+
+    def recall(self, resource: str) -> str | None: ...
+
+    def touch(self, resource: str) -> None: ...
+
+    def last_used(self, resource: str) -> float | None: ...
+
+    def forget(self, resource: str) -> None:
+        """Drop the record and the last use (the image is gone)."""
+        ...
+
+
 class PeerRegistry(Protocol):
     """Which hosts hold (or are fetching) each cache entry, and the digests it is verified
     against (host scope; worker.redis_peers.RedisPeerRegistry)."""
@@ -232,8 +279,8 @@ class PeerRegistry(Protocol):
         """Record `copy` (replacing the host's previous one)."""
         ...
 
-    def progress(self, key: str, host: str, size: int) -> None:
-        """The host's copy in progress now has `size` bytes on disk."""
+    def progress(self, key: str, host: str, fence: int, size: int) -> None:
+        """The host's copy in progress (the one with `fence`) now has `size` bytes on disk."""
         ...
 
     def withdraw(self, key: str, host: str) -> None: ...

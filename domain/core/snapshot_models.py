@@ -12,9 +12,11 @@ from pydantic import Field, model_validator
 from domain.core.models import (
     API_VERSION,
     ApiVersion,
+    DiskBackendName,
     DiskFormat,
     DiskName,
     HostId,
+    ImageId,
     InstanceId,
     RootedPath,
     WireModel,
@@ -32,9 +34,11 @@ class SnapshotRequest(WireModel):
     api_version: ApiVersion = API_VERSION
     instance_id: InstanceId
     disk_name: DiskName = "disk"
-    target: RootedPath = Field(
+    target: RootedPath | None = Field(
+        default=None,
         description="Where the image goes: a path relative to the snapshots directory "
-        "(IMGPREP_SNAPSHOTS_DIR), or an absolute path inside it; directories are created.",
+        "(IMGPREP_SNAPSHOTS_DIR), or an absolute path inside it; directories are created. "
+        "Required by method extract.",
     )
     format: DiskFormat = "qcow2"
     compress: bool = Field(default=False, description="qcow2 only: compressed clusters (-c).")
@@ -43,10 +47,37 @@ class SnapshotRequest(WireModel):
         description="Host that holds the instance disk; default: the worker that receives it.",
     )
 
+    backend: DiskBackendName | None = Field(
+        default=None,
+        description="rbd: the disk is a clone in the host's Ceph cluster; null: a file disk.",
+    )
+    method: Literal["extract", "direct"] = Field(
+        default="extract",
+        description="extract: qemu-img convert to `target` (Nova's standard snapshot); direct "
+        "(rbd only): an RBD snapshot of the disk cloned into the images pool, flattened and "
+        "protected, named by `image_id` (Nova's direct_snapshot).",
+    )
+    image_id: ImageId | None = Field(
+        default=None,
+        description="method direct: the new image's id; a later prepare of this image id on "
+        "the rbd backend clones it without a download.",
+    )
+
     @model_validator(mode="after")
     def _compress_needs_qcow2(self) -> SnapshotRequest:
         if self.compress and self.format != "qcow2":
             raise ValueError("compress is only possible with format qcow2")
+        return self
+
+    @model_validator(mode="after")
+    def _method_has_what_it_needs(self) -> SnapshotRequest:
+        if self.method == "extract" and self.target is None:
+            raise ValueError("method extract needs a target")
+        if self.method == "direct":
+            if self.backend != "rbd":
+                raise ValueError('method direct needs backend "rbd"')
+            if self.image_id is None:
+                raise ValueError("method direct needs the new image's image_id")
         return self
 
 
@@ -76,3 +107,18 @@ class ConvertedImage(WireModel):
     source: str
     source_format: SourceFormat
     cache_mode: Literal["none", "writeback"]
+
+
+class RbdSnapshot(WireModel):
+    """The result of imgprep.snapshot with method direct: a flattened image in the cluster's
+    images pool with a protected snapshot, ready to be cloned (Glance stores `location`)."""
+
+    kind: Literal["rbd_snapshot"] = "rbd_snapshot"
+    api_version: ApiVersion = API_VERSION
+    location: str = Field(description="rbd://<fsid>/<pool>/<image>/<snapshot>")
+    image_id: str
+    pool: str
+    image: str
+    snapshot: str
+    virtual_size: int
+    source: str = Field(description="The instance disk: rbd:<pool>/<image>.")

@@ -20,7 +20,13 @@ from urllib3.util import parse_url
 
 MAX_URL_LENGTH = 4096
 WEB_SCHEMES = ("http", "https")
-URL_SCHEMES = (*WEB_SCHEMES, "file")
+URL_SCHEMES = (*WEB_SCHEMES, "file", "rbd")
+# Glance's location of an image in Ceph: rbd://<cluster fsid>/<pool>/<image>/<snapshot>
+RBD_LOCATION = re.compile(
+    r"^rbd://(?P<fsid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
+    r"/(?P<pool>[A-Za-z0-9._-]{1,128})/(?P<image>[A-Za-z0-9._-]{1,128})"
+    r"/(?P<snapshot>[A-Za-z0-9._-]{1,128})$"
+)
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$)(?:{_LABEL}\.)*{_LABEL}\.?")
@@ -48,6 +54,12 @@ def check_url(url: str) -> str:
         raise ValueError("must be an absolute URL such as https://host/image.qcow2")
     if scheme not in URL_SCHEMES:
         raise ValueError(f"scheme {scheme!r} is not one of {', '.join(URL_SCHEMES)}")
+    if scheme == "rbd":
+        if not RBD_LOCATION.fullmatch(url):
+            raise ValueError(
+                "an rbd URL names a snapshot in a Ceph cluster: rbd://<fsid>/<pool>/<image>/<snap>"
+            )
+        return url
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError("a file URL names an absolute path on this host: file:///path")

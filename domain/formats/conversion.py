@@ -84,7 +84,7 @@ def convert_image(
     def find() -> ConvertedImage | None:
         if not target.exists() and not target.is_symlink():
             return None
-        existing = _read_description(target)
+        existing = read_description(target)
         if existing is None or (
             existing.source,
             existing.source_format,
@@ -146,7 +146,7 @@ def file_sha256(path: Path, chunk: int = 4 * 2**20) -> str:
     return digest.hexdigest()
 
 
-def _read_description(target: Path) -> ConvertedImage | None:
+def read_description(target: Path) -> ConvertedImage | None:
     """The description of the image at `target`, if it reads and has the image's size."""
     try:
         described = ConvertedImage.model_validate_json(record_path(target).read_text("utf-8"))

@@ -92,7 +92,7 @@ PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 def convert(
     runner: Runner,
-    source: Path,
+    source: Path | str,
     target: Path,
     *,
     source_format: str,
@@ -103,7 +103,8 @@ def convert(
     needed: int | None = None,
     on_progress: Callable[[float], None] | None = None,
 ) -> CommandResult:
-    """`qemu-img convert` with the source format pinned and the target cache mode given.
+    """`qemu-img convert` with the source format pinned and the target cache mode given; the
+    source is a file, or a qemu filename of another protocol (`rbd:pool/image:conf=...`).
 
     A full target filesystem is DiskFull (`needed`: the bytes the caller expected to write).
     """

@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from domain.core.errors import InvalidRequest
-from domain.core.paths import child, instance_dir, path_under
+from domain.core.paths import child, instance_dir, lexical_child, lexical_under, path_under
 from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.runner import Limits, Runner
 from domain.core.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
@@ -27,6 +27,9 @@ def snapshot_source(
     """The snapshot_source step: the conversion that extracts the disk of `request` to its
     target, planned on the disk's host."""
     structlog.contextvars.bind_contextvars(instance_id=request.instance_id)
+    if request.target is None or request.backend is not None:
+        raise InvalidRequest("snapshot_source extracts a file disk to a target")
+    lexical_under(snapshots_dir, request.target)  # the whole request, before the machine
     directory = instance_dir(instances_dir, request.instance_id)
     source_format = diskinfo.require_format(directory, request.disk_name)
     target = path_under(snapshots_dir, request.target, create_parents=True)
@@ -44,7 +47,13 @@ def confirm_job(job: ConvertJob, *, instances_dir: Path, snapshots_dir: Path) ->
     its disk.info records, its target under the snapshots directory. The convert step takes its
     job from the broker; a job naming another file, or a format the guest could have chosen by
     writing a header into a raw disk, is refused."""
+    # the whole job as its words go, before anything on the machine is looked at: a job that
+    # is invalid is refused as invalid whatever exists (and says nothing of what does)
     source = Path(job.source)
+    if source != lexical_child(lexical_child(instances_dir, source.parent.name), source.name):
+        raise InvalidRequest(f"the source {source} is not an instance disk under {instances_dir}")
+    if lexical_under(snapshots_dir, job.target) != Path(job.target):
+        raise InvalidRequest(f"the target {job.target} is not a path under {snapshots_dir}")
     directory = instance_dir(instances_dir, source.parent.name)
     if source != child(directory, source.name):
         raise InvalidRequest(f"the source {source} is not an instance disk under {instances_dir}")

@@ -16,11 +16,12 @@ from domain.cache.directory import ImageCache
 from domain.core.device_records import DeviceRecord, Resource
 from domain.core.errors import DeviceError, InvalidRequest
 from domain.core.models import FROM_JSON_ARRAY, InjectedFile, InstanceDisk, PreparedDisk, WireModel
-from domain.core.paths import child
+from domain.core.paths import child, lexical_child
 from domain.core.ports import DeviceLedger, LockFactory, PrivilegedOperations
 from domain.core.runner import Runner
 from domain.disks import diskinfo
 from domain.guest.privileged import InProcessPrivileged
+from domain.rbd.tool import CephAccess
 
 MountMethod = Literal["fuse2fs", "kernel"]
 KernelMount = Literal["never", "fallback", "always"]
@@ -83,9 +84,10 @@ def check_disk(disk: InstanceDisk, ctx: DeviceContext) -> None:
     cache entry in the format its record names: step inputs travel through the broker, and
     these paths and formats are handed to tools that run as root (a raw disk opened as qcow2
     would follow whatever header the guest wrote)."""
+    check_disk_words(disk, ctx)
+    if disk.backend == "rbd":
+        return  # a clone in Ceph: no file here; the export fails if it is not in the cluster
     expected = child(child(ctx.instances_dir, disk.instance_id), disk.disk_name)
-    if Path(disk.path) != expected:
-        raise InvalidRequest(f"disk path {disk.path} is not the instance disk path {expected}")
     try:
         mode = expected.lstat().st_mode
     except FileNotFoundError:
@@ -101,10 +103,34 @@ def check_disk(disk: InstanceDisk, ctx: DeviceContext) -> None:
         _check_backing(disk, ctx)
 
 
+def check_disk_words(disk: InstanceDisk, ctx: DeviceContext) -> None:
+    """`check_disk`'s lexical half: the disk's path is where imgprep puts that instance disk,
+    its backing file names an entry of the cache (reads nothing on the machine); an rbd disk is
+    the clone `<pool>/<instance>_<disk>` of this worker's cluster, raw."""
+    if disk.backend == "rbd":
+        _check_rbd_words(disk, ctx)
+        return
+    expected = lexical_child(lexical_child(ctx.instances_dir, disk.instance_id), disk.disk_name)
+    if Path(disk.path) != expected:
+        raise InvalidRequest(f"disk path {disk.path} is not the instance disk path {expected}")
+    if disk.backing_file is not None:
+        backing = Path(disk.backing_file)
+        if disk.format != "qcow2" or backing != lexical_child(ctx.cache_dir, backing.name):
+            raise InvalidRequest(f"backing file {backing} is not an entry of the image cache")
+
+
+def _check_rbd_words(disk: InstanceDisk, ctx: DeviceContext) -> None:
+    if ctx.ceph is None:
+        raise InvalidRequest(f"{disk.path} is an rbd disk, and this worker has no Ceph cluster")
+    expected = f"rbd:{ctx.ceph.pool}/{disk.instance_id}_{disk.disk_name}"
+    if disk.path != expected or disk.format != "raw":
+        raise InvalidRequest(
+            f"rbd disk {disk.path} ({disk.format}) is not the raw clone {expected}"
+        )
+
+
 def _check_backing(disk: InstanceDisk, ctx: DeviceContext) -> None:
     backing = Path(str(disk.backing_file))
-    if disk.format != "qcow2" or backing.parent != ctx.cache_dir:
-        raise InvalidRequest(f"backing file {backing} is not an entry of the image cache")
     base = ImageCache(ctx.cache_dir).image(backing.name)
     if base is None or base.format != disk.backing_format:
         raise InvalidRequest(
@@ -130,6 +156,8 @@ class DeviceContext:
     privileged: PrivilegedOperations | None = None
     # the device work areas (worker.settings.Settings.devices_dir); None: <state_dir>/devices
     devices_dir: Path | None = None
+    # this host's Ceph cluster (rbd.*), for rbd disks; None: none configured
+    ceph: CephAccess | None = None
 
     @property
     def ops(self) -> PrivilegedOperations:

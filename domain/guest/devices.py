@@ -4,7 +4,8 @@ Two layers, each an interface with the strategies that run here:
 
 * a **disk view** makes the whole disk readable and writable as raw bytes at a path:
   `FileView` for a raw disk (the file itself), `StorageDaemonView` for a qcow2 overlay
-  (qemu-storage-daemon's FUSE export; writes land in the overlay, the base is opened read-only);
+  (qemu-storage-daemon's FUSE export; writes land in the overlay, the base is opened read-only),
+  `RbdView` for an RBD clone (the same daemon's rbd driver; writes land in the clone);
 * a **partition device** exposes one byte range of a view as a block device, for a kernel
   mount: `LoopPartition` (`losetup -o OFFSET --sizelimit SIZE`).
 
@@ -136,10 +137,65 @@ class StorageDaemonView:
         return export
 
 
+class RbdView:
+    """An RBD clone exported as a raw file by qemu-storage-daemon's rbd driver over FUSE: the
+    daemon talks to the cluster as the workers' cephx user; writes land in the clone, never in
+    its parent (a protected snapshot, read-only to every client)."""
+
+    name = "rbd"
+
+    def supports(self, disk_format: str, host: HostCapabilities) -> bool:
+        return disk_format == "raw" and host.fuse and host.storage_daemon
+
+    def path(self, disk: InstanceDisk, area: WorkArea) -> Path:
+        return area.export
+
+    def attach(self, disk: InstanceDisk, area: WorkArea, claim: Claim, ctx: DeviceContext) -> Path:
+        export = area.export
+        if mounts.is_mounted(export):
+            if daemons.find(storage_daemon.STORAGE_DAEMON, export):
+                return export  # an earlier attempt of this operation started it
+            ctx.ops.unmount(export)  # the daemon died: its export is a dead mount
+        if ctx.ceph is None:
+            raise DeviceError("this worker has no Ceph cluster configured (rbd.conf)")
+        pool, image = disk.path.removeprefix("rbd:").split("/", 1)
+        claim.note(StorageDaemon(export=str(export), pidfile=str(area.pidfile)))
+        started = time.monotonic()
+        try:
+            ctx.ops.start_rbd_export(
+                pool=pool,
+                image=image,
+                conf=ctx.ceph.conf,
+                user=ctx.ceph.user,
+                keyring=ctx.ceph.keyring,
+                export=export,
+                pidfile=area.pidfile,
+            )
+        except CommandError as error:
+            raise DeviceError(
+                f"cannot export {disk.path} with qemu-storage-daemon: {error}"
+            ) from None
+        log.info(
+            "storage_daemon_started",
+            export=str(export),
+            image=disk.path,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        return export
+
+
 VIEWS: tuple[DiskView, ...] = (FileView(), StorageDaemonView())
 
 
-def choose_view(disk_format: str, host: HostCapabilities) -> DiskView:
+def choose_view(disk_format: str, host: HostCapabilities, backend: str | None = None) -> DiskView:
+    """The view of a disk of `disk_format` (of `backend`: "rbd" for a clone in Ceph)."""
+    if backend == "rbd":
+        if RbdView().supports(disk_format, host):
+            return RbdView()
+        raise DeviceError(
+            "this host cannot expose an rbd disk: it needs qemu-storage-daemon "
+            "(with qemu-block-extra's rbd driver) and /dev/fuse"
+        )
     for view in VIEWS:
         if view.supports(disk_format, host):
             return view

@@ -48,18 +48,31 @@ class _OpenHow(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+OPENAT2_ATTEMPTS = 1000  # EAGAIN: a mount or rename elsewhere raced the walk; each try is ~µs
+
+
 def openat2(
     dir_fd: int, path: str, flags: int, mode: int = 0, *, resolve: int = IN_GUEST_ROOT
 ) -> int:
-    """openat2(2); by default with RESOLVE_IN_ROOT: `path` resolved as if `dir_fd` were `/`."""
+    """openat2(2); by default with RESOLVE_IN_ROOT: `path` resolved as if `dir_fd` were `/`.
+
+    With RESOLVE_IN_ROOT or RESOLVE_BENEATH, the kernel answers EAGAIN when any rename or mount
+    happened anywhere on the host while it resolved a `..` (it cannot then prove the walk stayed
+    inside): on a host preparing other disks, mounts happen all the time. openat2(2) says to
+    try again, which this does, a bounded number of times."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = int(
-        _libc.syscall(SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
-    )
-    if fd < 0:
+    for _ in range(OPENAT2_ATTEMPTS):
+        fd = int(
+            _libc.syscall(
+                SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)
+            )
+        )
+        if fd >= 0:
+            return fd
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return fd
+        if code != errno.EAGAIN:
+            break
+    raise OSError(code, os.strerror(code), path)
 
 
 def have_openat2() -> bool:

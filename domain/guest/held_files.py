@@ -35,6 +35,15 @@ def held(path: Path, *, write: bool, owners: frozenset[int] | None) -> Iterator[
     """An open descriptor of the regular file `path` (read-write with `write`), for the
     duration of the block; with `owners`, no link is followed and the owner must be one of
     them (PrivilegeRefused otherwise)."""
+    fd = open_held(path, write=write, owners=owners)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_held(path: Path, *, write: bool, owners: frozenset[int] | None) -> int:
+    """`held`'s descriptor, for a caller that closes it itself (or execs with it)."""
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags) if owners is None else _open_no_links(path, flags)
@@ -50,9 +59,10 @@ def held(path: Path, *, write: bool, owners: frozenset[int] | None) -> Iterator[
     try:
         _check(fd, path, owners)
         os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO put there from blocking open
-        yield fd
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def fd_path(fd: int) -> Path:

@@ -53,7 +53,7 @@ def map_partitions(
         area = ctx.work_area(key)
         claim.note(WorkDir(path=str(area.path)))
         ctx.ops.make_work_area(area.path)  # root's tree with the helper: it makes it
-        view = choose_view(disk.format, host).attach(disk, area, claim, ctx)
+        view = choose_view(disk.format, host, disk.backend).attach(disk, area, claim, ctx)
         partition = _partition(view, choice, key)
         where = (
             f"the whole disk {key}"

@@ -34,6 +34,7 @@ from domain.guest.context import (
     MountPolicy,
     WorkArea,
     check_disk,
+    check_disk_words,
     disk_key,
 )
 from domain.guest.devices import choose_view, host_capabilities, is_live_mount
@@ -115,22 +116,30 @@ def check_ext_fits(view: Path, *, offset: int, size: int, where: str) -> None:
 def mount_guest(mapped: MappedDisk, ctx: DeviceContext) -> MountedDisk:
     """Mount the mapped guest filesystem on the disk's private mount directory."""
     disk = disk_key(mapped.prepared.disk)
+    area = ctx.work_area(disk)
+    check_disk_words(mapped.prepared.disk, ctx)  # the whole request, before the machine
+    _check_view(mapped, area)
     check_disk(mapped.prepared.disk, ctx)
     with ctx.locks(ctx.lock_name(disk)):
         claim = Claim.resume(ctx, disk)
-        area = ctx.work_area(disk)
-        _check_mapped(mapped, area, claim)
+        _check_device(mapped, claim)
         _ensure_mounted(mapped, area.mount_dir, claim, ctx)
     return MountedDisk(mapped=mapped, mount_dir=str(area.mount_dir))
 
 
-def _check_mapped(mapped: MappedDisk, area: WorkArea, claim: Claim) -> None:
-    """The view and device handed over by map_partitions are the ones this disk's strategy
-    and record name, not paths from elsewhere."""
+def _check_view(mapped: MappedDisk, area: WorkArea) -> None:
+    """The view handed over by map_partitions is the one this disk's strategy names, not a
+    path from elsewhere."""
     disk = mapped.prepared.disk
-    view = choose_view(disk.format, host_capabilities()).path(disk, area)
+    view = choose_view(disk.format, host_capabilities(), disk.backend).path(disk, area)
     if Path(mapped.view) != view:
         raise InvalidRequest(f"mapped view {mapped.view} is not {view}")
+
+
+def _check_device(mapped: MappedDisk, claim: Claim) -> None:
+    """The loop device handed over by map_partitions is one this disk's record names."""
+    disk = mapped.prepared.disk
+    view = mapped.view
     if mapped.device is not None and not any(
         isinstance(r, LoopDevice) and r.device == mapped.device and r.backing == str(view)
         for r in claim.record.resources

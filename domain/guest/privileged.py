@@ -18,10 +18,15 @@ from domain.core.models import FileInjection, InjectedFile
 from domain.core.runner import Runner
 from domain.guest import guest_writes, work_areas
 from domain.guest.held_files import fd_path, held
-from domain.guest.tools import daemons, fuse2fs, losetup, storage_daemon
+from domain.guest.tools import daemons, fuse2fs, fuse_as_user, losetup, storage_daemon
 from domain.guest.tools import mount as mounts
 
 KERNEL_OPTIONS = "nosuid,nodev,noexec"
+# A journal is never loaded by a kernel mount: an ext3/4 superblock can name its journal's
+# device (by number), which the kernel would open and replay from. A filesystem that needs its
+# journal replayed is refused before it gets here (FilesystemNeedsRecovery), and with noload a
+# superblock rewritten to need it afterwards is refused by the kernel.
+NO_JOURNAL = {"ext3": ",noload", "ext4": ",noload"}
 
 
 class InProcessPrivileged:
@@ -34,17 +39,32 @@ class InProcessPrivileged:
     `file_owners`: whose files (instance disks, cache entries, exports) the tools may be given,
     when the caller is not trusted (the helper: root and the workers' user). Each such file is
     then opened here without following any link and handed to the tool as a descriptor
-    (domain.guest.held_files); None (a worker running as root): opened as before."""
+    (domain.guest.held_files); None (a worker running as root): opened as before.
+
+    `handoff` (with `export_owner` and `file_owners`: the helper): the FUSE daemons, which parse
+    bytes the worker controls and follow names written in them, run as `export_owner`, and this
+    process only mounts their FUSE connection (domain.guest.tools.fuse_as_user)."""
 
     def __init__(
         self,
         runner: Runner,
         export_owner: tuple[int, int] | None = None,
         file_owners: frozenset[int] | None = None,
+        *,
+        handoff: Path | None = None,
     ) -> None:
         self.runner = runner
         self.export_owner = export_owner
         self.file_owners = file_owners
+        self.handoff = handoff
+
+    @property
+    def _daemon_user(self) -> tuple[fuse_as_user.User, Path, frozenset[int]] | None:
+        """Who the FUSE daemons run as, their handoff and whose files they may open; None: as
+        this process (a worker running as root)."""
+        if self.export_owner is None or self.handoff is None or self.file_owners is None:
+            return None
+        return fuse_as_user.User(*self.export_owner), self.handoff, self.file_owners
 
     def attach_loop(self, backing: Path, *, offset: int, size: int) -> str:
         with held(backing, write=True, owners=self.file_owners) as fd:
@@ -55,12 +75,19 @@ class InProcessPrivileged:
 
     def mount_fuse2fs(self, image: Path, target: Path, *, offset: int) -> None:
         work_areas.make_mount_point(target)
+        if (as_user := self._daemon_user) is not None:
+            user, handoff, owners = as_user
+            fuse2fs.mount_as_user(
+                image, target, offset=offset, user=user, handoff=handoff, owners=owners
+            )
+            return
         with held(image, write=True, owners=self.file_owners) as fd:
             fuse2fs.mount(self.runner, fd_path(fd), target, offset=offset, pass_fds=(fd,))
 
     def mount_kernel(self, device: str, target: Path, *, fstype: str) -> None:
         work_areas.make_mount_point(target)
-        mounts.mount(self.runner, device, target, fstype=fstype, options=KERNEL_OPTIONS)
+        options = KERNEL_OPTIONS + NO_JOURNAL.get(fstype, "")
+        mounts.mount(self.runner, device, target, fstype=fstype, options=options)
 
     def unmount(self, target: Path) -> None:
         mounts.unmount(self.runner, target)
@@ -84,6 +111,19 @@ class InProcessPrivileged:
         pidfile: Path,
     ) -> None:
         work_areas.make_export(export)
+        if (as_user := self._daemon_user) is not None:
+            user, handoff, owners = as_user
+            storage_daemon.start_as_user(
+                overlay,
+                backing=backing,
+                backing_format=backing_format,
+                export=export,
+                pidfile=pidfile,
+                user=user,
+                handoff=handoff,
+                owners=owners,
+            )
+            return
         with contextlib.ExitStack() as files:
             disk = files.enter_context(held(overlay, write=True, owners=self.file_owners))
             base = (
@@ -104,8 +144,42 @@ class InProcessPrivileged:
         if self.export_owner is not None:  # a FUSE setattr: the daemon keeps mode 0600
             os.chown(export, *self.export_owner)
 
+    def start_rbd_export(
+        self,
+        *,
+        pool: str,
+        image: str,
+        conf: Path,
+        user: str,
+        keyring: Path | None,
+        export: Path,
+        pidfile: Path,
+    ) -> None:
+        node = storage_daemon.RbdNode(pool=pool, image=image, conf=conf, user=user, keyring=keyring)
+        work_areas.make_export(export)
+        if (as_user := self._daemon_user) is not None:
+            daemon_user, handoff, owners = as_user
+            storage_daemon.start_rbd_as_user(
+                node,
+                export=export,
+                pidfile=pidfile,
+                user=daemon_user,
+                handoff=handoff,
+                owners=owners,
+            )
+            return
+        storage_daemon.start_rbd(
+            self.runner,
+            node,
+            export=export,
+            pidfile=pidfile,
+            allow_other=self.export_owner is not None,
+        )
+        if self.export_owner is not None:
+            os.chown(export, *self.export_owner)
+
     def make_work_area(self, area: Path) -> None:
-        work_areas.make(area)
+        work_areas.make(area, None if self.export_owner is None else self.export_owner[1])
 
     def remove_work_area(self, area: Path) -> bool:
         return work_areas.remove(area)

@@ -23,17 +23,26 @@ MOUNT_POINT = "root"
 EXPORT = "export"
 PIDFILE = "storage-daemon.pid"
 AREA_MODE = 0o755  # the worker reads the FUSE export (its partition table) inside
+# With the helper: the workers' group may enter (the worker reads the export; the FUSE daemons
+# run as the workers' user and open the mount point), others may not (the guest's mount is
+# allow_other, so that root writes into it, and the export is the guest's disk).
+SHARED_AREA_MODE = 0o750
+MOUNT_POINT_MODE = 0o755  # the area above it decides who may enter
 
 
-def make(area: Path) -> None:
-    """Create the work area (and the devices directory above it, without the helper)."""
+def make(area: Path, group: int | None = None) -> None:
+    """Create the work area (and the devices directory above it, without the helper); with
+    `group` (the helper: the workers'), the area is root's and that group's alone."""
     area.mkdir(mode=AREA_MODE, parents=True, exist_ok=True)
     _expect(area, stat.S_ISDIR, "a directory")
+    if group is not None:
+        os.chown(area, 0, group, follow_symlinks=False)
+        os.chmod(area, SHARED_AREA_MODE, follow_symlinks=False)
 
 
 def make_mount_point(target: Path) -> None:
     """The guest's mount point `root` of a work area, created if missing."""
-    target.mkdir(mode=0o700, exist_ok=True)
+    target.mkdir(mode=MOUNT_POINT_MODE, exist_ok=True)
     _expect(target, stat.S_ISDIR, "a directory")
 
 

@@ -33,7 +33,10 @@ def prepare_disk(self: CanvasEntryTask, request: dict[str, Any]) -> None:
     scope = current.settings.image_cache.scope
     cached = None
     # in host scope only the host's own cache counts: another host's entry task cannot look
-    if scope == "shared" or host == current.settings.host_id:
+    # an rbd disk's image is in the cluster, not the cache: its import step looks
+    if parsed.disk.backend == "rbd":
+        pass
+    elif scope == "shared" or host == current.settings.host_id:
         cached = references.pin_if_cached(
             parsed.image,
             pin,

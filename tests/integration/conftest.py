@@ -17,6 +17,7 @@ import functools
 import gc
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -88,6 +89,17 @@ class Cluster:
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         """`imgprep ARGS` run as a user would, in this cluster's environment."""
         return run_imgprep(self.env, *args, timeout=timeout)
+
+    def give_to_workers(self, *paths: Path) -> None:
+        """Files and directories a test made as root, given to the workers' user as the
+        workers would have made them (separated; as root, nothing to do). The FUSE daemons run
+        as that user and open only what it can."""
+        user = self.settings.privileges.user
+        if not user:
+            return
+        owner = pwd.getpwnam(user)
+        for path in paths:
+            os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
 
     def assert_clean(self, settle_seconds: float = 5.0) -> None:
         """Nothing is left behind. A lock a live worker holds for a moment (a periodic sweep
@@ -355,3 +367,8 @@ def clean_cluster(cluster: Cluster, image_server: ImageServer) -> Iterator[Clust
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# The rbd backend's fixtures (a session Ceph cluster, its imgprep cluster): defined beside their
+# harness, made visible to every integration test here.
+from tests.integration.ceph import ceph, ceph_factory, clean_rbd, rbd_cluster  # noqa: E402, F401

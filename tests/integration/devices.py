@@ -88,6 +88,7 @@ def cache_entry(cluster: Cluster, image_id: str, layout: str) -> tuple[Path, int
         file=FileStamp.of(entry),
     )
     entry.with_name(key + ".json").write_text(record.model_dump_json())
+    cluster.give_to_workers(entry, entry.with_name(key + ".json"))
     return entry, offset
 
 
@@ -110,6 +111,7 @@ def direct_disk(
         create = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing)]
         subprocess.run([*create, str(path), str(size)], check=True)
     (folder / "disk.info").write_text(json.dumps({"disk": fmt}))
+    cluster.give_to_workers(folder, path, folder / "disk.info")
     disk = InstanceDisk(
         host=host or cluster.settings.host_id,
         instance_id=instance,

@@ -10,142 +10,19 @@ base one of its disks uses. Every test ends with the machine clean on every host
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import random
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
-from celery.result import AsyncResult
 
-from domain.cache.directory import ImageCache, cache_key
+from domain.cache.directory import cache_key
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from domain.core.peers import PeerCopy
 from domain.core.precache_models import PrecacheReport
-from tests.integration.conftest import Cluster, ClusterFactory, unique
+from tests.integration.conftest import ClusterFactory, unique
+from tests.integration.fleet import HOSTS, FakePeer, Fleet, MiB, image_file, make_fleet
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import leftovers
-from worker.harness.redis_server import free_port
-from worker.harness.worker_processes import WorkerProcess
-from worker.redis_peers import RedisPeerRegistry
 from worker.routing import host_queue
-
-MiB = 2**20
-SECRET = "fleet-test-secret"
-HOSTS = ("h1", "h2", "h3", "h4")
-
-
-@dataclass
-class Host:
-    name: str
-    root: Path
-    port: int
-    worker: WorkerProcess | None = None
-
-    @property
-    def cache(self) -> ImageCache:
-        return ImageCache(self.root / "cache")
-
-    def env(self) -> dict[str, str]:
-        return {
-            "IMGPREP_HOST_ID": self.name,
-            "IMGPREP_CACHE_DIR": str(self.root / "cache"),
-            "IMGPREP_INSTANCES_DIR": str(self.root / "instances"),
-            "IMGPREP_STATE_DIR": str(self.root / "state"),
-            "IMGPREP_PEER__PORT": str(self.port),
-        }
-
-
-@dataclass
-class Fleet:
-    cluster: Cluster
-    hosts: dict[str, Host]
-    origin: ImageServer
-
-    @property
-    def registry(self) -> RedisPeerRegistry:
-        return RedisPeerRegistry(self.cluster.redis, 3600)
-
-    def start(self, host: Host) -> None:
-        host.worker = self.cluster.add_worker(host.name, env=host.env())
-
-    def prepare(
-        self, name: str, image_id: str, host: str, checksum: str | None = None
-    ) -> AsyncResult:
-        image: dict[str, Any] = {"url": self.origin.url(name), "image_id": image_id}
-        if checksum is not None:
-            image["checksum"] = checksum
-        request = {
-            "image": image,
-            "disk": {"instance_id": unique("vm"), "size_bytes": 64 * MiB},
-            "host": host,
-        }
-        return self.cluster.client.send("imgprep.prepare_disk", request)
-
-    def send(self, task: str, payload: dict[str, Any], host: str) -> Any:
-        return self.cluster.app.send_task(task, args=[payload], queue=host_queue(host))
-
-    def entry_sha256(self, host: str, image_id: str) -> str:
-        path = self.hosts[host].cache.entry(cache_key(image_id))
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-
-    def assert_clean(self) -> None:
-        self.cluster.assert_clean()
-        everywhere = self.cluster.root / "hosts"
-        found = leftovers(
-            client=self.cluster.redis,
-            cache_dir=everywhere,
-            instances_dir=everywhere,
-            state_dir=everywhere,
-        )
-        assert not {kind: items for kind, items in found.items() if items}
-
-
-def image_file(root: Path, name: str, size: int, seed: int) -> tuple[str, str]:
-    """A raw image of random bytes (no format's magic: inspected as raw); (name, checksum)."""
-    data = random.Random(seed).randbytes(size)  # noqa: S311 - test data, not secrets
-    (root / name).write_bytes(data)
-    return name, f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-
-@contextlib.contextmanager
-def make_fleet(
-    cluster_factory: ClusterFactory, tmp_path: Path, extra: dict[str, str] | None = None
-) -> Iterator[Fleet]:
-    """Four hosts, each with one worker, on one Redis; `extra` settings over the fleet's."""
-    overrides = {
-        "IMGPREP_IMAGE_CACHE__SCOPE": "host",
-        "IMGPREP_PEER__SECRET": SECRET,
-        "IMGPREP_PEER__ADDRESS": "127.0.0.1",
-        "IMGPREP_PEER__STALL_SECONDS": "3",
-        "IMGPREP_PEER__CONNECT_TIMEOUT_SECONDS": "2",
-        "IMGPREP_LOCK__LEASE_SECONDS": "4",
-        "IMGPREP_LOCK__RENEW_SECONDS": "1",
-        "IMGPREP_HOSTS__HEARTBEAT_SECONDS": "1",
-        "IMGPREP_HOSTS__SILENT_AFTER_SECONDS": "30",
-        **(extra or {}),
-    }
-    cluster = cluster_factory("fleet", overrides)
-    hosts = {}
-    for name in HOSTS:
-        root = cluster.root / "hosts" / name
-        for sub in ("cache", "instances", "state"):
-            (root / sub).mkdir(parents=True)
-        hosts[name] = Host(name, root, free_port())
-    served = tmp_path / "origin"
-    served.mkdir()
-    with ImageServer(served) as origin:
-        made = Fleet(cluster, hosts, origin)
-        started = cluster.add_workers(*[(host.name, host.env()) for host in hosts.values()])
-        for host, worker in zip(hosts.values(), started, strict=True):
-            host.worker = worker
-        yield made
 
 
 @pytest.fixture
@@ -225,51 +102,13 @@ def test_a_peer_killed_mid_transfer_leaves_the_others_whole_entries(fleet: Fleet
     fleet.assert_clean()
 
 
-class LyingPeer:
-    """A peer server on loopback that answers every range with the right length of wrong
-    bytes (and any signature: it does not check)."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        lying = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-            def do_GET(self) -> None:
-                lying.requests += 1
-                spec = self.headers.get("Range", "bytes=0-0").removeprefix("bytes=")
-                first, _, last = spec.partition("-")
-                start, end = int(first), int(last) + 1
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/*")
-                self.send_header("Content-Length", str(end - start))
-                self.end_headers()
-                self.wfile.write(b"\x5a" * (end - start))
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_a_peer_serving_wrong_bytes_is_caught_and_avoided(fleet: Fleet) -> None:
     size = 8 * MiB
     name, checksum = image_file(fleet.origin.root, "lied.raw", size, seed=3)
     image_id = unique("img")
     key = cache_key(image_id)
     PreparedDisk.model_validate(fleet.prepare(name, image_id, "h1").get(timeout=120))
-    liar = LyingPeer()
+    liar = FakePeer()
     try:
         # only the liar claims the complete entry (h1's copy is withdrawn)
         fleet.registry.withdraw(key, "h1")

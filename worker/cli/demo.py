@@ -11,8 +11,22 @@ from worker.cli import main
 
 @main.command()
 @click.option("--keep-worker", is_flag=True, help="Leave the demo's worker running.")
-def demo(keep_worker: bool) -> None:
+@click.option(
+    "--boot",
+    is_flag=True,
+    help="Prepare the disks from a Debian 12 guest (built on first use, then cached) and boot "
+    "them under qemu, printing what each guest prints on its console.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["qcow2", "rbd"]),
+    default="qcow2",
+    show_default=True,
+    help="rbd: the disks are clones in a throwaway one-node Ceph cluster the demo starts "
+    "(ceph-mon, ceph-osd on 127.0.0.1) and stops.",
+)
+def demo(keep_worker: bool, boot: bool, backend: str) -> None:
     """Prepare two instance disks from a generated image served over HTTP, end to end."""
     from worker.demo import run_demo
 
-    sys.exit(run_demo(keep_worker=keep_worker))
+    sys.exit(run_demo(keep_worker=keep_worker, boot=boot, backend=backend))

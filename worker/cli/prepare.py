@@ -28,10 +28,11 @@ from worker.sizes import human
 @click.option("--host", default=None, help="Host whose queue runs the host-local steps.")
 @click.option(
     "--backend",
-    type=click.Choice(["qcow2", "raw"]),
+    type=click.Choice(["qcow2", "raw", "rbd"]),
     default="qcow2",
     show_default=True,
-    help="Instance disk: a qcow2 overlay on the cached base, or a sparse raw copy of it.",
+    help="Instance disk: a qcow2 overlay on the cached base, a sparse raw copy of it, or a "
+    "clone in the host's Ceph cluster of the image imported there once (rbd.*).",
 )
 @click.option(
     "--format",

@@ -9,18 +9,32 @@ import click
 from pydantic import ValidationError
 
 from domain.core.errors import ImgprepError
-from domain.core.snapshot_models import ConvertedImage, SnapshotRequest
+from domain.core.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
 from worker.sizes import human
 
 
 @main.command()
 @click.argument("instance_id")
-@click.argument("target")
+@click.argument("target", required=False)
 @click.option("--disk-name", default="disk", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["qcow2", "raw"]), default="qcow2")
 @click.option("--compress", is_flag=True, help="Compressed qcow2 clusters.")
 @click.option("--host", default=None, help="Host that holds the instance disk.")
+@click.option(
+    "--backend",
+    type=click.Choice(["file", "rbd"]),
+    default="file",
+    show_default=True,
+    help="file: a disk on the host; rbd: a clone in the host's Ceph cluster.",
+)
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="rbd: snapshot into the cluster's images pool (flattened, protected) instead of "
+    "extracting TARGET; needs --image-id.",
+)
+@click.option("--image-id", default=None, help="--direct: the new image's id.")
 @click.option("--wait/--no-wait", default=False, help="Block until the image is written.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -28,16 +42,20 @@ from worker.sizes import human
 def snapshot(
     *,
     instance_id: str,
-    target: str,
+    target: str | None,
     disk_name: str,
     fmt: str,
     compress: bool,
     host: str | None,
+    backend: str,
+    direct: bool,
+    image_id: str | None,
     wait: bool,
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Extract INSTANCE_ID's disk to TARGET (a path under the snapshots directory)."""
+    """Extract INSTANCE_ID's disk to TARGET (a path under the snapshots directory); with
+    --backend rbd --direct, snapshot it into the Ceph cluster's images pool instead."""
     from worker.taskbase import describe_validation
 
     try:
@@ -49,6 +67,9 @@ def snapshot(
                 "format": fmt,
                 "compress": compress,
                 "host": host,
+                "backend": "rbd" if backend == "rbd" else None,
+                "method": "direct" if direct else "extract",
+                "image_id": image_id,
             }
         )
     except ValidationError as error:
@@ -61,10 +82,19 @@ def snapshot(
         click.echo(json.dumps({"task_id": result.id}) if as_json else result.id)
         return
     try:
-        image = ConvertedImage.model_validate(result.get(timeout=timeout, propagate=True))
+        answer = result.get(timeout=timeout, propagate=True)
     except ImgprepError as error:
         click.echo(f"imgprep: snapshot failed: {type(error).__name__}: {error}", err=True)
         sys.exit(EXIT_FAILED)
+    if request.method == "direct":
+        made = RbdSnapshot.model_validate(answer)
+        if as_json:
+            click.echo(json.dumps({"task_id": result.id, **made.model_dump(mode="json")}, indent=2))
+        else:
+            click.echo(f"image   {made.location} ({human(made.virtual_size)} virtual)")
+            click.echo(f"task    {result.id}")
+        return
+    image = ConvertedImage.model_validate(answer)
     if as_json:
         click.echo(json.dumps({"task_id": result.id, **image.model_dump(mode="json")}, indent=2))
     else:

@@ -37,7 +37,7 @@ def keys_without_expiry(client: redis.Redis) -> list[str]:
     return sorted(
         key.decode()
         for key in client.scan_iter(match="imgprep:*")
-        if key != b"imgprep:fence"
+        if key not in (b"imgprep:fence", b"imgprep:rbd:last-used", b"imgprep:rbd:images")
         and not key.startswith(REFS_PREFIX.encode())
         and client.ttl(key) == -1
     )

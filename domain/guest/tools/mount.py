@@ -62,12 +62,12 @@ def is_mounted(target: Path) -> bool:
     with open("/proc/self/mountinfo", "rb") as mountinfo:
         for line in mountinfo:
             fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == wanted:
+            if len(fields) > 4 and unescape_mount_point(fields[4]) == wanted:
                 return True
     return False
 
 
-def _unescape(field: bytes) -> bytes:
+def unescape_mount_point(field: bytes) -> bytes:
     """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
     out = bytearray()
     index = 0

@@ -27,3 +27,12 @@ def test_on_sentinel_failover_replaces_redis_restart_by_default() -> None:
 def test_a_failover_explains_what_a_redis_restart_does() -> None:
     for error, faults in EXPLAINED_BY.items():
         assert ("redis_restart" in faults) == ("failover" in faults), error
+
+
+def test_the_ceph_faults_need_rbd_and_come_with_it() -> None:
+    with pytest.raises(SystemExit):
+        parse(["--seed", "1", "--duration", "5", "--faults", "kill_osd"])
+    options = parse(["--seed", "1", "--duration", "5", "--rbd"])
+    assert options.rbd and options.workload.rbd
+    assert {"kill_osd", "kill_mon"} <= set(options.nemesis.kinds)
+    assert set(KINDS) <= set(options.nemesis.kinds)

@@ -15,10 +15,19 @@ from typing import Any
 import pytest
 
 from domain.cache.download import download
-from domain.cache.networks import DEFAULT_DENIED_NETWORKS, ConnectionGuard, Network
+from domain.cache.networks import (
+    DEFAULT_DENIED_NETWORKS,
+    NEVER_PEER_NETWORKS,
+    ConnectionGuard,
+    Network,
+    in_networks,
+)
+from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
 from domain.core.errors import SourceNotAllowed, SourceRefused
+from domain.core.peers import PeerCopy
 from tests.conftest import write_raw_image
 from worker.harness.image_server import ImageServer
+from worker.settings import PeerSettings
 
 MiB = 2**20
 DENIED = "127.0.0.2"
@@ -182,3 +191,50 @@ def test_a_redirect_to_a_malformed_url_is_refused(allowed: ImageServer, tmp_path
     with pytest.raises(SourceRefused, match="redirected to a URL that is not valid") as refused:
         download(allowed.url("bad.raw"), tmp_path / "x.part", Policy())
     assert "s3cret" not in str(refused.value)
+
+
+PEER_REFUSAL = "an address no peer may be reached at (peer.allowed_networks)"
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("10.1.2.3", None),
+        ("::ffff:10.1.2.3", None),  # the same host, mapped
+        ("192.0.2.10", "in none of the allowed networks"),
+        ("127.0.0.2", "in none of the allowed networks"),
+        ("2002:a01:203::1", "in none of the allowed networks"),  # 6to4 names another host
+        ("169.254.169.254", "in 169.254.0.0/16"),
+        ("fe80::1", "in fe80::/10"),
+        ("224.0.0.1", "in 224.0.0.0/4"),
+    ],
+)
+def test_peers_are_reached_only_in_the_allowed_networks(address: str, reason: str | None) -> None:
+    guard = ConnectionGuard(
+        networks(*NEVER_PEER_NETWORKS), allowed=networks("10.0.0.0/8"), refusal=PEER_REFUSAL
+    )
+    assert guard.refuses(ipaddress.ip_address(address)) == reason
+
+
+def test_no_peer_is_reached_on_a_metadata_network_even_if_everything_is_allowed() -> None:
+    everything = networks("0.0.0.0/0", "::/0")
+    guard = ConnectionGuard(networks(*NEVER_PEER_NETWORKS), allowed=everything)
+    assert guard.refuses(ipaddress.ip_address("169.254.169.254")) == "in 169.254.0.0/16"
+    with pytest.raises(ValueError, match="where no peer is ever reached"):
+        PeerSettings(allowed_networks=networks("169.254.169.0/24"))
+    assert in_networks(ipaddress.ip_address("::ffff:192.0.2.1"), everything) is not None
+
+
+def test_a_peer_at_a_refused_address_is_sent_nothing(allowed: ImageServer) -> None:
+    # a listener on 127.0.0.2, and a peer client allowed only 127.0.0.1
+    with ImageServer(allowed.root, host=DENIED) as denied:
+        client = PeerClient(
+            PeerOptions(
+                secret="s", connect_timeout_seconds=2, stall_seconds=2,
+                allowed_networks=networks("127.0.0.1/32"),
+            )
+        )  # fmt: skip
+        copy = PeerCopy("far", f"http://{DENIED}:{denied.port}", "entry", True, 10, 10)
+        with pytest.raises(PeerFailed, match=r"127\.0\.0\.2 \(in none of the allowed networks\)"):
+            b"".join(client.read("ab" * 20, copy, 0, 10))
+        assert denied.connections() == 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import time
+
+import pytest
 
 from domain.cache.fleet import choose_peer
-from domain.cache.peer_auth import signed_headers, verify
+from domain.cache.peer_auth import signature, signed_headers, verify
 from domain.core.peers import ImageDigests, PeerCopy
 
 DIGESTS = ImageDigests("a" * 64, 100, "a" * 64, 100, "raw", "raw")
@@ -90,3 +93,25 @@ def test_a_peer_dropped_for_stalling_is_asked_again_once_its_copy_grows() -> Non
     assert not still_excluded(until=103.0, stalled_at=8, size=9, now=now)
     # while one dropped for another reason (wrong bytes: forever) is not, whatever it shows
     assert still_excluded(until=float("inf"), stalled_at=None, size=9, now=now)
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["nan", "NaN", "inf", "-inf", "1e9", "{now}.5", "+{now}", " {now}", "{now} ", "-{now}",
+     "{now_}", "\uff10{now}", "0x10", "", "1" * 13],
+)  # fmt: skip
+def test_a_timestamp_that_is_not_whole_seconds_is_refused(stamp: str) -> None:
+    now = int(time.time())
+    stamp = stamp.format(now=now, now_=f"{now:_}")
+    path, byte_range = "/v1/" + "0" * 40, "bytes=0-99"
+    # correctly signed with the secret: only the timestamp's form is wrong
+    given = signature("s3cret", "GET", path, byte_range, stamp)
+    refused = verify("s3cret", "GET", path, byte_range, stamp, given)
+    assert refused is not None and refused.startswith(("malformed timestamp", "unsigned")), refused
+
+
+@pytest.mark.parametrize("given", ["A" * 64, "a" * 63, "a" * 65, "g" * 64, " " + "a" * 63])
+def test_a_signature_that_is_not_64_hex_digits_is_refused(given: str) -> None:
+    stamp = str(int(time.time()))
+    refused = verify("s3cret", "GET", "/v1/" + "0" * 40, "bytes=0-9", stamp, given)
+    assert refused == "malformed signature (64 hexadecimal digits expected)"

@@ -205,3 +205,28 @@ def test_second_host_has_its_own_cache_and_takes_images_from_the_first(
     assert one.peer_url == f"http://worker:{one.peer.port}"
     assert two.peer_url == f"http://worker-2:{two.peer.port}"
     assert set(first["ports"]).isdisjoint(second["ports"])
+
+
+def test_profile_rbd_points_a_worker_at_an_existing_cluster(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = compose["services"]["worker-rbd"]
+    assert worker["profiles"] == ["rbd"]
+    env = service_env(worker)
+    for variable in list(os.environ):
+        if variable.startswith(ENV_PREFIX):
+            monkeypatch.delenv(variable)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    settings = Settings()
+    # the cluster's client files come read-only from the host's /etc/ceph
+    assert "/etc/ceph:/etc/ceph:ro" in worker["volumes"]
+    assert settings.rbd.conf.parent.as_posix() == "/etc/ceph"
+    assert settings.rbd.keyring.startswith("/etc/ceph/") and settings.rbd.user
+    assert settings.rbd.pool != settings.rbd.images_pool
+    # a host of its own, with /dev/fuse for injection through qemu-storage-daemon's rbd driver
+    others = {
+        service_env(compose["services"][name])["IMGPREP_HOST_ID"] for name in ("worker", "worker-2")
+    }
+    assert settings.host_id not in others
+    assert any(str(device).startswith("/dev/fuse") for device in worker["devices"])

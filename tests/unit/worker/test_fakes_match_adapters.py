@@ -132,7 +132,7 @@ def test_locks(make: Callable[[float], tuple[LockFactory, Callable[[str], None]]
 
 PEER_REGISTRIES: dict[str, Callable[[], PeerRegistry]] = {
     "fake": InMemoryPeerRegistry,
-    "redis": lambda: RedisPeerRegistry(fake_redis(), 3600),
+    "redis": lambda: RedisPeerRegistry(fake_redis(), 3600, "unit-secret"),
 }
 
 
@@ -142,10 +142,12 @@ def test_peer_registry(make: Callable[[], PeerRegistry]) -> None:
     assert registry.copies("k") == [] and registry.digests("k") is None
     partial = PeerCopy("h1", "http://h1:9809", "source", False, 0, None, 7, "origin")
     registry.announce("k", partial)
-    registry.progress("k", "h1", 4096)
+    registry.progress("k", "h1", 7, 4096)
     assert registry.copy("k", "h1") == PeerCopy(
         "h1", "http://h1:9809", "source", False, 4096, None, 7, "origin"
     )
+    registry.progress("k", "h1", 6, 8192)  # another transfer's size: not this copy's
+    assert registry.copy("k", "h1") == partial
     complete = PeerCopy("h2", "http://h2:9809", "entry", True, 8192, 8192)
     registry.announce("k", complete)
     assert sorted(c.host for c in registry.copies("k")) == ["h1", "h2"]
@@ -159,7 +161,7 @@ def test_peer_registry(make: Callable[[], PeerRegistry]) -> None:
 
 def test_peer_registry_keys_expire() -> None:
     client = fake_redis()
-    registry = RedisPeerRegistry(client, 3600)
+    registry = RedisPeerRegistry(client, 3600, "unit-secret")
     registry.announce("k", PeerCopy("h1", "http://h1:9809", "entry", True, 1, 1))
     registry.record_digests("k", ImageDigests("a" * 64, 1))
     assert all(0 < client.ttl(key) <= 3600 for key in client.scan_iter("imgprep:peers:*"))

@@ -3,8 +3,11 @@ entries and of the current holder's temporary, nothing else (worker.peer_server)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import ipaddress
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +26,7 @@ from worker.settings import PeerSettings
 
 KEY = "ab" * 20
 SECRET = "unit-secret"
+LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
 
 
 @pytest.fixture
@@ -59,12 +63,19 @@ def _any_port(cache: Path, copies: dict[str, PeerCopy]) -> PeerServer:
     from worker.harness.redis_server import free_port
 
     return PeerServer(
-        PeerSettings(secret=SECRET, port=free_port()), cache, copies.get, bind="127.0.0.1"
+        PeerSettings(secret=SECRET, port=free_port(), allowed_networks=LOOPBACK),
+        cache,
+        copies.get,
+        bind="127.0.0.1",
     )
 
 
 def client(secret: str = SECRET) -> PeerClient:
-    return PeerClient(PeerOptions(secret=secret, connect_timeout_seconds=2, stall_seconds=2))
+    return PeerClient(
+        PeerOptions(
+            secret=secret, connect_timeout_seconds=2, stall_seconds=2, allowed_networks=LOOPBACK
+        )
+    )
 
 
 def url(server: PeerServer) -> str:
@@ -115,3 +126,37 @@ def test_unsigned_wrongly_signed_and_outside_paths_are_refused(
         connection.request("GET", path, headers=signed_headers(SECRET, "GET", path, "bytes=0-9"))
         assert connection.getresponse().status == 404, path
         connection.close()
+
+
+def raw_request(server: PeerServer, text: bytes) -> bytes:
+    """What the server answers to `text` sent as it is, until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        answer = b""
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # closed unread
+            sock.sendall(text)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
+
+
+def test_a_signed_header_given_twice_is_refused(
+    served: tuple[PeerServer, dict[str, PeerCopy], Path],
+) -> None:
+    server, _, _ = served
+    path = f"/v1/{KEY}"
+    headers = signed_headers(SECRET, "GET", path, "bytes=0-9")
+    lines = [f"GET {path} HTTP/1.1", "Host: h", *(f"{k}: {v}" for k, v in headers.items())]
+    lines.append("Range: bytes=0-16383")  # served would be the first; refused outright
+    answer = raw_request(server, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 401 ")
+
+
+def test_a_request_longer_than_any_peer_s_is_cut_off_unanswered(
+    served: tuple[PeerServer, dict[str, PeerCopy], Path],
+) -> None:
+    server, _, _ = served
+    text = f"GET /v1/{KEY} HTTP/1.1\r\n".encode() + b"X-Padding: " + b"a" * 60000 + b"\r\n"
+    assert raw_request(server, text) == b""
+    # and the server goes on serving
+    copy = PeerCopy("h", url(server), "entry", True, 16384, 16384)
+    assert len(b"".join(client().read(KEY, copy, 0, 10))) == 10
