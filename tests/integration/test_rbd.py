@@ -457,9 +457,7 @@ def test_a_record_forged_in_redis_never_passes_another_images_checksum(
     clean_rbd.redis.hset("imgprep:rbd:images", resource, json.dumps(forged, sort_keys=True))
 
     # When a disk of the second version is asked for, with its checksum
-    request = rbd_request(
-        image_server, second_name, image_id=first.image.image_id, checksum=wanted
-    )
+    request = rbd_request(image_server, second_name, image_id=first.image.image_id, checksum=wanted)
 
     # Then the imported image is not taken for it: the checksum is checked against the
     # image's own record in the cluster, and it names other bytes
