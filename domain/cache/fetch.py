@@ -19,6 +19,7 @@ import structlog
 
 from domain.cache.directory import CONVERTED, CacheRecord, ImageCache, cache_key, find_cached
 from domain.cache.download import SourcePolicy, download
+from domain.cache.ports import References
 from domain.cache.references import fetch_pinned
 from domain.core.errors import (
     ChecksumMismatch,
@@ -26,7 +27,7 @@ from domain.core.errors import (
     ImageTooLarge,
 )
 from domain.core.models import CachedImage, ImageSource
-from domain.core.ports import LockFactory, Progress, References, no_progress
+from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.publish import (
     FileStamp,
     Staged,

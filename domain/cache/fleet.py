@@ -47,6 +47,8 @@ from domain.cache.directory import CONVERTED, ImageCache, cache_key, find_cached
 from domain.cache.download import download_into
 from domain.cache.fetch import FetchOptions, Verified, check_checksum, stage_entry
 from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
+from domain.cache.peers import ORIGIN, Content, ImageDigests, PeerCopy, compatible
+from domain.cache.ports import PeerRegistry
 from domain.cache.writer import ImageWriter
 from domain.core.errors import (
     ChecksumMismatch,
@@ -55,8 +57,7 @@ from domain.core.errors import (
     SourceUnavailable,
 )
 from domain.core.models import CachedImage, ImageSource
-from domain.core.peers import ORIGIN, Content, ImageDigests, PeerCopy, compatible
-from domain.core.ports import LockFactory, PeerRegistry, Progress, no_progress
+from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.publish import Staged, publish_once
 from domain.core.runner import Runner
 from domain.core.urls import redact

@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 
 from domain.cache.directory import ImageCache, cache_key, cached_base
+from domain.cache.ports import References
 from domain.cache.references import base_in_use, disk_holder
 from domain.core.errors import DiskConflict, DiskTooSmall
 from domain.core.models import (
@@ -32,7 +33,7 @@ from domain.core.models import (
     PrepareRequest,
 )
 from domain.core.paths import instance_dir
-from domain.core.ports import LockFactory, References
+from domain.core.ports import LockFactory
 from domain.core.publish import Staged, publish_once
 from domain.core.runner import Limits, Runner
 from domain.disks import diskinfo

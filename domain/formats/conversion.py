@@ -28,9 +28,9 @@ from domain.core.paths import inside
 from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.publish import Staged, publish_once, record_path
 from domain.core.runner import Limits, Runner
-from domain.core.snapshot_models import ConvertedImage, ConvertJob
 from domain.disks.sparse import allocated_bytes
 from domain.formats import qemu_img
+from domain.formats.snapshot_models import ConvertedImage, ConvertJob
 
 log = structlog.get_logger(__name__)
 

@@ -27,10 +27,10 @@ from typing import Protocol
 
 import structlog
 
-from domain.core.device_records import LoopDevice, StorageDaemon
 from domain.core.errors import DeviceError, NoFreeDevice
 from domain.core.models import InstanceDisk
 from domain.core.runner import CommandError
+from domain.disks.device_records import LoopDevice, StorageDaemon
 from domain.guest.context import Claim, DeviceContext, WorkArea
 from domain.guest.tools import daemons, losetup, storage_daemon
 from domain.guest.tools import mount as mounts

@@ -44,18 +44,12 @@ from domain.core.errors import (
 )
 from domain.core.fileops import remove_files
 from domain.core.models import CachedImage, ImageSource
-from domain.core.ports import (
-    ImportedImages,
-    Lease,
-    LockFactory,
-    Progress,
-    Temporaries,
-    no_progress,
-)
+from domain.core.ports import Lease, LockFactory, Progress, no_progress
 from domain.core.publish import lost_or
 from domain.core.urls import redact
 from domain.formats.inspection import inspect_image
 from domain.rbd import names, tool
+from domain.rbd.ports import ImportedImages, Temporaries
 from domain.rbd.tool import RbdExists, RbdTool
 
 log = structlog.get_logger(__name__)

@@ -25,10 +25,10 @@ from domain.core.paths import path_under
 from domain.core.ports import Lease, LockFactory, Progress, no_progress
 from domain.core.publish import Staged, lost_or, publish_once
 from domain.core.runner import Limits
-from domain.core.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
 from domain.disks.sparse import allocated_bytes
 from domain.formats import qemu_img
 from domain.formats.conversion import cache_mode_for, file_sha256, read_description
+from domain.formats.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
 from domain.rbd import names, tool
 from domain.rbd.images import RECORD_KEY, RbdContext, abandon, read_record, remove_temporaries
 from domain.rbd.tool import RbdExists

@@ -8,11 +8,13 @@ from collections.abc import Callable
 import fakeredis
 import pytest
 
-from domain.core.device_records import WorkDir
+from domain.cache.peers import ImageDigests, PeerCopy
+from domain.cache.ports import PeerRegistry, References
 from domain.core.errors import DiskBusy, LockBusy, LockLost
-from domain.core.journal import PlannedStep
-from domain.core.peers import ImageDigests, PeerCopy
-from domain.core.ports import DeviceLedger, LockFactory, PeerRegistry, References, StepJournal
+from domain.core.journal import PlannedStep, StepJournal
+from domain.core.ports import LockFactory
+from domain.disks.device_records import WorkDir
+from domain.disks.ports import DeviceLedger
 from tests.fakes.device_ledger import InMemoryDeviceLedger
 from tests.fakes.journal import InMemoryJournal
 from tests.fakes.locks import InMemoryLocks
