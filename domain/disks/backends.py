@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from domain.core import diskinfo
 from domain.core.models import Backend, CachedImage, DiskFormat, DiskSpec
 from domain.core.runner import Limits, Runner
-from domain.disks import diskinfo
-from domain.disks.sparse import sparse_copy
+from domain.core.sparse import sparse_copy
 from domain.formats import qemu_img
 from domain.formats.conversion import cache_mode_for
 

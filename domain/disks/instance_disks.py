@@ -23,6 +23,7 @@ import structlog
 from domain.cache.directory import ImageCache, cache_key, cached_base
 from domain.cache.ports import References
 from domain.cache.references import base_in_use, disk_holder
+from domain.core import diskinfo
 from domain.core.errors import DiskConflict, DiskTooSmall
 from domain.core.models import (
     CachedImage,
@@ -36,10 +37,9 @@ from domain.core.paths import instance_dir
 from domain.core.ports import LockFactory
 from domain.core.publish import Staged, publish_once
 from domain.core.runner import Limits, Runner
-from domain.disks import diskinfo
+from domain.core.sparse import allocated_bytes
 from domain.disks.backends import BACKENDS, DiskBackend
 from domain.disks.preallocation import preallocate
-from domain.disks.sparse import allocated_bytes
 from domain.formats import qemu_img
 
 log = structlog.get_logger(__name__)

@@ -15,12 +15,12 @@ import os
 import structlog
 
 from domain.cache.references import disk_holder
+from domain.core import diskinfo
 from domain.core.errors import DiskBusy
 from domain.core.fileops import fsync_directory, remove_files
 from domain.core.models import DeletedDisk, DeleteDiskRequest, DiskSpec
 from domain.core.paths import child, instance_dir
 from domain.core.publish import stale_temporaries
-from domain.disks import diskinfo
 from domain.disks.instance_disks import DiskContext, disk_lock_name
 from domain.disks.ports import DeviceLedger
 

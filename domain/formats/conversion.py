@@ -28,7 +28,7 @@ from domain.core.paths import inside
 from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.publish import Staged, publish_once, record_path
 from domain.core.runner import Limits, Runner
-from domain.disks.sparse import allocated_bytes
+from domain.core.sparse import allocated_bytes
 from domain.formats import qemu_img
 from domain.formats.snapshot_models import ConvertedImage, ConvertJob
 

@@ -33,7 +33,7 @@ import structlog
 
 from domain.cache.directory import ImageCache, cache_key, find_cached
 from domain.cache.download import download
-from domain.cache.fetch import FetchOptions, Verified, check_checksum, inspect_verified
+from domain.cache.staging import FetchOptions, Verified, check_checksum, inspect_verified
 from domain.core.errors import (
     CephConfigInvalid,
     ChecksumMismatch,

@@ -25,7 +25,7 @@ from domain.core.paths import path_under
 from domain.core.ports import Lease, LockFactory, Progress, no_progress
 from domain.core.publish import Staged, lost_or, publish_once
 from domain.core.runner import Limits
-from domain.disks.sparse import allocated_bytes
+from domain.core.sparse import allocated_bytes
 from domain.formats import qemu_img
 from domain.formats.conversion import cache_mode_for, file_sha256, read_description
 from domain.formats.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest

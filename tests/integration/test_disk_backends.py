@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from domain.cache.directory import ImageCache
+from domain.core import diskinfo
 from domain.core.errors import DiskConflict
 from domain.core.models import Backend, CachedImage, DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Limits, Runner
-from domain.disks import diskinfo
+from domain.core.sparse import allocated_bytes
 from domain.disks.backends import BACKENDS
 from domain.disks.instance_disks import DiskContext, create_disk
-from domain.disks.sparse import allocated_bytes
 from domain.formats.inspection import QCOW2_MAGIC
 from tests.conftest import write_raw_image
 from tests.fakes.references import InMemoryReferences
