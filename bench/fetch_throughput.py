@@ -19,8 +19,9 @@ import redis
 
 from bench.report import Figure, median, report
 from domain.cache.directory import ImageCache
-from domain.cache.fetch import FetchOptions, fetch_image
+from domain.cache.fetch import fetch_image
 from domain.cache.networks import loopback_allowed
+from domain.cache.staging import FetchOptions
 from domain.core.fileops import fsync_file
 from domain.core.models import ImageSource
 from domain.core.runner import Limits, Runner

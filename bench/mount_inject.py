@@ -48,13 +48,13 @@ from domain.core.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from domain.core.ports import PrivilegedOperations
 from domain.core.publish import FileStamp, record_path
 from domain.core.runner import Runner
 from domain.guest.context import DeviceContext
 from domain.guest.injection import inject_files
 from domain.guest.mapping import map_partitions
 from domain.guest.mounting import mount_guest
+from domain.guest.ports import PrivilegedOperations
 from domain.guest.teardown import release_devices
 from tasks.canvases import injection_steps, with_ids
 from worker.app import create_app

@@ -16,8 +16,8 @@ from typing import Any
 import structlog
 from celery import Celery
 
-from domain.core.device_records import DeviceRecord
 from domain.core.errors import ImgprepError, LockBusy
+from domain.disks.device_records import DeviceRecord
 from domain.guest.teardown import release_devices
 from worker.device_steps import build_context
 from worker.runtime import Runtime, build_runtime, lock_factory

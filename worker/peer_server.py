@@ -38,7 +38,7 @@ from celery import bootsteps
 from domain.cache.directory import ImageCache
 from domain.cache.networks import in_networks
 from domain.cache.peer_auth import SIGNATURE_HEADER, SIGNED_HEADERS, TIMESTAMP_HEADER, verify
-from domain.core.peers import PeerCopy
+from domain.cache.peers import PeerCopy
 from worker.peer_connections import NEVER, AdmittingServer, RequestTooLong
 from worker.settings import PeerSettings, Settings, get_settings
 

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import redis
 from pydantic import ValidationError
 
-from domain.core.device_records import DeviceRecord
 from domain.core.errors import CoordinationUnavailable, DeviceError, DiskBusy
+from domain.disks.device_records import DeviceRecord
 
 DEVICES_PREFIX = "imgprep:devices:"
 

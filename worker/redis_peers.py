@@ -1,4 +1,4 @@
-"""The peer registry (domain.core.ports.PeerRegistry) in Redis, for host scope.
+"""The peer registry (domain.cache.ports.PeerRegistry) in Redis, for host scope.
 
 Per cache key: `imgprep:peers:v2:<key>` (hash: host → its copy), `imgprep:peers:v2:<key>:size`
 (hash: host → the bytes on disk of that copy, updated as a download writes) and
@@ -27,8 +27,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from domain.cache.peer_records import RecordSeal, UntrustedRecord
+from domain.cache.peers import ImageDigests, PeerCopy
 from domain.core.errors import CoordinationUnavailable
-from domain.core.peers import ImageDigests, PeerCopy
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +39,7 @@ _logged: dict[tuple[str, str, str, str], float] = {}  # (kind, key, host, reason
 
 
 class RedisPeerRegistry:
-    """A `domain.core.ports.PeerRegistry` in Redis, its records sealed with `secret`."""
+    """A `domain.cache.ports.PeerRegistry` in Redis, its records sealed with `secret`."""
 
     def __init__(self, client: redis.Redis, keep_seconds: float, secret: str) -> None:
         self.client = client

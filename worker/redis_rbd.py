@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 
 class RedisTemporaries:
-    """A `domain.core.ports.Temporaries` in Redis."""
+    """A `domain.rbd.ports.Temporaries` in Redis."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
@@ -48,7 +48,7 @@ class RedisTemporaries:
 
 
 class RedisImportedImages:
-    """A `domain.core.ports.ImportedImages` in Redis (last uses in Redis's clock: worker clocks
+    """A `domain.rbd.ports.ImportedImages` in Redis (last uses in Redis's clock: worker clocks
     may differ)."""
 
     def __init__(self, client: redis.Redis) -> None:

@@ -39,7 +39,7 @@ return 1
 
 
 class RedisReferences:
-    """A `domain.core.ports.References` in Redis."""
+    """A `domain.cache.ports.References` in Redis."""
 
     def __init__(self, client: redis.Redis, namespace: str = "") -> None:
         self.client = client

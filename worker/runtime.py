@@ -17,12 +17,12 @@ import redis
 
 from domain.cache.directory import ImageCache
 from domain.cache.eviction import AgingPolicy, CacheManager
-from domain.cache.fetch import FetchOptions
 from domain.cache.fleet import Fleet
 from domain.cache.peer_client import PeerOptions
-from domain.core.ports import PrivilegedOperations
+from domain.cache.staging import FetchOptions
 from domain.core.runner import Limits, Runner
 from domain.disks.instance_disks import DiskContext
+from domain.guest.ports import PrivilegedOperations
 from domain.rbd.images import RbdContext
 from domain.rbd.tool import CephAccess, RbdTool
 from worker.helper_client import HelperClient

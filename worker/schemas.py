@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from domain.core import models, precache_models, snapshot_models
+from domain.cache import precache_models
+from domain.core import models
 from domain.core.models import WireModel
+from domain.formats import snapshot_models
 from worker.routing import DEFAULT_QUEUE
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

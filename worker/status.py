@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, ConfigDict
 
-from domain.core.ports import StepJournal
+from domain.core.journal import StepJournal
 
 
 class StepStatus(BaseModel):

@@ -21,7 +21,7 @@ from bench.chaos.cluster import Host
 from bench.chaos.history import History, Op
 from domain.core import errors
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
-from domain.core.snapshot_models import ConvertedImage, RbdSnapshot
+from domain.formats.snapshot_models import ConvertedImage, RbdSnapshot
 from worker.results import ERRORS_WIRE_MODULE
 
 # error class → the faults under whose influence it is an acceptable end of a request

@@ -1,2 +1,3 @@
-"""The shared base-image cache: fetch (download, write, inspect, publish), references to cached
-bases, what is in the cache (inventory) and eviction."""
+"""The shared base-image cache: fetch (download, write, stage, publish; from peers in host
+scope), references to cached bases, what is in the cache (inventory), eviction, pre-caching, and
+the cache's ports (references, the peer registry)."""

@@ -33,11 +33,12 @@ from domain.cache.inventory import (
     read_entries,
     read_entry,
 )
+from domain.cache.ports import References
 from domain.cache.references import PENDING, parse_disk_holder
 from domain.core.errors import LockBusy
 from domain.core.fileops import fsync_directory, remove_files
 from domain.core.models import CacheEviction, CacheEvictionReport, EvictCacheRequest
-from domain.core.ports import LockFactory, References
+from domain.core.ports import LockFactory
 from domain.core.publish import record_path, stale_temporaries
 from domain.core.runner import Limits, Runner
 

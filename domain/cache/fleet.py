@@ -18,7 +18,7 @@ published entry converted to raw is checked against the entry's digest, which th
 publish it recorded, and only when the source digest recorded with it is the request's checksum:
 digests of another version vouch for nothing. The registry's records are signed by the hosts
 that wrote them (worker.redis_peers), so nobody without `peer.secret` can vouch for bytes or point
-a host at a peer; nothing a checksum rejects is ever published (domain.cache.fetch.stage_entry
+a host at a peer; nothing a checksum rejects is ever published (domain.cache.staging.stage_entry
 checks it again). The bytes are then inspected as any download is. A
 peer that dies, stalls (no byte for `peer.stall_seconds`) or refuses is dropped, and the transfer
 resumes from the byte where it stopped, from another peer or from the origin (a Range request;
@@ -45,8 +45,10 @@ import structlog
 
 from domain.cache.directory import CONVERTED, ImageCache, cache_key, find_cached
 from domain.cache.download import download_into
-from domain.cache.fetch import FetchOptions, Verified, check_checksum, stage_entry
 from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
+from domain.cache.peers import ORIGIN, Content, ImageDigests, PeerCopy, compatible
+from domain.cache.ports import PeerRegistry
+from domain.cache.staging import FetchOptions, Verified, check_checksum, stage_entry
 from domain.cache.writer import ImageWriter
 from domain.core.errors import (
     ChecksumMismatch,
@@ -55,8 +57,7 @@ from domain.core.errors import (
     SourceUnavailable,
 )
 from domain.core.models import CachedImage, ImageSource
-from domain.core.peers import ORIGIN, Content, ImageDigests, PeerCopy, compatible
-from domain.core.ports import LockFactory, PeerRegistry, Progress, no_progress
+from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.publish import Staged, publish_once
 from domain.core.runner import Runner
 from domain.core.urls import redact

@@ -20,11 +20,11 @@ from pathlib import Path
 import structlog
 
 from domain.cache.directory import CacheRecord, ImageCache
+from domain.cache.ports import References
+from domain.core import diskinfo
 from domain.core.errors import DiskConflict, ImgprepError
-from domain.core.ports import References
 from domain.core.publish import RECORD, is_temporary_name
 from domain.core.runner import Limits, Runner
-from domain.disks import diskinfo
 from domain.formats import qemu_img
 
 log = structlog.get_logger(__name__)

@@ -25,8 +25,8 @@ from domain.cache.networks import (
     Network,
 )
 from domain.cache.peer_auth import signed_headers
+from domain.cache.peers import PeerCopy
 from domain.core.errors import SourceNotAllowed
-from domain.core.peers import PeerCopy
 
 CHUNK = 256 * 2**10
 _NEVER = tuple(ipaddress.ip_network(network) for network in NEVER_PEER_NETWORKS)

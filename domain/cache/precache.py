@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 import structlog
 
 from domain.cache.directory import ImageCache, cache_key, find_cached
+from domain.cache.precache_models import PrecacheHostRequest, PrecacheOutcome, PrecacheReport
 from domain.core.errors import ImgprepError, LockBusy, TransientError
 from domain.core.models import CachedImage, ImageSource
 from domain.core.ports import LockFactory, Progress
-from domain.core.precache_models import PrecacheHostRequest, PrecacheOutcome, PrecacheReport
 
 log = structlog.get_logger(__name__)
 

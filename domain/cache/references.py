@@ -26,9 +26,10 @@ from pathlib import Path
 import structlog
 
 from domain.cache.directory import ImageCache, find_cached
+from domain.cache.ports import References
 from domain.core.errors import BaseImageMissing, TransientError
 from domain.core.models import CachedImage, ImageSource
-from domain.core.ports import LockFactory, References
+from domain.core.ports import LockFactory
 
 log = structlog.get_logger(__name__)
 

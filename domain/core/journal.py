@@ -1,6 +1,6 @@
 """The step journal's records: which steps a canvas has, and what became of each.
 
-A journal (domain.core.ports.StepJournal; worker.redis_journal keeps it in Redis) is written by
+A journal (`StepJournal`; worker.redis_journal keeps it in Redis) is written by
 the runtime as steps start, retry and end, and read by `imgprep status` and the demo to show a
 canvas as a tree of steps with durations. The result backend stays the authority on each step's
 state.
@@ -8,7 +8,8 @@ state.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -49,3 +50,28 @@ class CanvasView(BaseModel):
     root_id: str
     plan: list[PlannedStep]
     records: dict[str, StepRecord]
+
+
+class StepJournal(Protocol):
+    """Which steps a canvas has, and when each started, ended, retried or failed; keyed by the
+    canvas's root task id (the id the caller holds). Writes never fail a step."""
+
+    def plan(
+        self,
+        root_id: str,
+        steps: list[PlannedStep],
+        *,
+        done: Sequence[PlannedStep] = (),
+        worker: str = "",
+    ) -> None:
+        """The canvas's steps, in order; `done`: steps found already done (recorded as
+        succeeded)."""
+        ...
+
+    def started(self, root_id: str, task_id: str, name: str, worker: str) -> None: ...
+
+    def finished(
+        self, root_id: str, task_id: str, name: str, state: StepState, error: str | None = None
+    ) -> None: ...
+
+    def read(self, root_id: str) -> CanvasView | None: ...

@@ -15,12 +15,12 @@ domain.disks.instance_disks.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
-from domain.core.models import Backend, CachedImage, DiskFormat, DiskSpec
+from domain.core import diskinfo
+from domain.core.models import CachedImage, DiskFormat, DiskSpec
 from domain.core.runner import Limits, Runner
-from domain.disks import diskinfo
-from domain.disks.sparse import sparse_copy
+from domain.core.sparse import sparse_copy
 from domain.formats import qemu_img
 from domain.formats.conversion import cache_mode_for
 
@@ -105,4 +105,7 @@ class RawCopy:
         return False
 
 
-BACKENDS: dict[Backend, DiskBackend] = {"qcow2": Qcow2Overlay(), "raw": RawCopy()}
+# The backends whose disks are files under the instances directory (rbd disks are clones in Ceph).
+FileBackend = Literal["qcow2", "raw"]
+
+BACKENDS: dict[FileBackend, DiskBackend] = {"qcow2": Qcow2Overlay(), "raw": RawCopy()}

@@ -7,9 +7,10 @@ that is not is a conflict. A base larger than the requested size is refused (Nov
 FlavorDiskTooSmall). The disk's format is recorded in disk.info before it appears under its
 name, and its full size is reserved when `preallocate` asks for it.
 
-`create_overlay` and `copy_raw_disk` are the disk steps: the base is the cache entry of the
-request's image, found by its key in the cache directory (a path or format from the message is
-never used), referenced for the disk while it is made (domain.cache.references.base_in_use),
+`create_instance_disk` is the disk step of both backends (imgprep.create_overlay and
+imgprep.copy_raw_disk, through tasks.disk_steps): the base is the cache entry of the request's
+image, found by its key in the cache directory (a path or format from the message is never
+used), referenced for the disk while it is made (domain.cache.references.base_in_use),
 and the canvas's pin on it dropped once the disk holds its reference.
 """
 
@@ -21,7 +22,9 @@ from pathlib import Path
 import structlog
 
 from domain.cache.directory import ImageCache, cache_key, cached_base
+from domain.cache.ports import References
 from domain.cache.references import base_in_use, disk_holder
+from domain.core import diskinfo
 from domain.core.errors import DiskConflict, DiskTooSmall
 from domain.core.models import (
     CachedImage,
@@ -32,13 +35,12 @@ from domain.core.models import (
     PrepareRequest,
 )
 from domain.core.paths import instance_dir
-from domain.core.ports import LockFactory, References
+from domain.core.ports import LockFactory
 from domain.core.publish import Staged, publish_once
 from domain.core.runner import Limits, Runner
-from domain.disks import diskinfo
-from domain.disks.backends import BACKENDS, DiskBackend
+from domain.core.sparse import allocated_bytes
+from domain.disks.backends import BACKENDS, DiskBackend, FileBackend
 from domain.disks.preallocation import preallocate
-from domain.disks.sparse import allocated_bytes
 from domain.formats import qemu_img
 
 log = structlog.get_logger(__name__)
@@ -141,36 +143,8 @@ def create_disk(
     return publish_once(path, find=find, lease=lease, stage=stage)
 
 
-def create_overlay(
-    request: PrepareRequest,
-    claimed: CachedImage,
-    ctx: DiskContext,
-    *,
-    pin: str,
-    final_attempt: bool = True,
-) -> PreparedDisk:
-    """The disk step of the qcow2 backend: the overlay on the request's cached base."""
-    return create_instance_disk(
-        BACKENDS["qcow2"], request, claimed, ctx, pin=pin, final_attempt=final_attempt
-    )
-
-
-def copy_raw_disk(
-    request: PrepareRequest,
-    claimed: CachedImage,
-    ctx: DiskContext,
-    *,
-    pin: str,
-    final_attempt: bool = True,
-) -> PreparedDisk:
-    """The disk step of the raw backend: a sparse raw copy of the request's cached base."""
-    return create_instance_disk(
-        BACKENDS["raw"], request, claimed, ctx, pin=pin, final_attempt=final_attempt
-    )
-
-
 def create_instance_disk(
-    backend: DiskBackend,
+    backend_name: FileBackend,
     request: PrepareRequest,
     claimed: CachedImage,
     ctx: DiskContext,
@@ -183,7 +157,11 @@ def create_instance_disk(
 
     A disk that uses its base references it before it is made; a raw copy does not (the
     canvas's pin protects the base while it is copied, and goes with the copy). On a failure
-    that will be retried the pin stays, for the retry (`final_attempt`)."""
+    that will be retried the pin stays, for the retry (`final_attempt`).
+
+    The step chooses the backend (`backend_name`: imgprep.create_overlay qcow2,
+    imgprep.copy_raw_disk raw), not the request: a request is never taken for another backend."""
+    backend = BACKENDS[backend_name]
     spec = request.disk
     key = cache_key(request.image.image_id)
     structlog.contextvars.bind_contextvars(image_key=key)

@@ -15,14 +15,14 @@ import os
 import structlog
 
 from domain.cache.references import disk_holder
+from domain.core import diskinfo
 from domain.core.errors import DiskBusy
 from domain.core.fileops import fsync_directory, remove_files
 from domain.core.models import DeletedDisk, DeleteDiskRequest, DiskSpec
 from domain.core.paths import child, instance_dir
-from domain.core.ports import DeviceLedger
 from domain.core.publish import stale_temporaries
-from domain.disks import diskinfo
 from domain.disks.instance_disks import DiskContext, disk_lock_name
+from domain.disks.ports import DeviceLedger
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +30,7 @@ log = structlog.get_logger(__name__)
 def remove_disk(request: DeleteDiskRequest, ctx: DiskContext, devices: DeviceLedger) -> DeletedDisk:
     """Make sure the disk is gone and unreferenced; report whether it was there.
 
-    A disk whose devices an operation holds (mapped, mounted: see domain.core.device_records) is
+    A disk whose devices an operation holds (mapped, mounted: see domain.disks.device_records) is
     not deleted under it: DiskBusy, retried until that operation's teardown has released them.
     """
     instance_id, disk_name = request.instance_id, request.disk_name

@@ -16,7 +16,7 @@ import errno
 import hashlib
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -28,9 +28,9 @@ from domain.core.paths import inside
 from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.publish import Staged, publish_once, record_path
 from domain.core.runner import Limits, Runner
-from domain.core.snapshot_models import ConvertedImage, ConvertJob
-from domain.disks.sparse import allocated_bytes
+from domain.core.sparse import allocated_bytes
 from domain.formats import qemu_img
+from domain.formats.snapshot_models import ConvertedImage, ConvertJob
 
 log = structlog.get_logger(__name__)
 
@@ -81,24 +81,7 @@ def convert_image(
     if not source.is_file():
         raise InvalidRequest(f"the source {source} does not exist")
 
-    def find() -> ConvertedImage | None:
-        if not target.exists() and not target.is_symlink():
-            return None
-        existing = read_description(target)
-        if existing is None or (
-            existing.source,
-            existing.source_format,
-            existing.format,
-            existing.compressed,
-        ) != (job.source, job.source_format, job.target_format, job.compress):
-            raise DiskConflict(
-                f"{target} already exists and is not this conversion of {source}; "
-                "choose another target"
-            )
-        return existing
-
-    def stage(part: Path) -> Staged[ConvertedImage]:
-        mode = cache_mode_for(target.parent)
+    def write(part: Path, mode: CacheMode) -> None:
         virtual = qemu_img.info(runner, source, job.source_format, limits).virtual_size
         qemu_img.convert(
             runner,
@@ -110,6 +93,48 @@ def convert_image(
             compress=job.compress,
             on_progress=lambda percent: progress(int(virtual * percent / 100), virtual),
         )
+
+    return publish_conversion(
+        job, write, runner=runner, locks=locks, limits=limits, event="image_converted"
+    )
+
+
+def publish_conversion(
+    job: ConvertJob,
+    write: Callable[[Path, CacheMode], None],
+    *,
+    runner: Runner,
+    locks: LockFactory,
+    limits: Limits,
+    event: str,
+    what: str = "conversion",
+) -> ConvertedImage:
+    """Make sure `job.target` holds the image `job` describes, and describe it: a target there
+    already is the answer when its description is this job's, a conflict otherwise; else `write`
+    converts into a temporary of this holder's (with the target directory's cache mode), which is
+    described and published with its description (domain.core.publish, under the lease
+    `image:<target>`). The source may be a file or another protocol's image (an RBD disk)."""
+    target = Path(job.target)
+
+    def find() -> ConvertedImage | None:
+        if not target.exists() and not target.is_symlink():
+            return None
+        existing = read_description(target)
+        if existing is None or (
+            existing.source,
+            existing.source_format,
+            existing.format,
+            existing.compressed,
+        ) != (job.source, job.source_format, job.target_format, job.compress):
+            raise DiskConflict(
+                f"{target} already exists and is not this {what} of {job.source}; "
+                "choose another target"
+            )
+        return existing
+
+    def stage(part: Path) -> Staged[ConvertedImage]:
+        mode = cache_mode_for(target.parent)
+        write(part, mode)
         written = qemu_img.info(runner, part, job.target_format, limits)
         result = ConvertedImage(
             path=str(target),
@@ -124,7 +149,8 @@ def convert_image(
             cache_mode=mode,
         )
         log.info(
-            "image_converted",
+            event,
+            source=job.source,
             target=str(target),
             format=job.target_format,
             cache_mode=mode,

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import structlog
 
+from domain.core import diskinfo
 from domain.core.errors import InvalidRequest
 from domain.core.paths import child, instance_dir, lexical_child, lexical_under, path_under
 from domain.core.ports import LockFactory, Progress, no_progress
 from domain.core.runner import Limits, Runner
-from domain.core.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
-from domain.disks import diskinfo
 from domain.formats.conversion import convert_image
+from domain.formats.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
 
 
 def snapshot_source(

@@ -1,2 +1,2 @@
-"""Guest filesystems: mapping, mounting, file injection, device records and teardown, and the
-wrappers of the tools they use."""
+"""Guest filesystems: mapping, mounting, file injection, devices and teardown, the operations
+that need root (their port in ports) and the wrappers of the tools they use."""

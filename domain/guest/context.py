@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
 from domain.cache.directory import ImageCache
-from domain.core.device_records import DeviceRecord, Resource
+from domain.core import diskinfo
 from domain.core.errors import DeviceError, InvalidRequest
 from domain.core.models import FROM_JSON_ARRAY, InjectedFile, InstanceDisk, PreparedDisk, WireModel
 from domain.core.paths import child, lexical_child
-from domain.core.ports import DeviceLedger, LockFactory, PrivilegedOperations
+from domain.core.ports import LockFactory
 from domain.core.runner import Runner
-from domain.disks import diskinfo
+from domain.disks.device_records import DeviceRecord, Resource
+from domain.disks.ports import DeviceLedger
+from domain.guest.ports import PrivilegedOperations
 from domain.guest.privileged import InProcessPrivileged
 from domain.rbd.tool import CephAccess
 

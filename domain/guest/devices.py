@@ -27,10 +27,10 @@ from typing import Protocol
 
 import structlog
 
-from domain.core.device_records import LoopDevice, StorageDaemon
 from domain.core.errors import DeviceError, NoFreeDevice
 from domain.core.models import InstanceDisk
 from domain.core.runner import CommandError
+from domain.disks.device_records import LoopDevice, StorageDaemon
 from domain.guest.context import Claim, DeviceContext, WorkArea
 from domain.guest.tools import daemons, losetup, storage_daemon
 from domain.guest.tools import mount as mounts
@@ -109,32 +109,21 @@ class StorageDaemonView:
         return area.export
 
     def attach(self, disk: InstanceDisk, area: WorkArea, claim: Claim, ctx: DeviceContext) -> Path:
-        export = area.export
-        if mounts.is_mounted(export):
-            if daemons.find(storage_daemon.STORAGE_DAEMON, export):
-                return export  # an earlier attempt of this operation started it
-            ctx.ops.unmount(export)  # the daemon died: its export is a dead mount
-        claim.note(StorageDaemon(export=str(export), pidfile=str(area.pidfile)))
-        started = time.monotonic()
-        try:
-            ctx.ops.start_storage_daemon(
+        if _still_exported(area.export, ctx):
+            return area.export
+        return _start_export(
+            area,
+            claim,
+            lambda: ctx.ops.start_storage_daemon(
                 Path(disk.path),
                 backing=Path(disk.backing_file) if disk.backing_file else None,
                 backing_format=disk.backing_format,
-                export=export,
+                export=area.export,
                 pidfile=area.pidfile,
-            )
-        except CommandError as error:  # e.g. a running VM holds the overlay's write lock
-            raise DeviceError(
-                f"cannot export {disk.instance_id}/{disk.disk_name} with qemu-storage-daemon: "
-                f"{error}"
-            ) from None
-        log.info(
-            "storage_daemon_started",
-            export=str(export),
-            seconds=round(time.monotonic() - started, 4),
+            ),
+            # e.g. a running VM holds the overlay's write lock
+            failure=f"cannot export {disk.instance_id}/{disk.disk_name} with qemu-storage-daemon",
         )
-        return export
 
 
 class RbdView:
@@ -151,37 +140,56 @@ class RbdView:
         return area.export
 
     def attach(self, disk: InstanceDisk, area: WorkArea, claim: Claim, ctx: DeviceContext) -> Path:
-        export = area.export
-        if mounts.is_mounted(export):
-            if daemons.find(storage_daemon.STORAGE_DAEMON, export):
-                return export  # an earlier attempt of this operation started it
-            ctx.ops.unmount(export)  # the daemon died: its export is a dead mount
-        if ctx.ceph is None:
+        if _still_exported(area.export, ctx):
+            return area.export
+        ceph = ctx.ceph
+        if ceph is None:
             raise DeviceError("this worker has no Ceph cluster configured (rbd.conf)")
         pool, image = disk.path.removeprefix("rbd:").split("/", 1)
-        claim.note(StorageDaemon(export=str(export), pidfile=str(area.pidfile)))
-        started = time.monotonic()
-        try:
-            ctx.ops.start_rbd_export(
+        return _start_export(
+            area,
+            claim,
+            lambda: ctx.ops.start_rbd_export(
                 pool=pool,
                 image=image,
-                conf=ctx.ceph.conf,
-                user=ctx.ceph.user,
-                keyring=ctx.ceph.keyring,
-                export=export,
+                conf=ceph.conf,
+                user=ceph.user,
+                keyring=ceph.keyring,
+                export=area.export,
                 pidfile=area.pidfile,
-            )
-        except CommandError as error:
-            raise DeviceError(
-                f"cannot export {disk.path} with qemu-storage-daemon: {error}"
-            ) from None
-        log.info(
-            "storage_daemon_started",
-            export=str(export),
+            ),
+            failure=f"cannot export {disk.path} with qemu-storage-daemon",
             image=disk.path,
-            seconds=round(time.monotonic() - started, 4),
         )
-        return export
+
+
+def _still_exported(export: Path, ctx: DeviceContext) -> bool:
+    """Whether a qemu-storage-daemon an earlier attempt of this operation started still serves
+    `export`; a dead daemon's mount is removed."""
+    if mounts.is_mounted(export):
+        if daemons.find(storage_daemon.STORAGE_DAEMON, export):
+            return True
+        ctx.ops.unmount(export)  # the daemon died: its export is a dead mount
+    return False
+
+
+def _start_export(
+    area: WorkArea, claim: Claim, start: Callable[[], None], *, failure: str, **shown: str
+) -> Path:
+    """Record the daemon in the disk's ledger record, then `start` it: the export of `area`."""
+    claim.note(StorageDaemon(export=str(area.export), pidfile=str(area.pidfile)))
+    started = time.monotonic()
+    try:
+        start()
+    except CommandError as error:
+        raise DeviceError(f"{failure}: {error}") from None
+    log.info(
+        "storage_daemon_started",
+        export=str(area.export),
+        **shown,
+        seconds=round(time.monotonic() - started, 4),
+    )
+    return area.export
 
 
 VIEWS: tuple[DiskView, ...] = (FileView(), StorageDaemonView())

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import structlog
 
-from domain.core.device_records import WorkDir
 from domain.core.errors import PartitionTableInvalid
 from domain.core.models import PreparedDisk
+from domain.disks.device_records import WorkDir
 from domain.formats.partitions import PartitionChoice, choose, read_table
 from domain.guest.context import (
     Claim,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import structlog
 
-from domain.core.device_records import LoopDevice, Mount
 from domain.core.errors import FilesystemNeedsRecovery, FilesystemRefused, InvalidRequest
 from domain.core.runner import CommandError, Runner
+from domain.disks.device_records import LoopDevice, Mount
 from domain.guest.context import (
     Claim,
     DeviceContext,

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import structlog
 
-from domain.core.device_records import (
+from domain.core.errors import DeviceBusy, DeviceError
+from domain.core.models import GuestFilesystem, PreparedDisk
+from domain.disks.device_records import (
     DeviceRecord,
     LoopDevice,
     Mount,
@@ -33,8 +35,6 @@ from domain.core.device_records import (
     StorageDaemon,
     WorkDir,
 )
-from domain.core.errors import DeviceBusy, DeviceError
-from domain.core.models import GuestFilesystem, PreparedDisk
 from domain.guest.context import Claim, DeviceContext, InjectedDisk
 from domain.guest.tools import daemons, fuse2fs, losetup, storage_daemon
 from domain.guest.tools import mount as mounts

@@ -33,7 +33,7 @@ import structlog
 
 from domain.cache.directory import ImageCache, cache_key, find_cached
 from domain.cache.download import download
-from domain.cache.fetch import FetchOptions, Verified, check_checksum, inspect_verified
+from domain.cache.staging import FetchOptions, Verified, check_checksum, inspect_verified
 from domain.core.errors import (
     CephConfigInvalid,
     ChecksumMismatch,
@@ -44,18 +44,12 @@ from domain.core.errors import (
 )
 from domain.core.fileops import remove_files
 from domain.core.models import CachedImage, ImageSource
-from domain.core.ports import (
-    ImportedImages,
-    Lease,
-    LockFactory,
-    Progress,
-    Temporaries,
-    no_progress,
-)
+from domain.core.ports import Lease, LockFactory, Progress, no_progress
 from domain.core.publish import lost_or
 from domain.core.urls import redact
 from domain.formats.inspection import inspect_image
 from domain.rbd import names, tool
+from domain.rbd.ports import ImportedImages, Temporaries
 from domain.rbd.tool import RbdExists, RbdTool
 
 log = structlog.get_logger(__name__)
@@ -187,14 +181,7 @@ def _checked(
             f"image {source.image_id} was imported into {pool}/{name} from bytes with "
             f"sha256:{sha256 or 'unknown'}, the request expected {source.checksum}"
         )
-    return CachedImage(
-        key=name,
-        image_id=source.image_id,
-        path=names.location(ctx.tool.fsid(), pool, name),
-        format="raw",
-        virtual_size=size,
-        source_sha256=sha256,
-    )
+    return _cached(ctx, source, pool, name, size=size, sha256=sha256)
 
 
 def _parsed(text: str) -> dict[str, object]:
@@ -249,6 +236,41 @@ def _import(
         "fence": lease.fence,
         "imported_at": datetime.now(UTC).isoformat(),
     }
+    publish_image(ctx, pool, part, name, record=record, lease=lease, doing="importing")
+    ctx.imported.remember(
+        ctx.resource(pool, name), json.dumps({**record, "virtual_size": size}, sort_keys=True)
+    )
+    log.info("rbd_image_imported", image=f"{pool}/{name}", virtual_size=size)
+    return _cached(ctx, source, pool, name, size=size, sha256=str(record["source_sha256"]))
+
+
+def _cached(
+    ctx: RbdContext, source: ImageSource, pool: str, name: str, *, size: int, sha256: str
+) -> CachedImage:
+    """The imported image `pool/name` as the disk step takes it: raw, at its rbd:// location."""
+    return CachedImage(
+        key=name,
+        image_id=source.image_id,
+        path=names.location(ctx.tool.fsid(), pool, name),
+        format="raw",
+        virtual_size=size,
+        source_sha256=sha256,
+    )
+
+
+def publish_image(
+    ctx: RbdContext,
+    pool: str,
+    part: str,
+    name: str,
+    *,
+    record: dict[str, object],
+    lease: Lease,
+    doing: str,
+) -> None:
+    """Give the complete image `part` its record and its protected snapshot, then rename it to
+    `name` while `lease` is held (the fence before the commit); LockLost when `name` appeared in
+    the meantime (what this holder was `doing` is then discarded)."""
     tool.metadata_set(ctx.tool, pool, part, RECORD_KEY, json.dumps(record, sort_keys=True))
     tool.snap_create(ctx.tool, pool, part, names.SNAPSHOT)
     tool.snap_protect(ctx.tool, pool, part, names.SNAPSHOT)
@@ -256,26 +278,10 @@ def _import(
     try:
         tool.rename(ctx.tool, pool, part, name)
     except RbdExists:
-        raise _lost(pool, name) from None
-    ctx.imported.remember(
-        ctx.resource(pool, name), json.dumps({**record, "virtual_size": size}, sort_keys=True)
-    )
-    log.info("rbd_image_imported", image=f"{pool}/{name}", virtual_size=size)
-    return CachedImage(
-        key=name,
-        image_id=source.image_id,
-        path=names.location(ctx.tool.fsid(), pool, name),
-        format="raw",
-        virtual_size=size,
-        source_sha256=str(record["source_sha256"]),
-    )
-
-
-def _lost(pool: str, name: str) -> LockLost:
-    return LockLost(
-        f"{pool}/{name} appeared while this worker was importing it: another holder's lease "
-        "overlapped this one's; this worker's copy is discarded"
-    )
+        raise LockLost(
+            f"{pool}/{name} appeared while this worker was {doing} it: another holder's lease "
+            "overlapped this one's; this worker's copy is discarded"
+        ) from None
 
 
 @contextmanager

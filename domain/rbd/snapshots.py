@@ -20,18 +20,16 @@ from pathlib import Path
 
 import structlog
 
-from domain.core.errors import DiskConflict, DiskNotFound, InvalidRequest, LockLost
+from domain.core.errors import DiskConflict, DiskNotFound, InvalidRequest
 from domain.core.paths import path_under
 from domain.core.ports import Lease, LockFactory, Progress, no_progress
-from domain.core.publish import Staged, lost_or, publish_once
+from domain.core.publish import lost_or
 from domain.core.runner import Limits
-from domain.core.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
-from domain.disks.sparse import allocated_bytes
 from domain.formats import qemu_img
-from domain.formats.conversion import cache_mode_for, file_sha256, read_description
+from domain.formats.conversion import CacheMode, publish_conversion
+from domain.formats.snapshot_models import ConvertedImage, ConvertJob, RbdSnapshot, SnapshotRequest
 from domain.rbd import names, tool
-from domain.rbd.images import RECORD_KEY, RbdContext, abandon, read_record, remove_temporaries
-from domain.rbd.tool import RbdExists
+from domain.rbd.images import RbdContext, abandon, publish_image, read_record, remove_temporaries
 
 log = structlog.get_logger(__name__)
 
@@ -98,14 +96,7 @@ def _copy(
         "fence": lease.fence,
         "imported_at": datetime.now(UTC).isoformat(),
     }
-    tool.metadata_set(ctx.tool, pool, part, RECORD_KEY, json.dumps(record, sort_keys=True))
-    tool.snap_create(ctx.tool, pool, part, names.SNAPSHOT)
-    tool.snap_protect(ctx.tool, pool, part, names.SNAPSHOT)
-    lease.ensure_held()
-    try:
-        tool.rename(ctx.tool, pool, part, name)
-    except RbdExists:
-        raise LockLost(f"{pool}/{name} appeared while this worker was making it") from None
+    publish_image(ctx, pool, part, name, record=record, lease=lease, doing="making")
     found = _existing(ctx, pool, name, image_id, source)
     assert found is not None
     ctx.imported.remember(
@@ -168,25 +159,15 @@ def extract(
     disk_pool, disk = disk_of(request, ctx)
     size = _size(ctx, disk_pool, disk)
     target = path_under(snapshots_dir, request.target, create_parents=True)
-    source = names.disk_path(disk_pool, disk)
+    job = ConvertJob(
+        source=names.disk_path(disk_pool, disk),
+        source_format="raw",
+        target=str(target),
+        target_format=request.format,
+        compress=request.compress,
+    )
 
-    def find() -> ConvertedImage | None:
-        if not target.exists() and not target.is_symlink():
-            return None
-        existing = read_description(target)
-        if existing is None or (
-            existing.source,
-            existing.format,
-            existing.compressed,
-        ) != (source, request.format, request.compress):
-            raise DiskConflict(
-                f"{target} already exists and is not this extract of {source}; choose another "
-                "target"
-            )
-        return existing
-
-    def stage(part: Path) -> Staged[ConvertedImage]:
-        mode = cache_mode_for(target.parent)
+    def write(part: Path, mode: CacheMode) -> None:
         qemu_img.convert(
             ctx.tool.ceph_runner,
             ctx.tool.access.qemu_filename(disk_pool, disk),
@@ -198,24 +179,15 @@ def extract(
             needed=size,
             on_progress=lambda percent: progress(int(size * percent / 100), size),
         )
-        written = qemu_img.info(ctx.tool.runner, part, request.format, limits)
-        result = ConvertedImage(
-            path=str(target),
-            format=request.format,
-            virtual_size=written.virtual_size,
-            size_bytes=part.stat().st_size,
-            allocated_bytes=allocated_bytes(part),
-            sha256=file_sha256(part),
-            compressed=request.compress,
-            source=source,
-            source_format="raw",
-            cache_mode=mode,
-        )
-        log.info("rbd_disk_extracted", source=source, target=str(target), format=request.format)
-        return Staged(file=part, result=result, record=result.model_dump_json(indent=1))
 
-    return publish_once(
-        target, find=find, lease=locks(f"image:{target}"), stage=stage, with_record=True
+    return publish_conversion(
+        job,
+        write,
+        runner=ctx.tool.runner,
+        locks=locks,
+        limits=limits,
+        event="rbd_disk_extracted",
+        what="extract",
     )
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from domain.cache.precache import host_failed, precache_report
+from domain.cache.precache_models import PrecacheReport, PrecacheRequest
 from domain.core.errors import HostUnavailable
 from domain.core.journal import PlannedStep
 from domain.core.models import ImageSource
-from domain.core.precache_models import PrecacheReport, PrecacheRequest
 from tasks.canvases import precache_steps
 from worker.app import app
 from worker.entry import CanvasEntryTask, hand_over

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.core.snapshot_models import SnapshotRequest
+from domain.formats.snapshot_models import SnapshotRequest
 from tasks.canvases import snapshot_steps, with_ids
 from worker.app import app
 from worker.entry import CanvasEntryTask, hand_over, plan, target_host

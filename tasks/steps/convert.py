@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.core.snapshot_models import ConvertJob
 from domain.formats import snapshot
+from domain.formats.snapshot_models import ConvertJob
 from worker.app import app
 from worker.progress import TaskProgress
 from worker.runtime import runtime

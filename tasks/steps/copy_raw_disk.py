@@ -1,26 +1,17 @@
 """imgprep.copy_raw_disk: the instance disk as a sparse raw copy of the cached base
-(domain.disks.instance_disks)."""
+(tasks.disk_steps, domain.disks.instance_disks)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from domain.core.models import CachedImage, PrepareRequest
-from domain.disks import instance_disks
+from tasks import disk_steps
 from worker.app import app
-from worker.runtime import runtime
-from worker.taskbase import StepTask, canvas_pin, parse
+from worker.taskbase import StepTask
 
 
 @app.task(name="imgprep.copy_raw_disk", base=StepTask, bind=True)
 def copy_raw_disk(
     self: StepTask, fetched: dict[str, Any], request: dict[str, Any]
 ) -> dict[str, Any]:
-    prepared = instance_disks.copy_raw_disk(
-        parse(PrepareRequest, request),
-        parse(CachedImage, fetched, "cached image"),
-        runtime().disk_context,
-        pin=canvas_pin(self),
-        final_attempt=self.final_attempt,
-    )
-    return prepared.model_dump(mode="json")
+    return disk_steps.create_file_disk(self, "raw", fetched, request)

@@ -12,9 +12,9 @@ import functools
 from typing import Any
 
 from domain.cache import fetch, fleet, precache
+from domain.cache.precache_models import PrecacheHostRequest
 from domain.core.models import CachedImage, ImageSource
 from domain.core.ports import Progress
-from domain.core.precache_models import PrecacheHostRequest
 from worker.app import app
 from worker.entry import the_request
 from worker.progress import TaskProgress

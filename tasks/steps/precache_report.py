@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from domain.cache import precache
-from domain.core.precache_models import PrecacheReport
+from domain.cache.precache_models import PrecacheReport
 from worker.app import app
 from worker.taskbase import StepTask, parse
 

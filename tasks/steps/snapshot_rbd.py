@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.core.snapshot_models import SnapshotRequest
+from domain.formats.snapshot_models import SnapshotRequest
 from domain.rbd import snapshots
 from worker.app import app
 from worker.progress import TaskProgress

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.core.snapshot_models import SnapshotRequest
 from domain.formats import snapshot
+from domain.formats.snapshot_models import SnapshotRequest
 from worker.app import app
 from worker.runtime import runtime
 from worker.taskbase import StepTask, parse

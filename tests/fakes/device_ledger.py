@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from domain.core.device_records import DeviceRecord
 from domain.core.errors import DiskBusy
+from domain.disks.device_records import DeviceRecord
 
 
 class InMemoryDeviceLedger:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from domain.core.peers import ImageDigests, PeerCopy
+from domain.cache.peers import ImageDigests, PeerCopy
 
 
 class InMemoryPeerRegistry:

@@ -24,8 +24,8 @@ from domain.core.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from domain.core.snapshot_models import ConvertJob
 from domain.formats.inspection import QCOW2_MAGIC
+from domain.formats.snapshot_models import ConvertJob
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for

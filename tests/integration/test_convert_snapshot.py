@@ -24,8 +24,8 @@ import pytest
 from domain.core.errors import DiskConflict, DiskNotFound, InvalidRequest
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Limits, Runner
-from domain.core.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
 from domain.formats.conversion import convert_image
+from domain.formats.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
 from tests.conftest import need_root, unable, write_raw_image
 from tests.integration.conftest import Cluster, unique
 from worker.harness.image_server import ImageServer

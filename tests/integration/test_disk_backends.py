@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from domain.cache.directory import ImageCache
+from domain.core import diskinfo
 from domain.core.errors import DiskConflict
-from domain.core.models import Backend, CachedImage, DiskSpec, ImageSource, PrepareRequest
+from domain.core.models import CachedImage, DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Limits, Runner
-from domain.disks import diskinfo
-from domain.disks.backends import BACKENDS
+from domain.core.sparse import allocated_bytes
+from domain.disks.backends import BACKENDS, FileBackend
 from domain.disks.instance_disks import DiskContext, create_disk
-from domain.disks.sparse import allocated_bytes
 from domain.formats.inspection import QCOW2_MAGIC
 from tests.conftest import write_raw_image
 from tests.fakes.references import InMemoryReferences
@@ -184,7 +184,7 @@ def test_raw_disk_from_a_qcow2_base_is_converted(
 
 @pytest.mark.parametrize("backend", ["raw", "qcow2"])
 def test_preallocation_reserves_the_full_size(
-    backend: Backend, tmp_path: Path, runner: Runner, locks: RedisLockFactory
+    backend: FileBackend, tmp_path: Path, runner: Runner, locks: RedisLockFactory
 ) -> None:
     # Given a small raw base
     base = write_raw_image(tmp_path / "base", size=4 * MiB, data=b"p" * 4096)

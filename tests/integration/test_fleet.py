@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from domain.cache.directory import cache_key
+from domain.cache.peers import PeerCopy
+from domain.cache.precache_models import PrecacheReport
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
-from domain.core.peers import PeerCopy
-from domain.core.precache_models import PrecacheReport
 from tests.integration.conftest import ClusterFactory, unique
 from tests.integration.fleet import HOSTS, FakePeer, Fleet, MiB, image_file, make_fleet
 from tests.support.waiting import wait_for

@@ -27,8 +27,8 @@ import pytest
 
 from domain.cache.directory import cache_key
 from domain.cache.peer_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature, signed_headers
+from domain.cache.peers import ImageDigests, PeerCopy
 from domain.core.models import PreparedDisk
-from domain.core.peers import ImageDigests, PeerCopy
 from tests.integration.conftest import DENIED_ADDRESS, ClusterFactory, unique
 from tests.integration.fleet import SECRET, FakePeer, Fleet, MiB, image_file, make_fleet
 from tests.support.waiting import wait_for

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from domain.cache.directory import cache_key
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
-from domain.disks.sparse import allocated_bytes
+from domain.core.sparse import allocated_bytes
 from tests.integration.conftest import Cluster, unique
 from worker.harness.image_server import ImageServer
 

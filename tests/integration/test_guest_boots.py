@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from domain.core.models import ImageSource, PreparedDisk, PrepareRequest
-from domain.core.snapshot_models import ConvertedImage, SnapshotRequest
+from domain.formats.snapshot_models import ConvertedImage, SnapshotRequest
 from tests.integration.conftest import Cluster, unique
 from tests.support.boots import DISK_SIZE, assert_reports_injected, boot, request_for, sha256
 from worker.harness.guest_boot import (

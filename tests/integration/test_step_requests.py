@@ -19,7 +19,7 @@ from domain.core.models import (
     PreparedDisk,
     PrepareRequest,
 )
-from domain.core.snapshot_models import ConvertJob, SnapshotRequest
+from domain.formats.snapshot_models import ConvertJob, SnapshotRequest
 from domain.guest.context import GuestPartition, MappedDisk
 from tests.integration.conftest import Cluster, unique
 from worker.routing import host_queue

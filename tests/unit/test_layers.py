@@ -1,6 +1,7 @@
 """Imports run one way, tasks → worker → domain: the import-linter contracts of pyproject.toml
 hold on the whole import graph (the domain imports no Celery, kombu, Redis, runtime or task
-code; the runtime imports nothing of tasks/)."""
+code; the runtime imports nothing of tasks/; the domain's features are layered over domain.core,
+and no import cycle runs among the domain's modules)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from domain.core.precache_models import PrecacheReport, PrecacheRequest
+from domain.cache.precache_models import PrecacheReport, PrecacheRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
 from worker.cli.watch import follow
 

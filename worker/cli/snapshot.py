@@ -9,7 +9,7 @@ import click
 from pydantic import ValidationError
 
 from domain.core.errors import ImgprepError
-from domain.core.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
+from domain.formats.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
 from worker.sizes import human
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,12 @@ def export_arguments(
     nodes.append(
         {"driver": "qcow2", "file": "disk-file", "backing": backing_node, "node-name": "disk"}
     )
+    return _exporting(nodes, export=export, allow_other=allow_other)
+
+
+def _exporting(nodes: Sequence[dict[str, object]], *, export: Path, allow_other: bool) -> list[str]:
+    """The daemon's command line with `nodes` as its block devices, the one named "disk"
+    exported writable over FUSE at the file `export`."""
     exported = {
         "type": "fuse",
         "id": "export",
@@ -135,6 +141,32 @@ def start_as_user(
             "--daemonize",
         ]
 
+    _start_as_user(
+        argv,
+        files=files,
+        export=export,
+        pidfile=pidfile,
+        user=user,
+        handoff=handoff,
+        owners=owners,
+        timeout=timeout,
+    )
+
+
+def _start_as_user(
+    argv: Callable[[Sequence[Path]], list[str]],
+    *,
+    files: Sequence[fuse_as_user.HeldFile],
+    export: Path,
+    pidfile: Path,
+    user: fuse_as_user.User,
+    handoff: Path,
+    owners: frozenset[int],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Start the daemon `argv` makes as `user`, with root (this process) mounting its export;
+    then write the pid file of the daemons serving `export`."""
     fuse_as_user.start(
         argv,
         files=files,
@@ -143,6 +175,7 @@ def start_as_user(
         handoff=handoff,
         owners=owners,
         timeout=timeout,
+        env=env,
     )
     pids = daemons.find(STORAGE_DAEMON, export)
     pidfile.write_text("".join(f"{pid}\n" for pid in pids))
@@ -190,24 +223,8 @@ def rbd_export_arguments(node: RbdNode, *, export: Path, allow_other: bool = Fal
     }
     if node.user:
         rbd["user"] = node.user
-    raw = {"driver": "raw", "file": "disk-file", "node-name": "disk"}
-    exported = {
-        "type": "fuse",
-        "id": "export",
-        "node-name": "disk",
-        "mountpoint": str(export),
-        "writable": True,
-        "allow-other": "on" if allow_other else "off",
-    }
-    return [
-        STORAGE_DAEMON,
-        "--blockdev",
-        json.dumps(rbd),
-        "--blockdev",
-        json.dumps(raw),
-        "--export",
-        json.dumps(exported),
-    ]
+    raw: dict[str, object] = {"driver": "raw", "file": "disk-file", "node-name": "disk"}
+    return _exporting([rbd, raw], export=export, allow_other=allow_other)
 
 
 def start_rbd(
@@ -235,15 +252,14 @@ def start_rbd_as_user(
     def argv(paths: Sequence[Path]) -> list[str]:
         return [*rbd_export_arguments(node, export=export, allow_other=True), "--daemonize"]
 
-    fuse_as_user.start(
+    _start_as_user(
         argv,
         files=[],
-        mount_point=export,
+        export=export,
+        pidfile=pidfile,
         user=user,
         handoff=handoff,
         owners=owners,
         timeout=timeout,
         env=node.environment(),
     )
-    pids = daemons.find(STORAGE_DAEMON, export)
-    pidfile.write_text("".join(f"{pid}\n" for pid in pids))

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from domain.cache.directory import ImageCache, cache_key
-from domain.cache.fetch import FetchOptions, fetch_image
+from domain.cache.fetch import fetch_image
+from domain.cache.staging import FetchOptions
 from domain.core.models import ImageSource
 from domain.core.publish import record_path
 from domain.core.runner import Limits, Runner

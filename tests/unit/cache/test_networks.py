@@ -23,8 +23,8 @@ from domain.cache.networks import (
     in_networks,
 )
 from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
+from domain.cache.peers import PeerCopy
 from domain.core.errors import SourceNotAllowed, SourceRefused
-from domain.core.peers import PeerCopy
 from tests.conftest import write_raw_image
 from worker.harness.image_server import ImageServer
 from worker.settings import PeerSettings

@@ -9,7 +9,7 @@ import pytest
 
 from domain.cache.fleet import choose_peer
 from domain.cache.peer_auth import signature, signed_headers, verify
-from domain.core.peers import ImageDigests, PeerCopy
+from domain.cache.peers import ImageDigests, PeerCopy
 
 DIGESTS = ImageDigests("a" * 64, 100, "a" * 64, 100, "raw", "raw")
 

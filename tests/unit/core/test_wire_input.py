@@ -18,8 +18,8 @@ from domain.core.models import (
     WireModel,
 )
 from domain.core.redaction import redacted
-from domain.core.snapshot_models import SnapshotRequest
 from domain.core.urls import redact
+from domain.formats.snapshot_models import SnapshotRequest
 
 
 def prepare(url: str = "http://images.example/x.raw", **disk: Any) -> dict[str, Any]:

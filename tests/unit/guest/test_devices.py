@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from domain.core.device_records import LoopDevice, Mount, StorageDaemon, WorkDir
 from domain.core.errors import (
     FilesystemRefused,
     InvalidRequest,
@@ -24,6 +23,7 @@ from domain.core.models import (
     PreparedDisk,
 )
 from domain.core.runner import Runner
+from domain.disks.device_records import LoopDevice, Mount, StorageDaemon, WorkDir
 from domain.guest.context import (
     Claim,
     DeviceContext,

@@ -9,7 +9,7 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery.app.task import Context
 
-from domain.core.precache_models import PrecacheReport
+from domain.cache.precache_models import PrecacheReport
 from tasks.steps.precache_host import precache_host
 
 IMAGES = [

@@ -1,5 +1,6 @@
 """One name per step: the task `imgprep.<name>`, its module `tasks/steps/<name>.py` (or
-`tasks/operations/<name>.py`) and the domain function it calls, `<name>`."""
+`tasks/operations/<name>.py`) and the domain function it calls, `<name>`; the disk steps of the
+file backends share one body (tasks.disk_steps), each with its own backend."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 import tasks.operations
 import tasks.steps
+from domain.disks.backends import BACKENDS
+from tasks.canvases import DISK_STEPS
 from worker.app import app, task_modules
 
 
@@ -43,7 +46,15 @@ def test_each_task_module_holds_the_task_of_its_name(module: ModuleType) -> None
     assert defined == [f"imgprep.{name}"], "one task per module"
 
 
-@pytest.mark.parametrize("module", STEPS, ids=short)
+# step name → the file backend whose disk it makes, as the canvases choose it
+FILE_DISK_STEPS = {
+    name.removeprefix("imgprep."): backend
+    for backend, name in DISK_STEPS.items()
+    if backend in BACKENDS
+}
+
+
+@pytest.mark.parametrize("module", [m for m in STEPS if short(m) not in FILE_DISK_STEPS], ids=short)
 def test_each_step_calls_the_domain_function_of_its_name(module: ModuleType) -> None:
     name = short(module)
     domain_modules = [
@@ -54,6 +65,13 @@ def test_each_step_calls_the_domain_function_of_its_name(module: ModuleType) -> 
     owners = [m.__name__ for m in domain_modules if inspect.isfunction(getattr(m, name, None))]
     assert len(owners) == 1, f"{module.__name__} calls no domain function named {name}"
     assert f"{owners[0].rsplit('.', 1)[1]}.{name}(" in inspect.getsource(module)
+
+
+@pytest.mark.parametrize(("step", "backend"), FILE_DISK_STEPS.items())
+def test_each_file_disk_step_makes_the_disk_of_its_backend(step: str, backend: str) -> None:
+    assert sorted(FILE_DISK_STEPS) == ["copy_raw_disk", "create_overlay"]
+    source = inspect.getsource(importlib.import_module(f"tasks.steps.{step}"))
+    assert f'disk_steps.create_file_disk(self, "{backend}", fetched, request)' in source
 
 
 def test_the_app_registers_exactly_the_task_modules() -> None:

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import fakeredis
 import pytest
 
-from domain.core.device_records import DeviceRecord, WorkDir
 from domain.core.errors import FilesystemRefused, SourceUnavailable
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Runner
+from domain.disks.device_records import DeviceRecord, WorkDir
 from domain.guest.context import Claim
 from worker.device_steps import device_context
 from worker.janitor import orphans

@@ -8,20 +8,25 @@ from collections.abc import Callable
 import fakeredis
 import pytest
 
-from domain.core.device_records import WorkDir
+from domain.cache.peers import ImageDigests, PeerCopy
+from domain.cache.ports import PeerRegistry, References
 from domain.core.errors import DiskBusy, LockBusy, LockLost
-from domain.core.journal import PlannedStep
-from domain.core.peers import ImageDigests, PeerCopy
-from domain.core.ports import DeviceLedger, LockFactory, PeerRegistry, References, StepJournal
+from domain.core.journal import PlannedStep, StepJournal
+from domain.core.ports import LockFactory
+from domain.disks.device_records import WorkDir
+from domain.disks.ports import DeviceLedger
+from domain.rbd.ports import ImportedImages, Temporaries
 from tests.fakes.device_ledger import InMemoryDeviceLedger
 from tests.fakes.journal import InMemoryJournal
 from tests.fakes.locks import InMemoryLocks
 from tests.fakes.peers import InMemoryPeerRegistry
 from tests.fakes.references import InMemoryReferences
+from tests.fakes.temporaries import InMemoryImportedImages, InMemoryTemporaries
 from worker.redis_journal import RedisJournal
 from worker.redis_ledger import RedisDeviceLedger
 from worker.redis_locks import LOCK_PREFIX, RedisLockFactory
 from worker.redis_peers import RedisPeerRegistry
+from worker.redis_rbd import RedisImportedImages, RedisTemporaries
 from worker.redis_references import RedisReferences
 
 
@@ -165,3 +170,43 @@ def test_peer_registry_keys_expire() -> None:
     registry.announce("k", PeerCopy("h1", "http://h1:9809", "entry", True, 1, 1))
     registry.record_digests("k", ImageDigests("a" * 64, 1))
     assert all(0 < client.ttl(key) <= 3600 for key in client.scan_iter("imgprep:peers:*"))
+
+
+TEMPORARIES: dict[str, Callable[[], Temporaries]] = {
+    "fake": InMemoryTemporaries,
+    "redis": lambda: RedisTemporaries(fake_redis()),
+}
+IMPORTED: dict[str, Callable[[], ImportedImages]] = {
+    "fake": InMemoryImportedImages,
+    "redis": lambda: RedisImportedImages(fake_redis()),
+}
+
+
+@pytest.mark.parametrize("make", TEMPORARIES.values(), ids=TEMPORARIES.keys())
+def test_temporaries(make: Callable[[], Temporaries]) -> None:
+    temporaries = make()
+    assert temporaries.members("fsid/pool/img") == []
+    temporaries.add("fsid/pool/img", "img.part.7")
+    temporaries.add("fsid/pool/img", "img.part.3")
+    temporaries.add("fsid/pool/img", "img.part.7")  # twice: one member
+    temporaries.add("fsid/pool/other", "other.part.1")
+    assert temporaries.members("fsid/pool/img") == ["img.part.3", "img.part.7"]
+    temporaries.discard("fsid/pool/img", "img.part.3")
+    temporaries.discard("fsid/pool/img", "never-added")
+    assert temporaries.members("fsid/pool/img") == ["img.part.7"]
+    assert temporaries.members("fsid/pool/other") == ["other.part.1"]
+
+
+@pytest.mark.parametrize("make", IMPORTED.values(), ids=IMPORTED.keys())
+def test_imported_images(make: Callable[[], ImportedImages]) -> None:
+    imported = make()
+    assert imported.recall("fsid/pool/img") is None and imported.last_used("fsid/pool/img") is None
+    imported.remember("fsid/pool/img", '{"image_id": "a"}')
+    imported.remember("fsid/pool/img", '{"image_id": "b"}')  # replaced
+    imported.touch("fsid/pool/img")
+    assert imported.recall("fsid/pool/img") == '{"image_id": "b"}'
+    used = imported.last_used("fsid/pool/img")
+    assert used is not None and used > 0
+    assert imported.recall("fsid/pool/other") is None
+    imported.forget("fsid/pool/img")
+    assert imported.recall("fsid/pool/img") is None and imported.last_used("fsid/pool/img") is None

@@ -18,8 +18,8 @@ import urllib3
 from domain.cache.directory import CacheRecord
 from domain.cache.peer_auth import signed_headers
 from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
+from domain.cache.peers import PeerCopy
 from domain.core.models import CachedImage
-from domain.core.peers import PeerCopy
 from domain.core.publish import FileStamp, record_path
 from worker.peer_server import PeerServer
 from worker.settings import PeerSettings

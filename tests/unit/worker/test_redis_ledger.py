@@ -5,8 +5,8 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from domain.core.device_records import LoopDevice, WorkDir
 from domain.core.errors import DiskBusy
+from domain.disks.device_records import LoopDevice, WorkDir
 from domain.guest.context import Claim
 from worker.redis_ledger import RedisDeviceLedger
 

@@ -7,7 +7,7 @@ import json
 
 import fakeredis
 
-from domain.core.peers import ImageDigests, PeerCopy
+from domain.cache.peers import ImageDigests, PeerCopy
 from worker.redis_peers import PEERS_PREFIX, RedisPeerRegistry
 
 KEY, OTHER = "ab" * 20, "cd" * 20

@@ -1,7 +1,7 @@
 """What the fleet knows about copies of a cache entry on other hosts (host scope).
 
 Each host that holds an image, or is fetching it, records a `PeerCopy` in the peer registry
-(domain.core.ports.PeerRegistry): where its peer server is, whether its copy is complete, how
+(domain.cache.ports.PeerRegistry): where its peer server is, whether its copy is complete, how
 many bytes of it are on disk, and which host it streams from. `ImageDigests` are what the host
 that verified the origin's bytes recorded, so a host that takes the image from a peer can check
 it against them: a peer is never trusted more than the origin.

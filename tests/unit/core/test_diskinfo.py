@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from domain.core import diskinfo
 from domain.core.errors import DiskConflict, DiskNotFound
-from domain.disks import diskinfo
 from tests.fakes.locks import InMemoryLease, InMemoryLocks
 
 

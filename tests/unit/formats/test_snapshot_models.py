@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from domain.core.errors import InvalidRequest
 from domain.core.models import DiskSpec
 from domain.core.paths import path_under
-from domain.core.snapshot_models import SnapshotRequest
+from domain.formats.snapshot_models import SnapshotRequest
 
 
 @pytest.mark.parametrize("name", ["disk.info", "disk.part", "x.json.part"])
