@@ -67,19 +67,24 @@ RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Each field's docstring is its description (docs/settings.md is generated from them).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class LockSettings(_Group):
     """Redis lease locks that guard cache entries and instance disks."""
 
     lease_seconds: PositiveSeconds = 30.0
+    """A lock's lease: a holder that dies loses the lock after at most this long."""
     renew_seconds: PositiveSeconds = 10.0
+    """How often the holder renews its lease (at most half the lease)."""
     wait_seconds: PositiveSeconds = 900.0
-    # After taking a lock, wait up to this long for a replica to confirm it (WAIT 1), so a
-    # failover right after is less likely to forget it; only while the master has replicas.
-    # 0: never wait.
+    """How long a step waits for a busy lock before it retries later (`LockBusy`, transient);
+    shorter than `step_time_limit`."""
     replica_ack_seconds: float = Field(default=1.0, ge=0)
+    """After taking a lock, wait up to this long for a replica to confirm it (`WAIT 1`), so a
+    failover right after is less likely to forget it; only while the master has replicas.
+    0: never wait."""
 
     @model_validator(mode="after")
     def _renew_within_lease(self) -> LockSettings:
@@ -92,19 +97,29 @@ class FetchSettings(_Group):
     """Where images may come from and how they are downloaded."""
 
     allowed_schemes: tuple[Literal["http", "https", "file"], ...] = ("http", "https")
+    """URL schemes images may come from."""
     file_roots: tuple[Path, ...] = ()
-    # Addresses downloads never connect to, checked on every connection and redirect.
+    """Directories `file://` URLs may read from (absolute paths; empty: none)."""
     denied_networks: tuple[IPvAnyNetwork, ...] = tuple(
         ipaddress.ip_network(network) for network in DEFAULT_DENIED_NETWORKS
     )
+    """Networks downloads never connect to, checked on the address each connection uses (after
+    DNS, on every redirect); refused with `SourceNotAllowed`. Default: loopback, link-local
+    (cloud metadata services), unspecified and multicast, IPv4 and IPv6. Add your control
+    plane's networks; allow loopback only where images are served on the worker's host."""
     connect_timeout_seconds: PositiveSeconds = 10.0
+    """HTTP connect timeout."""
     read_timeout_seconds: PositiveSeconds = 60.0
-    # A download bringing less than this over the last rate_window_seconds is stopped
-    # (SourceTooSlow, retried); 0: no minimum.
+    """HTTP read timeout."""
     min_bytes_per_second: int = Field(default=64 * 2**10, ge=0)
+    """A download bringing fewer bytes per second than this over the last
+    `rate_window_seconds` is stopped with `SourceTooSlow` (retried); 0: no minimum."""
     rate_window_seconds: PositiveSeconds = 60.0
+    """The window the minimum download rate is measured over."""
     max_image_bytes: int = Field(default=256 * 2**30, gt=0)
+    """Largest image accepted, in bytes."""
     force_raw: bool = True
+    """Convert non-raw images to raw in the cache (Nova's `force_raw_images`)."""
 
     @field_validator("file_roots")
     @classmethod
@@ -119,8 +134,11 @@ class QemuSettings(_Group):
     """Limits for qemu-img, which parses untrusted image headers."""
 
     info_cpu_seconds: int = Field(default=30, gt=0)
+    """CPU limit of `qemu-img info` on an untrusted image (Nova's `images_cpu_time_limit`)."""
     info_address_space_bytes: int = Field(default=2 * 2**30, gt=0)
+    """Address-space limit of `qemu-img info` (Nova's `images_address_space_limit`)."""
     command_timeout_seconds: PositiveSeconds = 1800.0
+    """Wall-clock limit of any qemu-img command."""
 
 
 class MountSettings(_Group):
@@ -128,63 +146,88 @@ class MountSettings(_Group):
     domain.guest.mounting)."""
 
     allowed_filesystems: tuple[str, ...] = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
-    # never: userspace mounts only (fuse2fs); fallback: kernel mounts for filesystems without a
-    # userspace driver; always: kernel mounts for every filesystem.
+    """Guest filesystems that may be mounted for injection (blkid type names)."""
     kernel_mount: Literal["never", "fallback", "always"] = "never"
+    """`never`: userspace mounts only (fuse2fs for ext2/3/4), the safe choice for untrusted
+    guests; `fallback`: the kernel mounts (`nosuid,nodev,noexec`) filesystems without a
+    userspace driver; `always`: the kernel mounts every filesystem."""
     device_wait_seconds: PositiveSeconds = 30.0
+    """How long mapping waits for a free loop device before retrying later (Nova's
+    `MAX_DEVICE_WAIT`)."""
     stop_timeout_seconds: PositiveSeconds = 30.0
+    """How long teardown waits for fuse2fs and qemu-storage-daemon to write back and exit."""
 
 
 class RetrySettings(_Group):
-    """Backoff for transient errors: delay = min(max, base * 2**retries), with full jitter."""
+    """Backoff for transient errors: delay = min(max, base * 2**retries), half of it random
+    (equal jitter)."""
 
     max_retries: int = Field(default=8, ge=0)
+    """Retries of a transient error before the step fails with it."""
     backoff_seconds: PositiveSeconds = 1.0
+    """The first backoff; each retry doubles it, half of it random."""
     backoff_max_seconds: PositiveSeconds = 120.0
+    """The longest backoff."""
 
 
 class ImageCacheSettings(_Group):
     """The cache manager: which unused base images it removes, and how often it runs."""
 
     remove_unused_original_minimum_age_seconds: float = Field(default=86400.0, ge=0)
-    max_bytes: int = Field(default=0, ge=0)  # 0: no size cap
+    """A cached base no instance disk on any host uses is removed once it has been unused this
+    long (Nova's option of the same name)."""
+    max_bytes: int = Field(default=0, ge=0)
+    """Size cap of the cache in bytes (0: none); over it, unused bases go least recently used
+    first."""
     min_idle_seconds: float = Field(default=600.0, ge=0)
+    """A base used more recently than this is never removed to meet the size cap."""
     manager_interval_seconds: PositiveSeconds = 2400.0
-    # shared: one cache directory every host mounts (one lock, one set of references, any worker
-    # fetches); host: each host keeps its own cache, fetches on its own queue, and takes images
-    # from peers that have them (PeerSettings) instead of the origin.
+    """How often `imgprep beat` sends `imgprep.evict_cache` (Nova's
+    `image_cache_manager_interval`)."""
     scope: Literal["shared", "host"] = "shared"
+    """`shared`: one cache directory every host mounts (one lock, one set of references, any
+    worker fetches); `host`: each host keeps its own cache, fetches on its own queue, and takes
+    images from peers that have them (`[peer]`) instead of the origin."""
 
 
 class PeerSettings(_Group):
     """Host scope: each host serves its cache read-only to the other hosts (worker.peer_server)
     and takes images from them (domain.cache.fleet)."""
 
-    # The address other hosts reach this host's peer server on ("": the host id, which must
-    # resolve); the server listens on it, or on every address when it is empty (and then answers
-    # only clients in allowed_networks).
     address: str = ""
+    """The address other hosts reach this host's peer server on, and its listen address
+    (`""`: the host id, which must resolve; the server then listens on every address and
+    answers only clients in `allowed_networks`)."""
     port: int = Field(default=9809, ge=1, le=65535)
-    # Shared by every host: requests and the peer registry's records are signed with an HMAC of
-    # it (required in host scope).
+    """Port of the peer server."""
     secret: str = ""
-    # The networks the fleet's hosts are on: peers are connected to only at addresses in them,
-    # and the peer server answers only clients from them. Never link-local, unspecified or
-    # multicast, whatever this says.
+    """The fleet's shared key: peer requests carry an HMAC of method, path, range and time with
+    it, and the peer registry's records in Redis an HMAC of their fields, key and host
+    (required in host scope)."""
     allowed_networks: tuple[IPvAnyNetwork, ...] = tuple(
         ipaddress.ip_network(network) for network in DEFAULT_PEER_NETWORKS
     )
-    max_bytes_per_second: int = Field(default=0, ge=0)  # upload rate limit; 0: none
-    max_connections: int = Field(default=8, gt=0)  # transfers served at once
-    # Connections whose request is not yet read and authenticated; more are closed at once.
+    """The networks the fleet's hosts are on: peers are connected to only at addresses in them,
+    and the peer server answers only clients from them. Never link-local, unspecified or
+    multicast, whatever this says; add `127.0.0.0/8` only for a fleet on one machine."""
+    max_bytes_per_second: int = Field(default=0, ge=0)
+    """Upload rate limit of this host's peer server, all transfers together (0: none)."""
+    max_connections: int = Field(default=8, gt=0)
+    """Transfers the peer server serves at once (503 beyond)."""
     max_unauthenticated_connections: int = Field(default=32, gt=0)
-    # A client must send its whole request line and headers within this long.
+    """Connections whose request is not yet read and authenticated; more are closed as they
+    are accepted, before any thread is started."""
     header_timeout_seconds: PositiveSeconds = 5.0
-    # A client that takes less than 256 KiB of a response in this long is cut off.
+    """A client must send its whole request line and headers (at most 16 KiB) within this
+    long, in all."""
     send_timeout_seconds: PositiveSeconds = 10.0
-    # A peer that brings no byte for this long is dropped (another peer or the origin resumes).
+    """A client that takes less than 256 KiB of a response in this long is cut off and its
+    transfer slot freed."""
     stall_seconds: PositiveSeconds = 10.0
+    """A peer that brings no byte for this long is dropped; another peer or the origin resumes
+    from that byte."""
     connect_timeout_seconds: PositiveSeconds = 3.0
+    """Connect timeout to a peer."""
 
     @field_validator("allowed_networks")
     @classmethod
@@ -206,8 +249,13 @@ class HostSettings(_Group):
     refused or abandoned."""
 
     heartbeat_seconds: PositiveSeconds = 10.0
+    """How often each worker that consumes its host's queue announces the host in Redis."""
     silent_after_seconds: PositiveSeconds = 30.0
+    """A host unheard of this long (or never) is refused at once: entry tasks fail a request
+    for it with `HostUnavailable` before anything is queued."""
     abandon_after_seconds: PositiveSeconds = 300.0
+    """Work queued for a host silent this long, or held by its dead workers, is failed with
+    `HostUnavailable` by the live workers, and its pins on cached bases released."""
 
     @model_validator(mode="after")
     def _beats_before_silence(self) -> HostSettings:
@@ -221,64 +269,77 @@ class HostSettings(_Group):
 class RedisSettings(_Group):
     """A replicated Redis behind Sentinel (the URLs are `sentinel://...`), and passwords."""
 
-    # The name the Sentinels know the master by (their `sentinel monitor <name> ...`); required
-    # with a sentinel:// URL ("" otherwise).
     master_name: str = ""
-    # Password of the Redis servers (master and replicas), when the URLs carry none ("": none).
+    """The name the Sentinels know the master by (their `sentinel monitor <name> ...`);
+    required with a `sentinel://` URL (`""` otherwise)."""
     password: SecretStr = SecretStr("")
-    # Password of the Sentinels themselves (their `requirepass`; "": none).
+    """Password of the Redis servers (master and replicas), when the URLs carry none
+    (`""`: none). Better set in the environment than in a file."""
     sentinel_password: SecretStr = SecretStr("")
-    # Seconds a Sentinel may take to answer which server is the master.
+    """Password of the Sentinels themselves (their `requirepass`; `""`: none)."""
     sentinel_timeout_seconds: PositiveSeconds = 5.0
+    """How long a Sentinel may take to answer which server is the master."""
 
 
 class MetricsSettings(_Group):
     """The Prometheus endpoint each worker serves."""
 
     enabled: bool = True
+    """Serve Prometheus metrics from each worker."""
     address: str = "0.0.0.0"  # noqa: S104 - scraped from other hosts by design
+    """Address of the metrics endpoint."""
     port: int = Field(default=9808, ge=1, le=65535)
+    """Port of the metrics endpoint (`/metrics`)."""
 
 
 class PrivilegeSettings(_Group):
     """Privilege separation (helper/): who runs the workers, and where the privileged helper
     listens. Both empty: today's behaviour, one root process does everything."""
 
-    # The Unix socket of the privileged helper; empty: device steps run their privileged
-    # operations in the worker's own process (which must then run as root).
     helper_socket: str = ""
-    # The unprivileged user `imgprep worker`, started as root, runs the worker as (after starting
-    # the helper, when helper_socket is set); empty: the worker keeps the user it was started as.
+    """The Unix socket of the privileged helper; empty: device steps run their privileged
+    operations (loop devices, mounts, FUSE daemons, files written as root into guests) in the
+    worker's own process, which must then run as root."""
     user: str = ""
-    # The helper's own state (its ledger of the loop devices it attached), root's; with the
-    # helper, the device work areas live in its `devices` (Settings.devices_dir).
+    """The unprivileged user `imgprep worker`, started as root, runs the worker as (after
+    starting the helper, when `helper_socket` is set); empty: the worker keeps the user it was
+    started as."""
     helper_state_dir: Path = Path("/run/imgprep-helper")
-    # Whether `imgprep worker`, started as root, starts the helper itself (False: the helper is
-    # a service of its own, `imgprep helper`).
+    """The helper's own state (its ledger of the loop devices it attached), root's; with the
+    helper, the device work areas live in its `devices` (`Settings.devices_dir`)."""
     start_helper: bool = True
+    """Whether `imgprep worker`, started as root, starts the helper itself (`false`: the helper
+    is a service of its own, `imgprep helper`)."""
 
 
 class RbdSettings(_Group):
     """The rbd backend (domain.rbd): the Ceph cluster this host's rbd disks live in. Many hosts
     may name the same cluster; imported images are shared by all of them."""
 
-    # The clients' ceph.conf (monitor addresses, authentication).
     conf: Path = Path("/etc/ceph/ceph.conf")
-    # The cephx user without "client." (Nova's rbd_user); "": Ceph's default (client.admin).
+    """The clients' ceph.conf of this host's Ceph cluster (monitor addresses,
+    authentication)."""
     user: str = ""
-    # The user's keyring, readable by the workers' user; "": Ceph's default search
-    # (/etc/ceph/ceph.client.<user>.keyring, ...).
+    """The cephx user without `client.` (Nova's `rbd_user`); `""`: Ceph's default,
+    `client.admin`."""
     keyring: str = ""
-    # Instance disks (Nova's images_rbd_pool) and imported images (Glance's usual pool).
+    """The user's keyring, readable by the workers' user; `""`: Ceph's default search
+    (`/etc/ceph/ceph.client.<user>.keyring`, ...)."""
     pool: str = "vms"
+    """Pool of instance disks (Nova's `images_rbd_pool`)."""
     images_pool: str = "images"
-    # How long a tool waits for the monitors (client_mount_timeout), a metadata operation may
-    # take, and an import, flatten or extract may take.
+    """Pool of the images imported once per cluster."""
     connect_timeout_seconds: PositiveSeconds = 30.0
+    """How long a Ceph tool waits for the monitors (`client_mount_timeout`); then
+    `CephUnavailable` (retried)."""
     command_timeout_seconds: PositiveSeconds = 120.0
+    """Wall-clock limit of one metadata operation (clone, resize, rename, snapshot)."""
     transfer_timeout_seconds: PositiveSeconds = 1800.0
-    # Whether imgprep.evict_cache (beat) also ages this cluster's imported images out.
+    """Wall-clock limit of an import, flatten, removal or extract."""
     age_images: bool = False
+    """Whether `imgprep.evict_cache` (sent by beat) also ages this cluster's imported images
+    out: those without clones unused for
+    `image_cache.remove_unused_original_minimum_age_seconds`."""
 
     @field_validator("pool", "images_pool")
     @classmethod
@@ -296,26 +357,47 @@ class Settings(BaseSettings):
         env_nested_delimiter=NESTED_DELIMITER,
         extra="forbid",
         frozen=True,
+        use_attribute_docstrings=True,  # each field's docstring is its description
     )
 
     redis_url: RedisUrl = "redis://localhost:6379/0"
+    """Broker, results and locks: `redis://`, `rediss://`, `unix://`, or Sentinels
+    `sentinel://h1:26379;sentinel://h2:26379/0` (with `redis.master_name`)."""
     broker_url: RedisUrl | None = None
+    """The broker, when it is not `redis_url`."""
     result_backend: RedisUrl | None = None
+    """The result backend, when it is not `redis_url`."""
     cache_dir: Path = Path("/var/lib/imgprep/cache")
+    """The base-image cache (in shared scope, one directory every host mounts)."""
     instances_dir: Path = Path("/var/lib/imgprep/instances")
+    """Instance disks: `<instances_dir>/<instance id>/<disk name>`."""
     state_dir: Path = Path("/var/lib/imgprep/state")
+    """Host-local state: temporary files, mount directories (without the helper), demo
+    files."""
     snapshots_dir: Path = Path("/var/lib/imgprep/snapshots")
+    """Images written by `imgprep.snapshot`: targets must lie under it."""
     preallocate_images: Literal["none", "space"] = "none"
+    """`none` keeps instance disks sparse; `space` reserves each disk's full size with
+    `fallocate` where the filesystem supports it (probed once per filesystem; Nova's
+    `preallocate_images`)."""
     host_id: HostId = Field(default_factory=socket.gethostname)
+    """This host's name: its queue is `imgprep.host.<host_id>`. Default: the hostname."""
     visibility_timeout: int = Field(default=3600, gt=0)
+    """Seconds before Redis re-delivers an unacknowledged message; must exceed
+    `step_time_limit` plus `retry.backoff_max_seconds`, or a long step would run twice."""
     step_time_limit: int = Field(default=3000, gt=0)
+    """Hard time limit of every step, in seconds (the soft limit, when a step cleans up and
+    fails with `StepTimedOut`, is 30 s or 10 % earlier)."""
     result_expires: int = Field(default=86400, gt=0)
-    # How long a worker rides out a Redis outage (a restart, a failover): publishing a retry,
-    # the next step or a canvas, and writing a result, each wait this long for Redis to answer
-    # (a step's waits still end at its time limit).
+    """Seconds results and step journals are kept."""
     redis_outage_seconds: PositiveSeconds = 120.0
+    """How long a worker rides out a Redis outage (a restart, a failover): publishing a retry,
+    the next step or a canvas, and writing a result, each wait this long for Redis to answer
+    (a step's waits still end at its time limit)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of workers."""
     log_format: Literal["auto", "json", "console"] = "auto"
+    """`json` lines, `console` rendering, or `auto`: console on a terminal, JSON otherwise."""
     lock: LockSettings = LockSettings()
     fetch: FetchSettings = FetchSettings()
     qemu: QemuSettings = QemuSettings()
@@ -328,8 +410,9 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     peer: PeerSettings = PeerSettings()
     rbd: RbdSettings = RbdSettings()
-    # imgprep.precache: at most this many images are fetched from their origin at once.
     precache_concurrency: int = Field(default=1, gt=0)
+    """`imgprep.precache` fetches at most this many images from their origin at once,
+    fleet-wide (Nova's `image_cache.precache_concurrency`)."""
 
     @property
     def devices_dir(self) -> Path:

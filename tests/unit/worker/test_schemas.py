@@ -19,9 +19,9 @@ def test_every_entry_task_is_a_documented_operation() -> None:
     app.loader.import_default_modules()
     entry_tasks = {name for name, task in app.tasks.items() if isinstance(task, EntryTask)}
     assert entry_tasks == set(OPERATIONS)
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    page = (Path(__file__).resolve().parents[3] / "docs" / "wire-contract.md").read_text()
     for name, (request, result) in OPERATIONS.items():
-        assert f"`{name}`" in readme, f"README's wire contract lacks {name}"
+        assert f"`{name}`" in page, f"docs/wire-contract.md lacks {name}"
         assert request in wire_models() and result in wire_models()
 
 

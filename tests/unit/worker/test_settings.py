@@ -156,18 +156,6 @@ def test_cli_stops_on_invalid_setting_with_one_line() -> None:
     ]
 
 
-def test_readme_documents_every_setting() -> None:
-    readme = (REPO / "README.md").read_text()
-    for name, field in Settings.model_fields.items():
-        group = field.annotation
-        if isinstance(group, type) and issubclass(group, BaseModel):
-            names = [f"IMGPREP_{name.upper()}__{sub.upper()}" for sub in group.model_fields]
-        else:
-            names = [f"IMGPREP_{name.upper()}"]
-        for variable in names:
-            assert f"`{variable}`" in readme, f"README's settings table lacks {variable}"
-
-
 def test_hosts_beat_before_they_count_as_silent(clean_env: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
