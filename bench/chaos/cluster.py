@@ -21,12 +21,12 @@ from celery import Celery
 
 from bench.chaos.sources import DENIED_ADDRESS
 from domain.cache.networks import loopback_allowed
-from worker.harness.privileges import privileged_overrides, socket_directory, unprivileged_user
-from worker.harness.redis_server import RedisServer
-from worker.harness.sentinel import SentinelRedis
-from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
-from worker.redis_locks import LOCK_PREFIX
+from harness.privileges import privileged_overrides, socket_directory, unprivileged_user
+from harness.redis_server import RedisServer
+from harness.sentinel import SentinelRedis
+from worker.cli.demo.worker_processes import WorkerProcess, start_worker, stop_workers
 from worker.settings import Settings
+from worker.stores.redis_locks import LOCK_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 

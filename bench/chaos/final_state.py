@@ -30,11 +30,11 @@ from bench.chaos.checker import Violation, World
 from bench.chaos.history import History
 from bench.chaos.workload import Disk
 from domain.cache.directory import CacheRecord
-from worker.harness import machine
-from worker.harness.guest_files import read_guest_file
-from worker.redis_ledger import DEVICES_PREFIX
-from worker.redis_locks import LOCK_PREFIX
-from worker.redis_references import REFS_PREFIX
+from harness import machine
+from worker.cli.demo.guest_files import read_guest_file
+from worker.stores.redis_ledger import DEVICES_PREFIX
+from worker.stores.redis_locks import LOCK_PREFIX
+from worker.stores.redis_references import REFS_PREFIX
 
 ENTRY = re.compile(r"^[0-9a-f]{40}$")
 RECORD = re.compile(r"^[0-9a-f]{40}\.json$")

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import BinaryIO
 
-from worker.harness.http_serving import QuietHTTPServer, keep_pace, requested_name, served_file
+from worker.cli.demo.http_serving import QuietHTTPServer, keep_pace, requested_name, served_file
 
 CHUNK = 64 * 2**10
 STALL_POLL = 0.05

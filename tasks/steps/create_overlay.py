@@ -8,8 +8,8 @@ from typing import Any
 from domain.core.models import CachedImage, PrepareRequest
 from domain.disks import instance_disks
 from worker.app import app
-from worker.runtime import runtime
-from worker.taskbase import StepTask, canvas_pin, parse
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, canvas_pin, parse
 
 
 @app.task(name="imgprep.create_overlay", base=StepTask, bind=True)

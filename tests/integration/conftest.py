@@ -33,21 +33,22 @@ import redis
 from celery import Celery
 
 from domain.cache.networks import loopback_allowed
-from tests.support.cli import run_imgprep
-from worker.app import create_app
-from worker.client import Client
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import leftovers
-from worker.harness.privileges import (
+from harness.machine import leftovers
+from harness.privileges import (
     open_directory,
     privileged_overrides,
     socket_directory,
     unprivileged_user,
 )
-from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
-from worker.redis_journal import RedisJournal
+from harness.redis_server import RedisServer
+from tests.support.cli import run_imgprep
+from worker.app.application import create_app
+from worker.cli.client import Client
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import WorkerProcess, start_worker, stop_workers
 from worker.settings import Settings
+from worker.stores.redis_journal import RedisJournal
 
 
 @dataclass

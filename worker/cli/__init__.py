@@ -13,9 +13,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
+from worker.cli.sizes import parse_size
 from worker.logs import configure_logging
 from worker.settings import get_settings
-from worker.sizes import parse_size
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -33,7 +33,7 @@ def unprivileged(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def as_user(*args: P.args, **kwargs: P.kwargs) -> R:
-        from worker.privileges import leave_root
+        from worker.privileges.separation import leave_root
 
         leave_root(get_settings())
         return command(*args, **kwargs)
@@ -63,7 +63,7 @@ class ImgprepGroup(click.Group):
             cause = _redis_unreachable(error)
             if cause is None:
                 raise
-            from worker.redis_urls import display
+            from worker.stores.redis_urls import display
 
             settings = get_settings()
             click.echo(

@@ -55,7 +55,7 @@ def precache(
             "hosts": [h.strip() for h in hosts.split(",") if h.strip()] if hosts else None,
         }
     )
-    from worker.client import Client
+    from worker.cli.client import Client
 
     client = Client()
     result = client.send("imgprep.precache", request.model_dump(mode="json"))
@@ -86,7 +86,7 @@ def precache(
 def _request_or_exit(payload: dict[str, Any]) -> PrecacheRequest:
     from pydantic import ValidationError
 
-    from worker.taskbase import describe_validation
+    from worker.app.taskbase import describe_validation
 
     try:
         return PrecacheRequest.model_validate(payload)

@@ -12,8 +12,8 @@ from domain.core.errors import ImgprepError
 from domain.core.models import PrepareRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main, unprivileged
 from worker.cli.injection import InjectionType, PartitionType
+from worker.cli.sizes import human
 from worker.cli.watch import follow
-from worker.sizes import human
 
 
 @main.command()
@@ -97,7 +97,7 @@ def prepare(
             "partition": partition,
         }
     )
-    from worker.client import Client
+    from worker.cli.client import Client
 
     client = Client()
     result = client.prepare_disk(request)
@@ -127,7 +127,7 @@ def prepare(
 def _request_or_exit(payload: dict[str, Any]) -> PrepareRequest:
     from pydantic import ValidationError
 
-    from worker.taskbase import describe_validation
+    from worker.app.taskbase import describe_validation
 
     try:
         return PrepareRequest.model_validate(payload)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from domain.core.errors import ImgprepError
 from domain.core.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
 from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
-from worker.sizes import human
+from worker.cli.sizes import human
 
 
 @main.command()
@@ -56,7 +56,7 @@ def snapshot(
 ) -> None:
     """Extract INSTANCE_ID's disk to TARGET (a path under the snapshots directory); with
     --backend rbd --direct, snapshot it into the Ceph cluster's images pool instead."""
-    from worker.taskbase import describe_validation
+    from worker.app.taskbase import describe_validation
 
     try:
         request = SnapshotRequest.model_validate(
@@ -75,7 +75,7 @@ def snapshot(
     except ValidationError as error:
         click.echo(f"imgprep: {describe_validation(error)}", err=True)
         sys.exit(EXIT_USAGE)
-    from worker.client import Client
+    from worker.cli.client import Client
 
     result = Client().send("imgprep.snapshot", request.model_dump(mode="json"))
     if not wait:

@@ -12,7 +12,7 @@ import pytest
 
 import tasks.operations
 import tasks.steps
-from worker.app import app, task_modules
+from worker.app.application import app, task_modules
 
 
 def modules(package: ModuleType) -> list[ModuleType]:
