@@ -12,7 +12,7 @@ import redis
 
 from worker.delivery.broker import CLAIM_SCRIPT
 
-CLAIM_MARK = "local n = #KEYS - 4"  # the claim script's first line, as MONITOR shows its EVAL
+CLAIM_MARK = "local n = #KEYS - 4"  # a line of the claim script, as MONITOR shows its EVAL
 STOP = "imgprep-monitor-stop"
 assert CLAIM_MARK in CLAIM_SCRIPT
 

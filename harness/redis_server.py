@@ -130,8 +130,3 @@ def start_redis(
             if attempt + 1 == attempts:
                 raise
     raise AssertionError("unreachable")
-
-
-def text(value: bytes | str) -> str:
-    """A key or value read from Redis as text, whether the client decodes responses or not."""
-    return value.decode() if isinstance(value, bytes) else value

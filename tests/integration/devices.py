@@ -25,11 +25,11 @@ from domain.core.models import (
 )
 from domain.core.publish import FileStamp
 from domain.guest.tools import mount as mounts
-from harness.redis_server import text
 from tasks.canvases import injection_steps, with_ids
 from tests.conftest import need_root, unable
 from tests.integration.conftest import Cluster, unique
 from tests.support.guests import build_guest
+from worker.stores.replies import text
 
 MOTD = FileInjection(path="/etc/motd", content="Welcome to the guest.\n", mode=0o640)
 

@@ -26,7 +26,6 @@ from domain.core.models import (
 )
 from domain.core.snapshot_models import ConvertJob
 from domain.formats.inspection import QCOW2_MAGIC
-from harness.redis_server import text
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
@@ -34,6 +33,7 @@ from worker.app.routing import host_queue
 from worker.cli.demo.image_server import ImageServer
 from worker.stores.redis_locks import LOCK_PREFIX
 from worker.stores.redis_references import REFS_PREFIX
+from worker.stores.replies import text
 
 MiB = 2**20
 

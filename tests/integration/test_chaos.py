@@ -20,13 +20,13 @@ from pathlib import Path
 
 from domain.cache.directory import cache_key
 from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareRequest
-from harness.redis_server import text
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
 from worker.cli.demo.image_server import ImageServer
 from worker.cli.demo.worker_processes import WorkerProcess
 from worker.stores.redis_locks import LOCK_PREFIX
+from worker.stores.replies import text
 
 MiB = 2**20
 ROUNDS = int(os.environ.get("IMGPREP_CHAOS_ROUNDS", "1"))

@@ -11,7 +11,6 @@ import pytest
 from domain.core.errors import HostUnavailable
 from domain.core.models import DiskSpec
 from domain.disks.instance_disks import disk_lock_name
-from harness.redis_server import text
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
@@ -20,6 +19,7 @@ from worker.cli.demo.image_server import ImageServer
 from worker.cli.demo.worker_processes import WorkerProcess
 from worker.delivery.hosts import HOSTS_KEY
 from worker.stores.redis_locks import LeaseLock
+from worker.stores.replies import text
 
 MiB = 2**20
 # Short enough for a test, in the same proportions as the defaults (10 s, 30 s, 300 s).

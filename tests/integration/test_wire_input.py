@@ -11,11 +11,11 @@ import pytest
 from domain.cache.directory import cache_key
 from domain.core.errors import InvalidRequest
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
-from harness.redis_server import text
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from worker.cli.demo.image_server import ImageServer
 from worker.stores.redis_references import REFS_PREFIX
+from worker.stores.replies import text
 
 MiB = 2**20
 

@@ -14,8 +14,9 @@ Upstream behaviours, checked in kombu 5.7 and Celery 5.7, that lose or strand me
   beats every `consumer_beat_interval` (2 s) in `unacked_consumers` (Redis's clock), and every
   live worker puts back, at the head of their queues, the messages owned by a process silent
   for `consumer_silent_after` (20 s of Redis's uptime: the first beat after a restart records
-  the outage, and `silences` leaves outages out). An acknowledgement removes a record only
-  while it is its own, so a step put back and taken by another worker stays recorded for it.
+  the outage, and silences leave outages out: worker.delivery.liveness, which the hosts'
+  heartbeats share). An acknowledgement removes a record only while it is its own, so a step
+  put back and taken by another worker stays recorded for it.
 * **The worker dies on a Redis restart.** When the connection drops during a BRPOP, kombu's
   `Channel.close()` stops at the failed read, and the second close Celery makes finds the
   transport torn down: `AttributeError: 'NoneType' object has no attribute 'hostname'` escapes as
@@ -73,7 +74,6 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Sequence
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -90,7 +90,10 @@ from redis.exceptions import ResponseError
 from redis.sentinel import Sentinel
 
 from worker.delivery.broker_peeks import PeekPoller, QueuePeeks, as_connection_error, refused
+from worker.delivery.liveness import Liveness
+from worker.stores.lua import script
 from worker.stores.redis_urls import DEFAULT_SENTINEL_PORT
+from worker.stores.replies import text
 
 log = structlog.get_logger(__name__)
 
@@ -100,69 +103,11 @@ OWNER_KEY = "unacked_owner"  # delivery tag → the consumer process that took i
 CONSUMERS_KEY = "unacked_consumers"  # consumer process → its last beat, Redis's clock
 CLOCK_KEY = "unacked_clock"  # Redis's run id at the last beat, and that beat's time
 OUTAGES_KEY = "unacked_outages"  # "<last beat before> <Redis's start>" of recent restarts
+CONSUMERS = Liveness(CONSUMERS_KEY, CLOCK_KEY, OUTAGES_KEY)
 
-# KEYS: the queues in the order to try, then unacked, unacked_index, unacked_owner, consumers.
-# ARGV[1] consumer, ARGV[2] the worker's time (kombu scores unacked_index with it). Pops one
-# message and records it as kombu would ([payload, exchange, routing key]) with its owner, in one
-# step; a message kombu could not record (no delivery tag) is returned unrecorded, as BRPOP would.
-CLAIM_SCRIPT = """
-local n = #KEYS - 4
-for i = 1, n do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
-    local ok, message = pcall(cjson.decode, item)
-    local tag, info
-    if ok and type(message) == 'table' and type(message.properties) == 'table' then
-      tag = message.properties.delivery_tag
-      info = message.properties.delivery_info
-    end
-    if type(tag) ~= 'string' or type(info) ~= 'table' or info.exchange == nil
-        or info.routing_key == nil then
-      return {KEYS[i], item, 0}
-    end
-    local record = '[' .. item .. ',' .. cjson.encode(info.exchange) .. ','
-      .. cjson.encode(info.routing_key) .. ']'
-    redis.call('ZADD', KEYS[n + 2], ARGV[2], tag)
-    redis.call('HSET', KEYS[n + 1], tag, record)
-    redis.call('HSET', KEYS[n + 3], tag, ARGV[1])
-    local now = redis.call('TIME')
-    redis.call('ZADD', KEYS[n + 4], now[1] + now[2] / 1000000, ARGV[1])
-    return {KEYS[i], item, 1}
-  end
-end
-return false
-"""
+CLAIM_SCRIPT = script("worker.delivery", "claim.lua")
 
-# KEYS unacked, unacked_index, unacked_owner; ARGV[1] tag, ARGV[2] consumer. The record goes only
-# while it is this consumer's (or nobody's): another worker may have taken the message since.
-_FORGET = """
-local owner = redis.call('HGET', KEYS[3], ARGV[1])
-if owner and owner ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-return 1
-"""
-
-# KEYS consumers, clock, outages; ARGV[1] consumer, ARGV[2] Redis's run id, ARGV[3] its uptime.
-# A beat in Redis's clock; the first beat after Redis started again records the outage (from the
-# last beat before it to Redis's start), so that silences do not count the time Redis was down.
-_BEAT = """
-local t = redis.call('TIME')
-local now = t[1] + t[2] / 1000000
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-if redis.call('HGET', KEYS[2], 'run') ~= ARGV[2] then
-  local seen = tonumber(redis.call('HGET', KEYS[2], 'seen'))
-  local boot = now - tonumber(ARGV[3])
-  if seen and seen < boot then
-    redis.call('RPUSH', KEYS[3], string.format('%.3f %.3f', seen, boot))
-    redis.call('LTRIM', KEYS[3], -100, -1)
-  end
-  redis.call('HSET', KEYS[2], 'run', ARGV[2])
-end
-redis.call('HSET', KEYS[2], 'seen', string.format('%.3f', now))
-return 1
-"""
+_FORGET = script("worker.delivery", "forget.lua")
 
 # Delivery tags of messages that a lost connection left unacknowledged in Redis and that could
 # not be put back then; the worker's main process restores them after reconnecting.
@@ -253,11 +198,11 @@ class QoS(kombu_redis.QoS):
             record = pipe.hget(self.unacked_key, tag)
             pipe.multi()
             restored[0] = False
-            if holder is None or _text(holder) != owner:
+            if holder is None or text(holder) != owner:
                 return
             self._remove_from_indices(tag, pipe)
             if record:
-                payload, exchange, routing_key = json.loads(_text(record))
+                payload, exchange, routing_key = json.loads(text(record))
                 self.channel._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
                 restored[0] = True
 
@@ -270,19 +215,14 @@ class QoS(kombu_redis.QoS):
         time); forget silent consumers that hold nothing. How many were put back."""
         with self.channel.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
-            pipe.hgetall(OWNER_KEY).zrange(CONSUMERS_KEY, 0, -1, withscores=True)
-            owners, beats, outages, (seconds, micros) = (
-                pipe.lrange(OUTAGES_KEY, 0, -1).time().execute()
-            )
-            heard = silences(
-                {_text(c): at for c, at in beats},
-                seconds + micros / 1e6,
-                [tuple(float(x) for x in _text(o).split()) for o in outages],
-            )
+            pipe.hgetall(OWNER_KEY)
+            CONSUMERS.queue_reads(pipe)
+            owners, *replies = pipe.execute()
+            heard = CONSUMERS.silences_from(replies)
             me = consumer_id()
             held: dict[str, list[str]] = {}
             for tag, owner in owners.items():
-                held.setdefault(_text(owner), []).append(_text(tag))
+                held.setdefault(text(owner), []).append(text(tag))
             dead = {
                 c for c in set(heard) | set(held) if c != me and heard.get(c, 1e9) > silent_after
             }
@@ -301,9 +241,7 @@ class QoS(kombu_redis.QoS):
                     consumers=sorted({c for _, c in orphans}),
                     restored=restored,
                 )
-            gone = [c for c in dead if c not in held]
-            if gone:
-                client.zrem(CONSUMERS_KEY, *gone)
+            CONSUMERS.forget(client, *(c for c in dead if c not in held))
             return restored
 
 
@@ -438,9 +376,9 @@ class Channel(kombu_redis.Channel):
                 raise Empty()
             self._claim_due = True  # there may be more
             key, item, recorded = reply
-            queue = _text(key).rsplit(self.sep, 1)[0]
+            queue = text(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
-            payload = json.loads(_text(item))
+            payload = json.loads(text(item))
             if recorded:
                 _recorded.add(payload["properties"]["delivery_tag"])
             self.connection._deliver(payload, queue)
@@ -473,17 +411,7 @@ class Channel(kombu_redis.Channel):
     def beat(self) -> None:
         """Announce this process as a live consumer."""
         with self.conn_or_acquire() as client:
-            info = client.info("server")
-            client.eval(
-                _BEAT,
-                3,
-                CONSUMERS_KEY,
-                CLOCK_KEY,
-                OUTAGES_KEY,
-                consumer_id(),
-                info["run_id"],
-                info["uptime_in_seconds"],
-            )
+            CONSUMERS.beat(client, consumer_id())
 
 
 class Transport(kombu_redis.Transport):
@@ -602,7 +530,7 @@ def restore_stranded(channel: Any) -> int:
     except channel.connection_errors as error:
         log.warning("stranded_messages_not_restored", error=str(error))
         return 0
-    tags |= {_text(tag) for tag, owner in owned.items() if _text(owner) == me}
+    tags |= {text(tag) for tag, owner in owned.items() if text(owner) == me}
     if not tags:
         return 0
     restored = 0
@@ -617,22 +545,3 @@ def restore_stranded(channel: Any) -> int:
     _stranded.difference_update(running)
     log.warning("stranded_messages_restored", restored=restored, left_to_running_steps=len(running))
     return restored
-
-
-def silences(
-    beats: dict[str, float], now: float, outages: Sequence[tuple[float, ...]]
-) -> dict[str, float]:
-    """Seconds each consumer has been silent while Redis was up: nobody can beat while Redis is
-    down, so the outages (from the last beat before each to Redis's start again) since a
-    consumer's last beat do not count."""
-    return {
-        consumer: max(
-            0.0,
-            now - at - sum(max(0.0, min(end, now) - max(start, at)) for start, end in outages),
-        )
-        for consumer, at in beats.items()
-    }
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

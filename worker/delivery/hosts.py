@@ -4,8 +4,8 @@ Every worker that consumes its host's queue `imgprep.host.<host>` announces the 
 `hosts.heartbeat_seconds` from its main process (`Heartbeat`, a worker bootstep): the sorted set
 `imgprep:hosts` holds each host's last heartbeat, in Redis's own clock. A host is *silent* when
 no worker of it has announced it for a while; Redis being down does not count against a host
-(silence is measured from Redis's start at the latest), so an outage does not look like dead
-hosts.
+(worker.delivery.liveness, the broker's consumers' mechanism too: the outages since a host's last
+heartbeat are left out of its silence), so an outage does not look like dead hosts.
 
 * Entry tasks refuse a request for a host that never announced itself or has been silent for
   `hosts.silent_after_seconds`: `HostUnavailable` (permanent), at once, before anything is
@@ -43,35 +43,24 @@ from domain.core.errors import HostUnavailable, LockBusy
 from domain.core.redaction import redacted_text
 from worker.app.routing import host_queue
 from worker.app.signals import announce_failure, operation_id
+from worker.delivery.liveness import Liveness
 from worker.settings import HostSettings, Settings, get_settings
+from worker.stores.lua import script
 from worker.stores.redis_journal import RedisJournal
 from worker.stores.redis_locks import LeaseLock
 from worker.stores.redis_references import RedisReferences
+from worker.stores.replies import as_bytes
 
 log = structlog.get_logger(__name__)
 
-HOSTS_KEY = "imgprep:hosts"
+HOSTS_KEY = "imgprep:hosts"  # host → its last heartbeat, Redis's clock
+CLOCK_KEY = "imgprep:hosts:clock"  # Redis's run id at the last heartbeat, and its time
+OUTAGES_KEY = "imgprep:hosts:outages"  # "<last heartbeat before> <Redis's start>" of restarts
 SWEEP_LOCK = "hosts:sweep"
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered, unacknowledged messages
 UNACKED_INDEX_KEY = "unacked_index"
 
-# KEYS[1] hosts; ARGV[1] host, ARGV[2] key lifetime s. Redis's clock, never the worker's.
-_BEAT = """
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-# KEYS[1] unacked hash, KEYS[2] unacked index; ARGV[1] delivery tag. The message, taken.
-_TAKE_UNACKED = """
-local message = redis.call('HGET', KEYS[1], ARGV[1])
-if message then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-end
-return message
-"""
+_TAKE_UNACKED = script("worker.delivery", "take_unacked.lua")
 
 
 @dataclass(frozen=True)
@@ -96,45 +85,28 @@ class Silence:
 
 
 class HostRegistry:
-    """The heartbeats of hosts in Redis."""
+    """The heartbeats of hosts in Redis (worker.delivery.liveness, as the broker's consumers)."""
 
     def __init__(self, client: redis.Redis, policy: HostSettings, keep_seconds: float) -> None:
         self.client = client
         self.policy = policy
-        self.keep_seconds = max(1, int(keep_seconds))
-        self._beat = client.register_script(_BEAT)
+        self.liveness = Liveness(HOSTS_KEY, CLOCK_KEY, OUTAGES_KEY, max(1, int(keep_seconds)))
 
     def beat(self, host: str) -> None:
-        self._beat(keys=[HOSTS_KEY], args=[host, self.keep_seconds])
+        self.liveness.beat(self.client, host)
 
     def silences(self) -> dict[str, Silence]:
         """Every host ever announced (within `keep_seconds`), with its silence."""
-        seen, now, redis_up = self._read(
-            lambda pipe: pipe.zrange(HOSTS_KEY, 0, -1, withscores=True)
-        )
         return {
-            _text(host): Silence(_text(host), _silent(now, float(at), redis_up))
-            for host, at in seen
+            host: Silence(host, seconds)
+            for host, seconds in self.liveness.silences(self.client).items()
         }
 
     def silence(self, host: str) -> Silence:
-        at, now, redis_up = self._read(lambda pipe: pipe.zscore(HOSTS_KEY, host))
-        if at is None:
-            return Silence(host, float("inf"), never=True)
-        return Silence(host, _silent(now, float(at), redis_up))
-
-    def _read(self, query: Any) -> tuple[Any, float, float]:
-        """`query`'s answer, Redis's time and how long Redis has been up, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        query(pipe)
-        pipe.time()
-        pipe.info("server")
-        answer, (seconds, micros), info = pipe.execute()
-        now = seconds + micros / 1e6
-        return answer, now, float(info.get("uptime_in_seconds", now))
+        return self.silences().get(host, Silence(host, float("inf"), never=True))
 
     def forget(self, host: str) -> None:
-        self.client.zrem(HOSTS_KEY, host)
+        self.liveness.forget(self.client, host)
 
 
 def require_live_host(host: str, settings: Settings, client: redis.Redis) -> None:
@@ -229,8 +201,8 @@ def _sweep_host(app: Celery, client: redis.Redis, settings: Settings, silence: S
     # Queued: the oldest is at the right (kombu pushes left, pops right). The message is failed
     # before it is removed, so a sweeper that dies between the two leaves it to the next one.
     while (raw := client.lindex(queue, -1)) is not None:
-        _fail(app, client, settings, _bytes(raw), error)
-        client.lrem(queue, -1, _bytes(raw))  # type: ignore[arg-type]
+        _fail(app, client, settings, as_bytes(raw), error)
+        client.lrem(queue, -1, as_bytes(raw))  # type: ignore[arg-type]
         failed += 1
     # Delivered to a worker of the host that died before acknowledging it.
     take = client.register_script(_TAKE_UNACKED)
@@ -432,16 +404,3 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
                     return
         finally:
             client.close()
-
-
-def _silent(now: float, last_beat: float, redis_up: float) -> float:
-    """Seconds of silence; time Redis was down does not count (nobody could announce then)."""
-    return max(0.0, min(now - last_beat, redis_up))
-
-
-def _bytes(value: bytes | str) -> bytes:
-    return value.encode() if isinstance(value, str) else value
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

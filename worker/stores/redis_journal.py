@@ -17,6 +17,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from domain.core.journal import CanvasView, PlannedStep, StepRecord, StepState
+from worker.stores.replies import text
 
 log = structlog.get_logger(__name__)
 
@@ -97,7 +98,7 @@ class RedisJournal:
         raw = self.client.hgetall(self.key(root_id))
         if not raw:
             return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         plan_text = fields.pop(PLAN_FIELD, "[]")
         plan = [PlannedStep.model_validate(item) for item in _json_list(plan_text)]
         by_task: dict[str, dict[str, str]] = {}
@@ -151,7 +152,3 @@ def _record(task_id: str, values: dict[str, str]) -> StepRecord:
 def _json_list(text: str) -> list[object]:
     value = json.loads(text)
     return value if isinstance(value, list) else []
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -16,16 +16,11 @@ from pydantic import ValidationError
 
 from domain.core.device_records import DeviceRecord
 from domain.core.errors import CoordinationUnavailable, DeviceError, DiskBusy
+from worker.stores.lua import script
 
 DEVICES_PREFIX = "imgprep:devices:"
 
-# KEYS[1] hash; ARGV[1] field, ARGV[2] owner. Delete the field only if that owner holds it.
-_DROP = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-if cjson.decode(raw)['owner'] ~= ARGV[2] then return 0 end
-return redis.call('HDEL', KEYS[1], ARGV[1])
-"""
+_DROP = script("worker.stores", "ledger_drop.lua")
 
 T = TypeVar("T")
 

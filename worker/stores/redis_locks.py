@@ -29,6 +29,8 @@ from redis.exceptions import RedisError
 
 from domain.core.errors import CoordinationUnavailable, LockBusy, LockLost
 from worker.metrics import lock_waited
+from worker.stores.lua import script
+from worker.stores.replies import text
 
 log = structlog.get_logger(__name__)
 
@@ -36,45 +38,11 @@ LOCK_PREFIX = "imgprep:lock:"
 WAKE_PREFIX = "imgprep:wake:"  # one-element lists that wake a waiter; they expire with the lease
 FENCE_KEY = "imgprep:fence"
 
-# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] lease ms.
-# Returns {fence, 0} when acquired, {0, pttl} when held by someone else.
-# A fence is never below Redis's clock in microseconds: a failover to a replica that had not
-# received the last increments would otherwise hand out a fence again (and two holders would
-# share temporaries, `<target>.part.<fence>`); a new master's clock is past every fence the old
-# one gave (a failover takes seconds), so fences stay unique and growing across failovers.
-_ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local fence = redis.call('INCR', KEYS[2])
-  local t = redis.call('TIME')
-  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  if fence < floor then
-    fence = floor
-    redis.call('SET', KEYS[2], string.format('%d', floor))
-  end
-  return {fence, 0}
-end
-return {0, redis.call('PTTL', KEYS[1])}
-"""
+_ACQUIRE = script("worker.stores", "lock_acquire.lua")
 
-# KEYS[1] lock, KEYS[2] signal list; ARGV[1] token, ARGV[2] signal expiry ms.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('DEL', KEYS[2])
-  redis.call('RPUSH', KEYS[2], 1)
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
-"""
+_RELEASE = script("worker.stores", "lock_release.lua")
 
-# KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms.
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
+_EXTEND = script("worker.stores", "lock_extend.lua")
 
 _SHORTEST_BLOCK = 0.001  # BLPOP with timeout 0 would block forever
 _REDIS_PAUSE = 1.0  # between attempts of a waiter that cannot reach Redis
@@ -95,15 +63,11 @@ def attached_replicas(client: redis.Redis) -> int:
         return cached[1]
     try:
         role = client.execute_command("ROLE")  # type: ignore[no-untyped-call]
-        replicas = len(role[2]) if _text(role[0]) == "master" else 0
+        replicas = len(role[2]) if text(role[0]) == "master" else 0
     except (RedisError, IndexError, TypeError):
         replicas = 0
     _replicas_seen[key] = (now + _ROLE_CACHE_SECONDS, replicas)
     return replicas
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def longest_block(client: redis.Redis) -> float | None:

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from domain.cache.peer_records import RecordSeal, UntrustedRecord
 from domain.core.errors import CoordinationUnavailable
 from domain.core.peers import ImageDigests, PeerCopy
+from worker.stores.replies import text
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,8 @@ class RedisPeerRegistry:
         pipe.hgetall(PEERS_PREFIX + key + ":size")
         described, sizes = self._call(pipe.execute)
         found = (
-            self._copy(key, _text(host), raw, sizes.get(host)) for host, raw in described.items()
+            self._copy(key, text(host, "replace"), raw, sizes.get(host))
+            for host, raw in described.items()
         )
         return [copy for copy in found if copy is not None]
 
@@ -138,10 +140,6 @@ class RedisPeerRegistry:
             raise CoordinationUnavailable(
                 f"Redis unavailable for the peer registry: {error}"
             ) from None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _untrusted(kind: str, key: str, host: str, error: Exception) -> None:

@@ -15,27 +15,15 @@ import redis
 from redis.exceptions import RedisError
 
 from domain.core.errors import CoordinationUnavailable
+from worker.stores.lua import script
+from worker.stores.replies import text
 
 REFS_PREFIX = "imgprep:refs:"
 EVICTING_PREFIX = "imgprep:evicting:"
 
-# KEYS[1] refs hash, KEYS[2] eviction marker; ARGV[1] holder, ARGV[2] timestamp
-_ADD_UNLESS_EVICTING = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
+_ADD_UNLESS_EVICTING = script("worker.stores", "references_add.lua")
 
-# KEYS[1] refs hash, KEYS[2] eviction marker; ARGV[1] marker lifetime ms
-_BEGIN_EVICTION = """
-if redis.call('HLEN', KEYS[1]) > 0 then
-  return 0
-end
-redis.call('SET', KEYS[2], 1, 'PX', ARGV[1])
-return 1
-"""
+_BEGIN_EVICTION = script("worker.stores", "references_begin_eviction.lua")
 
 
 class RedisReferences:
@@ -79,20 +67,20 @@ class RedisReferences:
 
     def holders(self, key: str) -> dict[str, float]:
         raw = self._call(self.client.hgetall, self.key(key))
-        return {_text(name): float(_text(value)) for name, value in raw.items()}
+        return {text(name): float(text(value)) for name, value in raw.items()}
 
     def forget(self, holder: str) -> list[str]:
         released = []
         for redis_key in self._keys():
             if self._call(self.client.hdel, redis_key, holder):
-                released.append(_text(redis_key).removeprefix(REFS_PREFIX + self.namespace))
+                released.append(text(redis_key).removeprefix(REFS_PREFIX + self.namespace))
         return sorted(released)
 
     def counts(self) -> dict[str, int]:
         """Number of holders of every referenced key."""
         counts = {}
         for redis_key in self._keys():
-            counts[_text(redis_key).removeprefix(REFS_PREFIX + self.namespace)] = int(
+            counts[text(redis_key).removeprefix(REFS_PREFIX + self.namespace)] = int(
                 self._call(self.client.hlen, redis_key)
             )
         return counts
@@ -105,7 +93,3 @@ class RedisReferences:
             return method(*args, **kwargs)
         except RedisError as error:
             raise CoordinationUnavailable(f"Redis unavailable for references: {error}") from None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
