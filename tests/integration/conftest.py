@@ -41,6 +41,7 @@ from harness.privileges import (
     unprivileged_user,
 )
 from harness.redis_server import RedisServer
+from harness.settings import settings_for_env
 from tests.support.cli import run_imgprep
 from worker.app.application import create_app
 from worker.cli.client import Client
@@ -201,18 +202,6 @@ def cluster_env(root: Path, redis_url: str) -> dict[str, str]:
     }
 
 
-def settings_from(env: dict[str, str]) -> Settings:
-    """The settings a process with `env` would load."""
-    saved = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _reachable_temporaries() -> Iterator[None]:
     """Separated, the workers' user must reach the directories tests give their clusters
@@ -288,7 +277,7 @@ def make_cluster(
     separated = privileged_overrides(root, sockets=sockets) if PRIVSEP else {}
     env = {**cluster_env(root, redis_server.url), **separated, **(overrides or {})}
     own_socket = "IMGPREP_PRIVILEGES__HELPER_SOCKET" not in (overrides or {})
-    settings = settings_from(env)
+    settings = settings_for_env(env)
     return Cluster(
         redis_server=redis_server,
         env=env,

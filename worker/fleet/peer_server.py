@@ -28,7 +28,6 @@ import re
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from domain.cache.networks import in_networks
 from domain.cache.peer_auth import SIGNATURE_HEADER, SIGNED_HEADERS, TIMESTAMP_HEADER, verify
 from domain.core.peers import PeerCopy
 from worker.fleet.peer_connections import NEVER, AdmittingServer, RequestTooLong
+from worker.http_serving import QuietHandler, ServedInThread
 from worker.settings import PeerSettings, Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -89,22 +89,18 @@ class PeerServer:
         self.served = 0  # bytes sent, for tests and logs
         # "": every address (noqa: S104), each client checked against peer.allowed_networks
         self._httpd = AdmittingServer((bind or "0.0.0.0", settings.port), self._handler(), settings)  # noqa: S104
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="imgprep-peer-server", daemon=True
-        )
+        self._serving = ServedInThread(self._httpd, "imgprep-peer-server")
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return self._serving.port
 
     def start(self) -> PeerServer:
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._serving.stop()
 
     def _open(self, key: str, fence: str | None) -> tuple[int, int, int | None] | None:
         """(fd, bytes that may be sent, total size) of what `key` (and `fence`) names, or None."""
@@ -132,12 +128,10 @@ class PeerServer:
             return None
         return fd, copy.size, copy.total
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self) -> type[QuietHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def setup(self) -> None:
                 super().setup()
                 self.rfile.close()  # read through a deadline instead
@@ -151,9 +145,6 @@ class PeerServer:
                     log.info(
                         "peer_request_not_received", client=self.client_address[0], error=str(error)
                     )
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
 
             def log_error(self, format: str, *args: object) -> None:
                 log.info("peer_request_failed", client=self.client_address[0], error=format % args)
@@ -245,10 +236,7 @@ class PeerServer:
                     server.served += len(data)
 
             def _empty(self, status: HTTPStatus) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.send_header("Connection", "close")
-                self.end_headers()
+                self.send_empty(status, {"Connection": "close"})
 
         return Handler
 

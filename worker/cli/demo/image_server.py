@@ -13,12 +13,18 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from worker.cli.demo.http_serving import QuietHTTPServer, keep_pace, requested_name, served_file
+from worker.http_serving import (
+    QuietHandler,
+    QuietHTTPServer,
+    ServedInThread,
+    keep_pace,
+    requested_name,
+    served_file,
+)
 
 CHUNK = 256 * 2**10
 
@@ -37,13 +43,11 @@ class ImageServer:
         self.bytes_per_second: int | None = None  # of each response; None: as fast as it goes
         self.bytes_sent = 0  # body bytes sent, every file together (what "origin bytes" count)
         self._httpd = QuietHTTPServer((host, port), self._handler())
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="image-server", daemon=True
-        )
+        self._serving = ServedInThread(self._httpd, "image-server")
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return self._serving.port
 
     @property
     def host(self) -> str:
@@ -78,14 +82,12 @@ class ImageServer:
             self._failures[name].extend([status] * times)
 
     def start(self) -> ImageServer:
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
         self._stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._serving.stop()
 
     def __enter__(self) -> ImageServer:
         return self.start()
@@ -104,29 +106,19 @@ class ImageServer:
             queue = self._failures.get(name)
             return queue.popleft() if queue else None
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self) -> type[QuietHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 name = requested_name(self.path)
                 status = server._next_failure(name)
                 redirect = server._redirects.get(name)
                 if status is None and redirect is not None:
-                    self.send_response(redirect[0])
-                    self.send_header("Location", redirect[1])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self.send_empty(redirect[0], {"Location": redirect[1]})
                     return
                 if status is not None:
-                    self.send_response(status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self.send_empty(status)
                     return
                 path = served_file(server.root, name)
                 if path is None:
