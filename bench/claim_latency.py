@@ -1,6 +1,6 @@
 """Claim latency: how long a message published to a queue an idle worker consumes waits before the
-worker claims it (takes it and records it as unacknowledged, in one step: worker/broker.py),
-p50 and p99, with Redis at hz 10 (its default) and hz 100.
+worker claims it (takes it and records it as unacknowledged, in one step:
+worker/delivery/broker.py), p50 and p99, with Redis at hz 10 (its default) and hz 100.
 
 Ours: one real `imgprep worker` (default concurrency) consuming three queues (the shared one, its
 host's, and one more added by a control command), one message at a time after an idle pause,
@@ -26,9 +26,9 @@ import redis
 
 from bench.report import Figure, median, percentile, report
 from bench.stack import Stack, stack
-from worker.harness.redis_monitor import CommandLog
+from harness.redis_monitor import CommandLog
+from worker.app.routing import DEFAULT_QUEUE, host_queue
 from worker.logs import configure_logging
-from worker.routing import DEFAULT_QUEUE, host_queue
 
 EXTRA_QUEUE = "bench.extra"
 BARE_QUEUES = ("bench.bare.0", "bench.bare.1", "bench.bare.2")

@@ -25,11 +25,12 @@ from domain.cache.staging import FetchOptions
 from domain.core.fileops import fsync_file
 from domain.core.models import ImageSource
 from domain.core.runner import Limits, Runner
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import RedisServer, free_port
+from harness.redis_server import RedisServer
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
 from worker.logs import configure_logging
-from worker.redis_locks import RedisLockFactory
 from worker.settings import FetchSettings
+from worker.stores.redis_locks import RedisLockFactory
 
 MiB = 2**20
 

@@ -36,11 +36,12 @@ from bench.report import Figure, median, report
 from bench.stack import CONFIG
 from domain.cache.networks import loopback_allowed
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
-from worker.app import create_app
-from worker.client import Client
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import WorkerProcess, start_worker
+from harness.redis_server import RedisServer
+from worker.app.application import create_app
+from worker.cli.client import Client
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import WorkerProcess, start_worker
 from worker.logs import configure_logging
 from worker.settings import Settings
 

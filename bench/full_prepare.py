@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.report import Figure, median, percentile, report
 from bench.stack import MiB, stack
 from domain.core.models import DiskSpec, FileInjection, ImageSource, PrepareRequest
-from worker.harness.sample_images import Partition, partitioned_disk
+from worker.cli.demo.sample_images import Partition, partitioned_disk
 from worker.logs import configure_logging
 
 BASELINE = Path(__file__).resolve().parent / "mount_inject_baseline.sh"

@@ -17,10 +17,10 @@ import uuid
 from bench.report import Figure, median, report
 from bench.stack import stack
 from domain.core.models import DiskSpec, FileInjection, ImageSource, PrepareRequest
-from worker.harness.guest_boot import BootDisk, GuestReport, boot_guest, choose_accelerator
-from worker.harness.guest_image import guest_image
-from worker.harness.guest_recipe import AUTHORIZED_KEYS_PATH, MESSAGE_PATH
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.guest_boot import BootDisk, GuestReport, boot_guest, choose_accelerator
+from worker.cli.demo.guest_image import guest_image
+from worker.cli.demo.guest_recipe import AUTHORIZED_KEYS_PATH, MESSAGE_PATH
+from worker.cli.demo.image_server import ImageServer
 from worker.logs import configure_logging
 
 DISK = 2 * 2**30

@@ -29,12 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.report import Figure, percentile, report
+from harness.privileges import HelperProcess, open_directory, unprivileged_user
 from helper import operations
 from helper.protocol import IsLiveMount
 from helper.zygote import Zygote
-from worker.harness.privileges import HelperProcess, open_directory, unprivileged_user
-from worker.helper_client import HelperClient
 from worker.logs import configure_logging
+from worker.privileges.helper_client import HelperClient
 
 TIMEOUT = 300.0
 

@@ -31,7 +31,7 @@ from bench import burst, claim_latency
 from bench.report import Figure, median, percentile, report
 from bench.stack import MiB, Stack, stack, write_image
 from domain.core.models import DiskSpec, FileInjection, ImageSource, PrepareRequest
-from worker.harness.sample_images import Partition, partitioned_disk
+from worker.cli.demo.sample_images import Partition, partitioned_disk
 from worker.logs import configure_logging
 
 BASELINE = Path(__file__).resolve().parent / "mount_inject_baseline.sh"

@@ -1,6 +1,6 @@
 """Lock hand-off: time from a release to a waiting process holding the lock, p50 and p99.
 
-Ours (worker.redis_locks.LeaseLock: the waiter blocks on a Redis list the releaser pushes
+Ours (worker.stores.redis_locks.LeaseLock: the waiter blocks on a Redis list the releaser pushes
 to) against redis-py's `Lock` with its default polling (`sleep=0.1`). Target: our p50 ≤ 5 ms.
 
     .venv/bin/python -m bench.lock_handoff [--rounds 200]
@@ -20,9 +20,10 @@ import redis
 from redis.lock import Lock
 
 from bench.report import Figure, percentile, report
-from worker.harness.redis_server import RedisServer, free_port
+from harness.redis_server import RedisServer
+from worker.cli.demo.ports import free_port
 from worker.logs import configure_logging
-from worker.redis_locks import LeaseLock
+from worker.stores.redis_locks import LeaseLock
 
 
 def hand_offs(

@@ -56,17 +56,18 @@ from domain.guest.mapping import map_partitions
 from domain.guest.mounting import mount_guest
 from domain.guest.ports import PrivilegedOperations
 from domain.guest.teardown import release_devices
+from harness.privileges import HelperProcess, unprivileged_user
+from harness.redis_server import RedisServer
 from tasks.canvases import injection_steps, with_ids
-from worker.app import create_app
-from worker.harness.privileges import HelperProcess, unprivileged_user
-from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.sample_images import Partition, partitioned_disk
-from worker.harness.worker_processes import start_worker
-from worker.helper_client import HelperClient
+from worker.app.application import create_app
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.sample_images import Partition, partitioned_disk
+from worker.cli.demo.worker_processes import start_worker
 from worker.logs import configure_logging
-from worker.redis_ledger import RedisDeviceLedger
-from worker.redis_locks import RedisLockFactory
+from worker.privileges.helper_client import HelperClient
 from worker.settings import MountSettings, Settings
+from worker.stores.redis_ledger import RedisDeviceLedger
+from worker.stores.redis_locks import RedisLockFactory
 
 BASELINE = Path(__file__).with_name("mount_inject_baseline.sh")
 PAYLOAD = os.urandom(4096)

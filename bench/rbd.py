@@ -30,8 +30,8 @@ from bench.report import Figure, median, report
 from bench.stack import MiB, Stack, stack, write_image
 from domain.core.models import Backend, DiskSpec, FileInjection, ImageSource, PrepareRequest
 from domain.rbd import names
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.sample_images import Partition, partitioned_disk
+from worker.cli.demo.ceph_cluster import CephCluster
+from worker.cli.demo.sample_images import Partition, partitioned_disk
 from worker.logs import configure_logging
 
 DISK = 1024 * MiB

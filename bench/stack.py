@@ -19,12 +19,13 @@ from pathlib import Path
 from celery import Celery
 
 from domain.cache.networks import loopback_allowed
-from worker.app import create_app
-from worker.client import Client
-from worker.harness.image_server import ImageServer
-from worker.harness.privileges import privileged_overrides, socket_directory, unprivileged_user
-from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import WorkerProcess, start_worker
+from harness.privileges import privileged_overrides, socket_directory, unprivileged_user
+from harness.redis_server import RedisServer
+from worker.app.application import create_app
+from worker.cli.client import Client
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import WorkerProcess, start_worker
 from worker.settings import Settings
 
 MiB = 2**20

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 echo "== constraints.txt matches pyproject.toml, and .venv holds exactly its pins"
 .venv/bin/python scripts/lock.py check --installed
 echo "== ruff"
-.venv/bin/ruff check domain worker tasks helper tests bench scripts docs/hooks
+.venv/bin/ruff check domain worker tasks helper harness tests bench scripts docs/hooks
 echo "== import contracts (tasks → worker → domain)"
 .venv/bin/lint-imports --no-logo
 echo "== mypy"

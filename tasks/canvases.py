@@ -15,7 +15,7 @@ from celery import Signature, chain, chord, signature
 from domain.cache.precache_models import PrecacheReport
 from domain.core.models import CachedImage, DeleteDiskRequest, ImageSource, PrepareRequest
 from domain.formats.snapshot_models import SnapshotRequest
-from worker.routing import DEFAULT_QUEUE, fetch_queue, host_queue
+from worker.app.routing import DEFAULT_QUEUE, fetch_queue, host_queue
 
 # The step that creates an instance disk, by backend (Nova's images_type).
 DISK_STEPS = {

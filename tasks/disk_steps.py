@@ -12,8 +12,8 @@ from typing import Any
 from domain.core.models import CachedImage, PrepareRequest
 from domain.disks import instance_disks
 from domain.disks.backends import FileBackend
-from worker.runtime import runtime
-from worker.taskbase import StepTask, canvas_pin, parse
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, canvas_pin, parse
 
 
 def create_file_disk(

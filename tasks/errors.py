@@ -1,7 +1,7 @@
 """imgprep's errors under their wire name: stored failures name `tasks.errors` as their
 `exc_module` (README, "Wire contract"); the errors themselves are domain.core.errors.
 
-imgprep's result backend (worker.results) writes and reads that name itself. This alias is for
+imgprep's result backend (worker.app.results) writes and reads that name itself. This alias is for
 Python clients on Celery's own result backend, which look the class up in
 `sys.modules[exc_module]`: having imported `tasks.errors`, they rebuild a stored failure as the
 same class, as before the errors moved.

@@ -40,7 +40,7 @@ from domain.cache.networks import (
     NEVER_PEER_NETWORKS,
 )
 from domain.core.models import HostId
-from worker.redis_urls import is_sentinel, normalised
+from worker.stores.redis_urls import is_sentinel, normalised
 
 ENV_PREFIX = "IMGPREP_"
 NESTED_DELIMITER = "__"
@@ -191,8 +191,8 @@ class ImageCacheSettings(_Group):
 
 
 class PeerSettings(_Group):
-    """Host scope: each host serves its cache read-only to the other hosts (worker.peer_server)
-    and takes images from them (domain.cache.fleet)."""
+    """Host scope: each host serves its cache read-only to the other hosts
+    (worker.fleet.peer_server) and takes images from them (domain.cache.fleet)."""
 
     address: str = ""
     """The address other hosts reach this host's peer server on, and its listen address
@@ -245,7 +245,7 @@ class PeerSettings(_Group):
 
 
 class HostSettings(_Group):
-    """Which hosts have live workers (worker.hosts): heartbeats, and when a host's work is
+    """Which hosts have live workers (worker.delivery.hosts): heartbeats, and when a host's work is
     refused or abandoned."""
 
     heartbeat_seconds: PositiveSeconds = 10.0

@@ -30,11 +30,11 @@ from bench.chaos.nemesis import Nemesis, NemesisOptions
 from bench.chaos.rbd_state import check_rbd_state
 from bench.chaos.sources import DeniedListener, SourceServer
 from bench.chaos.workload import Places, Workload, WorkloadOptions
-from worker.harness import machine
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.redis_server import RedisServer, start_redis
-from worker.harness.sentinel import SentinelRedis
-from worker.redis_locks import LOCK_PREFIX
+from harness import machine
+from harness.redis_server import RedisServer, start_redis
+from harness.sentinel import SentinelRedis
+from worker.cli.demo.ceph_cluster import CephCluster
+from worker.stores.redis_locks import LOCK_PREFIX
 
 TICK = 0.05
 PROGRESS_EVERY = 15.0
@@ -56,7 +56,7 @@ class Options:
     tuning: Tuning = field(default_factory=Tuning)
     workload: WorkloadOptions = field(default_factory=WorkloadOptions)
     nemesis: NemesisOptions = field(default_factory=NemesisOptions)
-    # Redis with a master, two replicas and three Sentinels (worker.harness.sentinel): the
+    # Redis with a master, two replicas and three Sentinels (harness.sentinel): the
     # workers and the client on the Sentinel URL, and the `failover` fault possible
     sentinel: bool = False
     # a one-node Ceph cluster (bluestore on a file, cephx on) the workers' rbd disks live in,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from domain.cache.directory import cache_key
-from worker.harness.sample_images import Partition, partitioned_disk
+from worker.cli.demo.sample_images import Partition, partitioned_disk
 
 MiB = 2**20
 GUEST_FILE = "/etc/chaos-image"

@@ -22,7 +22,7 @@ from bench.chaos.history import History, Op
 from domain.core import errors
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from domain.formats.snapshot_models import ConvertedImage, RbdSnapshot
-from worker.results import ERRORS_WIRE_MODULE
+from worker.app.results import ERRORS_WIRE_MODULE
 
 # error class → the faults under whose influence it is an acceptable end of a request
 EXPLAINED_BY: dict[str, tuple[str, ...]] = {

@@ -21,12 +21,13 @@ from celery import Celery
 
 from bench.chaos.sources import DENIED_ADDRESS
 from domain.cache.networks import loopback_allowed
-from worker.harness.privileges import privileged_overrides, socket_directory, unprivileged_user
-from worker.harness.redis_server import RedisServer
-from worker.harness.sentinel import SentinelRedis
-from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
-from worker.redis_locks import LOCK_PREFIX
-from worker.settings import Settings
+from harness.privileges import privileged_overrides, socket_directory, unprivileged_user
+from harness.redis_server import RedisServer
+from harness.sentinel import SentinelRedis
+from harness.settings import settings_for_env
+from worker.cli.demo.worker_processes import WorkerProcess, start_worker, stop_workers
+from worker.stores.redis_locks import LOCK_PREFIX
+from worker.stores.replies import text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -237,13 +238,13 @@ class Cluster:
             token = client.get(raw_key)
             if not token:
                 continue
-            parts = _text(token).split(":")
+            parts = text(token, "replace").split(":")
             if len(parts) < 3 or not parts[-2].isdigit():
                 continue
             pid = int(parts[-2])
             slot = self.slot_of(pid)
             if slot is not None:
-                holders.append((_text(raw_key).removeprefix(LOCK_PREFIX), pid, slot))
+                holders.append((text(raw_key, "replace").removeprefix(LOCK_PREFIX), pid, slot))
         return holders
 
 
@@ -310,23 +311,7 @@ def make_cluster(
         unprivileged_user()
         root.chmod(0o755)  # the workers' user reaches its directories below
     for host in made_hosts:
-        validate(cluster.host_env(host))
+        settings_for_env(cluster.host_env(host))  # an invalid combination fails here
     if privsep:  # removed by stop_all
         cluster.sockets = socket_directory()
     return cluster
-
-
-def validate(env: dict[str, str]) -> Settings:
-    """The settings a worker with `env` loads; an invalid combination fails here, not later."""
-    saved = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -30,11 +30,12 @@ from bench.chaos.checker import Violation, World
 from bench.chaos.history import History
 from bench.chaos.workload import Disk
 from domain.cache.directory import CacheRecord
-from worker.harness import machine
-from worker.harness.guest_files import read_guest_file
-from worker.redis_ledger import DEVICES_PREFIX
-from worker.redis_locks import LOCK_PREFIX
-from worker.redis_references import REFS_PREFIX
+from harness import machine
+from worker.cli.demo.guest_files import read_guest_file
+from worker.stores.redis_ledger import DEVICES_PREFIX
+from worker.stores.redis_locks import LOCK_PREFIX
+from worker.stores.redis_references import REFS_PREFIX
+from worker.stores.replies import text
 
 ENTRY = re.compile(r"^[0-9a-f]{40}$")
 RECORD = re.compile(r"^[0-9a-f]{40}\.json$")
@@ -162,7 +163,10 @@ def check_record(path: Path, entry: Path, image: Any) -> list[Violation]:
 
 def check_redis(client: redis.Redis, world: World, files: dict[str, DiskFile]) -> list[Violation]:
     found = [
-        Violation("no-lock-left", f"lock key {_text(key)} is still held by {client.get(key)!r}")
+        Violation(
+            "no-lock-left",
+            f"lock key {text(key, 'replace')} is still held by {client.get(key)!r}",
+        )
         for key in client.scan_iter(match=LOCK_PREFIX + "*")
     ]
     for key in client.scan_iter(match=DEVICES_PREFIX + "*"):
@@ -170,13 +174,14 @@ def check_redis(client: redis.Redis, world: World, files: dict[str, DiskFile]) -
             found.append(
                 Violation(
                     "no-device-left",
-                    f"{_text(key)} still records devices of {_text(disk)}: {raw[:200]!r}",
+                    f"{text(key, 'replace')} still records devices of "
+                    f"{text(disk, 'replace')}: {raw[:200]!r}",
                 )
             )
     for raw_key in client.scan_iter(match=REFS_PREFIX + "*"):
-        base = _text(raw_key).removeprefix(REFS_PREFIX)
+        base = text(raw_key, "replace").removeprefix(REFS_PREFIX)
         for raw_holder in client.hkeys(raw_key):
-            found += check_reference(base, _text(raw_holder), world, files)
+            found += check_reference(base, text(raw_holder, "replace"), world, files)
     return found
 
 
@@ -410,7 +415,3 @@ def check_machine(root: Path) -> list[Violation]:
             for p in machine.processes_mentioning(root)
         ),
     ]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value

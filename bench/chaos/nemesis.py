@@ -51,8 +51,8 @@ from bench.chaos.cluster import Cluster, Slot
 from bench.chaos.history import Fault, History
 from bench.chaos.sources import SourceServer
 from bench.chaos.workload import pick
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.sentinel import SentinelRedis
+from harness.sentinel import SentinelRedis
+from worker.cli.demo.ceph_cluster import CephCluster
 
 KINDS = (
     "kill_pool",

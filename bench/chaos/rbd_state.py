@@ -21,8 +21,8 @@ from bench.chaos.catalogue import sha256_file
 from bench.chaos.checker import Violation, World
 from bench.chaos.workload import Disk
 from domain.rbd import names
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.guest_files import read_guest_file
+from worker.cli.demo.ceph_cluster import CephCluster
+from worker.cli.demo.guest_files import read_guest_file
 
 POOLS = ("vms", "images")
 INJECTED_SAMPLE = 6

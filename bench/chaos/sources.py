@@ -15,11 +15,17 @@ import threading
 import time
 from collections import Counter
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import BinaryIO
 
-from worker.harness.http_serving import QuietHTTPServer, keep_pace, requested_name, served_file
+from worker.http_serving import (
+    QuietHandler,
+    QuietHTTPServer,
+    ServedInThread,
+    keep_pace,
+    requested_name,
+    served_file,
+)
 
 CHUNK = 64 * 2**10
 STALL_POLL = 0.05
@@ -39,27 +45,24 @@ class SourceServer:
         self._active: Counter[str] = Counter()
         self.gets: Counter[str] = Counter()
         self._closing = threading.Event()
-        self._httpd = QuietHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="chaos-sources", daemon=True
+        self._serving = ServedInThread(
+            QuietHTTPServer(("127.0.0.1", 0), self._handler()), "chaos-sources"
         )
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return self._serving.port
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
 
     def start(self) -> SourceServer:
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
         self._closing.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._serving.stop()
 
     # -- the nemesis's controls ------------------------------------------------------------
 
@@ -121,15 +124,10 @@ class SourceServer:
             if rate:
                 keep_pace(sent, rate, started)
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self) -> type[QuietHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 name = requested_name(self.path)
                 path = served_file(server.root, name)

@@ -17,9 +17,10 @@ by the host that verified them (what the host that downloaded from the origin fo
 published entry converted to raw is checked against the entry's digest, which the first host to
 publish it recorded, and only when the source digest recorded with it is the request's checksum:
 digests of another version vouch for nothing. The registry's records are signed by the hosts
-that wrote them (worker.redis_peers), so nobody without `peer.secret` can vouch for bytes or point
-a host at a peer; nothing a checksum rejects is ever published (domain.cache.staging.stage_entry
-checks it again). The bytes are then inspected as any download is. A
+that wrote them (worker.stores.redis_peers), so nobody without `peer.secret` can vouch for
+bytes or point a host at a peer; nothing a checksum rejects is ever published
+(domain.cache.staging.stage_entry checks it again). The bytes are then inspected as any
+download is. A
 peer that dies, stalls (no byte for `peer.stall_seconds`) or refuses is dropped, and the transfer
 resumes from the byte where it stopped, from another peer or from the origin (a Range request;
 from the first byte when no digest can vouch for what came before). A peer whose bytes turn out

@@ -1,5 +1,5 @@
-"""Reading a byte range of a cache entry from a peer's server (worker.peer_server), signed with
-the fleet's secret (domain.cache.peer_auth).
+"""Reading a byte range of a cache entry from a peer's server (worker.fleet.peer_server),
+signed with the fleet's secret (domain.cache.peer_auth).
 
 Peers are addressed by what the peer registry says (records signed by fleet hosts), not by a
 caller's URL, and are never trusted more than the origin: whatever they send is verified by

@@ -1,6 +1,6 @@
 """What the image cache needs from the runtime, as protocols: references to cached bases
-(`References`; worker.redis_references) and, in host scope, the copies of cache entries on peers
-(`PeerRegistry`; worker.redis_peers). tests/fakes holds the in-memory ones.
+(`References`; worker.stores.redis_references) and, in host scope, the copies of cache entries
+on peers (`PeerRegistry`; worker.stores.redis_peers). tests/fakes holds the in-memory ones.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class References(Protocol):
 
 class PeerRegistry(Protocol):
     """Which hosts hold (or are fetching) each cache entry, and the digests it is verified
-    against (host scope; worker.redis_peers.RedisPeerRegistry)."""
+    against (host scope; worker.stores.redis_peers.RedisPeerRegistry)."""
 
     def copies(self, key: str) -> list[PeerCopy]:
         """Every host's copy of `key`, complete or in progress."""

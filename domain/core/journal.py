@@ -1,6 +1,6 @@
 """The step journal's records: which steps a canvas has, and what became of each.
 
-A journal (`StepJournal`; worker.redis_journal keeps it in Redis) is written by
+A journal (`StepJournal`; worker.stores.redis_journal keeps it in Redis) is written by
 the runtime as steps start, retry and end, and read by `imgprep status` and the demo to show a
 canvas as a tree of steps with durations. The result backend stays the authority on each step's
 state.

@@ -5,8 +5,9 @@ Each feature declares the ports only it needs beside its code: the cache's refer
 registry (domain.cache.ports), the device records of instance disks (domain.disks.ports), the
 operations that need root (domain.guest.ports), the RBD backend's temporaries and imported images
 (domain.rbd.ports); the step journal's port is with its records (domain.core.journal). Domain
-functions take these as arguments; worker/ supplies the Redis adapters (worker.redis_locks for
-the locks here) and tests/fakes the in-memory ones. Nothing here imports Celery or Redis.
+functions take these as arguments; worker/ supplies the Redis adapters
+(worker.stores.redis_locks for the locks here) and tests/fakes the in-memory ones. Nothing
+here imports Celery or Redis.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ learn afterwards (the loop device's name), so whatever moment a worker dies at, 
 everything that might exist. Teardown releases the resources in reverse order and then drops the
 record; a worker's janitor does the same for records whose worker is gone.
 
-Domain code sees the `DeviceLedger` protocol; worker.redis_ledger keeps records in Redis.
+Domain code sees the `DeviceLedger` protocol; worker.stores.redis_ledger keeps records in Redis.
 """
 
 from __future__ import annotations

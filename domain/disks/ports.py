@@ -1,6 +1,6 @@
 """What instance disks need from the runtime, as protocols: the device records of a host's
-instance disks (`DeviceLedger`; worker.redis_ledger), which the device steps write and a disk's
-deletion reads. tests/fakes holds the in-memory one.
+instance disks (`DeviceLedger`; worker.stores.redis_ledger), which the device steps write and
+a disk's deletion reads. tests/fakes holds the in-memory one.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from domain.disks.device_records import DeviceRecord
 
 
 class DeviceLedger(Protocol):
-    """Records of one host's instance disks (worker.redis_ledger.RedisDeviceLedger)."""
+    """Records of one host's instance disks (worker.stores.redis_ledger.RedisDeviceLedger)."""
 
     def claim(self, disk: str, owner: str, worker: str) -> DeviceRecord:
         """The record of `disk` for `owner`, created if there is none; DiskBusy when another

@@ -1,5 +1,6 @@
 """What the device steps need to run as root, as a protocol (`PrivilegedOperations`): in
-process (domain.guest.privileged), or through the privileged helper (worker.helper_client).
+process (domain.guest.privileged), or through the privileged helper
+(worker.privileges.helper_client).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ class PrivilegedOperations(Protocol):
     the FUSE daemons' processes, and files written as root into a mounted guest.
 
     Device code calls these and nothing else for privileged work. domain.guest.privileged
-    runs them in this process (a worker running as root); worker.helper_client sends each to the
-    privileged helper (`helper/`), which checks every argument again against the configured
-    roots and runs it with only the capabilities it needs."""
+    runs them in this process (a worker running as root); worker.privileges.helper_client sends
+    each to the privileged helper (`helper/`), which checks every argument again against the
+    configured roots and runs it with only the capabilities it needs."""
 
     def attach_loop(self, backing: Path, *, offset: int, size: int) -> str:
         """A free loop device over `size` bytes of `backing` from `offset`; its /dev path.

@@ -11,8 +11,8 @@ from typing import Any
 from domain.core.models import DeleteDiskRequest
 from tasks.canvases import delete_disk_steps, with_ids
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over, plan, target_host
-from worker.taskbase import parse
+from worker.app.entry import CanvasEntryTask, hand_over, plan, target_host
+from worker.app.taskbase import parse
 
 
 @app.task(name="imgprep.delete_disk", base=CanvasEntryTask, bind=True)

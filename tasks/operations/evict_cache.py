@@ -18,12 +18,12 @@ from domain.cache import eviction
 from domain.core.models import CacheEvictionReport, EvictCacheRequest
 from domain.rbd import aging
 from worker.app import app
-from worker.entry import EntryTask
-from worker.hosts import live_hosts
+from worker.app.entry import EntryTask
+from worker.app.routing import DEFAULT_QUEUE, host_queue
+from worker.app.runtime import runtime
+from worker.app.taskbase import parse
+from worker.delivery.hosts import live_hosts
 from worker.metrics import count_evictions
-from worker.routing import DEFAULT_QUEUE, host_queue
-from worker.runtime import runtime
-from worker.taskbase import parse
 
 
 @app.task(name="imgprep.evict_cache", base=EntryTask, bind=True, request_required=False)

@@ -19,11 +19,11 @@ from domain.core.journal import PlannedStep
 from domain.core.models import ImageSource
 from tasks.canvases import precache_steps
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over
-from worker.hosts import live_hosts, unavailable_hosts
-from worker.runtime import runtime
-from worker.signals import journal
-from worker.taskbase import parse
+from worker.app.entry import CanvasEntryTask, hand_over
+from worker.app.runtime import runtime
+from worker.app.signals import journal
+from worker.app.taskbase import parse
+from worker.delivery.hosts import live_hosts, unavailable_hosts
 
 
 @app.task(name="imgprep.precache", base=CanvasEntryTask, bind=True)

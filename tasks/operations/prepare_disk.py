@@ -1,7 +1,7 @@
 """imgprep.prepare_disk: fetch the image into the cache and create the instance disk.
 
 `imgprep.prepare_disk(request)` validates the request, builds its canvas and hands its task id
-over to it (worker.entry.hand_over): the canvas's last step carries the caller's task id, so
+over to it (worker.app.entry.hand_over): the canvas's last step carries the caller's task id, so
 waiting on that id yields the final result, or the failure with its error class and message.
 When the image is already cached, the entry task pins it itself (domain.cache.references.
 pin_if_cached) and the canvas starts with the disk step.
@@ -17,10 +17,10 @@ from domain.cache import references
 from domain.core.models import PrepareRequest
 from tasks.canvases import prepare_disk_steps, with_ids
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over, plan, target_host
+from worker.app.entry import CanvasEntryTask, hand_over, plan, target_host
+from worker.app.runtime import runtime
+from worker.app.taskbase import canvas_pin, parse
 from worker.metrics import count_cache_hit
-from worker.runtime import runtime
-from worker.taskbase import canvas_pin, parse
 
 
 @app.task(name="imgprep.prepare_disk", base=CanvasEntryTask, bind=True)

@@ -12,8 +12,8 @@ from typing import Any
 from domain.formats.snapshot_models import SnapshotRequest
 from tasks.canvases import snapshot_steps, with_ids
 from worker.app import app
-from worker.entry import CanvasEntryTask, hand_over, plan, target_host
-from worker.taskbase import parse
+from worker.app.entry import CanvasEntryTask, hand_over, plan, target_host
+from worker.app.taskbase import parse
 
 
 @app.task(name="imgprep.snapshot", base=CanvasEntryTask, bind=True)

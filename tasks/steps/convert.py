@@ -10,9 +10,9 @@ from typing import Any
 from domain.formats import snapshot
 from domain.formats.snapshot_models import ConvertJob
 from worker.app import app
-from worker.progress import TaskProgress
-from worker.runtime import runtime
-from worker.taskbase import StepTask, parse
+from worker.app.progress import TaskProgress
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.convert", base=StepTask, bind=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from tasks import disk_steps
 from worker.app import app
-from worker.taskbase import StepTask
+from worker.app.taskbase import StepTask
 
 
 @app.task(name="imgprep.create_overlay", base=StepTask, bind=True)

@@ -9,10 +9,10 @@ from typing import Any
 from domain.cache import fetch
 from domain.core.models import PrepareRequest
 from worker.app import app
+from worker.app.progress import TaskProgress
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, canvas_pin, parse
 from worker.metrics import FetchMeter
-from worker.progress import TaskProgress
-from worker.runtime import runtime
-from worker.taskbase import StepTask, canvas_pin, parse
 
 
 @app.task(name="imgprep.fetch_to_cache", base=StepTask, bind=True)

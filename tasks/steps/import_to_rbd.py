@@ -8,10 +8,10 @@ from typing import Any
 from domain.core.models import PrepareRequest
 from domain.rbd import images
 from worker.app import app
+from worker.app.progress import TaskProgress
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, parse
 from worker.metrics import FetchMeter, count_rbd_import
-from worker.progress import TaskProgress
-from worker.runtime import runtime
-from worker.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.import_to_rbd", base=StepTask, bind=True)

@@ -8,8 +8,8 @@ from domain.core.models import PrepareRequest
 from domain.guest import injection
 from domain.guest.context import MountedDisk
 from worker.app import app
-from worker.device_steps import device_context
-from worker.taskbase import StepTask, parse
+from worker.app.device_steps import device_context
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.inject_files", base=StepTask, bind=True)

@@ -7,8 +7,8 @@ from typing import Any
 from domain.core.models import PreparedDisk, PrepareRequest
 from domain.guest import mapping
 from worker.app import app
-from worker.device_steps import device_context
-from worker.taskbase import StepTask, parse
+from worker.app.device_steps import device_context
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.map_partitions", base=StepTask, bind=True)

@@ -2,8 +2,8 @@
 each fetched as a prepare would (in host scope from peers when it can), at most
 `precache_concurrency` of them from their origin at once across the fleet. Progress per host as
 the custom state PROGRESS. As a part of a precache (a chord), a step that fails — its host dead
-before it ended (swept by worker.hosts: HostUnavailable), its pool process lost too often, its
-time limit — ends with its host's report, every image failed with that error, so the precache's
+before it ended (swept by worker.delivery.hosts: HostUnavailable), its pool process lost too often,
+its time limit — ends with its host's report, every image failed with that error, so the precache's
 body still runs and reports every host."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from domain.cache.precache_models import PrecacheHostRequest
 from domain.core.models import CachedImage, ImageSource
 from domain.core.ports import Progress
 from worker.app import app
-from worker.entry import the_request
-from worker.progress import TaskProgress
-from worker.runtime import runtime
-from worker.taskbase import FailureAsResult, StepTask, parse
+from worker.app.entry import the_request
+from worker.app.progress import TaskProgress
+from worker.app.runtime import runtime
+from worker.app.taskbase import FailureAsResult, StepTask, parse
 
 
 class PrecacheHostTask(StepTask):

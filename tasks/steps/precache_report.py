@@ -8,7 +8,7 @@ from typing import Any
 from domain.cache import precache
 from domain.cache.precache_models import PrecacheReport
 from worker.app import app
-from worker.taskbase import StepTask, parse
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.precache_report", base=StepTask, bind=True)

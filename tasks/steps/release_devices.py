@@ -11,8 +11,8 @@ from typing import Any
 from domain.core.models import PrepareRequest
 from domain.guest import teardown
 from worker.app import app
-from worker.device_steps import device_context, disk_of
-from worker.taskbase import StepTask, parse
+from worker.app.device_steps import device_context, disk_of
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.release_devices", base=StepTask, bind=True, journaled=False)

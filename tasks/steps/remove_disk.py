@@ -8,8 +8,8 @@ from typing import Any
 from domain.core.models import DeleteDiskRequest
 from domain.disks import removal
 from worker.app import app
-from worker.runtime import runtime
-from worker.taskbase import StepTask, parse
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.remove_disk", base=StepTask, bind=True)

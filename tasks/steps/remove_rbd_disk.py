@@ -8,8 +8,8 @@ from typing import Any
 from domain.core.models import DeleteDiskRequest
 from domain.rbd import clones
 from worker.app import app
-from worker.runtime import runtime
-from worker.taskbase import StepTask, parse
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.remove_rbd_disk", base=StepTask, bind=True)

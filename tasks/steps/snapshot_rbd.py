@@ -8,9 +8,9 @@ from typing import Any
 from domain.formats.snapshot_models import SnapshotRequest
 from domain.rbd import snapshots
 from worker.app import app
-from worker.progress import TaskProgress
-from worker.runtime import runtime
-from worker.taskbase import StepTask, parse
+from worker.app.progress import TaskProgress
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.snapshot_rbd", base=StepTask, bind=True)

@@ -8,8 +8,8 @@ from typing import Any
 from domain.formats import snapshot
 from domain.formats.snapshot_models import SnapshotRequest
 from worker.app import app
-from worker.runtime import runtime
-from worker.taskbase import StepTask, parse
+from worker.app.runtime import runtime
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.snapshot_source", base=StepTask, bind=True)

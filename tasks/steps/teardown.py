@@ -9,8 +9,8 @@ from domain.core.models import PrepareRequest
 from domain.guest import teardown as guest_teardown
 from domain.guest.context import InjectedDisk
 from worker.app import app
-from worker.device_steps import device_context, disk_of
-from worker.taskbase import StepTask, parse
+from worker.app.device_steps import device_context, disk_of
+from worker.app.taskbase import StepTask, parse
 
 
 @app.task(name="imgprep.teardown", base=StepTask, bind=True)

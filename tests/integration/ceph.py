@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.redis_server import RedisServer
 from tests.integration.conftest import Cluster, make_cluster, unique
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import stop_workers
+from worker.cli.demo.ceph_cluster import CephCluster
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import stop_workers
 
 RBD_HOSTS = ("rbd-a", "rbd-b")
 

@@ -33,21 +33,23 @@ import redis
 from celery import Celery
 
 from domain.cache.networks import loopback_allowed
-from tests.support.cli import run_imgprep
-from worker.app import create_app
-from worker.client import Client
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import leftovers
-from worker.harness.privileges import (
+from harness.machine import leftovers
+from harness.privileges import (
     open_directory,
     privileged_overrides,
     socket_directory,
     unprivileged_user,
 )
-from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import WorkerProcess, start_worker, stop_workers
-from worker.redis_journal import RedisJournal
+from harness.redis_server import RedisServer
+from harness.settings import settings_for_env
+from tests.support.cli import run_imgprep
+from worker.app.application import create_app
+from worker.cli.client import Client
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import WorkerProcess, start_worker, stop_workers
 from worker.settings import Settings
+from worker.stores.redis_journal import RedisJournal
 
 
 @dataclass
@@ -200,18 +202,6 @@ def cluster_env(root: Path, redis_url: str) -> dict[str, str]:
     }
 
 
-def settings_from(env: dict[str, str]) -> Settings:
-    """The settings a process with `env` would load."""
-    saved = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _reachable_temporaries() -> Iterator[None]:
     """Separated, the workers' user must reach the directories tests give their clusters
@@ -287,7 +277,7 @@ def make_cluster(
     separated = privileged_overrides(root, sockets=sockets) if PRIVSEP else {}
     env = {**cluster_env(root, redis_server.url), **separated, **(overrides or {})}
     own_socket = "IMGPREP_PRIVILEGES__HELPER_SOCKET" not in (overrides or {})
-    settings = settings_from(env)
+    settings = settings_for_env(env)
     return Cluster(
         redis_server=redis_server,
         env=env,

@@ -29,7 +29,7 @@ from tasks.canvases import injection_steps, with_ids
 from tests.conftest import need_root, unable
 from tests.integration.conftest import Cluster, unique
 from tests.support.guests import build_guest
-from worker.harness.redis_server import text
+from worker.stores.replies import text
 
 MOTD = FileInjection(path="/etc/motd", content="Welcome to the guest.\n", mode=0o640)
 

@@ -19,13 +19,13 @@ from typing import Any
 from celery.result import AsyncResult
 
 from domain.cache.directory import ImageCache, cache_key
+from harness.machine import leftovers
 from tests.integration.conftest import Cluster, ClusterFactory, unique
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import leftovers
-from worker.harness.redis_server import free_port
-from worker.harness.worker_processes import WorkerProcess
-from worker.redis_peers import RedisPeerRegistry
-from worker.routing import host_queue
+from worker.app.routing import host_queue
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import WorkerProcess
+from worker.stores.redis_peers import RedisPeerRegistry
 
 MiB = 2**20
 SECRET = "fleet-test-secret"

@@ -1,4 +1,4 @@
-"""A channel closed while it waits for work (worker/broker.py): its peeks wait in Redis on
+"""A channel closed while it waits for work (worker/delivery/broker.py): its peeks wait in Redis on
 connections of their own, and its own connection may hold the reply of a claim; a channel that
 closes, after the worker cancelled its consumers, must end both without failing and leave no
 connection of its own blocked in Redis."""
@@ -14,9 +14,10 @@ import pytest
 import redis
 from kombu.connection import Connection
 
+from harness.redis_server import RedisServer
 from tests.support.waiting import wait_for
-from worker.broker import Transport
-from worker.harness.redis_server import RedisServer, free_port
+from worker.cli.demo.ports import free_port
+from worker.delivery.broker import Transport
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Delivery through the broker when a whole worker dies (worker/broker.py): a message never leaves
-Redis unrecorded, and what a dead worker held goes back to its queue within seconds, not after
-the visibility timeout (an hour by default)."""
+"""Delivery through the broker when a whole worker dies (worker/delivery/broker.py): a message never
+leaves Redis unrecorded, and what a dead worker held goes back to its queue within seconds, not
+after the visibility timeout (an hour by default)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.integration.conftest import ClusterFactory, unique
 from tests.integration.test_redis_outage import stop_redis_for, wait_through_outages
 from tests.integration.test_reliability import request_for
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 

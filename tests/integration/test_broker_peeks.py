@@ -1,5 +1,5 @@
-"""The peeks of worker/broker.py on a real redis-server, through kombu's own consumer API (the
-worker's event loop is exercised by test_claim_latency.py): every list of every queue a channel
+"""The peeks of worker/delivery/broker.py on a real redis-server, through kombu's own consumer API
+(the worker's event loop is exercised by test_claim_latency.py): every list of every queue a channel
 consumes is watched, and a message on any of them is claimed and recorded; a cancelled queue is
 watched no more; a Redis that refuses BLMOVE is consumed the old way; a master turned replica is
 a lost connection, not a reason to stop claiming atomically."""
@@ -18,9 +18,10 @@ from kombu.entity import Queue
 from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
+from harness.redis_server import RedisServer
 from tests.support.waiting import wait_for
-from worker.broker import OWNER_KEY, Transport, consumer_id
-from worker.harness.redis_server import RedisServer, free_port
+from worker.cli.demo.ports import free_port
+from worker.delivery.broker import OWNER_KEY, Transport, consumer_id
 
 PRIORITY_STEPS = [0, 3, 6, 9]  # kombu's: a queue is four lists
 
@@ -33,8 +34,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class Consuming:
-    """A kombu connection over worker.broker's transport, consuming `queues`; what it receives
-    is kept, unacknowledged."""
+    """A kombu connection over worker.delivery.broker's transport, consuming `queues`; what it
+    receives is kept, unacknowledged."""
 
     def __init__(self, url: str, queues: list[str]) -> None:
         connection: Any = Connection(url, transport=Transport)  # type: ignore[no-untyped-call]

@@ -29,11 +29,11 @@ from domain.formats.snapshot_models import ConvertJob
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import text
-from worker.redis_locks import LOCK_PREFIX
-from worker.redis_references import REFS_PREFIX
-from worker.routing import host_queue
+from worker.app.routing import host_queue
+from worker.cli.demo.image_server import ImageServer
+from worker.stores.redis_locks import LOCK_PREFIX
+from worker.stores.redis_references import REFS_PREFIX
+from worker.stores.replies import text
 
 MiB = 2**20
 

@@ -20,12 +20,14 @@ import pytest
 
 from domain.cache.directory import cache_key
 from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
+from harness.redis_server import RedisServer
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import RedisServer, free_port, text
-from worker.redis_references import REFS_PREFIX
-from worker.routing import host_queue
+from worker.app.routing import host_queue
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.stores.redis_references import REFS_PREFIX
+from worker.stores.replies import text
 
 MiB = 2**20
 DAY = 86400.0

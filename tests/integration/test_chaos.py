@@ -23,10 +23,10 @@ from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareReque
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import text
-from worker.harness.worker_processes import WorkerProcess
-from worker.redis_locks import LOCK_PREFIX
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.worker_processes import WorkerProcess
+from worker.stores.redis_locks import LOCK_PREFIX
+from worker.stores.replies import text
 
 MiB = 2**20
 ROUNDS = int(os.environ.get("IMGPREP_CHAOS_ROUNDS", "1"))

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from bench.chaos.nemesis import KINDS, PRIVSEP_KINDS
+from harness.machine import loop_devices_backed_by, mounts_under
 from tests.conftest import need_tools
 from tests.integration.conftest import PRIVSEP
-from worker.harness.machine import loop_devices_backed_by, mounts_under
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 11

@@ -1,5 +1,5 @@
-"""An idle worker claims a step's successor as soon as it is published (worker/broker.py,
-worker/broker_peeks.py), on real processes: a worker, its steps, Redis at its default hz.
+"""An idle worker claims a step's successor as soon as it is published (worker/delivery/broker.py,
+worker/delivery/broker_peeks.py), on real processes: a worker, its steps, Redis at its default hz.
 
 Until the peeks, an idle worker watched one queue at a time with a peek of `peek_timeout`
 (0.1 s) and claimed in between; a step's successor is published on the host's queue, the queue
@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
+from harness.redis_monitor import CommandLog
 from tests.integration.conftest import ClusterFactory, unique
 from tests.integration.test_injection import KEY, serve_guest
 from tests.support.guests import MiB
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_monitor import CommandLog
-from worker.routing import host_queue
+from worker.app.routing import host_queue
+from worker.cli.demo.image_server import ImageServer
 
 
 def test_an_idle_worker_claims_each_successor_within_milliseconds(

@@ -11,7 +11,7 @@ import pytest
 from tests.integration.conftest import Cluster, unique
 from tests.integration.devices import assert_released, need_devices
 from tests.support.guests import build_guest, read_guest_file
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 
 @pytest.fixture(autouse=True)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.privileges import WORKER_USER, open_directory, unprivileged_user
 from helper import capabilities
 from tests.integration.conftest import Cluster
 from tests.support.cli import REPO, run_imgprep
 from tests.support.guests import MiB
 from tests.support.waiting import wait_for
-from worker.harness.privileges import WORKER_USER, open_directory, unprivileged_user
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]

@@ -26,12 +26,12 @@ from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Limits, Runner
 from domain.formats.conversion import convert_image
 from domain.formats.snapshot_models import ConvertedImage, ConvertJob, SnapshotRequest
+from harness.machine import temp_files
+from harness.redis_server import RedisServer
 from tests.conftest import need_root, unable, write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import temp_files
-from worker.harness.redis_server import RedisServer
-from worker.redis_locks import RedisLockFactory
+from worker.cli.demo.image_server import ImageServer
+from worker.stores.redis_locks import RedisLockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)

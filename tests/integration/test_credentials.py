@@ -12,7 +12,7 @@ from domain.core.errors import SourceNotFound
 from tests.conftest import write_raw_image
 from tests.integration.conftest import ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 SECRETS = (b"secret", b"token=abc")

@@ -8,8 +8,8 @@ from domain.core.errors import DiskBusy
 from domain.core.models import DeletedDisk, DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.harness.image_server import ImageServer
-from worker.redis_ledger import RedisDeviceLedger
+from worker.cli.demo.image_server import ImageServer
+from worker.stores.redis_ledger import RedisDeviceLedger
 
 MiB = 2**20
 

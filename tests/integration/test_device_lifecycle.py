@@ -28,9 +28,9 @@ from tests.integration.devices import (
 )
 from tests.support.guests import read_guest_file
 from tests.support.waiting import wait_for
-from worker.harness.redis_server import free_port
-from worker.harness.worker_processes import WorkerProcess
-from worker.runtime import lock_factory
+from worker.app.runtime import lock_factory
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import WorkerProcess
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,14 @@ from domain.core.sparse import allocated_bytes
 from domain.disks.backends import BACKENDS, FileBackend
 from domain.disks.instance_disks import DiskContext, create_disk
 from domain.formats.inspection import QCOW2_MAGIC
+from harness.machine import assert_clean
+from harness.redis_server import RedisServer
 from tests.conftest import write_raw_image
 from tests.fakes.references import InMemoryReferences
 from tests.integration.conftest import Cluster, unique
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import assert_clean
-from worker.harness.redis_server import RedisServer, free_port
-from worker.redis_locks import RedisLockFactory
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.stores.redis_locks import RedisLockFactory
 
 MiB = 2**20
 LIMITS = Limits(cpu_seconds=30, address_space_bytes=2 * 2**30)

@@ -22,7 +22,7 @@ from domain.core.models import CacheEvictionReport, DeletedDisk, PreparedDisk
 from tests.integration.conftest import ClusterFactory, unique
 from tests.integration.fleet import HOSTS, FakePeer, Fleet, MiB, image_file, make_fleet
 from tests.support.waiting import wait_for
-from worker.routing import host_queue
+from worker.app.routing import host_queue
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from domain.core.models import PreparedDisk
 from tests.integration.conftest import DENIED_ADDRESS, ClusterFactory, unique
 from tests.integration.fleet import SECRET, FakePeer, Fleet, MiB, image_file, make_fleet
 from tests.support.waiting import wait_for
-from worker.redis_peers import PEERS_PREFIX, RedisPeerRegistry
+from worker.stores.redis_peers import PEERS_PREFIX, RedisPeerRegistry
 
 # where hosts read the registry (the attacker knows it too), and where the previous version kept it
 PREFIXES = sorted({PEERS_PREFIX, "imgprep:peers:"})

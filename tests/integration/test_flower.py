@@ -17,8 +17,8 @@ from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.support.browser import ARTIFACTS, rendered_dom, screenshot
 from tests.support.flower import FlowerProcess, start_flower
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import free_port
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
 
 MiB = 2**20
 SECRET_PASSWORD = "s3cretPassw0rd"

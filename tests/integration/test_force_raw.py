@@ -11,7 +11,7 @@ from domain.cache.directory import cache_key
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.core.sparse import allocated_bytes
 from tests.integration.conftest import Cluster, unique
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 GiB = 2**30

@@ -2,7 +2,7 @@
 itself reports what was injected.
 
 The guest image is built from Debian's packages once per recipe and cached outside the checkout
-(worker/harness/guest_image.py); the session's workers fetch it from a local HTTP server as raw
+(worker/cli/demo/guest_image.py); the session's workers fetch it from a local HTTP server as raw
 and as a compressed qcow2 (converted to raw by force_raw), prepare instance disks on both
 backends with an authorized_keys and a message injected, and qemu boots each disk (TCG where KVM
 cannot run guests). A disk passes only when its guest printed the marker and the injected files
@@ -28,9 +28,10 @@ import pytest
 
 from domain.core.models import ImageSource, PreparedDisk, PrepareRequest
 from domain.formats.snapshot_models import ConvertedImage, SnapshotRequest
+from harness.machine import processes_mentioning
 from tests.integration.conftest import Cluster, unique
 from tests.support.boots import DISK_SIZE, assert_reports_injected, boot, request_for, sha256
-from worker.harness.guest_boot import (
+from worker.cli.demo.guest_boot import (
     ACCEL_ENV,
     QEMU,
     BootDisk,
@@ -41,11 +42,10 @@ from worker.harness.guest_boot import (
     kvm_usable,
     probe_runs,
 )
-from worker.harness.guest_files import read_guest_file
-from worker.harness.guest_image import GuestImage, guest_image
-from worker.harness.guest_recipe import BOOT_RECORDS
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import processes_mentioning
+from worker.cli.demo.guest_files import read_guest_file
+from worker.cli.demo.guest_image import GuestImage, guest_image
+from worker.cli.demo.guest_recipe import BOOT_RECORDS
+from worker.cli.demo.image_server import ImageServer
 
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(1800)]
 

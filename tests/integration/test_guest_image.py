@@ -1,5 +1,5 @@
 """The test guest's cache: concurrent test processes build the guest once, and a builder killed
-half-way leaves nothing a reader would take (worker/harness/guest_image.py).
+half-way leaves nothing a reader would take (worker/cli/demo/guest_image.py).
 
 The root filesystem stage (debootstrap, a minute or two) is taken from the real cache as hard
 links into the test's own cache directory, so only the disk stage (seconds) is built here.
@@ -18,13 +18,13 @@ import pytest
 
 from tests.support.boots import sha256
 from tests.support.waiting import wait_for
-from worker.harness.guest_image import BUILDING, guest_image
+from worker.cli.demo.guest_image import BUILDING, guest_image
 
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(1800)]
 
 OBTAIN = (
     "import json, sys; from pathlib import Path; "
-    "from worker.harness.guest_image import guest_image; "
+    "from worker.cli.demo.guest_image import guest_image; "
     "o = guest_image(cache=Path(sys.argv[1])); "
     "print(json.dumps({'built': o.built, 'directory': str(o.image.directory)}))"
 )

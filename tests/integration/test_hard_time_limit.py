@@ -15,8 +15,8 @@ from celery.result import AsyncResult
 from celery.utils.objects import Bunch
 
 from domain.core.errors import StepTimedOut
-from worker.harness.redis_server import RedisServer
-from worker.results import ERRORS_WIRE_MODULE, RedactingRedisBackend
+from harness.redis_server import RedisServer
+from worker.app.results import ERRORS_WIRE_MODULE, RedactingRedisBackend
 
 
 def test_a_step_killed_at_its_hard_limit_fails_with_step_timed_out(

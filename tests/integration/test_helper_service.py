@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.privileges import WORKER_USER, HelperProcess, open_directory, unprivileged_user
 from helper import capabilities
 from tests.integration.conftest import Cluster, ClusterFactory
 from tests.integration.devices import MOTD, need_devices
 from tests.integration.test_privileges import injecting
 from tests.support.guests import MiB, read_guest_file
 from tests.support.processes import children
-from worker.harness.image_server import ImageServer
-from worker.harness.privileges import WORKER_USER, HelperProcess, open_directory, unprivileged_user
+from worker.cli.demo.image_server import ImageServer
 
 pytestmark = pytest.mark.slow
 

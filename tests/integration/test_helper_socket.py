@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
+from harness.privileges import HelperProcess, open_directory, unprivileged_user
 from tests.integration.devices import need_devices
-from worker.harness.privileges import HelperProcess, open_directory, unprivileged_user
-from worker.helper_client import HelperClient
+from worker.privileges.helper_client import HelperClient
 
 pytestmark = pytest.mark.slow
 

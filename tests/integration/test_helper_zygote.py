@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.privileges import HelperProcess, open_directory, unprivileged_user
 from helper import capabilities, operations
 from helper.protocol import IsLiveMount, Ping, Reply, Request, StopDaemons, WriteFiles
 from helper.zygote import EXIT_ZYGOTE_EXITED, Zygote
 from tests.conftest import need_root
 from tests.support.processes import children, running
 from tests.support.waiting import wait_for
-from worker.harness.privileges import HelperProcess, open_directory, unprivileged_user
-from worker.helper_client import HelperClient
+from worker.privileges.helper_client import HelperClient
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from domain.core.errors import ImageRefused
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.integration.conftest import Cluster, unique
 from tests.support.hostile_images import HOSTILE, Hostile, build, qcow2_image
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]

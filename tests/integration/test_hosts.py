@@ -14,12 +14,12 @@ from domain.disks.instance_disks import disk_lock_name
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import text
-from worker.harness.worker_processes import WorkerProcess
-from worker.hosts import HOSTS_KEY
-from worker.redis_locks import LeaseLock
-from worker.routing import host_queue
+from worker.app.routing import host_queue
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.worker_processes import WorkerProcess
+from worker.delivery.hosts import HOSTS_KEY
+from worker.stores.redis_locks import LeaseLock
+from worker.stores.replies import text
 
 MiB = 2**20
 # Short enough for a test, in the same proportions as the defaults (10 s, 30 s, 300 s).

@@ -45,7 +45,7 @@ from tests.support.guests import (
     list_guest_dir,
     read_guest_file,
 )
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 LAYOUTS = ["mbr", "mbr-logical", "gpt", "bare"]
 
@@ -280,7 +280,7 @@ def test_filesystem_larger_than_its_partition_fails_at_mount_and_leaves_nothing(
     # Given an MBR disk whose 16 MiB partition holds the start of a 32 MiB ext4 filesystem
     name = unique("guest-overhang") + ".raw"
     layout = build_guest(image_server.root / name, "mbr")
-    from worker.harness.sample_images import ext4_image
+    from worker.cli.demo.sample_images import ext4_image
 
     big = tmp_path / "big.ext4"
     ext4_image(big, 32, {"/etc/hostname": b"big\n"})
@@ -341,7 +341,7 @@ def test_full_guest_filesystem_fails_at_inject_and_leaves_nothing(
 ) -> None:
     # Given a bare 4 MiB ext4 disk that is nearly full
     name = unique("guest-full") + ".raw"
-    from worker.harness.sample_images import ext4_image
+    from worker.cli.demo.sample_images import ext4_image
 
     ext4_image(image_server.root / name, 4, {"/filler": b"\xff" * 2_800_000})
     big = FileInjection(

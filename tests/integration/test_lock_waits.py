@@ -9,14 +9,14 @@ import threading
 import time
 
 from domain.core.errors import CoordinationUnavailable
+from harness.redis_server import RedisServer
 from tests.conftest import write_raw_image
 from tests.integration.conftest import ClusterFactory, unique
 from tests.integration.test_reliability import attempts, request_for
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import RedisServer
-from worker.redis_locks import LeaseLock
-from worker.runtime import redis_client
+from worker.app.runtime import redis_client
+from worker.cli.demo.image_server import ImageServer
+from worker.stores.redis_locks import LeaseLock
 
 MiB = 2**20
 

@@ -15,8 +15,8 @@ import redis
 
 from domain.core.errors import LockLost
 from domain.core.publish import Staged, publish_once
-from worker.harness.redis_server import RedisServer
-from worker.redis_locks import LeaseLock
+from harness.redis_server import RedisServer
+from worker.stores.redis_locks import LeaseLock
 
 
 def make(

@@ -13,11 +13,12 @@ import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.redis_server import RedisServer
 from tests.conftest import need_root, write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import RedisServer, free_port
-from worker.harness.worker_processes import WorkerProcess
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.demo.ports import free_port
+from worker.cli.demo.worker_processes import WorkerProcess
 
 MiB = 2**20
 

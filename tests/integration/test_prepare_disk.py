@@ -17,7 +17,7 @@ from domain.core.models import DiskSpec, ImageSource, PreparedDisk, PrepareReque
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 

@@ -21,11 +21,11 @@ from domain.core.errors import DeviceError, HelperUnavailable, PrivilegeRefused
 from domain.core.runner import CommandError
 from domain.guest.tools import daemons
 from domain.guest.tools import mount as mounts
+from harness import machine
+from harness.privileges import HelperProcess, open_directory, unprivileged_user
 from tests.integration.devices import need_devices
 from tests.support.guests import MiB
-from worker.harness import machine
-from worker.harness.privileges import HelperProcess, open_directory, unprivileged_user
-from worker.helper_client import HelperClient
+from worker.privileges.helper_client import HelperClient
 
 pytestmark = pytest.mark.slow
 

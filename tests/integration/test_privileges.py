@@ -17,22 +17,22 @@ import pytest
 
 from domain.core.errors import HelperUnavailable, PrivilegeRefused
 from domain.core.models import ImageSource, PrepareRequest
-from helper import capabilities
-from tests.integration.conftest import Cluster, ClusterFactory, unique
-from tests.integration.devices import MOTD, need_devices
-from tests.support.guests import MiB, build_guest, read_guest_file
-from tests.support.processes import children, running
-from tests.support.waiting import wait_for
-from worker.cli.run import EXIT_HELPER_EXITED
-from worker.harness.image_server import ImageServer
-from worker.harness.privileges import (
+from harness.privileges import (
     WORKER_USER,
     HelperProcess,
     open_directory,
     privileged_overrides,
     unprivileged_user,
 )
-from worker.helper_client import HelperClient
+from helper import capabilities
+from tests.integration.conftest import Cluster, ClusterFactory, unique
+from tests.integration.devices import MOTD, need_devices
+from tests.support.guests import MiB, build_guest, read_guest_file
+from tests.support.processes import children, running
+from tests.support.waiting import wait_for
+from worker.cli.demo.image_server import ImageServer
+from worker.cli.run import EXIT_HELPER_EXITED
+from worker.privileges.helper_client import HelperClient
 
 pytestmark = pytest.mark.slow
 

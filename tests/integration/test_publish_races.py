@@ -25,10 +25,10 @@ import domain.core.fileops
 import domain.core.publish
 from domain.core.errors import LockLost
 from domain.core.publish import Staged, publish_once
+from harness.redis_server import RedisServer
 from tests.integration.conftest import unique
 from tests.support.waiting import wait_for
-from worker.harness.redis_server import RedisServer
-from worker.redis_locks import LOCK_PREFIX, LeaseLock
+from worker.stores.redis_locks import LOCK_PREFIX, LeaseLock
 
 MiB = 2**20
 PAUSED_LEASE = 1.0  # seconds; the paused holder's lease lapses quickly

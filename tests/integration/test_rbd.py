@@ -17,8 +17,8 @@ from domain.core.models import DeleteDiskRequest, DiskSpec, ImageSource, Prepare
 from domain.rbd import names
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.ceph_cluster import CephCluster
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 

@@ -14,13 +14,13 @@ import pytest
 
 from domain.core.errors import CephConfigInvalid, CephUnavailable
 from domain.rbd import names
+from harness.privileges import WORKER_USER
 from tests.integration.ceph import assert_rbd_clean, rbd_leftovers
 from tests.integration.conftest import PRIVSEP, Cluster, ClusterFactory, unique
 from tests.integration.test_rbd import MiB, rbd_request, served_image
 from tests.support.cli import REPO
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.image_server import ImageServer
-from worker.harness.privileges import WORKER_USER
+from worker.cli.demo.ceph_cluster import CephCluster
+from worker.cli.demo.image_server import ImageServer
 
 
 def killed_at(cluster: Cluster, step: str, kill_after: str, request_json: str) -> None:

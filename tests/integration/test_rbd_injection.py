@@ -25,8 +25,8 @@ from tests.integration.devices import (
 )
 from tests.integration.test_injection import KEY, injecting, serve_guest
 from tests.support.guests import fsck_clean, read_guest_file
-from worker.harness.ceph_cluster import CephCluster
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.ceph_cluster import CephCluster
+from worker.cli.demo.image_server import ImageServer
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""A message that comes back after its task ended does not run again (worker/redelivery.py).
+"""A message that comes back after its task ended does not run again (worker/app/redelivery.py).
 
 Found by the fault campaign (seed 3): a disk came back after its delete had succeeded. A worker
 killed after a step ended but before its acknowledgement reached Redis leaves the message to be
@@ -16,7 +16,7 @@ from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
 from tests.integration.test_reliability import request_for
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 PARKED = "imgprep.test.parked"  # a queue no worker consumes

@@ -21,7 +21,7 @@ from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, ClusterFactory, unique
 from tests.integration.test_reliability import request_for
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 OUTAGE_SECONDS = 6.0

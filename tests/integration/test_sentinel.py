@@ -4,7 +4,7 @@ entry is whole, nothing stays locked or referenced, and two lock holders after a
 forgot the lock cannot publish two files or a partial one.
 
 Real processes throughout: three redis-servers (a master and two replicas), three Sentinels
-(`worker.harness.sentinel`), real `imgprep worker` processes.
+(`harness.sentinel`), real `imgprep worker` processes.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from domain.cache.directory import cache_key
 from domain.core.errors import LockBusy, LockLost
 from domain.core.models import PreparedDisk
 from domain.core.publish import Staged, publish_once, stale_temporaries
+from harness.sentinel import SentinelRedis
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, make_cluster, unique
 from tests.integration.test_reliability import attempts, request_for
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
-from worker.harness.sentinel import SentinelRedis
-from worker.redis_locks import FENCE_KEY, LOCK_PREFIX, LeaseLock
+from worker.cli.demo.image_server import ImageServer
+from worker.stores.redis_locks import FENCE_KEY, LOCK_PREFIX, LeaseLock
 
 MiB = 2**20
 

@@ -14,11 +14,11 @@ from celery.result import AsyncResult
 
 from domain.core.errors import SourceNotAllowed, SourceTooSlow, StepTimedOut
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
+from harness.machine import lock_keys
 from tests.conftest import write_raw_image
 from tests.integration.conftest import DENIED_ADDRESS, Cluster, ClusterFactory, unique
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
-from worker.harness.machine import lock_keys
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 

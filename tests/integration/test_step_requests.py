@@ -22,7 +22,7 @@ from domain.core.models import (
 from domain.formats.snapshot_models import ConvertJob, SnapshotRequest
 from domain.guest.context import GuestPartition, MappedDisk
 from tests.integration.conftest import Cluster, unique
-from worker.routing import host_queue
+from worker.app.routing import host_queue
 
 
 def send_step(cluster: Cluster, step: str, *args: Any) -> AsyncResult:

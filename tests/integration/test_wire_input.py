@@ -13,9 +13,9 @@ from domain.core.errors import InvalidRequest
 from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from tests.conftest import write_raw_image
 from tests.integration.conftest import Cluster, unique
-from worker.harness.image_server import ImageServer
-from worker.harness.redis_server import text
-from worker.redis_references import REFS_PREFIX
+from worker.cli.demo.image_server import ImageServer
+from worker.stores.redis_references import REFS_PREFIX
+from worker.stores.replies import text
 
 MiB = 2**20
 

@@ -1,5 +1,5 @@
 """A worker's start: a pool process killed from outside while the worker starts does not stop
-it (worker/pool.py), and a worker that cannot start exits with a failure status, so that a
+it (worker/app/pool.py), and a worker that cannot start exits with a failure status, so that a
 supervisor that restarts on failure restarts it (worker/cli/run.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from tests.integration.conftest import Cluster, ClusterFactory
-from worker.harness.worker_processes import WorkerProcess, start_worker
+from worker.cli.demo.worker_processes import WorkerProcess, start_worker
 
 
 def starting_worker(cluster: Cluster, name: str) -> WorkerProcess:

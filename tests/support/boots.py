@@ -2,7 +2,7 @@
 boot itself, and the check that the guest saw every injected file.
 
 Any backend's boot test uses these: prepare a disk with `request_for`, boot it with `boot` (a
-file disk) or `worker.harness.guest_boot.boot_guest` with a `BootDisk` (an `rbd:` name), then
+file disk) or `worker.cli.demo.guest_boot.boot_guest` with a `BootDisk` (an `rbd:` name), then
 `assert_reports_injected`.
 """
 
@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 
 from domain.core.models import DiskSpec, FileInjection, ImageSource, PreparedDisk, PrepareRequest
-from worker.harness.guest_boot import BootDisk, GuestReport, boot_guest
-from worker.harness.guest_recipe import AUTHORIZED_KEYS_PATH, MESSAGE_PATH
+from worker.cli.demo.guest_boot import BootDisk, GuestReport, boot_guest
+from worker.cli.demo.guest_recipe import AUTHORIZED_KEYS_PATH, MESSAGE_PATH
 
 DISK_SIZE = 2 * 2**30  # larger than the 1 GiB guest image: the guest sees the flavor's size
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.harness.sample_images import Partition, ext4_image, partitioned_disk
+from worker.cli.demo.sample_images import Partition, ext4_image, partitioned_disk
 
 MiB = 2**20
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"

@@ -21,7 +21,7 @@ from domain.core.runner import CommandResult, Runner
 from domain.formats.qemu_img import PROGRESS
 from domain.rbd import clones, images
 from domain.rbd.tool import RbdTool
-from worker.runtime import build_runtime
+from worker.app.runtime import build_runtime
 from worker.settings import Settings
 
 

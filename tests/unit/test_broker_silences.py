@@ -1,11 +1,11 @@
-"""How long a consumer has been silent while Redis was up (worker.broker.silences): the outages
-since its last beat do not count, and the time Redis was up between them does."""
+"""How long a consumer has been silent while Redis was up (worker.delivery.liveness.silences): the
+outages since its last beat do not count, and the time Redis was up between them does."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker.broker import silences
+from worker.delivery.liveness import silences
 
 
 def test_without_an_outage_silence_is_the_time_since_the_last_beat() -> None:

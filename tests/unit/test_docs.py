@@ -134,7 +134,7 @@ def test_the_schemas_page_shows_every_schema_file() -> None:
 
 
 def test_the_wire_contract_page_lists_every_operation() -> None:
-    from worker.schemas import OPERATIONS
+    from worker.app.wire_schemas import OPERATIONS
 
     page = (ROOT / "docs" / "wire-contract.md").read_text()
     for name in OPERATIONS:
@@ -156,7 +156,7 @@ PAGES = {"RELIABILITY.md": "reliability-evidence.md", "README.md": "index.md"}
         ("https://semver.org/", "index.md", "https://semver.org/"),
         ("#local", "index.md", "#local"),
         ("schemas/", "index.md", None),  # no page for it: the text stays, the link goes
-        ("worker/broker.py", "index.md", None),
+        ("worker/delivery/broker.py", "index.md", None),
     ],
 )
 def test_links_of_an_included_file_become_site_links(
@@ -273,8 +273,9 @@ class Known:
 
 def files_named(name: str, known: Known) -> list[Path] | None:
     """The files a word names, when it names a path (empty: none exists); None when it is no
-    path. `worker/broker.py`, `schemas/`, `pyproject.toml`; `unit/...` and `integration/...`
-    under tests/ (as SECURITY.md writes them); a test file named alone (`test_sentinel.py`)."""
+    path. `worker/delivery/broker.py`, `schemas/`, `pyproject.toml`; `unit/...` and
+    `integration/...` under tests/ (as SECURITY.md writes them); a test file named alone
+    (`test_sentinel.py`)."""
     first = name.split("/", maxsplit=1)[0]
     if name.endswith(".py") and "/" not in name:
         return sorted((ROOT / "tests").rglob(name))
@@ -335,7 +336,8 @@ def test_every_path_test_module_and_setting_a_document_names_exists(document: Pa
 
 def test_the_check_notices_what_does_not_exist() -> None:
     text = (
-        "`worker/broker.py` `worker/no_such.py` `tests/unit/test_docs.py::test_no_such_test` "
+        "`worker/delivery/broker.py` `worker/no_such.py` "
+        "`tests/unit/test_docs.py::test_no_such_test` "
         "`::test_the_check_notices_what_does_not_exist` `test_redis_outage.py` `test_nope.py` "
         "`domain.cache.fetch.fetch_to_cache` `domain.cache.nope` `lock.wait_seconds` "
         "`lock.wait_secs` `IMGPREP_LOCK__WAIT_SECONDS` `IMGPREP_NOPE` `<cache>/<key>` "

@@ -9,19 +9,23 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+from worker.cli.sizes import parse_size
 from worker.logs import configure_logging
 from worker.settings import get_settings
-from worker.sizes import parse_size
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 P = ParamSpec("P")
 R = TypeVar("R")
+M = TypeVar("M", bound="BaseModel")
 
 
 def unprivileged(command: Callable[P, R]) -> Callable[P, R]:
@@ -33,12 +37,26 @@ def unprivileged(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def as_user(*args: P.args, **kwargs: P.kwargs) -> R:
-        from worker.privileges import leave_root
+        from worker.privileges.separation import leave_root
 
         leave_root(get_settings())
         return command(*args, **kwargs)
 
     return as_user
+
+
+def request_or_exit(model: type[M], payload: dict[str, Any]) -> M:
+    """`payload` as the wire model `model`; a request that does not validate exits with one line
+    naming the field (EXIT_USAGE), as a worker would refuse it."""
+    from pydantic import ValidationError
+
+    from worker.app.taskbase import describe_validation
+
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        click.echo(f"imgprep: {describe_validation(error)}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 class SizeType(click.ParamType[int]):
@@ -63,7 +81,7 @@ class ImgprepGroup(click.Group):
             cause = _redis_unreachable(error)
             if cause is None:
                 raise
-            from worker.redis_urls import display
+            from worker.stores.redis_urls import display
 
             settings = get_settings()
             click.echo(

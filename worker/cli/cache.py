@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from worker.cli import EXIT_FAILED, SizeType, main, unprivileged
-from worker.sizes import human
+from worker.cli.sizes import human
 
 
 @main.group()
@@ -26,9 +26,9 @@ def list_entries(as_json: bool) -> None:
     use. Reads the cache directory and the references in Redis."""
     from domain.cache.directory import ImageCache
     from domain.cache.inventory import read_entries
-    from worker.redis_connect import redis_client
-    from worker.redis_references import RedisReferences
     from worker.settings import get_settings
+    from worker.stores.redis_connect import redis_client
+    from worker.stores.redis_references import RedisReferences
 
     settings = get_settings()
     client = redis_client(settings.coordination, settings.redis)
@@ -86,7 +86,7 @@ def evict(
 ) -> None:
     """Run the cache manager now (imgprep.evict_cache on a worker) and print its report."""
     from domain.core.models import CacheEvictionReport, EvictCacheRequest
-    from worker.client import Client
+    from worker.cli.client import Client
 
     request = EvictCacheRequest(
         dry_run=dry_run,

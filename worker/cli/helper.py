@@ -19,7 +19,7 @@ def helper() -> None:
     settings = get_settings()
     if not settings.privileges.helper_socket:
         raise click.UsageError("set IMGPREP_PRIVILEGES__HELPER_SOCKET to run the helper")
-    from worker.privileges import helper_argv
+    from worker.privileges.separation import helper_argv
 
     argv = helper_argv(settings)
     sys.stdout.flush()

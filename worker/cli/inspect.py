@@ -16,8 +16,8 @@ import click
 
 from domain.core.errors import ImageRefused
 from worker.cli import EXIT_FAILED, main, unprivileged
+from worker.cli.sizes import human
 from worker.settings import get_settings
-from worker.sizes import human
 
 
 @main.command()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import click
 
 from domain.cache.precache_models import PrecacheReport, PrecacheRequest
-from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
+from worker.cli import EXIT_FAILED, main, request_or_exit, unprivileged
 from worker.cli.watch import follow
 
 
@@ -42,7 +41,8 @@ def precache(
     as_json: bool,
 ) -> None:
     """Put IMAGE_URL into the cache of the hosts before instances ask for it."""
-    request = _request_or_exit(
+    request = request_or_exit(
+        PrecacheRequest,
         {
             "images": [
                 {
@@ -53,9 +53,9 @@ def precache(
                 }
             ],
             "hosts": [h.strip() for h in hosts.split(",") if h.strip()] if hosts else None,
-        }
+        },
     )
-    from worker.client import Client
+    from worker.cli.client import Client
 
     client = Client()
     result = client.send("imgprep.precache", request.model_dump(mode="json"))
@@ -81,15 +81,3 @@ def precache(
         click.echo(f"task  {result.id}")
     if any(outcome.outcome == "failed" for outcome in report.results):
         sys.exit(EXIT_FAILED)
-
-
-def _request_or_exit(payload: dict[str, Any]) -> PrecacheRequest:
-    from pydantic import ValidationError
-
-    from worker.taskbase import describe_validation
-
-    try:
-        return PrecacheRequest.model_validate(payload)
-    except ValidationError as error:
-        click.echo(f"imgprep: {describe_validation(error)}", err=True)
-        sys.exit(EXIT_USAGE)

@@ -10,10 +10,10 @@ import click
 
 from domain.core.errors import ImgprepError
 from domain.core.models import PrepareRequest
-from worker.cli import EXIT_FAILED, EXIT_USAGE, SizeType, main, unprivileged
+from worker.cli import EXIT_FAILED, SizeType, main, request_or_exit, unprivileged
 from worker.cli.injection import InjectionType, PartitionType
+from worker.cli.sizes import human
 from worker.cli.watch import follow
-from worker.sizes import human
 
 
 @main.command()
@@ -78,7 +78,8 @@ def prepare(
     partition: object,
 ) -> None:
     """Fetch IMAGE_URL into the cache and create an instance disk on it."""
-    request = _request_or_exit(
+    request = request_or_exit(
+        PrepareRequest,
         {
             "image": {
                 "url": image_url,
@@ -95,9 +96,9 @@ def prepare(
             "host": host,
             "inject": list(inject),
             "partition": partition,
-        }
+        },
     )
-    from worker.client import Client
+    from worker.cli.client import Client
 
     client = Client()
     result = client.prepare_disk(request)
@@ -122,18 +123,6 @@ def prepare(
         for item in prepared.injected:
             click.echo(f"file  {item.path} ({item.size} bytes, mode {item.mode:04o})")
         click.echo(f"task  {result.id}")
-
-
-def _request_or_exit(payload: dict[str, Any]) -> PrepareRequest:
-    from pydantic import ValidationError
-
-    from worker.taskbase import describe_validation
-
-    try:
-        return PrepareRequest.model_validate(payload)
-    except ValidationError as error:
-        click.echo(f"imgprep: {describe_validation(error)}", err=True)
-        sys.exit(EXIT_USAGE)
 
 
 def _fail(message: str, as_json: bool, task_id: str, error: BaseException) -> None:

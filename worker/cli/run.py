@@ -6,8 +6,8 @@ import os
 
 import click
 
+from worker.app.routing import DEFAULT_QUEUE, host_queue
 from worker.cli import main
-from worker.routing import DEFAULT_QUEUE, host_queue
 from worker.settings import ensure_directories, get_settings
 
 
@@ -23,7 +23,7 @@ def worker(celery_args: tuple[str, ...]) -> None:
     """
     settings = get_settings()
     ensure_directories(settings)
-    from worker.privileges import separate
+    from worker.privileges.separation import separate
 
     helper = separate(settings)  # the helper as root, then the workers' user (privileges.*)
     from worker.metrics_dir import use_metrics_dir

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from worker.app.wire_schemas import REPO_SCHEMAS, drift, write
 from worker.cli import EXIT_FAILED, main
-from worker.schemas import REPO_SCHEMAS, drift, write
 
 
 @main.command()

@@ -6,12 +6,11 @@ import json
 import sys
 
 import click
-from pydantic import ValidationError
 
 from domain.core.errors import ImgprepError
 from domain.formats.snapshot_models import ConvertedImage, RbdSnapshot, SnapshotRequest
-from worker.cli import EXIT_FAILED, EXIT_USAGE, main, unprivileged
-from worker.sizes import human
+from worker.cli import EXIT_FAILED, main, request_or_exit, unprivileged
+from worker.cli.sizes import human
 
 
 @main.command()
@@ -56,26 +55,21 @@ def snapshot(
 ) -> None:
     """Extract INSTANCE_ID's disk to TARGET (a path under the snapshots directory); with
     --backend rbd --direct, snapshot it into the Ceph cluster's images pool instead."""
-    from worker.taskbase import describe_validation
-
-    try:
-        request = SnapshotRequest.model_validate(
-            {
-                "instance_id": instance_id,
-                "disk_name": disk_name,
-                "target": target,
-                "format": fmt,
-                "compress": compress,
-                "host": host,
-                "backend": "rbd" if backend == "rbd" else None,
-                "method": "direct" if direct else "extract",
-                "image_id": image_id,
-            }
-        )
-    except ValidationError as error:
-        click.echo(f"imgprep: {describe_validation(error)}", err=True)
-        sys.exit(EXIT_USAGE)
-    from worker.client import Client
+    request = request_or_exit(
+        SnapshotRequest,
+        {
+            "instance_id": instance_id,
+            "disk_name": disk_name,
+            "target": target,
+            "format": fmt,
+            "compress": compress,
+            "host": host,
+            "backend": "rbd" if backend == "rbd" else None,
+            "method": "direct" if direct else "extract",
+            "image_id": image_id,
+        },
+    )
+    from worker.cli.client import Client
 
     result = Client().send("imgprep.snapshot", request.model_dump(mode="json"))
     if not wait:

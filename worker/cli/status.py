@@ -7,7 +7,7 @@ import sys
 import click
 
 from worker.cli import EXIT_FAILED, main, unprivileged
-from worker.status import OperationStatus
+from worker.cli.operation_state import OperationStatus
 
 
 @main.command()
@@ -17,8 +17,8 @@ from worker.status import OperationStatus
 def status(task_id: str, as_json: bool) -> None:
     """Show an operation's state and each step of its canvas."""
     from worker.app import app
-    from worker.signals import journal
-    from worker.status import read_status
+    from worker.app.signals import journal
+    from worker.cli.operation_state import read_status
 
     view = read_status(app, journal(), task_id)
     if as_json:

@@ -1,8 +1,8 @@
 """Following an operation while it runs: a live progress bar per step on a terminal (rich), one
 line per change otherwise. Both go to stderr, so stdout keeps only the result.
 
-The view is `worker.status.read_status` polled a few times a second: the journal's plan gives
-the steps, the result backend their states and PROGRESS meta (bytes done and total).
+The view is `worker.cli.operation_state.read_status` polled a few times a second: the journal's plan
+gives the steps, the result backend their states and PROGRESS meta (bytes done and total).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from worker.sizes import human
-from worker.status import OperationStatus, StepStatus
+from worker.cli.operation_state import OperationStatus, StepStatus
+from worker.cli.sizes import human
 
 Mode = Literal["bars", "lines", "quiet"]
 POLL_SECONDS = 0.25
@@ -58,8 +58,8 @@ def watch(
 def follow(task_id: str, *, as_json: bool, timeout: float) -> None:
     """What `imgprep prepare --wait` shows while the operation runs (nothing with --json)."""
     from worker.app import app
-    from worker.signals import journal
-    from worker.status import read_status
+    from worker.app.signals import journal
+    from worker.cli.operation_state import read_status
 
     watch(lambda: read_status(app, journal(), task_id), mode=choose_mode(as_json), timeout=timeout)
 

@@ -23,7 +23,7 @@ from domain.core.errors import (
 )
 from domain.core.urls import redact
 from tests.conftest import write_raw_image
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 

@@ -26,7 +26,7 @@ from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
 from domain.cache.peers import PeerCopy
 from domain.core.errors import SourceNotAllowed, SourceRefused
 from tests.conftest import write_raw_image
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 from worker.settings import PeerSettings
 
 MiB = 2**20

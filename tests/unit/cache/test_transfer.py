@@ -23,7 +23,7 @@ from domain.cache.transfer import MinimumRate
 from domain.core.errors import SourceTooSlow, SourceUnavailable
 from tests.conftest import write_raw_image
 from tests.support.waiting import wait_for
-from worker.harness.image_server import ImageServer
+from worker.cli.demo.image_server import ImageServer
 
 MiB = 2**20
 KiB = 2**10

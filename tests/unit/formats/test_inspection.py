@@ -12,7 +12,7 @@ from domain.core.errors import ImageRefused
 from domain.formats.inspection import detected_format, inspect_image
 from tests.conftest import write_raw_image
 from tests.support.hostile_images import HOSTILE, Hostile, build
-from worker.harness.sample_images import Partition, partitioned_disk
+from worker.cli.demo.sample_images import Partition, partitioned_disk
 
 MiB = 2**20
 

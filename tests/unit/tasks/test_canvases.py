@@ -8,7 +8,7 @@ import pytest
 from domain.core.models import PrepareRequest
 from tasks.canvases import prepare_disk_steps
 from tests.unit.core.test_injection_request import request
-from worker.routing import host_queue
+from worker.app.routing import host_queue
 
 
 def test_without_injection_the_canvas_is_unchanged() -> None:

@@ -15,7 +15,7 @@ import tasks.operations
 import tasks.steps
 from domain.disks.backends import BACKENDS
 from tasks.canvases import DISK_STEPS
-from worker.app import app, task_modules
+from worker.app.application import app, task_modules
 
 
 def modules(package: ModuleType) -> list[ModuleType]:

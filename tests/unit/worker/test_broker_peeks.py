@@ -1,7 +1,7 @@
-"""The bookkeeping of worker/broker_peeks.py, on connections that stand in for Redis's (a socket
-pair each, so that readiness is real): which replies wake the channel, when a peek is sent again,
-and that a peek whose connection went silent is replaced. The peeks against a real Redis are in
-tests/integration/test_broker_peeks.py."""
+"""The bookkeeping of worker/delivery/broker_peeks.py, on connections that stand in for Redis's (a
+socket pair each, so that readiness is real): which replies wake the channel, when a peek is sent
+again, and that a peek whose connection went silent is replaced. The peeks against a real Redis are
+in tests/integration/test_broker_peeks.py."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
 
-from worker import broker_peeks
-from worker.broker_peeks import PeekPoller, QueuePeeks, refused
+from worker.delivery import broker_peeks
+from worker.delivery.broker_peeks import PeekPoller, QueuePeeks, refused
 
 
 class StandInConnection:

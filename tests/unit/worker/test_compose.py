@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from worker.cli import main
-from worker.redis_urls import parse_sentinel
 from worker.settings import ENV_PREFIX, NESTED_DELIMITER, Settings
+from worker.stores.redis_urls import parse_sentinel
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -14,12 +14,12 @@ from domain.core.models import DiskSpec, ImageSource, PrepareRequest
 from domain.core.runner import Runner
 from domain.disks.device_records import DeviceRecord, WorkDir
 from domain.guest.context import Claim
-from worker.device_steps import device_context
-from worker.janitor import orphans
-from worker.redis_ledger import RedisDeviceLedger
-from worker.redis_locks import RedisLockFactory
-from worker.runtime import Runtime
+from worker.app.device_steps import device_context
+from worker.app.janitor import orphans
+from worker.app.runtime import Runtime
 from worker.settings import Settings
+from worker.stores.redis_ledger import RedisDeviceLedger
+from worker.stores.redis_locks import RedisLockFactory
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ from tests.fakes.locks import InMemoryLocks
 from tests.fakes.peers import InMemoryPeerRegistry
 from tests.fakes.references import InMemoryReferences
 from tests.fakes.temporaries import InMemoryImportedImages, InMemoryTemporaries
-from worker.redis_journal import RedisJournal
-from worker.redis_ledger import RedisDeviceLedger
-from worker.redis_locks import LOCK_PREFIX, RedisLockFactory
-from worker.redis_peers import RedisPeerRegistry
-from worker.redis_rbd import RedisImportedImages, RedisTemporaries
-from worker.redis_references import RedisReferences
+from worker.stores.redis_journal import RedisJournal
+from worker.stores.redis_ledger import RedisDeviceLedger
+from worker.stores.redis_locks import LOCK_PREFIX, RedisLockFactory
+from worker.stores.redis_peers import RedisPeerRegistry
+from worker.stores.redis_rbd import RedisImportedImages, RedisTemporaries
+from worker.stores.redis_references import RedisReferences
 
 
 def fake_redis() -> fakeredis.FakeRedis:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from worker.harness.guest_boot import (
+from worker.cli.demo.guest_boot import (
     BootDisk,
     GuestBootFailed,
     machine_arguments,
     parse_report,
 )
-from worker.harness.guest_recipe import (
+from worker.cli.demo.guest_recipe import (
     AUTHORIZED_KEYS_PATH,
     DEFAULT_MIRROR,
     MESSAGE_PATH,

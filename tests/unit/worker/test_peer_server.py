@@ -1,5 +1,5 @@
 """A host's peer server on loopback, read by the peer client: signed range requests of complete
-entries and of the current holder's temporary, nothing else (worker.peer_server)."""
+entries and of the current holder's temporary, nothing else (worker.fleet.peer_server)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from domain.cache.peer_client import PeerClient, PeerFailed, PeerOptions
 from domain.cache.peers import PeerCopy
 from domain.core.models import CachedImage
 from domain.core.publish import FileStamp, record_path
-from worker.peer_server import PeerServer
+from worker.fleet.peer_server import PeerServer
 from worker.settings import PeerSettings
 
 KEY = "ab" * 20
@@ -60,7 +60,7 @@ def served(tmp_path: Path) -> Iterator[tuple[PeerServer, dict[str, PeerCopy], Pa
 
 
 def _any_port(cache: Path, copies: dict[str, PeerCopy]) -> PeerServer:
-    from worker.harness.redis_server import free_port
+    from worker.cli.demo.ports import free_port
 
     return PeerServer(
         PeerSettings(secret=SECRET, port=free_port(), allowed_networks=LOOPBACK),

@@ -7,8 +7,8 @@ import json
 from celery import Celery
 
 from domain.core.redaction import message_reprs, redacted, redacted_text
-from worker.client import Client
-from worker.results import RedactingRedisBackend, stored_form
+from worker.app.results import RedactingRedisBackend, stored_form
+from worker.cli.client import Client
 
 SIGNED = "https://user:pa55@images.example:8443/ubuntu.qcow2?X-Amz-Signature=abc123&expires=9"
 
@@ -79,7 +79,7 @@ def test_result_records_are_stored_without_credentials() -> None:
 
 
 def test_the_app_stores_results_through_the_redacting_backend() -> None:
-    from worker.app import create_app
+    from worker.app.application import create_app
     from worker.settings import Settings
 
     app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))

@@ -8,7 +8,7 @@ import pytest
 from domain.core.errors import DiskBusy
 from domain.disks.device_records import LoopDevice, WorkDir
 from domain.guest.context import Claim
-from worker.redis_ledger import RedisDeviceLedger
+from worker.stores.redis_ledger import RedisDeviceLedger
 
 
 @pytest.fixture

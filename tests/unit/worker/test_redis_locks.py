@@ -10,8 +10,8 @@ import fakeredis
 import pytest
 
 from domain.core.errors import LockBusy, LockLost
-from worker.harness.redis_server import text
-from worker.redis_locks import FENCE_KEY, LeaseLock, RedisLockFactory
+from worker.stores.redis_locks import FENCE_KEY, LeaseLock, RedisLockFactory
+from worker.stores.replies import text
 
 
 @pytest.fixture

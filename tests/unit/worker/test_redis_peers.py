@@ -1,5 +1,5 @@
 """What someone who can write to Redis, without the fleet's secret, can make the peer registry
-(worker.redis_peers) say: nothing. What it wrote reads as absent, never as an error."""
+(worker.stores.redis_peers) say: nothing. What it wrote reads as absent, never as an error."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import fakeredis
 
 from domain.cache.peers import ImageDigests, PeerCopy
-from worker.redis_peers import PEERS_PREFIX, RedisPeerRegistry
+from worker.stores.redis_peers import PEERS_PREFIX, RedisPeerRegistry
 
 KEY, OTHER = "ab" * 20, "cd" * 20
 SECRET = "unit-secret"

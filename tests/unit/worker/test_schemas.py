@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from worker.app import app
-from worker.entry import EntryTask
-from worker.schemas import OPERATIONS, REPO_SCHEMAS, drift, rendered, wire_models, write
+from worker.app.entry import EntryTask
+from worker.app.wire_schemas import OPERATIONS, REPO_SCHEMAS, drift, rendered, wire_models, write
 
 
 def test_checked_in_schemas_match_the_models() -> None:

@@ -7,10 +7,10 @@ import os
 import pytest
 from redis.sentinel import SentinelConnectionPool
 
-from worker.app import celery_config
-from worker.redis_connect import redis_client
-from worker.redis_urls import display, parse_sentinel, with_password
+from worker.app.application import celery_config
 from worker.settings import RedisSettings, Settings, load_settings
+from worker.stores.redis_connect import redis_client
+from worker.stores.redis_urls import display, parse_sentinel, with_password
 
 SENTINELS = "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26380;sentinel://s3/2"
 
@@ -90,7 +90,7 @@ def test_celery_gets_the_master_name_and_sentinel_options(clean_env: pytest.Monk
     assert options["sentinel_kwargs"]["password"] == "watch"
     assert options["visibility_timeout"] == settings.visibility_timeout  # today's options stay
     assert config["result_backend_transport_options"]["master_name"] == "imgprep"
-    assert config["override_backends"]["sentinel"] == "worker.results:RedactingSentinelBackend"
+    assert config["override_backends"]["sentinel"] == "worker.app.results:RedactingSentinelBackend"
 
 
 def test_plain_urls_keep_todays_configuration(clean_env: pytest.MonkeyPatch) -> None:
@@ -127,8 +127,8 @@ def test_kombu_flower_and_beat_read_the_sentinels_from_the_app(
 ) -> None:
     from flower.utils.broker import Broker, RedisSentinel
 
-    from worker.app import create_app
-    from worker.broker import SentinelTransport
+    from worker.app.application import create_app
+    from worker.delivery.broker import SentinelTransport
 
     settings = Settings(
         redis_url="sentinel://127.0.0.1:1;sentinel://127.0.0.1:2/3",

@@ -128,7 +128,7 @@ def test_visibility_timeout_must_exceed_step_time_limit(clean_env: pytest.Monkey
 
 
 def test_redis_outage_window_sizes_celery_retries(clean_env: pytest.MonkeyPatch) -> None:
-    from worker.app import celery_config
+    from worker.app.application import celery_config
 
     # the window sizes Celery's publish retries (about one a second) and result-write retries
     config = celery_config(Settings(redis_outage_seconds=30))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.sizes import human, parse_size
+from worker.cli.sizes import human, parse_size
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
 """The private internals of kombu, Celery, billiard and redis-py that imgprep overrides or calls
 are still there, with the signatures imgprep was written against.
 
-worker/broker.py, worker/broker_peeks.py, worker/pool.py, worker/results.py and
-worker/redacting.py subclass upstream classes and override or call methods that are not part of
-any public API. A release that renames one, or changes its parameters, would break message
-delivery silently (the override would simply stop being called). pyproject.toml bounds those
-libraries to the minors tested; this test is what fails first when the bounds are raised and
-something moved.
+worker/delivery/broker.py, worker/delivery/broker_peeks.py, worker/app/pool.py,
+worker/app/results.py and worker/app/redacting.py subclass upstream classes and override or call
+methods that are not part of any public API. A release that renames one, or changes its parameters,
+would break message delivery silently (the override would simply stop being called). pyproject.toml
+bounds those libraries to the minors tested; this test is what fails first when the bounds are
+raised and something moved.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 # (module, class or None, attribute, the signature imgprep relies on; None: only that it exists)
 INTERNALS: list[tuple[str, str | None, str, str | None]] = [
-    # worker/broker.py: the channel that claims atomically
+    # worker/delivery/broker.py: the channel that claims atomically
     ("kombu.transport.redis", "Channel", "_connparams", "(self, asynchronous=False)"),
     ("kombu.transport.redis", "Channel", "_brpop_start", "(self, timeout=None)"),
     ("kombu.transport.redis", "Channel", "_brpop_read", "(self, **options)"),
@@ -39,8 +39,8 @@ INTERNALS: list[tuple[str, str | None, str, str | None]] = [
     ("kombu.transport.redis", "Channel", "pool", None),
     ("kombu.transport.redis", "Channel", "health_check_interval", None),
     ("kombu.transport.redis", "Channel", "_brpop_sent_at", None),
-    # worker/broker_peeks.py: the peeks, polled beside kombu's sockets. kombu's poller calls
-    # `_register_BRPOP`, hence `Channel._brpop_start`, on every turn of the event loop while a
+    # worker/delivery/broker_peeks.py: the peeks, polled beside kombu's sockets. kombu's poller
+    # calls `_register_BRPOP`, hence `Channel._brpop_start`, on every turn of the event loop while a
     # channel can take a message and awaits no reply: that is when the channel claims or peeks.
     ("kombu.transport.redis", "MultiChannelPoller", "__init__", "(self)"),
     ("kombu.transport.redis", "MultiChannelPoller", "handle_event", "(self, fileno, event)"),
@@ -56,7 +56,7 @@ INTERNALS: list[tuple[str, str | None, str, str | None]] = [
     ("redis.connection", "Connection", "send_command", "(self, *args, **kwargs)"),
     ("redis.connection", "Connection", "read_response", None),
     ("redis.connection", "Connection", "connect", "(self)"),
-    # worker/broker.py: acknowledgements with owners
+    # worker/delivery/broker.py: acknowledgements with owners
     ("kombu.transport.redis", "QoS", "append", "(self, message, delivery_tag)"),
     ("kombu.transport.redis", "QoS", "ack", "(self, delivery_tag)"),
     ("kombu.transport.redis", "QoS", "reject", "(self, delivery_tag, requeue=False)"),
@@ -72,7 +72,7 @@ INTERNALS: list[tuple[str, str | None, str, str | None]] = [
     ("kombu.transport.virtual", "QoS", "ack", "(self, delivery_tag)"),
     ("kombu.transport.redis", None, "Mutex", "(client, name, expire)"),
     ("kombu.transport.redis", None, "MutexHeld", None),
-    # worker/broker.py: the Sentinel channel and the event loop
+    # worker/delivery/broker.py: the Sentinel channel and the event loop
     (
         "kombu.transport.redis",
         "SentinelChannel",
@@ -88,9 +88,9 @@ INTERNALS: list[tuple[str, str | None, str, str | None]] = [
     ("kombu.transport", None, "_transport_cache", None),
     ("kombu.transport", None, "TRANSPORT_ALIASES", None),
     ("celery.worker.state", None, "active_requests", None),
-    # worker/pool.py: a pool process SIGKILLed at start is replaced
+    # worker/app/pool.py: a pool process SIGKILLed at start is replaced
     ("celery.concurrency.prefork", "TaskPool", "did_start_ok", "(self)"),
-    # worker/results.py: the redacting result backend
+    # worker/app/results.py: the redacting result backend
     (
         "celery.backends.redis",
         "RedisBackend",
@@ -108,7 +108,7 @@ INTERNALS: list[tuple[str, str | None, str, str | None]] = [
     ("celery.backends.redis", "RedisBackend", "exception_to_python", "(self, exc)"),
     ("celery.backends.redis", "SentinelBackend", "_get_result_meta", None),
     ("celery.exceptions", None, "TimeLimitExceeded", None),
-    # worker/redacting.py: every message a task sends goes through apply_async
+    # worker/app/redacting.py: every message a task sends goes through apply_async
     (
         "celery.app.task",
         "Task",
@@ -138,10 +138,11 @@ def test_an_upstream_internal_imgprep_relies_on_is_unchanged(
 
 
 def test_the_overrides_in_the_broker_match_what_they_override() -> None:
-    """Each method worker.broker overrides keeps the parameters of the method it replaces."""
+    """Each method worker.delivery.broker overrides keeps the parameters of the method it
+    replaces."""
     from kombu.transport import redis as kombu_redis
 
-    from worker import broker, broker_peeks
+    from worker.delivery import broker, broker_peeks
 
     pairs = [
         (

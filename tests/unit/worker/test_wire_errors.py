@@ -6,7 +6,7 @@ from celery import Celery
 from celery.backends.redis import RedisBackend
 
 from domain.core import errors
-from worker.results import ERRORS_WIRE_MODULE, RedactingRedisBackend
+from worker.app.results import ERRORS_WIRE_MODULE, RedactingRedisBackend
 
 URL = "redis://127.0.0.1:1/0"  # never connected to: only (de)serialization is used
 
