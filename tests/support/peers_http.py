@@ -96,7 +96,9 @@ def serving(*peers: FakePeer) -> Iterator[None]:
             server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(peer))
             server.daemon_threads = True
             peer.url = f"http://127.0.0.1:{server.server_address[1]}"
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            ).start()
             servers.append(server)
         yield
     finally:
