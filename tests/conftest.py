@@ -37,6 +37,22 @@ def need_tools(*tools: str) -> None:
         pytest.fail(f"missing tools {missing}: run scripts/install.sh")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `root` needs root: without it, `unable` (skipped; failed under CI=true)."""
+    if item.get_closest_marker("root") is not None:
+        need_root()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadgroup` with the groups of tests/support/parallel.py (scripts/test.sh)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.support.parallel import GroupScheduling
+
+    return GroupScheduling(config, log)
+
+
 @pytest.fixture
 def runner() -> Runner:
     return Runner(default_timeout=120)

@@ -20,7 +20,12 @@ class ServedInThread:
 
     def __init__(self, httpd: HTTPServer, name: str) -> None:
         self.httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, name=name, daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},  # shut down in 50 ms, not socketserver's 500
+            name=name,
+            daemon=True,
+        )
 
     @property
     def port(self) -> int:

@@ -43,6 +43,7 @@ from harness.privileges import (
 from harness.redis_server import RedisServer
 from harness.settings import settings_for_env
 from tests.support.cli import run_imgprep
+from tests.support.parallel import LONGEST_FIRST, SERIAL
 from worker.app.application import create_app
 from worker.cli.client import Client
 from worker.cli.demo.image_server import ImageServer
@@ -353,6 +354,22 @@ def clean_cluster(cluster: Cluster, image_server: ImageServer) -> Iterator[Clust
     image_server.bytes_per_second = None
     yield cluster
     cluster.assert_clean()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The order and the serial tests of a parallel run (tests/support/parallel.py)."""
+    here = Path(__file__).parent
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+
+    def order(item: pytest.Item) -> int:
+        if item.path.parent != here:
+            return len(rank) + 1
+        return rank.get(item.path.name, len(rank))
+
+    for item in items:
+        if item.path.parent == here and item.path.name in SERIAL:
+            item.add_marker(pytest.mark.serial)
+    items.sort(key=order)
 
 
 def unique(prefix: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import redis
 from domain.core.errors import LockLost
 from domain.core.publish import Staged, publish_once
 from harness.redis_server import RedisServer
+from tests.support.lock_watch import WatchedWaits
 from worker.stores.redis_locks import LeaseLock
 
 
@@ -58,28 +58,27 @@ def test_mutual_exclusion_across_processes(redis_server: RedisServer, tmp_path: 
     assert redis_server.client().get(f"imgprep:lock:{name}") is None
 
 
-def test_hand_off_latency_is_well_under_100ms(redis_server: RedisServer) -> None:
-    # Given a waiter blocked on a held lock, repeatedly
-    name = f"test:handoff:{os.getpid()}"
-    latencies = []
-    for _ in range(20):
+def test_a_release_hands_the_lock_to_a_blocked_waiter(redis_server: RedisServer) -> None:
+    # Given a waiter blocked on a held lock, repeatedly (each round a lock of its own)
+    for round_number in range(10):
+        name = f"test:handoff:{os.getpid()}:{round_number}"
         holder = make(redis_server, name, lease=30.0, renew=10.0)
         holder.acquire()
         waiter = make(redis_server, name, lease=30.0, renew=10.0)
-        got: list[float] = []
-        thread = threading.Thread(
-            target=lambda w=waiter, g=got: (w.acquire(), g.append(time.monotonic()))
-        )
+        watched = WatchedWaits(waiter)
+        acquired = threading.Event()
+        thread = threading.Thread(target=lambda w=waiter, a=acquired: (w.acquire(), a.set()))
         thread.start()
-        time.sleep(0.05)
-        released = time.monotonic()
+        assert watched.blocked.wait(10), "the waiter never blocked"
+        # When the holder releases
         holder.release()
+        # Then the release woke the waiter, which took the lock at its next attempt: a push,
+        # not a poll (redis-py's Lock polls every 0.1 s) nor the end of the 30 s lease. The
+        # hand-off's time is a benchmark's figure (bench/lock_handoff.py, BENCHMARKS.md).
+        assert acquired.wait(10), "the release did not wake the waiter"
         thread.join(timeout=5)
-        latencies.append(got[0] - released)
+        assert watched.calls == ["attempt", "block", "attempt"]
         waiter.release()
-    # Then hand-off is a Redis round trip, not a poll interval (redis-py's Lock polls every 0.1 s)
-    assert statistics.median(latencies) < 0.02
-    assert max(latencies) < 0.1
 
 
 def _hold_forever(url: str, name: str, ready: multiprocessing.synchronize.Event) -> None:
@@ -99,14 +98,16 @@ def test_lock_of_a_killed_holder_expires_within_one_lease(redis_server: RedisSer
     assert ready.wait(30)
     # When it is killed with SIGKILL (no release, no more renewals)
     time.sleep(1.5)  # longer than the lease: only renewal kept it alive so far
+    assert redis_server.client().exists(f"imgprep:lock:{name}")
     assert proc.pid is not None
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
     killed = time.monotonic()
-    # Then a waiter gets the lock after at most one lease (1 s) plus a little
-    waiter = make(redis_server, name, lease=5.0, renew=1.0, wait=10.0)
+    # Then a waiter gets the lock once the lease (1 s) has run out: well within its budget of
+    # 30 s, which only renewals by a live holder could exhaust
+    waiter = make(redis_server, name, lease=5.0, renew=1.0, wait=30.0)
     waiter.acquire()
-    assert time.monotonic() - killed < 1.0 + 0.3
+    assert time.monotonic() - killed < 10
     waiter.release()
 
 

@@ -9,7 +9,6 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -232,8 +231,9 @@ def test_redis_restart_during_a_run(
                 if time.monotonic() > deadline:
                     raise
 
-    with ThreadPoolExecutor(len(results)) as pool:
-        prepared = list(pool.map(wait, results))
+    # one result at a time (they run at once on the workers): Celery's result consumer shares
+    # one pubsub connection, which threads reconnecting at once after the restart can break
+    prepared = [wait(result) for result in results]
     assert {p.base.path for p in prepared} == {
         str(cluster.settings.cache_dir / cache_key(image_id))
     }

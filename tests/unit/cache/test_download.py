@@ -191,7 +191,9 @@ def test_chunked_response_without_length(tmp_path: Path) -> None:
     # Given a server that streams 3 MiB of data in chunks, announcing no length
     _Chunked.body = os.urandom(3 * MiB)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Chunked)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         # When it is downloaded, then every byte arrived, in order

@@ -11,6 +11,9 @@ import pytest
 from domain.core.errors import DeviceError, PrivilegeRefused
 from domain.guest.held_files import fd_path, held
 
+# The files handed over belong to root or to the workers' user: making them takes chown.
+pytestmark = pytest.mark.root
+
 WORKER = 4242
 OWNERS = frozenset({0, WORKER})
 

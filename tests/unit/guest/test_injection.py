@@ -45,6 +45,7 @@ def _kernel_has_openat2() -> None:
         unable("the kernel has no openat2 (Linux < 5.6)")
 
 
+@pytest.mark.root  # injected files are made root's (fchown to 0)
 @pytest.mark.parametrize("use_openat2", WALKS)
 def test_writes_content_and_mode_creating_parents(guest: Path, use_openat2: bool) -> None:
     with GuestRoot(guest, use_openat2=use_openat2) as root:
@@ -57,6 +58,7 @@ def test_writes_content_and_mode_creating_parents(guest: Path, use_openat2: bool
     assert everything_under(guest) == ["a", "a/b", "a/b/c", "a/b/c/file", "etc"]
 
 
+@pytest.mark.root  # injected files are made root's (fchown to 0)
 @pytest.mark.parametrize("use_openat2", WALKS)
 def test_a_link_as_last_component_is_replaced_not_followed(
     guest: Path, host: Path, use_openat2: bool
@@ -70,6 +72,7 @@ def test_a_link_as_last_component_is_replaced_not_followed(
     assert (guest / "etc/motd").read_text() == "guest\n"
 
 
+@pytest.mark.root  # injected files are made root's (fchown to 0)
 def test_absolute_and_parent_links_resolve_inside_the_guest(guest: Path, host: Path) -> None:
     # Given links a naive join would follow to the host folder
     (guest / "etc/abs").symlink_to(host)
@@ -113,6 +116,7 @@ def test_the_guest_root_itself_may_not_be_a_link(tmp_path: Path, host: Path) -> 
         GuestRoot(tmp_path / "root")
 
 
+@pytest.mark.root  # injected files are made root's (fchown to 0)
 def test_a_directory_in_the_way_is_refused_and_leaves_no_temporary(guest: Path) -> None:
     (guest / "etc/motd").mkdir()
     with GuestRoot(guest) as root, pytest.raises(IsADirectoryError):

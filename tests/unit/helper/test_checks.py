@@ -24,6 +24,7 @@ def roots(tmp_path: Path) -> Roots:
     return Roots.of(tmp_path / "cache", tmp_path / "instances", tmp_path / "state", ("ext4",))
 
 
+@pytest.mark.root  # the helper accepts only root-owned trees (chown)
 def test_work_area_entries_are_accepted_only_in_their_place(roots: Roots) -> None:
     area = roots.devices_dir / "vm" / "disk"
     assert roots.work_area_entry(str(area / "root")) == area / "root"
@@ -74,6 +75,7 @@ def test_a_loop_device_over_a_file_outside_the_roots_is_refused(roots: Roots) ->
     assert checked.loop == (str(roots.instances_dir / "vm" / "disk"), 0)
 
 
+@pytest.mark.root  # the helper accepts only root-owned trees (chown)
 def test_files_are_written_only_into_a_mounted_guest(roots: Roots) -> None:
     # Given the guest's mount point with nothing mounted on it
     target = roots.devices_dir / "vm" / "disk" / "root"
@@ -147,6 +149,7 @@ def test_requests_round_trip_as_json() -> None:
     assert request == Unmount(target="/a/b")
 
 
+@pytest.mark.root  # the helper accepts only root-owned trees (chown)
 def test_the_devices_tree_must_be_root_only_from_the_top(tmp_path: Path) -> None:
     devices = tmp_path / "open" / "devices"
     devices.mkdir(parents=True)
