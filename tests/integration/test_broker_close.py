@@ -91,3 +91,28 @@ def test_a_channel_closed_with_a_claim_to_read_after_its_consumer_was_cancelled_
     # Then it closed (the reply read with no queue left to consume)
     assert channel.closed
     connection.release()
+
+
+def test_a_closed_channel_still_reaches_redis_with_the_parameters_it_had(
+    redis_server: RedisServer,
+) -> None:
+    # Given a channel that has published (a pool process's producer) and was then closed, as
+    # kombu closes the channels of a connection it lost
+    connection: Any = Connection(redis_server.url, transport=Transport)  # type: ignore[no-untyped-call]
+    used = connection.channel()
+    used.client.ping()
+    assert used.pool is not None  # the pool a producer publishes through
+    never = connection.channel()
+    used.close()
+    never.close()
+
+    # When they are asked for a connection again (kombu's ensure() reviving a publish)
+    # Then the one that had reached Redis reaches it with the same parameters, and the one that
+    # never had is a lost connection kombu retries, not an AttributeError that fails the task
+    # (before: "'NoneType' object has no attribute 'client'" for both)
+    assert used.connection is None
+    assert used._connparams()["port"] == redis_server.port
+    with pytest.raises(redis.exceptions.ConnectionError):
+        never._connparams()
+    assert redis.exceptions.ConnectionError in Transport.connection_errors
+    connection.release()

@@ -86,6 +86,7 @@ from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.sentinel import Sentinel
 
@@ -272,8 +273,17 @@ class Channel(kombu_redis.Channel):
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         known: dict[bool, dict[str, Any]] = self.__dict__.setdefault("_known_connparams", {})
-        if self.connection.client is None and asynchronous in known:
-            return dict(known[asynchronous])
+        # A channel closed after a lost connection has no transport (`connection` None) and a
+        # transport closed has no client: the parameters it had still reach Redis (a producer
+        # in a pool process publishes on such a channel while kombu revives it). Without them,
+        # a lost connection, which kombu's ensure() retries, not an AttributeError that fails
+        # the task (seen after a Redis restart: a prepare failed with "'NoneType' object has
+        # no attribute 'client'").
+        if self.connection is None or self.connection.client is None:
+            if asynchronous in known:
+                return dict(known[asynchronous])
+            if self.connection is None:
+                raise RedisConnectionError("the channel's connection is closed")
         params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
         known[asynchronous] = dict(params)
         return params
