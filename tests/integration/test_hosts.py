@@ -4,6 +4,8 @@ its pins on cached bases released."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -17,7 +19,8 @@ from tests.support.waiting import wait_for
 from worker.app.routing import host_queue
 from worker.cli.demo.image_server import ImageServer
 from worker.cli.demo.worker_processes import WorkerProcess
-from worker.delivery.hosts import HOSTS_KEY
+from worker.delivery.hosts import CLOCK_KEY, HOSTS_KEY, OUTAGES_KEY
+from worker.delivery.liveness import Liveness
 from worker.stores.redis_locks import LeaseLock
 from worker.stores.replies import text
 
@@ -197,3 +200,36 @@ def test_a_step_held_by_a_worker_that_died_is_failed_too(
     finally:
         lock.release()
     cluster.assert_clean()
+
+
+def test_a_host_stays_live_while_its_worker_finishes_its_tasks_in_a_warm_shutdown(
+    cluster_factory: ClusterFactory, image_server: ImageServer
+) -> None:
+    # Given the only worker of a host, beating every 0.5 s (silent after 3 s), downloading an
+    # image served slowly enough to take about 8 s
+    cluster = cluster_factory("warm-stop")
+    host = unique("warm-host")
+    worker = cluster.add_worker("w", env={**FAST_HOSTS, "IMGPREP_HOST_ID": host})
+    name = unique("warm") + ".raw"
+    write_raw_image(image_server.root / name, size=16 * MiB, data=os.urandom(16 * MiB))
+    image_server.bytes_per_second = 2 * MiB
+    cluster.client.send(
+        "imgprep.prepare_disk", prepare_payload(image_server, name, unique("img"), host=host)
+    )
+    wait_for(lambda: image_server.gets(name), timeout=30, what="the download to start")
+
+    # When the worker is asked to stop (SIGTERM: a warm shutdown waits for the running task)
+    os.kill(worker.pid, signal.SIGTERM)
+
+    # Then for as long as it runs, its host is never silent long enough to be taken for dead
+    # (its queue would be swept while the download went on, and the successor failed with
+    # HostUnavailable)
+    liveness = Liveness(HOSTS_KEY, CLOCK_KEY, OUTAGES_KEY)
+    silences = []
+    deadline = time.monotonic() + 90
+    while worker.process.poll() is None and time.monotonic() < deadline:
+        silences.append(liveness.silences(cluster.redis)[host])
+        time.sleep(0.25)
+    assert worker.process.poll() is not None, "the worker did not finish its warm shutdown"
+    assert len(silences) > 8, "the worker stopped before its download could have ended"
+    assert max(silences) < 3, f"the host was silent {max(silences):.1f} s while its worker ran"
