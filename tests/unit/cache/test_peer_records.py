@@ -11,7 +11,7 @@ import pytest
 from domain.cache.peer_records import RecordSeal, UntrustedRecord
 
 KEY = "ab" * 20
-FIELDS = {"host": "h1", "url": "http://10.0.0.1:9809", "complete": True, "size": 4096}
+FIELDS = {"host": "h1", "url": "http://127.0.0.11:9809", "complete": True, "size": 4096}
 
 
 class Clock:
@@ -55,7 +55,7 @@ def test_only_the_fleet_secret_makes_a_trusted_record() -> None:
 
 def test_a_changed_field_breaks_the_signature() -> None:
     record = json.loads(sealed())
-    record["url"] = "http://10.6.6.6:9809"
+    record["url"] = "http://127.6.6.6:9809"
     with pytest.raises(UntrustedRecord, match="bad signature"):
         RecordSeal("s3cret", 3600, Clock()).unseal("copy", (KEY, "h1"), json.dumps(record))
 

@@ -12,7 +12,7 @@ from worker.stores.redis_peers import PEERS_PREFIX, RedisPeerRegistry
 
 KEY, OTHER = "ab" * 20, "cd" * 20
 SECRET = "unit-secret"
-COPY = PeerCopy("h1", "http://10.0.0.1:9809", "entry", True, 4096, 4096)
+COPY = PeerCopy("h1", "http://127.0.0.11:9809", "entry", True, 4096, 4096)
 DIGESTS = ImageDigests("a" * 64, 4096, "a" * 64, 4096, "raw", "raw")
 
 
@@ -26,7 +26,7 @@ def test_records_written_without_the_secret_read_as_absent() -> None:
     client.hset(
         PEERS_PREFIX + KEY,
         "evil",
-        json.dumps({"host": "evil", "url": "http://10.6.6.6:1", "content": "entry",
+        json.dumps({"host": "evil", "url": "http://127.6.6.6:1", "content": "entry",
                     "complete": True, "total": 4096, "fence": 0, "upstream": ""}),
     )  # fmt: skip
     client.hset(PEERS_PREFIX + KEY + ":size", "evil", 4096)
@@ -57,11 +57,11 @@ def test_a_genuine_record_moved_elsewhere_reads_as_absent() -> None:
 
 def test_a_size_is_trusted_only_for_the_copy_it_was_signed_for() -> None:
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    partial = PeerCopy("h1", "http://10.0.0.1:9809", "source", False, 0, None, 7, "origin")
+    partial = PeerCopy("h1", "http://127.0.0.11:9809", "source", False, 0, None, 7, "origin")
     registry(client).announce(KEY, partial)
     registry(client).progress(KEY, "h1", 7, 1024)
     assert registry(client).copy(KEY, "h1") == PeerCopy(
-        "h1", "http://10.0.0.1:9809", "source", False, 1024, None, 7, "origin"
+        "h1", "http://127.0.0.11:9809", "source", False, 1024, None, 7, "origin"
     )
     # a bigger size, unsigned or signed for the host's copy of another image: not believed
     client.hset(PEERS_PREFIX + KEY + ":size", "h1", 10**9)
