@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from domain.core.errors import HelperUnavailable
+from harness.machine import release_everything_under
 from worker.privileges.helper_client import HelperClient
 
 WORKER_USER = "imgprep"
@@ -48,13 +49,17 @@ def unprivileged_user(name: str = WORKER_USER) -> pwd.struct_passwd:
 
 @contextlib.contextmanager
 def open_directory(prefix: str) -> Iterator[Path]:
-    """A fresh directory (0755) under /tmp that the workers' user can reach; removed after."""
+    """A fresh directory (0755) under /tmp that the workers' user can reach; removed after.
+    Whatever is still mounted, attached or running under it then is released, and fails the
+    block that leaked it (an rmtree would skip a mounted directory and leave the mount)."""
     path = Path(tempfile.mkdtemp(prefix=f"imgprep-{prefix}-", dir="/tmp"))
     path.chmod(0o755)
     try:
         yield path
     finally:
+        released = release_everything_under(path)
         shutil.rmtree(path, ignore_errors=True)
+    assert not released, f"left behind under {path}: {released}"
 
 
 def socket_directory(parent: Path | None = None, prefix: str = "imgprep-h") -> Path:
